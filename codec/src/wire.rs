@@ -1,0 +1,700 @@
+//! Messages of the relay protocol and their byte layout.
+//!
+//! A message is `type (varint) | length (varint) | body (length bytes)`.
+//! `docs/protocol.md` is the normative description; the tests here check the
+//! code against the byte examples given there.
+
+use std::fmt;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::code::ErrorCode;
+use crate::error::WireError;
+use crate::varint::{self, Reader};
+
+/// ALPN protocol id: the protocol name and its major version.
+pub const ALPN: &[u8] = b"ptt/1";
+
+/// Largest user id, channel name or reason string, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Largest reason string in `Rejected` / `GoAway`.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Default largest message body accepted on any stream (tokens can be long).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+pub mod kind {
+    pub const AUTH: u64 = 0x01;
+    pub const WELCOME: u64 = 0x02;
+    pub const ACK: u64 = 0x03;
+    pub const GO_AWAY: u64 = 0x04;
+    pub const CLIP_HEADER: u64 = 0x10;
+    pub const ACCEPTED: u64 = 0x11;
+    pub const REJECTED: u64 = 0x12;
+    pub const DELIVERY: u64 = 0x20;
+}
+
+/// A clip id: 128 random bits chosen by the sending client, so that a retry
+/// of the same clip carries the same id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClipId(pub [u8; 16]);
+
+impl ClipId {
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ClipId(out))
+    }
+}
+
+impl fmt::Display for ClipId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ClipId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClipId({self})")
+    }
+}
+
+/// Who a clip is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// One user, by the user id in their token's `sub`.
+    User(String),
+    /// Every member of a talk channel.
+    Channel(String),
+}
+
+impl Target {
+    pub fn name(&self) -> &str {
+        match self {
+            Target::User(n) | Target::Channel(n) => n,
+        }
+    }
+
+    fn put(&self, buf: &mut BytesMut) {
+        let (k, n) = match self {
+            Target::User(n) => (0u8, n),
+            Target::Channel(n) => (1u8, n),
+        };
+        buf.put_u8(k);
+        varint::put_str(buf, n);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let k = r.u8()?;
+        let name = r.string("target", MAX_NAME_BYTES)?;
+        check_name("target", name)?;
+        match k {
+            0 => Ok(Target::User(name.to_owned())),
+            1 => Ok(Target::Channel(name.to_owned())),
+            _ => Err(WireError::Invalid {
+                field: "target kind",
+                why: "not 0 (user) or 1 (channel)",
+            }),
+        }
+    }
+}
+
+/// Names (user ids, channels) are 1..=128 bytes of UTF-8 without control
+/// characters.
+pub fn check_name(field: &'static str, name: &str) -> Result<(), WireError> {
+    if name.is_empty() {
+        return Err(WireError::Invalid {
+            field,
+            why: "empty",
+        });
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(WireError::FieldTooLong {
+            field,
+            max: MAX_NAME_BYTES,
+        });
+    }
+    if name.chars().any(char::is_control) {
+        return Err(WireError::Invalid {
+            field,
+            why: "contains control characters",
+        });
+    }
+    Ok(())
+}
+
+/// What a decoder needs to play a clip: the OpusHead facts of RFC 7845 §5.1
+/// for channel mapping family 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioFormat {
+    /// 1 (mono) or 2 (stereo).
+    pub channels: u8,
+    /// Samples at 48 kHz to drop from the start of the decoded audio.
+    pub pre_skip: u16,
+    /// Sample rate of the original input, for information and playback.
+    pub input_rate: u32,
+    /// Gain to apply when decoding, Q7.8 dB.
+    pub output_gain: i16,
+}
+
+impl Default for AudioFormat {
+    fn default() -> Self {
+        Self {
+            channels: 1,
+            pre_skip: 312,
+            input_rate: 48_000,
+            output_gain: 0,
+        }
+    }
+}
+
+/// Codec byte in `AudioFormat`: the only codec this version carries.
+pub const CODEC_OPUS: u8 = 0;
+
+impl AudioFormat {
+    fn put(&self, buf: &mut BytesMut) {
+        buf.put_u8(CODEC_OPUS);
+        buf.put_u8(self.channels);
+        buf.put_u16(self.pre_skip);
+        buf.put_u32(self.input_rate);
+        buf.put_i16(self.output_gain);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        if r.u8()? != CODEC_OPUS {
+            return Err(WireError::Invalid {
+                field: "codec",
+                why: "only Opus (0) is supported",
+            });
+        }
+        let channels = r.u8()?;
+        if !(1..=2).contains(&channels) {
+            return Err(WireError::Invalid {
+                field: "channels",
+                why: "must be 1 or 2",
+            });
+        }
+        Ok(Self {
+            channels,
+            pre_skip: u16::from_be_bytes(r.array()?),
+            input_rate: u32::from_be_bytes(r.array()?),
+            output_gain: i16::from_be_bytes(r.array()?),
+        })
+    }
+}
+
+/// Limits the relay enforces, announced in `Welcome` so a client can stay
+/// inside them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_clip_ms: u64,
+    pub max_clip_bytes: u64,
+    pub max_packet_bytes: u64,
+    pub max_clip_streams: u64,
+    pub upload_idle_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// A JWT (HS256) whose `sub` is the user id.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The authenticated user id (the token's `sub`).
+    pub user: String,
+    /// Relay-chosen id of this session, for logs and support.
+    pub session_id: u64,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoAway {
+    pub code: ErrorCode,
+    /// How long to wait before reconnecting, in ms (0: at once).
+    pub retry_after_ms: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClipHeader {
+    pub clip_id: ClipId,
+    pub target: Target,
+    pub format: AudioFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub clip_id: ClipId,
+    /// True when the relay already had this clip (a retry): nothing new was
+    /// delivered.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub clip_id: ClipId,
+    pub code: ErrorCode,
+    /// When non-zero, the earliest time to retry, in ms.
+    pub retry_after_ms: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub clip_id: ClipId,
+    /// The sender's user id (from its token, never from the client).
+    pub sender: String,
+    pub target: Target,
+    pub format: AudioFormat,
+    /// When the relay received the clip header, Unix time in ms.
+    pub created_ms: u64,
+    /// True when the clip is being relayed as the sender talks.
+    pub live: bool,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Auth(Auth),
+    Welcome(Welcome),
+    Ack(ClipId),
+    GoAway(GoAway),
+    ClipHeader(ClipHeader),
+    Accepted(Accepted),
+    Rejected(Rejected),
+    Delivery(Delivery),
+    /// A type this version does not know; receivers skip it.
+    Unknown(u64),
+}
+
+impl Message {
+    pub fn kind(&self) -> u64 {
+        match self {
+            Message::Auth(_) => kind::AUTH,
+            Message::Welcome(_) => kind::WELCOME,
+            Message::Ack(_) => kind::ACK,
+            Message::GoAway(_) => kind::GO_AWAY,
+            Message::ClipHeader(_) => kind::CLIP_HEADER,
+            Message::Accepted(_) => kind::ACCEPTED,
+            Message::Rejected(_) => kind::REJECTED,
+            Message::Delivery(_) => kind::DELIVERY,
+            Message::Unknown(k) => *k,
+        }
+    }
+
+    /// Appends the framed message to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let mut body = BytesMut::with_capacity(64);
+        match self {
+            Message::Auth(m) => body.put_slice(m.token.as_bytes()),
+            Message::Welcome(m) => {
+                varint::put_str(&mut body, &m.user);
+                varint::put(&mut body, m.session_id);
+                let l = &m.limits;
+                for v in [
+                    l.max_clip_ms,
+                    l.max_clip_bytes,
+                    l.max_packet_bytes,
+                    l.max_clip_streams,
+                    l.upload_idle_ms,
+                ] {
+                    varint::put(&mut body, v);
+                }
+            }
+            Message::Ack(id) => body.put_slice(&id.0),
+            Message::GoAway(m) => {
+                varint::put(&mut body, m.code.to_u64());
+                varint::put(&mut body, m.retry_after_ms);
+                varint::put_str(&mut body, &m.reason);
+            }
+            Message::ClipHeader(m) => {
+                body.put_slice(&m.clip_id.0);
+                m.target.put(&mut body);
+                m.format.put(&mut body);
+            }
+            Message::Accepted(m) => {
+                body.put_slice(&m.clip_id.0);
+                body.put_u8(u8::from(m.duplicate));
+            }
+            Message::Rejected(m) => {
+                body.put_slice(&m.clip_id.0);
+                varint::put(&mut body, m.code.to_u64());
+                varint::put(&mut body, m.retry_after_ms);
+                varint::put_str(&mut body, &m.reason);
+            }
+            Message::Delivery(m) => {
+                body.put_slice(&m.clip_id.0);
+                varint::put_str(&mut body, &m.sender);
+                m.target.put(&mut body);
+                m.format.put(&mut body);
+                varint::put(&mut body, m.created_ms);
+                body.put_u8(u8::from(m.live));
+            }
+            Message::Unknown(_) => {}
+        }
+        varint::put(buf, self.kind());
+        varint::put(buf, body.len() as u64);
+        buf.put_slice(&body);
+    }
+
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+
+    /// Decodes one message from the front of `buf`.
+    ///
+    /// `Ok(None)`: `buf` holds only part of a message; read more and call
+    /// again. `Ok(Some((msg, used)))`: a message and how many bytes it took.
+    /// An error means the peer broke the protocol: close with
+    /// [`WireError::code`].
+    pub fn decode(buf: &[u8], max_body: usize) -> Result<Option<(Message, usize)>, WireError> {
+        let Some((kind, n1)) = varint::get(buf) else {
+            return Ok(None);
+        };
+        let Some((len, n2)) = varint::get(&buf[n1..]) else {
+            return Ok(None);
+        };
+        if len > max_body as u64 {
+            return Err(WireError::MessageTooLong { len, max: max_body });
+        }
+        let start = n1 + n2;
+        let end = start + len as usize;
+        if buf.len() < end {
+            return Ok(None);
+        }
+        let msg = Self::decode_body(kind, &buf[start..end])?;
+        Ok(Some((msg, end)))
+    }
+
+    fn decode_body(kind: u64, body: &[u8]) -> Result<Message, WireError> {
+        let what = match kind {
+            kind::AUTH => "Auth",
+            kind::WELCOME => "Welcome",
+            kind::ACK => "Ack",
+            kind::GO_AWAY => "GoAway",
+            kind::CLIP_HEADER => "ClipHeader",
+            kind::ACCEPTED => "Accepted",
+            kind::REJECTED => "Rejected",
+            kind::DELIVERY => "Delivery",
+            other => return Ok(Message::Unknown(other)),
+        };
+        let mut r = Reader::new(body, what);
+        let msg = match kind {
+            kind::AUTH => {
+                let token =
+                    std::str::from_utf8(body).map_err(|_| WireError::InvalidUtf8("token"))?;
+                r.bytes(body.len())?;
+                Message::Auth(Auth {
+                    token: token.to_owned(),
+                })
+            }
+            kind::WELCOME => {
+                let user = r.string("user", MAX_NAME_BYTES)?.to_owned();
+                let session_id = r.varint()?;
+                let limits = Limits {
+                    max_clip_ms: r.varint()?,
+                    max_clip_bytes: r.varint()?,
+                    max_packet_bytes: r.varint()?,
+                    max_clip_streams: r.varint()?,
+                    upload_idle_ms: r.varint()?,
+                };
+                Message::Welcome(Welcome {
+                    user,
+                    session_id,
+                    limits,
+                })
+            }
+            kind::ACK => Message::Ack(ClipId(r.array()?)),
+            kind::GO_AWAY => Message::GoAway(GoAway {
+                code: ErrorCode::from_u64(r.varint()?),
+                retry_after_ms: r.varint()?,
+                reason: r.string("reason", MAX_REASON_BYTES)?.to_owned(),
+            }),
+            kind::CLIP_HEADER => Message::ClipHeader(ClipHeader {
+                clip_id: ClipId(r.array()?),
+                target: Target::read(&mut r)?,
+                format: AudioFormat::read(&mut r)?,
+            }),
+            kind::ACCEPTED => Message::Accepted(Accepted {
+                clip_id: ClipId(r.array()?),
+                duplicate: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(WireError::Invalid {
+                            field: "duplicate",
+                            why: "not 0 or 1",
+                        });
+                    }
+                },
+            }),
+            kind::REJECTED => Message::Rejected(Rejected {
+                clip_id: ClipId(r.array()?),
+                code: ErrorCode::from_u64(r.varint()?),
+                retry_after_ms: r.varint()?,
+                reason: r.string("reason", MAX_REASON_BYTES)?.to_owned(),
+            }),
+            _ => {
+                let clip_id = ClipId(r.array()?);
+                let sender = r.string("sender", MAX_NAME_BYTES)?;
+                check_name("sender", sender)?;
+                Message::Delivery(Delivery {
+                    clip_id,
+                    sender: sender.to_owned(),
+                    target: Target::read(&mut r)?,
+                    format: AudioFormat::read(&mut r)?,
+                    created_ms: r.varint()?,
+                    live: r.u8()? != 0,
+                })
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(b: u8) -> ClipId {
+        ClipId([b; 16])
+    }
+
+    #[test]
+    fn clip_id_hex() {
+        let c = ClipId([0xab; 16]);
+        assert_eq!(ClipId::from_hex(&c.to_hex()), Some(c));
+        assert_eq!(ClipId::from_hex("zz"), None);
+        assert_eq!(ClipId::from_hex(&"é".repeat(16)), None);
+    }
+
+    /// The byte example in docs/protocol.md ("Ack").
+    #[test]
+    fn ack_bytes_match_spec() {
+        let b = Message::Ack(ClipId([0x11; 16])).to_bytes();
+        let mut expect = vec![0x03, 0x10];
+        expect.extend([0x11; 16]);
+        assert_eq!(&b[..], &expect[..]);
+    }
+
+    /// The byte example in docs/protocol.md ("ClipHeader").
+    #[test]
+    fn clip_header_bytes_match_spec() {
+        let m = Message::ClipHeader(ClipHeader {
+            clip_id: ClipId([0; 16]),
+            target: Target::User("bob".into()),
+            format: AudioFormat {
+                channels: 1,
+                pre_skip: 312,
+                input_rate: 48_000,
+                output_gain: 0,
+            },
+        });
+        let b = m.to_bytes();
+        let mut expect = vec![0x10, 0x1f];
+        expect.extend([0; 16]);
+        expect.extend([0x00, 0x03, b'b', b'o', b'b']);
+        expect.extend([0x00, 0x01, 0x01, 0x38, 0x00, 0x00, 0xbb, 0x80, 0x00, 0x00]);
+        assert_eq!(&b[..], &expect[..]);
+    }
+
+    #[test]
+    fn unknown_type_is_skipped() {
+        let mut b = BytesMut::new();
+        varint::put(&mut b, 0x3f00);
+        varint::put(&mut b, 3);
+        b.put_slice(b"xyz");
+        let (m, used) = Message::decode(&b, 1024).unwrap().unwrap();
+        assert_eq!(m, Message::Unknown(0x3f00));
+        assert_eq!(used, b.len());
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        // Too long for the limit.
+        let big = Message::Auth(Auth {
+            token: "x".repeat(100),
+        })
+        .to_bytes();
+        assert!(matches!(
+            Message::decode(&big, 50),
+            Err(WireError::MessageTooLong { .. })
+        ));
+        // Trailing byte inside an Ack body.
+        let mut b = vec![0x03, 0x11];
+        b.extend([0; 17]);
+        assert_eq!(
+            Message::decode(&b, 1024),
+            Err(WireError::TrailingBytes("Ack"))
+        );
+        // Ack body too short.
+        let b = [0x03, 0x02, 1, 2];
+        assert_eq!(Message::decode(&b, 1024), Err(WireError::Truncated("Ack")));
+        // Bad target kind.
+        let mut m = Message::ClipHeader(ClipHeader {
+            clip_id: id(1),
+            target: Target::User("bob".into()),
+            format: AudioFormat::default(),
+        })
+        .to_bytes()
+        .to_vec();
+        m[2 + 16] = 7;
+        assert!(matches!(
+            Message::decode(&m, 1024),
+            Err(WireError::Invalid { .. })
+        ));
+        // Three channels.
+        let mut m = Message::ClipHeader(ClipHeader {
+            clip_id: id(1),
+            target: Target::User("bob".into()),
+            format: AudioFormat::default(),
+        })
+        .to_bytes()
+        .to_vec();
+        m[2 + 16 + 5 + 1] = 3;
+        assert!(Message::decode(&m, 1024).is_err());
+        // Invalid UTF-8 token.
+        assert!(Message::decode(&[0x01, 0x02, 0xff, 0xfe], 1024).is_err());
+        // Empty and control-character names.
+        assert!(check_name("t", "").is_err());
+        assert!(check_name("t", "a\nb").is_err());
+        assert!(check_name("t", &"a".repeat(129)).is_err());
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._@-]{1,40}"
+    }
+
+    fn arb_format() -> impl Strategy<Value = AudioFormat> {
+        (1u8..=2, any::<u16>(), any::<u32>(), any::<i16>()).prop_map(|(c, p, r, g)| AudioFormat {
+            channels: c,
+            pre_skip: p,
+            input_rate: r,
+            output_gain: g,
+        })
+    }
+
+    fn arb_target() -> impl Strategy<Value = Target> {
+        prop_oneof![
+            arb_name().prop_map(Target::User),
+            arb_name().prop_map(Target::Channel)
+        ]
+    }
+
+    fn arb_code() -> impl Strategy<Value = ErrorCode> {
+        (0u64..0x40).prop_map(ErrorCode::from_u64)
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let id = any::<[u8; 16]>().prop_map(ClipId);
+        let v = 0..=varint::MAX;
+        prop_oneof![
+            "[ -~]{0,300}".prop_map(|token| Message::Auth(Auth { token })),
+            (
+                arb_name(),
+                v.clone(),
+                v.clone(),
+                v.clone(),
+                v.clone(),
+                v.clone(),
+                v.clone()
+            )
+                .prop_map(|(user, session_id, a, b, c, d, e)| Message::Welcome(
+                    Welcome {
+                        user,
+                        session_id,
+                        limits: Limits {
+                            max_clip_ms: a,
+                            max_clip_bytes: b,
+                            max_packet_bytes: c,
+                            max_clip_streams: d,
+                            upload_idle_ms: e
+                        }
+                    }
+                )),
+            id.clone().prop_map(Message::Ack),
+            (arb_code(), v.clone(), "[ -~]{0,100}").prop_map(|(code, retry_after_ms, reason)| {
+                Message::GoAway(GoAway {
+                    code,
+                    retry_after_ms,
+                    reason,
+                })
+            }),
+            (id.clone(), arb_target(), arb_format()).prop_map(|(clip_id, target, format)| {
+                Message::ClipHeader(ClipHeader {
+                    clip_id,
+                    target,
+                    format,
+                })
+            }),
+            (id.clone(), any::<bool>()).prop_map(|(clip_id, duplicate)| Message::Accepted(
+                Accepted { clip_id, duplicate }
+            )),
+            (id.clone(), arb_code(), v.clone(), "[ -~]{0,100}").prop_map(
+                |(clip_id, code, retry_after_ms, reason)| Message::Rejected(Rejected {
+                    clip_id,
+                    code,
+                    retry_after_ms,
+                    reason
+                })
+            ),
+            (id, arb_name(), arb_target(), arb_format(), v, any::<bool>()).prop_map(
+                |(clip_id, sender, target, format, created_ms, live)| {
+                    Message::Delivery(Delivery {
+                        clip_id,
+                        sender,
+                        target,
+                        format,
+                        created_ms,
+                        live,
+                    })
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(m in arb_message()) {
+            let b = m.to_bytes();
+            let (d, used) = Message::decode(&b, DEFAULT_MAX_MESSAGE_BYTES).unwrap().unwrap();
+            prop_assert_eq!(used, b.len());
+            prop_assert_eq!(&d, &m);
+            // Every prefix is "need more" or (when the length varint is cut) still need more.
+            for cut in 0..b.len() {
+                prop_assert_eq!(Message::decode(&b[..cut], DEFAULT_MAX_MESSAGE_BYTES), Ok(None));
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Message::decode(&b, 1024);
+        }
+
+        #[test]
+        fn body_corruption_never_panics(m in arb_message(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut b = m.to_bytes().to_vec();
+            let i = pos.index(b.len());
+            b[i] = byte;
+            let _ = Message::decode(&b, DEFAULT_MAX_MESSAGE_BYTES);
+        }
+    }
+}
