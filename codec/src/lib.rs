@@ -14,6 +14,8 @@ pub mod error;
 pub mod framing;
 pub mod ogg_opus;
 pub mod opus_packet;
+#[cfg(feature = "token")]
+pub mod token;
 pub mod varint;
 pub mod wire;
 

@@ -1,0 +1,500 @@
+//! A relay client: connect and authenticate, send clips, receive clips with
+//! acknowledgements and duplicate suppression.
+//!
+//! Made for thousands of clients in one process: connections share a quinn
+//! [`Endpoint`](quinn::Endpoint), and each client costs one task that accepts
+//! delivery streams plus one short task per clip in flight.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use codec::framing::{self, FrameLimits};
+use codec::ogg_opus::OggOpus;
+use codec::wire::{AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, Target};
+use codec::{ClipEnd, ErrorCode, Framer};
+use quic::{MessageReader, StreamError};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+/// Why a client operation failed, and what to do about it.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The relay could not be reached or the handshake failed: retry later.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The relay closed the connection with a protocol code (bad token,
+    /// busy, going away...). See `docs/protocol.md` for each code.
+    #[error("relay closed the connection: {code}: {reason}")]
+    Closed { code: ErrorCode, reason: String },
+    /// The connection was lost (network, timeout): reconnect and retry; a
+    /// clip retried with the same id is delivered once.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The relay refused the clip. Retrying is useful only when
+    /// `retry_after_ms` is non-zero or the code says so.
+    #[error("relay rejected the clip: {code}: {reason}")]
+    Rejected {
+        code: ErrorCode,
+        reason: String,
+        retry_after_ms: u64,
+    },
+    /// The relay sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// Whether the same request may succeed on a new connection.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect(_) | ClientError::Lost(_) => true,
+            ClientError::Closed { code, .. } => matches!(
+                code,
+                ErrorCode::GoingAway
+                    | ErrorCode::ServerBusy
+                    | ErrorCode::NoError
+                    | ErrorCode::Internal
+            ),
+            ClientError::Rejected { code, .. } => matches!(
+                code,
+                ErrorCode::StorageFull
+                    | ErrorCode::RateLimited
+                    | ErrorCode::Internal
+                    | ErrorCode::CutOff
+                    | ErrorCode::ServerBusy
+            ),
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+fn from_conn(e: ConnectionError) -> ClientError {
+    match quic::close_reason(&e) {
+        Some((code, reason)) => ClientError::Closed { code, reason },
+        None => ClientError::Lost(e.to_string()),
+    }
+}
+
+fn from_stream(conn: &Connection, e: StreamError) -> ClientError {
+    if let Some(reason) = conn.close_reason() {
+        return from_conn(reason);
+    }
+    match e {
+        StreamError::Read(r) => ClientError::Lost(r.to_string()),
+        other => ClientError::Protocol(other.to_string()),
+    }
+}
+
+/// A clip to send.
+#[derive(Debug, Clone)]
+pub struct OutgoingClip {
+    pub id: ClipId,
+    pub target: Target,
+    pub format: AudioFormat,
+    pub packets: Vec<Bytes>,
+    /// Granule position of the end (see [`ClipEnd::final_granule`]).
+    pub final_granule: u64,
+}
+
+impl OutgoingClip {
+    /// A clip of an Ogg Opus file's packets, with a fresh random id.
+    pub fn from_ogg(file: &OggOpus, target: Target) -> Self {
+        Self {
+            id: ClipId(rand::random()),
+            target,
+            format: file.format,
+            packets: file.packets.clone(),
+            final_granule: file.final_granule,
+        }
+    }
+
+    /// Duration of each packet, for live pacing.
+    fn packet_durations(&self) -> Vec<Duration> {
+        self.packets
+            .iter()
+            .map(|p| {
+                let samples = codec::opus_packet::parse(p).map_or(0, |i| i.samples());
+                Duration::from_micros(u64::from(samples) * 1_000_000 / 48_000)
+            })
+            .collect()
+    }
+}
+
+/// How the packets of a clip go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// In real time, each packet when a microphone would have produced it.
+    Live,
+    /// As fast as the connection allows.
+    Upload,
+}
+
+/// The relay's answer to a sent clip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub id: ClipId,
+    /// The relay already had it (this was a retry); nobody got it twice.
+    pub duplicate: bool,
+}
+
+/// A clip received whole.
+#[derive(Debug, Clone)]
+pub struct ReceivedClip {
+    pub delivery: Delivery,
+    pub packets: Vec<Bytes>,
+    pub end: ClipEnd,
+}
+
+impl ReceivedClip {
+    pub fn id(&self) -> ClipId {
+        self.delivery.clip_id
+    }
+
+    /// The clip as an Ogg Opus file.
+    pub fn to_ogg(&self) -> OggOpus {
+        let mut f = OggOpus::new(self.delivery.format, self.packets.clone());
+        f.final_granule = self.end.final_granule;
+        f.comments
+            .push(format!("PTT_SENDER={}", self.delivery.sender));
+        f.comments
+            .push(format!("PTT_CLIP_ID={}", self.delivery.clip_id));
+        f
+    }
+}
+
+/// What a client hears from the relay.
+#[derive(Debug)]
+pub enum Event {
+    /// A delivery began: the header arrived.
+    Started { delivery: Delivery, at: Instant },
+    /// The first packet of a clip arrived.
+    FirstPacket { id: ClipId, at: Instant },
+    /// A clip arrived whole. Ack it ([`Client::ack`]) once it is safe.
+    Complete(ReceivedClip),
+    /// A clip was cut off before its end (the sender stopped, or the relay
+    /// refused it); nothing of it should be kept.
+    Cut { id: ClipId, code: ErrorCode },
+}
+
+/// Remembers recent clip ids to drop redeliveries.
+struct Seen {
+    set: HashSet<ClipId>,
+    order: VecDeque<ClipId>,
+    cap: usize,
+}
+
+impl Seen {
+    fn insert(&mut self, id: ClipId) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Events waiting for the application; delivery streams pause when full.
+    pub event_queue: usize,
+    /// How many recent clip ids are remembered for duplicate suppression.
+    pub dedupe_memory: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            event_queue: 256,
+            dedupe_memory: 4096,
+        }
+    }
+}
+
+/// An authenticated connection to a relay.
+pub struct Client {
+    conn: Connection,
+    user: String,
+    session_id: u64,
+    limits: Limits,
+    control: tokio::sync::Mutex<SendStream>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Client {
+    /// Connects, authenticates with `token`, and starts receiving. Events
+    /// arrive on the returned channel.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        token: &str,
+        opts: ClientOptions,
+    ) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
+        let conn = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| match quic::close_reason(&e) {
+                Some((code, reason)) => ClientError::Closed { code, reason },
+                None => ClientError::Connect(e.to_string()),
+            })?;
+        let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
+        let auth = Message::Auth(Auth {
+            token: token.to_owned(),
+        });
+        quic::write_message(&mut send, &auth)
+            .await
+            .map_err(|e| ClientError::Lost(e.to_string()))?;
+        let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
+        let welcome = match rd.next().await {
+            Ok(Some(Message::Welcome(w))) => w,
+            Ok(Some(m)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got type 0x{:x}",
+                    m.kind()
+                )));
+            }
+            Ok(None) => return Err(ClientError::Protocol("control stream ended".into())),
+            // A refused token closes the connection: the error carries the
+            // relay's code and reason.
+            Err(e) => return Err(from_stream(&conn, e)),
+        };
+        let client = Arc::new(Client {
+            conn: conn.clone(),
+            user: welcome.user,
+            session_id: welcome.session_id,
+            limits: welcome.limits,
+            control: tokio::sync::Mutex::new(send),
+            seen: Arc::new(Mutex::new(Seen {
+                set: HashSet::new(),
+                order: VecDeque::new(),
+                cap: opts.dedupe_memory.max(1),
+            })),
+        });
+        let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
+        tokio::spawn(accept_deliveries(client.clone(), tx));
+        Ok((client, rx))
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// The relay's limits, from its Welcome.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Why the connection ended, once it has.
+    pub async fn closed(&self) -> ClientError {
+        from_conn(self.conn.closed().await)
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+
+    /// Tells the relay the clip is safely received; it releases its copy.
+    pub async fn ack(&self, id: ClipId) -> Result<(), ClientError> {
+        let mut ctl = self.control.lock().await;
+        quic::write_message(&mut ctl, &Message::Ack(id))
+            .await
+            .map_err(|e| ClientError::Lost(e.to_string()))
+    }
+
+    /// Marks `id` as already held by the application (e.g. found on disk),
+    /// so a redelivery is acked and dropped.
+    pub fn mark_seen(&self, id: ClipId) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert(id);
+        }
+    }
+
+    /// Sends a clip and waits for the relay's answer: `Ok` only once the
+    /// relay has stored the whole clip.
+    pub async fn send_clip(
+        &self,
+        clip: &OutgoingClip,
+        pacing: Pacing,
+    ) -> Result<SendOutcome, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
+        let header = Message::ClipHeader(ClipHeader {
+            clip_id: clip.id,
+            target: clip.target.clone(),
+            format: clip.format,
+        });
+        let end = ClipEnd {
+            packet_count: clip.packets.len() as u64,
+            final_granule: clip.final_granule,
+        };
+        // A write fails when the relay answered early (duplicate, refusal)
+        // and stopped the stream; its answer is read below either way.
+        let _ = write_clip(&mut send, header, clip, end, pacing).await;
+        let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
+        match rd.next().await {
+            Ok(Some(Message::Accepted(a))) if a.clip_id == clip.id => Ok(SendOutcome {
+                id: clip.id,
+                duplicate: a.duplicate,
+            }),
+            Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
+                code: r.code,
+                reason: r.reason,
+                retry_after_ms: r.retry_after_ms,
+            }),
+            Ok(Some(m)) => Err(ClientError::Protocol(format!(
+                "unexpected answer type 0x{:x}",
+                m.kind()
+            ))),
+            Ok(None) => Err(ClientError::Lost(
+                "relay ended the stream without an answer".into(),
+            )),
+            Err(e) => Err(from_stream(&self.conn, e)),
+        }
+    }
+}
+
+async fn write_clip(
+    send: &mut SendStream,
+    header: Message,
+    clip: &OutgoingClip,
+    end: ClipEnd,
+    pacing: Pacing,
+) -> Result<(), quinn::WriteError> {
+    match pacing {
+        Pacing::Upload => {
+            let mut buf = BytesMut::with_capacity(
+                64 + clip.packets.iter().map(|p| p.len() + 2).sum::<usize>(),
+            );
+            header.encode(&mut buf);
+            for p in &clip.packets {
+                framing::put_packet(&mut buf, p);
+            }
+            end.encode(&mut buf);
+            send.write_chunk(buf.freeze()).await?;
+        }
+        Pacing::Live => {
+            send.write_chunk(header.to_bytes()).await?;
+            let start = Instant::now();
+            let mut due = start;
+            for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
+                // A packet leaves when its audio has been "recorded".
+                due += d;
+                sleep_until(due).await;
+                let mut buf = BytesMut::with_capacity(p.len() + 2);
+                framing::put_packet(&mut buf, p);
+                send.write_chunk(buf.freeze()).await?;
+            }
+            send.write_chunk(end.to_bytes()).await?;
+        }
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {
+    while let Ok(recv) = client.conn.accept_uni().await {
+        let client = client.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            receive(client, recv, events).await;
+        });
+    }
+}
+
+/// Reads one delivery stream into a clip.
+async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Event>) {
+    let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
+    let delivery = match rd.next().await {
+        Ok(Some(Message::Delivery(d))) => d,
+        _ => return,
+    };
+    let id = delivery.clip_id;
+    let _ = events
+        .send(Event::Started {
+            delivery: delivery.clone(),
+            at: Instant::now(),
+        })
+        .await;
+    let mut framer = Framer::new(FrameLimits::permissive());
+    let mut packets = Vec::new();
+    let mut end = None;
+    loop {
+        let buf = rd.buffer();
+        let mut spans = Vec::new();
+        let scan = match framer.scan_with(buf, |off, p| spans.push((off, p.len()))) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = rd.stream().stop(quic::varint(e.code()));
+                let _ = events.send(Event::Cut { id, code: e.code() }).await;
+                return;
+            }
+        };
+        if scan.records > 0 {
+            if packets.is_empty() {
+                let _ = events
+                    .send(Event::FirstPacket {
+                        id,
+                        at: Instant::now(),
+                    })
+                    .await;
+            }
+            let records = buf.split_to(scan.records).freeze();
+            packets.extend(spans.into_iter().map(|(o, n)| records.slice(o..o + n)));
+        }
+        if let Some((e, n)) = scan.end {
+            let _ = buf.split_to(n);
+            end = Some(e);
+        }
+        match rd.fill().await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let code = quic::reset_code(&e).unwrap_or(ErrorCode::CutOff);
+                let _ = events.send(Event::Cut { id, code }).await;
+                return;
+            }
+        }
+    }
+    let Some(end) = end else {
+        let _ = events
+            .send(Event::Cut {
+                id,
+                code: ErrorCode::ProtocolViolation,
+            })
+            .await;
+        return;
+    };
+    let fresh = client.seen.lock().map(|mut s| s.insert(id)).unwrap_or(true);
+    if !fresh {
+        // A redelivery of a clip we already have (our ack was lost): ack
+        // again, tell nobody.
+        let _ = client.ack(id).await;
+        return;
+    }
+    let _ = events
+        .send(Event::Complete(ReceivedClip {
+            delivery,
+            packets,
+            end,
+        }))
+        .await;
+}

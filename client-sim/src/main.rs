@@ -1,0 +1,310 @@
+//! `client-sim`: talk to a relay as a person would (`send`, `listen`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use client_sim::net;
+use client_sim::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing};
+use codec::ogg_opus::OggOpus;
+use codec::wire::{ClipId, Target};
+use tokio::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "client-sim",
+    version,
+    about = "Client and simulator for the push-to-talk relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Relay address, HOST:PORT.
+    #[arg(long, env = "PTT_RELAY")]
+    relay: String,
+    /// PEM file of the relay's certificate (or the CA that signed it).
+    #[arg(long, env = "PTT_CA")]
+    ca: PathBuf,
+    /// Access token (JWT) for the user to act as.
+    #[arg(long, env = "PTT_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send an Ogg Opus file as one clip; prints the clip id once the relay
+    /// has stored it.
+    Send {
+        #[command(flatten)]
+        conn: Conn,
+        /// Recipient user id.
+        #[arg(long)]
+        to: String,
+        /// Ogg Opus file to send (as opusenc writes it).
+        #[arg(long)]
+        opus: PathBuf,
+        /// Pace packets in real time, as a phone recording would.
+        #[arg(long)]
+        live: bool,
+        /// Clip id (32 hex digits) to use, e.g. to retry a send; random by
+        /// default.
+        #[arg(long)]
+        clip_id: Option<String>,
+        /// Attempts on connection loss or retryable refusal.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+    },
+    /// Receive clips and write each as OUT/<clip-id>.opus.
+    Listen {
+        #[command(flatten)]
+        conn: Conn,
+        /// Directory for received clips.
+        #[arg(long)]
+        out: PathBuf,
+        /// Exit 0 after this many clips.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Give up (exit 1) when --count clips have not arrived by then.
+        /// Without --count, stop (exit 0) after this long. Default with
+        /// --count: 30s; without: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,quinn=error,quinn_proto=error".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Send {
+            conn,
+            to,
+            opus,
+            live,
+            clip_id,
+            retries,
+        } => send(conn, to, &opus, live, clip_id, retries).await,
+        Cmd::Listen {
+            conn,
+            out,
+            count,
+            timeout,
+        } => listen(conn, &out, count, timeout).await,
+    }
+}
+
+struct Relay {
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    name: String,
+    token: String,
+}
+
+async fn prepare(c: &Conn) -> anyhow::Result<Relay> {
+    let (addr, name) = net::resolve(&c.relay).await?;
+    Ok(Relay {
+        endpoint: net::endpoint(addr, &c.ca)?,
+        addr,
+        name,
+        token: c.token.clone(),
+    })
+}
+
+impl Relay {
+    async fn connect(
+        &self,
+    ) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
+        Client::connect(
+            &self.endpoint,
+            self.addr,
+            &self.name,
+            &self.token,
+            ClientOptions::default(),
+        )
+        .await
+    }
+}
+
+fn backoff(attempt: u32, hint_ms: u64) -> Duration {
+    let base = Duration::from_millis(200 * 2u64.pow(attempt.min(5)));
+    base.max(Duration::from_millis(hint_ms))
+}
+
+async fn send(
+    conn: Conn,
+    to: String,
+    opus: &Path,
+    live: bool,
+    clip_id: Option<String>,
+    retries: u32,
+) -> anyhow::Result<()> {
+    let file = OggOpus::read_file(opus).with_context(|| format!("reading {}", opus.display()))?;
+    let mut clip = OutgoingClip::from_ogg(&file, Target::User(to));
+    if let Some(hex) = clip_id {
+        clip.id = ClipId::from_hex(&hex).context("--clip-id must be 32 hex digits")?;
+    }
+    let pacing = if live { Pacing::Live } else { Pacing::Upload };
+    let t = prepare(&conn).await?;
+    let mut attempt = 0;
+    loop {
+        let result = match t.connect().await {
+            Ok((client, _events)) => {
+                let r = client.send_clip(&clip, pacing).await;
+                client.close();
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(outcome) => {
+                println!("{}", outcome.id);
+                if outcome.duplicate {
+                    eprintln!("(the relay already had this clip; delivered once)");
+                }
+                t.endpoint.wait_idle().await;
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() && attempt < retries => {
+                let hint = match &e {
+                    ClientError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+                    _ => 0,
+                };
+                attempt += 1;
+                let wait = backoff(attempt, hint);
+                eprintln!(
+                    "warning: {e}; retrying clip {} in {wait:?} ({attempt}/{retries})",
+                    clip.id
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => bail!("clip {} not sent: {e}", clip.id),
+        }
+    }
+}
+
+async fn listen(
+    conn: Conn,
+    out: &Path,
+    count: Option<u64>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let timeout = timeout.or(count.map(|_| Duration::from_secs(30)));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let t = prepare(&conn).await?;
+    let mut got = 0u64;
+    let mut attempt = 0;
+    let done = |got: u64| count.is_some_and(|n| got >= n);
+    let result: anyhow::Result<()> = async {
+        while !done(got) {
+            let (client, mut events) = match t.connect().await {
+                Ok(x) => x,
+                Err(e) if e.is_retryable() => {
+                    attempt += 1;
+                    eprintln!("warning: {e}; reconnecting");
+                    tokio::time::sleep(backoff(attempt, 0)).await;
+                    continue;
+                }
+                Err(e) => bail!("{e}"),
+            };
+            attempt = 0;
+            eprintln!(
+                "listening as {} (session {})",
+                client.user(),
+                client.session_id()
+            );
+            while !done(got) {
+                let Some(ev) = events.recv().await else { break };
+                match ev {
+                    Event::Complete(clip) => {
+                        let id = clip.id();
+                        let path = out.join(format!("{id}.opus"));
+                        if !path.exists() {
+                            let tmp = out.join(format!(".{id}.opus.tmp"));
+                            std::fs::write(&tmp, clip.to_ogg().to_vec(rand::random()))
+                                .with_context(|| format!("writing {}", tmp.display()))?;
+                            std::fs::rename(&tmp, &path)
+                                .with_context(|| format!("writing {}", path.display()))?;
+                            got += 1;
+                            println!(
+                                "{id} from {} {:.2}s {} packets {} -> {}",
+                                clip.delivery.sender,
+                                clip.to_ogg().duration_ms() as f64 / 1000.0,
+                                clip.packets.len(),
+                                if clip.delivery.live { "live" } else { "stored" },
+                                path.display()
+                            );
+                        }
+                        // Acked only once the file is on disk.
+                        let _ = client.ack(id).await;
+                    }
+                    Event::Cut { id, code } => eprintln!("clip {id} cut off ({code})"),
+                    _ => {}
+                }
+            }
+            if !done(got) {
+                let why = client.closed().await;
+                if !why.is_retryable() {
+                    bail!("{why}");
+                }
+                eprintln!("warning: {why}; reconnecting");
+            } else {
+                // Let the last ack reach the relay before closing.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                client.close();
+            }
+        }
+        Ok(())
+    }
+    .await_until(deadline)
+    .await
+    .unwrap_or_else(|| match count {
+        Some(n) => Err(anyhow::anyhow!(
+            "timed out after {:?} with {got} of {n} clips",
+            timeout.unwrap_or_default()
+        )),
+        None => Ok(()),
+    });
+    t.endpoint.wait_idle().await;
+    result
+}
+
+/// Runs a future until an optional deadline.
+trait AwaitUntil: std::future::Future + Sized {
+    async fn await_until(self, deadline: Option<Instant>) -> Option<Self::Output> {
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, self).await.ok(),
+            None => Some(self.await),
+        }
+    }
+}
+
+impl<F: std::future::Future> AwaitUntil for F {}

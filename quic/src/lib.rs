@@ -1,0 +1,126 @@
+//! The thin I/O layer between quinn and the sans-IO protocol in `codec`:
+//! read whole messages from a stream, write them, and carry protocol error
+//! codes in QUIC's close, reset and stop frames.
+
+use bytes::BytesMut;
+use codec::wire::Message;
+use codec::{ErrorCode, WireError};
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use thiserror::Error;
+
+/// Largest chunk asked of quinn per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a message could not be read from a stream.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    /// The peer broke the protocol; close or reset with `e.code()`.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The stream or connection failed (reset, lost, closed).
+    #[error(transparent)]
+    Read(#[from] quinn::ReadError),
+    /// The stream finished in the middle of a message.
+    #[error("stream ended inside a message")]
+    Truncated,
+}
+
+impl StreamError {
+    /// The code to send the peer, when it is the peer's fault.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StreamError::Wire(e) => e.code(),
+            _ => ErrorCode::ProtocolViolation,
+        }
+    }
+}
+
+/// Reads framed messages from a receive stream.
+pub struct MessageReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    max_body: usize,
+}
+
+impl MessageReader {
+    pub fn new(recv: RecvStream, max_body: usize) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::new(),
+            max_body,
+        }
+    }
+
+    /// The next message; `Ok(None)` when the stream finished cleanly between
+    /// messages.
+    pub async fn next(&mut self) -> Result<Option<Message>, StreamError> {
+        loop {
+            if let Some((msg, used)) = Message::decode(&self.buf, self.max_body)? {
+                let _ = self.buf.split_to(used);
+                return Ok(Some(msg));
+            }
+            if !self.fill().await? {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(StreamError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Reads one more chunk into the buffer; false at the end of the stream.
+    pub async fn fill(&mut self) -> Result<bool, quinn::ReadError> {
+        match self.recv.read_chunk(READ_CHUNK, true).await? {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Bytes read but not yet taken as messages.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    pub fn stream(&mut self) -> &mut RecvStream {
+        &mut self.recv
+    }
+}
+
+/// Writes one message.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), quinn::WriteError> {
+    send.write_all(&msg.to_bytes()).await
+}
+
+/// An error code as a QUIC application error code.
+pub fn varint(code: ErrorCode) -> VarInt {
+    VarInt::from_u64(code.to_u64()).unwrap_or(VarInt::MAX)
+}
+
+/// Closes a connection with a protocol code and a human-readable reason.
+pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(varint(code), reason.as_bytes());
+}
+
+/// The protocol code and reason when the peer (or we) closed the connection
+/// at the application level.
+pub fn close_reason(e: &ConnectionError) -> Option<(ErrorCode, String)> {
+    match e {
+        ConnectionError::ApplicationClosed(c) => Some((
+            ErrorCode::from_u64(c.error_code.into_inner()),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
+        _ => None,
+    }
+}
+
+/// The protocol code in a stream reset or stop, if any.
+pub fn reset_code(e: &quinn::ReadError) -> Option<ErrorCode> {
+    match e {
+        quinn::ReadError::Reset(code) => Some(ErrorCode::from_u64(code.into_inner())),
+        _ => None,
+    }
+}

@@ -1,0 +1,36 @@
+//! The admin HTTP listener: `/healthz` (the process is alive) and `/readyz`
+//! (the QUIC endpoint accepts connections; false while draining). It is
+//! unauthenticated: bind it to loopback or a private network only.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tracing::warn;
+
+use crate::server::Shared;
+
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let stop = shared.shutdown.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        warn!(error = %e, "admin listener failed");
+    }
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if shared.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,251 @@
+//! Relay settings: one struct read from a TOML file (`--config`), the
+//! environment (`PTT_*`) and command-line flags, in rising order of
+//! precedence. Every field is optional in all three; [`Config::resolve`]
+//! fills in the documented defaults. `relay.toml.example` and
+//! `docs/operations.md` list them all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where clips wait for their recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In memory: lost when the process stops.
+    Memory,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+macro_rules! settings {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr, $env:literal $(, $parser:ident)?;)*) => {
+        /// Settings as given (file, environment, flags): all optional.
+        #[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Settings {
+            /// TOML file with settings; flags and environment override it.
+            #[arg(long, env = "PTT_CONFIG")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[$doc])*
+                #[arg(long, env = $env $(, value_parser = $parser)?)]
+                #[serde(skip_serializing_if = "Option::is_none")]
+                $(#[serde(with = "humantime_serde")] #[cfg_attr(any(), doc = stringify!($parser))])?
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// Settings with every default filled in.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Config {
+            $($(#[$doc])* pub $name: $ty,)*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $($name: $default,)* }
+            }
+        }
+
+        impl Settings {
+            /// `self` wins where both are set.
+            pub fn or(self, base: Settings) -> Settings {
+                Settings {
+                    config: self.config.or(base.config),
+                    $($name: self.$name.or(base.$name),)*
+                }
+            }
+
+            fn fill(self) -> Config {
+                let d = Config::default();
+                Config { $($name: self.$name.unwrap_or(d.$name),)* }
+            }
+        }
+    };
+}
+
+settings! {
+    /// UDP address of the QUIC endpoint.
+    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 4433)), "PTT_LISTEN";
+    /// TCP address of the admin HTTP listener (/healthz, /readyz). Trusted
+    /// plane: keep it on loopback or a private network.
+    admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9464)), "PTT_ADMIN";
+    /// Directory for the certificate, key, token secret and store.
+    data_dir: PathBuf = PathBuf::from("ptt-data"), "PTT_DATA_DIR";
+    /// Which clip store to use.
+    store: StoreKind = StoreKind::Memory, "PTT_STORE";
+    /// Log format on stderr.
+    log_format: LogFormat = LogFormat::Text, "PTT_LOG_FORMAT";
+    /// Most connections the relay holds at once; more are closed with
+    /// `server_busy`.
+    max_connections: usize = 50_000, "PTT_MAX_CONNECTIONS";
+    /// Time a new connection has to send `Auth`.
+    auth_timeout: Duration = Duration::from_secs(10), "PTT_AUTH_TIMEOUT", parse_duration;
+    /// A connection silent this long is closed (clients send keep-alives).
+    idle_timeout: Duration = Duration::from_secs(30), "PTT_IDLE_TIMEOUT", parse_duration;
+    /// Clock skew tolerated on a token's `exp`.
+    token_leeway: Duration = Duration::from_secs(30), "PTT_TOKEN_LEEWAY", parse_duration;
+    /// Longest clip (sum of its packets' durations).
+    max_clip_duration: Duration = Duration::from_secs(60), "PTT_MAX_CLIP_DURATION", parse_duration;
+    /// Most Opus bytes in one clip.
+    max_clip_bytes: u64 = 2 * 1024 * 1024, "PTT_MAX_CLIP_BYTES";
+    /// Largest Opus packet (each frame in it is at most 1275 bytes anyway).
+    /// Default: six 20 ms frames of the largest size, 1275 * 6 + 7.
+    max_packet_bytes: u64 = 7657, "PTT_MAX_PACKET_BYTES";
+    /// Clip uploads at once per connection (QUIC stream limit).
+    max_clip_streams: u32 = 8, "PTT_MAX_CLIP_STREAMS";
+    /// An upload with no byte for this long is refused with
+    /// `upload_idle_timeout` and cut off for live recipients.
+    upload_idle_timeout: Duration = Duration::from_secs(10), "PTT_UPLOAD_IDLE_TIMEOUT", parse_duration;
+    /// Largest message (header, auth) on any stream.
+    max_message_bytes: usize = codec::wire::DEFAULT_MAX_MESSAGE_BYTES, "PTT_MAX_MESSAGE_BYTES";
+    /// Stored clips delivered to a recipient and not yet acknowledged, at
+    /// most (stored backlog flows in this window).
+    max_unacked_deliveries: usize = 64, "PTT_MAX_UNACKED_DELIVERIES";
+    /// Live clips waiting to start per recipient; a recipient that falls
+    /// further behind gets them from the store instead.
+    live_queue: usize = 64, "PTT_LIVE_QUEUE";
+    /// How long a clip id is remembered after acceptance, so a sender's
+    /// retry is answered `duplicate` instead of being delivered twice.
+    dedupe_window: Duration = Duration::from_secs(600), "PTT_DEDUPE_WINDOW", parse_duration;
+    /// Most bytes held by the store; past it new clips get `storage_full`.
+    max_store_bytes: u64 = 1024 * 1024 * 1024, "PTT_MAX_STORE_BYTES";
+    /// Undelivered clips older than this are dropped.
+    clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
+    /// How long shutdown waits for uploads in flight.
+    drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
+}
+
+impl Settings {
+    /// Reads the `--config` file when one is named and merges: flags and
+    /// environment (already in `self`) over the file over defaults.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                toml::from_str::<Settings>(&text)
+                    .map_err(|e| anyhow::anyhow!("in {}: {e}", path.display()))?
+            }
+            None => Settings::default(),
+        };
+        let c = self.or(file).fill();
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Config {
+    /// A config for tests: loopback, ephemeral ports, the given data dir.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_clip_streams >= 1,
+            "max_clip_streams must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "max_connections must be at least 1"
+        );
+        anyhow::ensure!(self.live_queue >= 1, "live_queue must be at least 1");
+        anyhow::ensure!(
+            self.max_unacked_deliveries >= 1,
+            "max_unacked_deliveries must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_packet_bytes >= 1 && self.max_clip_bytes >= 1,
+            "size limits must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_message_bytes >= 1024,
+            "max_message_bytes must be at least 1024"
+        );
+        Ok(())
+    }
+
+    pub fn limits(&self) -> codec::wire::Limits {
+        codec::wire::Limits {
+            max_clip_ms: self.max_clip_duration.as_millis() as u64,
+            max_clip_bytes: self.max_clip_bytes,
+            max_packet_bytes: self.max_packet_bytes,
+            max_clip_streams: u64::from(self.max_clip_streams),
+            upload_idle_ms: self.upload_idle_timeout.as_millis() as u64,
+        }
+    }
+
+    pub fn frame_limits(&self) -> codec::FrameLimits {
+        codec::FrameLimits::new(
+            self.max_packet_bytes,
+            self.max_clip_bytes,
+            self.max_clip_duration.as_millis() as u64,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_parses_and_flags_win() {
+        let file: Settings = toml::from_str(
+            r#"
+            listen = "127.0.0.1:5000"
+            max_clip_duration = "30s"
+            max_clip_bytes = 1000
+            "#,
+        )
+        .unwrap();
+        let flags = Settings {
+            max_clip_bytes: Some(5),
+            ..Settings::default()
+        };
+        let c = flags.or(file).fill();
+        assert_eq!(c.listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(c.max_clip_duration, Duration::from_secs(30));
+        assert_eq!(c.max_clip_bytes, 5, "flag overrides the file");
+        assert_eq!(c.max_clip_streams, 8, "default where nobody set it");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Settings>("listne = \"1.2.3.4:5\"").is_err());
+    }
+
+    #[test]
+    fn unset_flags_do_not_clobber_the_file() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            s: Settings,
+        }
+        let flags = Cli::parse_from(["x", "--max-clip-streams", "3"]).s;
+        let file: Settings = toml::from_str("max_clip_bytes = 77").unwrap();
+        let c = flags.or(file).fill();
+        assert_eq!(c.max_clip_bytes, 77);
+        assert_eq!(c.max_clip_streams, 3);
+    }
+}

@@ -1,0 +1,23 @@
+//! The push-to-talk relay: accepts Opus clips over QUIC, relays them live
+//! to online recipients as they arrive, stores them for the others, and
+//! delivers the stored ones on reconnect. `docs/architecture.md` follows a
+//! clip through these modules.
+
+pub mod admin;
+pub mod config;
+pub mod live;
+pub mod server;
+pub mod session;
+pub mod signal;
+pub mod store;
+pub mod tls;
+
+pub use config::{Config, Settings};
+pub use server::Relay;
+
+/// Wall-clock time, Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,217 @@
+//! A clip in flight: its validated packet records as they arrive, shared by
+//! every live recipient. Each recipient's writer keeps only an index into
+//! the shared segments, so fan-out costs no copy and no per-recipient
+//! queue: a slow recipient just reads further behind, and its memory is the
+//! clip's own (bounded by `max_clip_bytes`).
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use codec::ErrorCode;
+use tokio::sync::watch;
+
+use crate::store::{ClipMeta, StoredClip};
+
+/// How a live clip ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Still arriving.
+    Open,
+    /// Stored; recipients may finish their streams.
+    Complete(Arc<StoredClip>),
+    /// Refused or abandoned: recipients reset their streams with this code.
+    Cut(ErrorCode),
+}
+
+struct Inner {
+    segments: Vec<Bytes>,
+    outcome: Outcome,
+}
+
+pub struct LiveClip {
+    pub meta: Arc<ClipMeta>,
+    /// `Delivery` header with `live = true`, encoded once.
+    pub header: Bytes,
+    inner: Mutex<Inner>,
+    /// Bumped on every change; writers wait on it.
+    version: watch::Sender<u64>,
+}
+
+impl LiveClip {
+    pub fn new(meta: Arc<ClipMeta>) -> Arc<Self> {
+        Arc::new(Self {
+            header: meta.delivery_header(true),
+            meta,
+            inner: Mutex::new(Inner {
+                segments: Vec::new(),
+                outcome: Outcome::Open,
+            }),
+            version: watch::Sender::new(0),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        if let Ok(mut g) = self.inner.lock() {
+            if matches!(g.outcome, Outcome::Open) {
+                f(&mut g);
+            }
+        }
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Appends validated packet records.
+    pub fn push(&self, segment: Bytes) {
+        self.update(|g| g.segments.push(segment));
+    }
+
+    /// The clip is stored: writers send the end record.
+    pub fn complete(&self, clip: Arc<StoredClip>) {
+        self.update(|g| g.outcome = Outcome::Complete(clip));
+    }
+
+    /// The clip will not complete.
+    pub fn cut(&self, code: ErrorCode) {
+        self.update(|g| g.outcome = Outcome::Cut(code));
+    }
+
+    /// All packet records so far, concatenated (one copy, at store time).
+    pub fn body(&self) -> Bytes {
+        let Ok(g) = self.inner.lock() else {
+            return Bytes::new();
+        };
+        match g.segments.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut b = bytes::BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                for s in many {
+                    b.extend_from_slice(s);
+                }
+                b.freeze()
+            }
+        }
+    }
+
+    /// A reader positioned at the first segment.
+    pub fn reader(self: &Arc<Self>) -> LiveReader {
+        LiveReader {
+            clip: self.clone(),
+            next: 0,
+            changes: self.version.subscribe(),
+        }
+    }
+}
+
+/// One recipient's position in a [`LiveClip`].
+pub struct LiveReader {
+    clip: Arc<LiveClip>,
+    next: usize,
+    changes: watch::Receiver<u64>,
+}
+
+/// What a [`LiveReader`] has next.
+pub enum Next {
+    /// New segments to write (cheap clones of shared bytes).
+    Data(Vec<Bytes>),
+    Complete(Arc<StoredClip>),
+    Cut(ErrorCode),
+}
+
+impl LiveReader {
+    /// Waits for new segments or the end.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            self.changes.borrow_and_update();
+            {
+                let Ok(g) = self.clip.inner.lock() else {
+                    return Next::Cut(ErrorCode::Internal);
+                };
+                if self.next < g.segments.len() {
+                    let new = g.segments[self.next..].to_vec();
+                    self.next = g.segments.len();
+                    return Next::Data(new);
+                }
+                match &g.outcome {
+                    Outcome::Open => {}
+                    Outcome::Complete(c) => return Next::Complete(c.clone()),
+                    Outcome::Cut(code) => return Next::Cut(*code),
+                }
+            }
+            if self.changes.changed().await.is_err() {
+                // The clip was dropped without an outcome: treat as cut.
+                return Next::Cut(ErrorCode::Internal);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use codec::ClipEnd;
+    use codec::wire::{AudioFormat, ClipId, Target};
+
+    fn meta() -> Arc<ClipMeta> {
+        Arc::new(ClipMeta {
+            id: ClipId([1; 16]),
+            sender: "alice".into(),
+            target: Target::User("bob".into()),
+            format: AudioFormat::default(),
+            created_ms: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn readers_see_every_segment_then_the_end() {
+        let clip = LiveClip::new(meta());
+        let mut early = clip.reader();
+        clip.push(Bytes::from_static(b"a"));
+        clip.push(Bytes::from_static(b"b"));
+        let Next::Data(d) = early.next().await else {
+            panic!()
+        };
+        assert_eq!(d, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        let mut late = clip.reader();
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                match early.next().await {
+                    Next::Data(d) => got.extend(d),
+                    Next::Complete(_) => return (got, true),
+                    Next::Cut(_) => return (got, false),
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        clip.push(Bytes::from_static(b"c"));
+        let stored = Arc::new(StoredClip::new(
+            clip.meta.clone(),
+            clip.body(),
+            ClipEnd {
+                packet_count: 0,
+                final_granule: 0,
+            },
+        ));
+        assert_eq!(&stored.body[..], b"abc");
+        clip.complete(stored);
+        assert_eq!(
+            waiter.await.unwrap(),
+            (vec![Bytes::from_static(b"c")], true)
+        );
+        // A reader that joins late gets everything from the start.
+        let Next::Data(d) = late.next().await else {
+            panic!()
+        };
+        assert_eq!(d.len(), 3);
+        assert!(matches!(late.next().await, Next::Complete(_)));
+    }
+
+    #[tokio::test]
+    async fn cut_is_final() {
+        let clip = LiveClip::new(meta());
+        let mut r = clip.reader();
+        clip.cut(ErrorCode::CutOff);
+        clip.push(Bytes::from_static(b"late"));
+        assert!(matches!(r.next().await, Next::Cut(ErrorCode::CutOff)));
+    }
+}

@@ -1,0 +1,243 @@
+//! The relay process: QUIC endpoint, admin listener, background sweeps and
+//! shutdown. Tests start the same [`Relay`] the binary starts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use codec::ErrorCode;
+use codec::token::TokenKey;
+use codec::wire::ClipId;
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, StoreKind};
+use crate::session::{self, Session};
+use crate::store::{ClipStore, MemoryStore};
+use crate::tls::{self, DataFiles};
+
+/// An upload in progress, so a retry of the same clip id can take over.
+pub struct Upload {
+    pub sender: Arc<str>,
+    pub number: u64,
+    pub cancel: CancellationToken,
+}
+
+/// State every connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub key: TokenKey,
+    pub store: Arc<dyn ClipStore>,
+    /// The live session of each connected user (the newest connection wins).
+    pub sessions: DashMap<Arc<str>, Arc<Session>>,
+    uploads: DashMap<ClipId, Upload>,
+    next_id: AtomicU64,
+    pub connections: AtomicUsize,
+    pub ready: AtomicBool,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    pub fn next_session_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers an upload of `id` by `sender`. A running upload of the same
+    /// id by the same sender is a stale attempt (its connection is dying):
+    /// it is cancelled and this one takes over. `None` if another sender
+    /// holds the id.
+    pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, CancellationToken)> {
+        let number = self.next_session_id();
+        let (entry, cancel) = session::new_upload(sender.clone(), number);
+        match self.uploads.entry(id) {
+            dashmap::Entry::Occupied(mut e) => {
+                if e.get().sender != *sender {
+                    return None;
+                }
+                e.get().cancel.cancel();
+                e.insert(entry);
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(entry);
+            }
+        }
+        Some((number, cancel))
+    }
+
+    pub fn end_upload(&self, id: ClipId, number: u64) {
+        self.uploads.remove_if(&id, |_, u| u.number == number);
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    admin_addr: SocketAddr,
+    files: DataFiles,
+}
+
+fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // One control stream plus the clip uploads.
+    t.max_concurrent_bidi_streams((cfg.max_clip_streams + 1).into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(
+        cfg.idle_timeout
+            .try_into()
+            .context("idle_timeout too large")?,
+    ));
+    Ok(t)
+}
+
+impl Relay {
+    /// Prepares the data dir, binds the QUIC endpoint and the admin
+    /// listener, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Relay> {
+        config.validate()?;
+        let (files, created) = tls::ensure_data_dir(&config.data_dir)?;
+        if created.cert {
+            info!(path = %files.cert.display(), "created a self-signed certificate for localhost, 127.0.0.1, ::1");
+        }
+        if created.secret {
+            info!(path = %files.secret.display(), "created a random token secret");
+        }
+        let key = TokenKey::from_file(&files.secret, config.token_leeway)
+            .with_context(|| format!("reading token secret {}", files.secret.display()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&files)?));
+        server.transport_config(Arc::new(transport(&config)?));
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .with_context(|| format!("binding UDP {}", config.listen))?;
+        let store: Arc<dyn ClipStore> = match config.store {
+            StoreKind::Memory => Arc::new(MemoryStore::new(config.max_store_bytes)),
+        };
+        let shared = Arc::new(Shared {
+            key,
+            store,
+            sessions: DashMap::new(),
+            uploads: DashMap::new(),
+            next_id: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            config,
+        });
+        let admin = tokio::net::TcpListener::bind(shared.config.admin)
+            .await
+            .with_context(|| format!("binding admin TCP {}", shared.config.admin))?;
+        let admin_addr = admin.local_addr()?;
+        tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tokio::spawn(sweep_loop(shared.clone()));
+        shared.ready.store(true, Ordering::SeqCst);
+        Ok(Relay {
+            shared,
+            endpoint,
+            admin_addr,
+            files,
+        })
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn files(&self) -> &DataFiles {
+        &self.files
+    }
+
+    pub fn token_key(&self) -> &TokenKey {
+        &self.shared.key
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+
+    /// Stops accepting, gives uploads in flight `drain_timeout` to finish,
+    /// then closes every connection with `going_away`.
+    pub async fn shutdown(self) {
+        let s = &self.shared;
+        s.ready.store(false, Ordering::SeqCst);
+        info!("shutting down: no new connections");
+        self.endpoint.set_server_config(None);
+        s.tracker.close();
+        let drained = tokio::time::timeout(s.config.drain_timeout, s.tracker.wait()).await;
+        if drained.is_err() {
+            warn!(timeout = ?s.config.drain_timeout, "drain timeout: closing with work in flight");
+        }
+        s.shutdown.cancel();
+        self.endpoint
+            .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let n = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        let shared2 = shared.clone();
+        tokio::spawn(async move {
+            if n > shared2.config.max_connections {
+                if let Ok(conn) = incoming.await {
+                    quic::close(
+                        &conn,
+                        ErrorCode::ServerBusy,
+                        &format!(
+                            "relay at max_connections ({}); retry later",
+                            shared2.config.max_connections
+                        ),
+                    );
+                }
+            } else {
+                session::run(shared2.clone(), incoming).await;
+            }
+            shared2.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Drops expired clips and forgets old clip ids, once a minute (or sooner
+/// when the windows are short).
+async fn sweep_loop(shared: Arc<Shared>) {
+    let cfg = &shared.config;
+    let every = cfg
+        .dedupe_window
+        .min(cfg.clip_ttl)
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        let now = crate::now_ms();
+        let ttl = now.saturating_sub(cfg.clip_ttl.as_millis() as u64);
+        let window = now.saturating_sub(cfg.dedupe_window.as_millis() as u64);
+        match shared.store.expire(ttl, window).await {
+            Ok(0) => {}
+            Ok(n) => info!(dropped = n, "expired undelivered clips"),
+            Err(e) => warn!(error = %e, "store expiry failed"),
+        }
+    }
+}

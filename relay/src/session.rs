@@ -1,0 +1,631 @@
+//! One authenticated connection: its control stream (auth, acks), its clip
+//! uploads and the delivery of clips to it, live and stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welcome};
+use codec::{ClipEnd, ErrorCode, Framer};
+use quic::{MessageReader, StreamError};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::live::{LiveClip, Next};
+use crate::server::{Shared, Upload};
+use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
+
+/// A connected user, as the router sees it.
+pub struct Session {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub conn: Connection,
+    live_tx: mpsc::Sender<Arc<LiveClip>>,
+    /// The store has new clips for this user.
+    dirty: Notify,
+    /// An ack freed room in the delivery window.
+    window: Notify,
+    deliveries: Mutex<Deliveries>,
+}
+
+#[derive(Default)]
+struct Deliveries {
+    /// Clips started on this connection and not yet acknowledged; the value
+    /// says whether it came from the store (and counts in the window).
+    open: HashMap<ClipId, bool>,
+    stored_open: usize,
+}
+
+impl Session {
+    /// Offers a clip that is starting now. False when the recipient is too
+    /// far behind: it will get the clip from the store instead.
+    pub fn offer_live(&self, clip: Arc<LiveClip>) -> bool {
+        self.live_tx.try_send(clip).is_ok()
+    }
+
+    /// Tells the delivery pump that the store has something new.
+    pub fn store_changed(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Marks `id` as being delivered; false if it already is (or was, and
+    /// is not yet acknowledged) on this connection.
+    fn begin(&self, id: ClipId, stored: bool) -> bool {
+        let Ok(mut d) = self.deliveries.lock() else {
+            return false;
+        };
+        if d.open.contains_key(&id) {
+            return false;
+        }
+        d.open.insert(id, stored);
+        if stored {
+            d.stored_open += 1;
+        }
+        true
+    }
+
+    /// `id` is acknowledged, or its delivery was abandoned.
+    fn finish(&self, id: &ClipId) {
+        if let Ok(mut d) = self.deliveries.lock() {
+            if d.open.remove(id) == Some(true) {
+                d.stored_open -= 1;
+                self.window.notify_one();
+            }
+        }
+    }
+
+    fn stored_open(&self) -> usize {
+        self.deliveries.lock().map_or(usize::MAX, |d| d.stored_open)
+    }
+}
+
+/// Runs one connection from handshake to close.
+pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let remote = conn.remote_address();
+    let (session, mut live_rx, ctl) = match authenticate(&shared, &conn).await {
+        Ok(x) => x,
+        Err((code, reason)) => {
+            debug!(%remote, code = code.name(), %reason, "connection refused");
+            quic::close(&conn, code, &reason);
+            return;
+        }
+    };
+    info!(%remote, user = %session.user, session = session.id, "session start");
+    let cancel = shared.shutdown.child_token();
+    tokio::select! {
+        r = control_loop(&shared, &session, ctl) => {
+            if let Err((code, reason)) = r {
+                quic::close(&conn, code, &reason);
+            }
+        }
+        () = accept_uploads(&shared, &session) => {}
+        () = pump(&shared, &session, &mut live_rx) => {}
+        () = cancel.cancelled() => {}
+    }
+    shared
+        .sessions
+        .remove_if(&session.user, |_, s| s.id == session.id);
+    let why = conn.close_reason();
+    info!(user = %session.user, session = session.id, reason = ?why, "session end");
+}
+
+type Refusal = (ErrorCode, String);
+
+async fn authenticate(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+) -> Result<(Arc<Session>, mpsc::Receiver<Arc<LiveClip>>, MessageReader), Refusal> {
+    let cfg = &shared.config;
+    let deadline = Instant::now() + cfg.auth_timeout;
+    let late = || {
+        (
+            ErrorCode::Unauthenticated,
+            format!("no Auth within {:?}", cfg.auth_timeout),
+        )
+    };
+    let (mut send, recv) = timeout_at(deadline, conn.accept_bi())
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
+    let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
+    let msg = timeout_at(deadline, rd.next())
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| (e.code(), e.to_string()))?;
+    let token = match msg {
+        Some(Message::Auth(a)) => a.token,
+        _ => {
+            return Err((
+                ErrorCode::Unauthenticated,
+                "the first message must be Auth".into(),
+            ));
+        }
+    };
+    let claims = shared.key.verify(&token).map_err(|e| match e {
+        codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
+        codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
+    })?;
+    let (live_tx, live_rx) = mpsc::channel(cfg.live_queue);
+    let session = Arc::new(Session {
+        id: shared.next_session_id(),
+        user: Arc::from(claims.sub.as_str()),
+        conn: conn.clone(),
+        live_tx,
+        dirty: Notify::new(),
+        window: Notify::new(),
+        deliveries: Mutex::new(Deliveries::default()),
+    });
+    let welcome = Message::Welcome(Welcome {
+        user: claims.sub,
+        session_id: session.id,
+        limits: cfg.limits(),
+    });
+    quic::write_message(&mut send, &welcome)
+        .await
+        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
+    // The relay never writes more on the control stream in this version.
+    let _ = send.finish();
+    if let Some(old) = shared
+        .sessions
+        .insert(session.user.clone(), session.clone())
+    {
+        quic::close(
+            &old.conn,
+            ErrorCode::SessionReplaced,
+            "replaced by a newer connection of the same user",
+        );
+    }
+    Ok((session, live_rx, rd))
+}
+
+/// Reads acks until the control stream ends.
+async fn control_loop(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    mut ctl: MessageReader,
+) -> Result<(), Refusal> {
+    loop {
+        match ctl.next().await {
+            Ok(Some(Message::Ack(id))) => {
+                match shared.store.ack(&session.user, &id).await {
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "store ack failed"),
+                }
+                session.finish(&id);
+            }
+            Ok(Some(Message::Unknown(_))) => {}
+            Ok(Some(other)) => {
+                return Err((
+                    ErrorCode::ProtocolViolation,
+                    format!(
+                        "message type 0x{:x} not allowed on the control stream",
+                        other.kind()
+                    ),
+                ));
+            }
+            Ok(None) => return Err((ErrorCode::NoError, "control stream finished".into())),
+            Err(StreamError::Read(_)) => return Ok(()),
+            Err(e) => return Err((e.code(), e.to_string())),
+        }
+    }
+}
+
+async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>) {
+    while let Ok((send, recv)) = session.conn.accept_bi().await {
+        let shared = shared.clone();
+        let session = session.clone();
+        shared.clone().tracker.spawn(async move {
+            upload(&shared, &session, send, recv).await;
+        });
+    }
+}
+
+/// A refused upload: the code and the reason sent in `Rejected`.
+struct Refused {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Refused {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<StreamError> for Refused {
+    fn from(e: StreamError) -> Self {
+        Refused::new(e.code(), e.to_string())
+    }
+}
+
+async fn reply(send: &mut SendStream, msg: Message) {
+    if quic::write_message(send, &msg).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// One clip upload: header, packets relayed live as they arrive, stored,
+/// then "accepted".
+async fn upload(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    let cfg = &shared.config;
+    let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
+    let header = match timeout(cfg.upload_idle_timeout, rd.next()).await {
+        Ok(Ok(Some(Message::ClipHeader(h)))) => h,
+        Ok(Ok(Some(_))) => {
+            let _ = rd.stream().stop(quic::varint(ErrorCode::ProtocolViolation));
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(error = %e, "bad clip header");
+            let _ = rd.stream().stop(quic::varint(e.code()));
+            return;
+        }
+        Err(_) => {
+            let _ = rd.stream().stop(quic::varint(ErrorCode::UploadIdleTimeout));
+            return;
+        }
+    };
+    let id = header.clip_id;
+    let reject = |r: Refused| {
+        Message::Rejected(Rejected {
+            clip_id: id,
+            code: r.code,
+            retry_after_ms: 0,
+            reason: r.reason,
+        })
+    };
+    let recipients = match admit(shared, session, &header).await {
+        Ok(Admit::New(r)) => r,
+        Ok(Admit::Duplicate) => {
+            let _ = rd.stream().stop(quic::varint(ErrorCode::NoError));
+            reply(
+                &mut send,
+                Message::Accepted(Accepted {
+                    clip_id: id,
+                    duplicate: true,
+                }),
+            )
+            .await;
+            return;
+        }
+        Err(r) => {
+            let _ = rd.stream().stop(quic::varint(r.code));
+            reply(&mut send, reject(r)).await;
+            return;
+        }
+    };
+    let (upload_no, cancel) = match shared.begin_upload(id, &session.user) {
+        Some(x) => x,
+        None => {
+            let r = Refused::new(
+                ErrorCode::ClipIdConflict,
+                "clip id in use by another sender",
+            );
+            let _ = rd.stream().stop(quic::varint(r.code));
+            reply(&mut send, reject(r)).await;
+            return;
+        }
+    };
+    let meta = Arc::new(ClipMeta {
+        id,
+        sender: session.user.clone(),
+        target: header.target,
+        format: header.format,
+        created_ms: crate::now_ms(),
+    });
+    let live = LiveClip::new(meta.clone());
+    for r in &recipients {
+        let s = shared.sessions.get(r).map(|s| s.clone());
+        if let Some(s) = s {
+            if !s.offer_live(live.clone()) {
+                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
+            }
+        }
+    }
+    let result = tokio::select! {
+        r = receive_packets(shared, &mut rd, &live) => r,
+        () = cancel.cancelled() => Err(Refused::new(ErrorCode::CutOff, "superseded by a retry or shutdown")),
+    };
+    let outcome = match result {
+        Ok(end) => {
+            let clip = Arc::new(StoredClip::new(meta, live.body(), end));
+            match shared.store.append(clip.clone(), &recipients).await {
+                Ok(Appended::New) => {
+                    live.complete(clip);
+                    for r in &recipients {
+                        let s = shared.sessions.get(r).map(|s| s.clone());
+                        if let Some(s) = s {
+                            s.store_changed();
+                        }
+                    }
+                    Ok(false)
+                }
+                Ok(Appended::Duplicate) => {
+                    live.cut(ErrorCode::CutOff);
+                    Ok(true)
+                }
+                Ok(Appended::Conflict) => {
+                    live.cut(ErrorCode::CutOff);
+                    Err(Refused::new(
+                        ErrorCode::ClipIdConflict,
+                        "clip id in use by another sender",
+                    ))
+                }
+                Err(StoreError::Full { limit }) => {
+                    live.cut(ErrorCode::CutOff);
+                    Err(Refused::new(
+                        ErrorCode::StorageFull,
+                        format!("relay store full ({limit} bytes)"),
+                    ))
+                }
+                Err(e) => {
+                    live.cut(ErrorCode::CutOff);
+                    Err(Refused::new(ErrorCode::Internal, e.to_string()))
+                }
+            }
+        }
+        Err(r) => {
+            live.cut(ErrorCode::CutOff);
+            let _ = rd.stream().stop(quic::varint(r.code));
+            Err(r)
+        }
+    };
+    shared.end_upload(id, upload_no);
+    match outcome {
+        Ok(duplicate) => {
+            reply(
+                &mut send,
+                Message::Accepted(Accepted {
+                    clip_id: id,
+                    duplicate,
+                }),
+            )
+            .await;
+        }
+        Err(r) => {
+            debug!(clip = %id, code = r.code.name(), reason = %r.reason, "clip refused");
+            reply(&mut send, reject(r)).await;
+        }
+    }
+}
+
+enum Admit {
+    New(Vec<Arc<str>>),
+    Duplicate,
+}
+
+/// Checks the header: target, and whether this id was seen.
+async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
+    let recipients = match &h.target {
+        Target::User(u) => vec![Arc::from(u.as_str())],
+        Target::Channel(_) => {
+            return Err(Refused::new(
+                ErrorCode::BadTarget,
+                "talk channels are not enabled on this relay",
+            ));
+        }
+    };
+    match shared.store.sender_of(&h.clip_id).await {
+        Ok(Some(s)) if s == session.user => Ok(Admit::Duplicate),
+        Ok(Some(_)) => Err(Refused::new(
+            ErrorCode::ClipIdConflict,
+            "clip id in use by another sender",
+        )),
+        Ok(None) => Ok(Admit::New(recipients)),
+        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+/// Reads packet records until the end record and FIN, pushing each
+/// validated run of records to the live clip as it arrives.
+async fn receive_packets(
+    shared: &Shared,
+    rd: &mut MessageReader,
+    live: &LiveClip,
+) -> Result<ClipEnd, Refused> {
+    let cfg = &shared.config;
+    let mut framer = Framer::new(cfg.frame_limits());
+    let mut end = None;
+    loop {
+        let buf = rd.buffer();
+        let scan = framer
+            .scan(buf)
+            .map_err(|e| Refused::new(e.code(), e.to_string()))?;
+        if scan.records > 0 {
+            live.push(buf.split_to(scan.records).freeze());
+        }
+        if let Some((e, n)) = scan.end {
+            let _ = buf.split_to(n);
+            end = Some(e);
+        }
+        match timeout(cfg.upload_idle_timeout, rd.fill()).await {
+            Err(_) => {
+                return Err(Refused::new(
+                    ErrorCode::UploadIdleTimeout,
+                    format!("no data for {:?}", cfg.upload_idle_timeout),
+                ));
+            }
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                return match end {
+                    Some(e) if rd.buffer().is_empty() => Ok(e),
+                    Some(_) => Err(Refused::new(
+                        ErrorCode::ProtocolViolation,
+                        "bytes after the clip end",
+                    )),
+                    None => Err(Refused::new(
+                        ErrorCode::ProtocolViolation,
+                        "stream finished before the clip end",
+                    )),
+                };
+            }
+            Ok(Err(e)) => {
+                return Err(Refused::new(
+                    ErrorCode::CutOff,
+                    format!("upload aborted: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Starts deliveries: live clips as they are offered, stored clips from the
+/// store within the window. Returns when the connection closes.
+async fn pump(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    live_rx: &mut mpsc::Receiver<Arc<LiveClip>>,
+) {
+    let window = shared.config.max_unacked_deliveries;
+    let mut cursor = 0;
+    let mut scan = true;
+    loop {
+        // Live offers first: an offer always precedes the store's change for
+        // the same clip, so draining them here keeps a clip relayed live
+        // from being sent again from the store.
+        while let Ok(live) = live_rx.try_recv() {
+            if start_live(shared, session, live).await.is_err() {
+                return;
+            }
+        }
+        while scan {
+            let room = window.saturating_sub(session.stored_open());
+            if room == 0 {
+                break;
+            }
+            let batch = match shared.store.read(&session.user, cursor, room).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "store read failed");
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                scan = false;
+            }
+            for (c, clip) in batch {
+                cursor = c;
+                if session.begin(clip.meta.id, true)
+                    && start_stored(shared, session, clip).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            live = live_rx.recv() => {
+                let Some(live) = live else { return };
+                if start_live(shared, session, live).await.is_err() {
+                    return;
+                }
+            }
+            () = session.dirty.notified() => scan = true,
+            () = session.window.notified() => {}
+            _ = session.conn.closed() => return,
+        }
+    }
+}
+
+async fn start_live(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    live: Arc<LiveClip>,
+) -> Result<(), ()> {
+    let id = live.meta.id;
+    if !session.begin(id, false) {
+        return Ok(());
+    }
+    let send = match session.conn.open_uni().await {
+        Ok(s) => s,
+        Err(_) => return Err(()),
+    };
+    let session = session.clone();
+    shared.tracker.spawn(async move {
+        if !write_live(send, live).await {
+            session.finish(&id);
+        }
+    });
+    Ok(())
+}
+
+/// Writes a live clip as it arrives. Returns true when the clip completed
+/// (it then waits for the recipient's ack), false when it was cut.
+async fn write_live(mut send: SendStream, live: Arc<LiveClip>) -> bool {
+    let mut reader = live.reader();
+    if send.write_chunk(live.header.clone()).await.is_err() {
+        return true;
+    }
+    loop {
+        match reader.next().await {
+            Next::Data(mut segs) => {
+                if send.write_all_chunks(&mut segs).await.is_err() {
+                    return true;
+                }
+            }
+            Next::Complete(clip) => {
+                if send.write_chunk(clip.end_bytes.clone()).await.is_ok() {
+                    let _ = send.finish();
+                }
+                return true;
+            }
+            Next::Cut(code) => {
+                let _ = send.reset(quic::varint(code));
+                return false;
+            }
+        }
+    }
+}
+
+async fn start_stored(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    clip: Arc<StoredClip>,
+) -> Result<(), ()> {
+    let mut send = match session.conn.open_uni().await {
+        Ok(s) => s,
+        Err(_) => return Err(()),
+    };
+    shared.tracker.spawn(async move {
+        let mut chunks: [Bytes; 3] = [
+            clip.header.clone(),
+            clip.body.clone(),
+            clip.end_bytes.clone(),
+        ];
+        if send.write_all_chunks(&mut chunks).await.is_ok() {
+            let _ = send.finish();
+        }
+    });
+    Ok(())
+}
+
+/// Registry entry of an upload in progress.
+pub fn new_upload(sender: Arc<str>, number: u64) -> (Upload, CancellationToken) {
+    let cancel = CancellationToken::new();
+    (
+        Upload {
+            sender,
+            number,
+            cancel: cancel.clone(),
+        },
+        cancel,
+    )
+}

@@ -1,0 +1,465 @@
+//! The clip store: where complete clips wait for recipients to acknowledge
+//! them. One copy of each clip, shared by all its recipients; each
+//! recipient has an ordered mailbox of references to it.
+//!
+//! [`ClipStore`] is the seam for other engines (a durable on-disk log, NATS
+//! JetStream): append (durable when it returns), read a recipient's mailbox
+//! from a cursor, ack (release a recipient's copy), expire, and remember clip
+//! ids for sender retries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use codec::ClipEnd;
+use codec::wire::{AudioFormat, ClipId, Delivery, Message, Target};
+use dashmap::DashMap;
+use thiserror::Error;
+
+/// What every copy of a clip shares.
+#[derive(Debug)]
+pub struct ClipMeta {
+    pub id: ClipId,
+    /// The sender's user id, from its token.
+    pub sender: Arc<str>,
+    pub target: Target,
+    pub format: AudioFormat,
+    /// When the relay received the header, Unix ms.
+    pub created_ms: u64,
+}
+
+impl ClipMeta {
+    /// The `Delivery` message that opens a delivery stream, encoded once per
+    /// clip and shared by every recipient.
+    pub fn delivery_header(&self, live: bool) -> Bytes {
+        Message::Delivery(Delivery {
+            clip_id: self.id,
+            sender: self.sender.to_string(),
+            target: self.target.clone(),
+            format: self.format,
+            created_ms: self.created_ms,
+            live,
+        })
+        .to_bytes()
+    }
+}
+
+/// A complete clip as stored: its packet records exactly as they go on the
+/// wire, so delivery writes them without re-encoding.
+#[derive(Debug)]
+pub struct StoredClip {
+    pub meta: Arc<ClipMeta>,
+    /// Packet records (`length | packet`...), without the end record.
+    pub body: Bytes,
+    pub end: ClipEnd,
+    /// `Delivery` header with `live = false`, pre-encoded.
+    pub header: Bytes,
+    /// The end record, pre-encoded.
+    pub end_bytes: Bytes,
+}
+
+impl StoredClip {
+    pub fn new(meta: Arc<ClipMeta>, body: Bytes, end: ClipEnd) -> Self {
+        Self {
+            header: meta.delivery_header(false),
+            end_bytes: end.to_bytes(),
+            meta,
+            body,
+            end,
+        }
+    }
+
+    /// Bytes this clip holds in memory (approximate).
+    pub fn size(&self) -> u64 {
+        (self.body.len() + self.header.len() + self.end_bytes.len() + 128) as u64
+    }
+}
+
+/// Position in one recipient's mailbox: clips after it come later.
+pub type Cursor = u64;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The store is at its size budget: tell the sender to retry later.
+    #[error("store full ({limit} bytes)")]
+    Full { limit: u64 },
+    /// The engine failed; the clip was not stored.
+    #[error("store failure: {0}")]
+    Failed(String),
+}
+
+/// Outcome of [`ClipStore::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored now, for every recipient.
+    New,
+    /// This sender's clip id was already stored (a retry); nothing changed.
+    Duplicate,
+    /// Another sender already used this clip id; nothing changed.
+    Conflict,
+}
+
+/// Counters for dashboards and admission.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Recipient copies waiting for an ack.
+    pub pending: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Clip ids remembered for retries.
+    pub remembered_ids: u64,
+}
+
+#[async_trait]
+pub trait ClipStore: Send + Sync + 'static {
+    /// Stores a complete clip for `recipients`. Returns once the clip is as
+    /// safe as this store makes it (on disk, replicated); only then may the
+    /// sender be told "accepted".
+    async fn append(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+    ) -> Result<Appended, StoreError>;
+
+    /// The sender of `id` if a clip with that id was stored within the
+    /// dedupe window.
+    async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError>;
+
+    /// Up to `limit` clips waiting for `recipient` after `after`, oldest
+    /// first, each with its cursor.
+    async fn read(
+        &self,
+        recipient: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<(Cursor, Arc<StoredClip>)>, StoreError>;
+
+    /// `recipient` has `id` whole: release its copy. Returns whether a copy
+    /// was held (false for repeated or unknown acks, which are harmless).
+    async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError>;
+
+    /// Drops copies of clips created before `before_ms` (the TTL) and
+    /// forgets clip ids accepted before `forget_ids_before_ms` (the dedupe
+    /// window). Returns how many copies were dropped.
+    async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError>;
+
+    fn stats(&self) -> StoreStats;
+}
+
+#[derive(Default)]
+struct Mailbox {
+    clips: BTreeMap<Cursor, Arc<StoredClip>>,
+    index: HashMap<ClipId, Cursor>,
+}
+
+/// The in-memory store: a dashmap of mailboxes keyed by recipient.
+pub struct MemoryStore {
+    mailboxes: DashMap<Arc<str>, Mailbox>,
+    ids: DashMap<ClipId, Arc<str>>,
+    /// Accepted ids in acceptance order, for forgetting them.
+    id_log: Mutex<VecDeque<(u64, ClipId)>>,
+    /// Source of cursors: one sequence for all mailboxes, taken under the
+    /// mailbox's lock, so a mailbox's cursors rise in insertion order and
+    /// never repeat even after an emptied mailbox is dropped.
+    seq: AtomicU64,
+    pending: AtomicU64,
+    bytes: AtomicU64,
+    max_bytes: u64,
+}
+
+impl MemoryStore {
+    pub fn new(max_bytes: u64) -> Self {
+        Self {
+            mailboxes: DashMap::new(),
+            ids: DashMap::new(),
+            id_log: Mutex::new(VecDeque::new()),
+            seq: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            max_bytes,
+        }
+    }
+
+    fn release(&self, clip: &StoredClip) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(clip.size(), Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::now_ms()
+}
+
+#[async_trait]
+impl ClipStore for MemoryStore {
+    async fn append(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+    ) -> Result<Appended, StoreError> {
+        let id = clip.meta.id;
+        match self.ids.entry(id) {
+            dashmap::Entry::Occupied(e) => {
+                return Ok(if *e.get() == clip.meta.sender {
+                    Appended::Duplicate
+                } else {
+                    Appended::Conflict
+                });
+            }
+            dashmap::Entry::Vacant(v) => {
+                let need = clip.size() * recipients.len() as u64;
+                let used = self.bytes.load(Ordering::Relaxed);
+                if used + need > self.max_bytes {
+                    return Err(StoreError::Full {
+                        limit: self.max_bytes,
+                    });
+                }
+                v.insert(clip.meta.sender.clone());
+            }
+        }
+        if let Ok(mut log) = self.id_log.lock() {
+            log.push_back((now_ms(), id));
+        }
+        for r in recipients {
+            let mut mb = self.mailboxes.entry(r.clone()).or_default();
+            let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            if mb.index.insert(id, cursor).is_none() {
+                mb.clips.insert(cursor, clip.clone());
+                self.pending.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+            }
+        }
+        Ok(Appended::New)
+    }
+
+    async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError> {
+        Ok(self.ids.get(id).map(|s| s.clone()))
+    }
+
+    async fn read(
+        &self,
+        recipient: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<(Cursor, Arc<StoredClip>)>, StoreError> {
+        Ok(self.mailboxes.get(recipient).map_or_else(Vec::new, |mb| {
+            mb.clips
+                .range(after + 1..)
+                .take(limit)
+                .map(|(c, clip)| (*c, clip.clone()))
+                .collect()
+        }))
+    }
+
+    async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {
+        let removed = {
+            let Some(mut mb) = self.mailboxes.get_mut(recipient) else {
+                return Ok(false);
+            };
+            let removed = mb.index.remove(id).and_then(|c| mb.clips.remove(&c));
+            if let Some(clip) = &removed {
+                self.release(clip);
+            }
+            removed.is_some()
+        };
+        self.mailboxes
+            .remove_if(recipient, |_, mb| mb.clips.is_empty());
+        Ok(removed)
+    }
+
+    async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for mut mb in self.mailboxes.iter_mut() {
+            let old: Vec<Cursor> = mb
+                .clips
+                .iter()
+                .filter(|(_, c)| c.meta.created_ms < before_ms)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in old {
+                if let Some(clip) = mb.clips.remove(&k) {
+                    mb.index.remove(&clip.meta.id);
+                    self.release(&clip);
+                    dropped += 1;
+                }
+            }
+        }
+        self.mailboxes.retain(|_, mb| !mb.clips.is_empty());
+        if let Ok(mut log) = self.id_log.lock() {
+            while let Some(&(at, id)) = log.front() {
+                if at >= forget_ids_before_ms {
+                    break;
+                }
+                log.pop_front();
+                self.ids.remove(&id);
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            pending: self.pending.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            remembered_ids: self.ids.len() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip(n: u8, sender: &str, created_ms: u64) -> Arc<StoredClip> {
+        let meta = Arc::new(ClipMeta {
+            id: ClipId([n; 16]),
+            sender: sender.into(),
+            target: Target::User("bob".into()),
+            format: AudioFormat::default(),
+            created_ms,
+        });
+        Arc::new(StoredClip::new(
+            meta,
+            Bytes::from_static(&[1, 0xf8]),
+            ClipEnd {
+                packet_count: 1,
+                final_granule: 960,
+            },
+        ))
+    }
+
+    fn users(names: &[&str]) -> Vec<Arc<str>> {
+        names.iter().map(|n| Arc::from(*n)).collect()
+    }
+
+    #[tokio::test]
+    async fn append_read_ack_in_order() {
+        let s = MemoryStore::new(1 << 20);
+        for i in 1..=3 {
+            assert_eq!(
+                s.append(clip(i, "alice", 0), &users(&["bob", "carol"]))
+                    .await
+                    .unwrap(),
+                Appended::New
+            );
+        }
+        let got = s.read("bob", 0, 10).await.unwrap();
+        assert_eq!(
+            got.iter().map(|(_, c)| c.meta.id.0[0]).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        // Reading from a cursor and with a limit.
+        let after_first = s.read("bob", got[0].0, 1).await.unwrap();
+        assert_eq!(after_first.len(), 1);
+        assert_eq!(after_first[0].1.meta.id.0[0], 2);
+        assert_eq!(s.stats().pending, 6);
+        // Ack releases only bob's copy; repeated acks are harmless.
+        assert!(s.ack("bob", &ClipId([2; 16])).await.unwrap());
+        assert!(!s.ack("bob", &ClipId([2; 16])).await.unwrap());
+        assert!(!s.ack("nobody", &ClipId([2; 16])).await.unwrap());
+        assert_eq!(s.read("bob", 0, 10).await.unwrap().len(), 2);
+        assert_eq!(s.read("carol", 0, 10).await.unwrap().len(), 3);
+        assert_eq!(s.stats().pending, 5);
+        // One copy of the payload, shared.
+        let b = s.read("bob", 0, 1).await.unwrap();
+        let c = s.read("carol", 0, 1).await.unwrap();
+        assert!(Arc::ptr_eq(&b[0].1, &c[0].1));
+        // An emptied mailbox is dropped, and later cursors still rise.
+        let last = s.read("bob", 0, 10).await.unwrap().last().unwrap().0;
+        for i in [1, 3] {
+            s.ack("bob", &ClipId([i; 16])).await.unwrap();
+        }
+        s.append(clip(9, "alice", 0), &users(&["bob"]))
+            .await
+            .unwrap();
+        let again = s.read("bob", last, 10).await.unwrap();
+        assert_eq!(
+            again.len(),
+            1,
+            "a reader at an old cursor sees the new clip"
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_and_conflicts() {
+        let s = MemoryStore::new(1 << 20);
+        s.append(clip(1, "alice", 0), &users(&["bob"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.append(clip(1, "alice", 0), &users(&["bob"]))
+                .await
+                .unwrap(),
+            Appended::Duplicate
+        );
+        assert_eq!(
+            s.append(clip(1, "mallory", 0), &users(&["bob"]))
+                .await
+                .unwrap(),
+            Appended::Conflict
+        );
+        assert_eq!(s.read("bob", 0, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            s.sender_of(&ClipId([1; 16])).await.unwrap().as_deref(),
+            Some("alice")
+        );
+        // Still remembered after the ack, forgotten after the window.
+        s.ack("bob", &ClipId([1; 16])).await.unwrap();
+        assert!(s.sender_of(&ClipId([1; 16])).await.unwrap().is_some());
+        s.expire(0, u64::MAX).await.unwrap();
+        assert!(s.sender_of(&ClipId([1; 16])).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn budget_and_ttl() {
+        let one = clip(1, "a", 0).size();
+        let s = MemoryStore::new(one * 2);
+        s.append(clip(1, "a", 10), &users(&["b"])).await.unwrap();
+        s.append(clip(2, "a", 20), &users(&["b"])).await.unwrap();
+        assert!(matches!(
+            s.append(clip(3, "a", 30), &users(&["b"])).await,
+            Err(StoreError::Full { .. })
+        ));
+        assert_eq!(s.expire(15, 0).await.unwrap(), 1);
+        assert_eq!(s.stats().pending, 1);
+        // Room again.
+        s.append(clip(3, "a", 30), &users(&["b"])).await.unwrap();
+        assert_eq!(s.stats().bytes, 2 * one);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_and_acks() {
+        let s = Arc::new(MemoryStore::new(u64::MAX));
+        let mut tasks = Vec::new();
+        for t in 0..8u8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..100u8 {
+                    let mut id = [t; 16];
+                    id[1] = i;
+                    let c = clip(0, "a", 0);
+                    let meta = Arc::new(ClipMeta {
+                        id: ClipId(id),
+                        sender: "a".into(),
+                        target: c.meta.target.clone(),
+                        format: c.meta.format,
+                        created_ms: 0,
+                    });
+                    let c = Arc::new(StoredClip::new(meta, c.body.clone(), c.end));
+                    s.append(c, &users(&["r"])).await.unwrap();
+                    if i % 2 == 0 {
+                        assert!(s.ack("r", &ClipId(id)).await.unwrap());
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.stats().pending, 400);
+        assert_eq!(s.read("r", 0, 1000).await.unwrap().len(), 400);
+    }
+}
