@@ -181,7 +181,37 @@ pub enum Event {
     Cut { id: ClipId, code: ErrorCode },
 }
 
-/// Remembers recent clip ids to drop redeliveries.
+/// Remembers the most recent clip ids received, to drop redeliveries.
+/// Share one between the connections of a user (reconnects) so a clip
+/// whose ack was lost reaches the application once.
+#[derive(Clone)]
+pub struct SeenIds(Arc<Mutex<Seen>>);
+
+impl std::fmt::Debug for SeenIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeenIds(..)")
+    }
+}
+
+impl SeenIds {
+    pub fn new(capacity: usize) -> Self {
+        Self(Arc::new(Mutex::new(Seen {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap: capacity.max(1),
+        })))
+    }
+
+    /// Records `id`; false if it was already there.
+    pub fn insert(&self, id: ClipId) -> bool {
+        self.0.lock().map(|mut s| s.insert(id)).unwrap_or(true)
+    }
+
+    pub fn contains(&self, id: &ClipId) -> bool {
+        self.0.lock().map(|s| s.set.contains(id)).unwrap_or(false)
+    }
+}
+
 struct Seen {
     set: HashSet<ClipId>,
     order: VecDeque<ClipId>,
@@ -208,15 +238,15 @@ impl Seen {
 pub struct ClientOptions {
     /// Events waiting for the application; delivery streams pause when full.
     pub event_queue: usize,
-    /// How many recent clip ids are remembered for duplicate suppression.
-    pub dedupe_memory: usize,
+    /// Clip ids already received; by default a fresh memory of 4096 ids.
+    pub seen: Option<SeenIds>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             event_queue: 256,
-            dedupe_memory: 4096,
+            seen: None,
         }
     }
 }
@@ -228,7 +258,7 @@ pub struct Client {
     session_id: u64,
     limits: Limits,
     control: tokio::sync::Mutex<SendStream>,
-    seen: Arc<Mutex<Seen>>,
+    seen: SeenIds,
 }
 
 impl Client {
@@ -276,11 +306,7 @@ impl Client {
             session_id: welcome.session_id,
             limits: welcome.limits,
             control: tokio::sync::Mutex::new(send),
-            seen: Arc::new(Mutex::new(Seen {
-                set: HashSet::new(),
-                order: VecDeque::new(),
-                cap: opts.dedupe_memory.max(1),
-            })),
+            seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
         tokio::spawn(accept_deliveries(client.clone(), tx));
@@ -324,9 +350,7 @@ impl Client {
     /// Marks `id` as already held by the application (e.g. found on disk),
     /// so a redelivery is acked and dropped.
     pub fn mark_seen(&self, id: ClipId) {
-        if let Ok(mut s) = self.seen.lock() {
-            s.insert(id);
-        }
+        self.seen.insert(id);
     }
 
     /// Sends a clip and waits for the relay's answer: `Ok` only once the
@@ -483,8 +507,7 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
             .await;
         return;
     };
-    let fresh = client.seen.lock().map(|mut s| s.insert(id)).unwrap_or(true);
-    if !fresh {
+    if !client.seen.insert(id) {
         // A redelivery of a clip we already have (our ack was lost): ack
         // again, tell nobody.
         let _ = client.ack(id).await;

@@ -5,5 +5,6 @@ pub mod client;
 pub mod net;
 
 pub use client::{
-    Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip, SendOutcome,
+    Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip, SeenIds,
+    SendOutcome,
 };

@@ -51,7 +51,8 @@ impl std::fmt::Debug for TokenKey {
     }
 }
 
-fn now_secs() -> u64 {
+/// Current Unix time in seconds.
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -99,6 +100,12 @@ impl TokenKey {
             .map_err(|e| TokenError::Invalid(e.to_string()))
     }
 
+    /// Signs arbitrary claims (e.g. a chosen `exp`).
+    pub fn mint_claims(&self, claims: &Claims) -> Result<String, TokenError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .map_err(|e| TokenError::Invalid(e.to_string()))
+    }
+
     /// Checks signature, algorithm, expiry and the user id.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
@@ -140,7 +147,7 @@ mod tests {
             exp: now_secs() - 3600,
             iat: None,
         };
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &k.encoding).unwrap();
+        let t = k.mint_claims(&old).unwrap();
         assert_eq!(k.verify(&t), Err(TokenError::Expired));
         // Right key, wrong algorithm (HS512).
         let t = jsonwebtoken::encode(

@@ -1,0 +1,160 @@
+//! Test harness: a real relay on loopback (ephemeral ports, temp data dir)
+//! and real clients over QUIC.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use client_sim::{Client, ClientError, ClientOptions, Event, OutgoingClip, net};
+use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
+use relay::{Config, Relay};
+use tokio::sync::mpsc;
+
+pub struct TestRelay {
+    pub relay: Relay,
+    pub endpoint: quinn::Endpoint,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a relay with `tweak` applied to the test config.
+pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::for_tests(dir.path());
+    tweak(&mut cfg);
+    let relay = Relay::start(cfg).await.unwrap();
+    let endpoint = net::endpoint(relay.quic_addr(), &relay.files().cert).unwrap();
+    TestRelay {
+        relay,
+        endpoint,
+        _dir: dir,
+    }
+}
+
+impl TestRelay {
+    pub fn token(&self, user: &str) -> String {
+        self.relay
+            .token_key()
+            .mint(user, Duration::from_secs(3600))
+            .unwrap()
+    }
+
+    pub async fn try_connect_with(
+        &self,
+        token: &str,
+        opts: ClientOptions,
+    ) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
+        Client::connect(
+            &self.endpoint,
+            self.relay.quic_addr(),
+            "localhost",
+            token,
+            opts,
+        )
+        .await
+    }
+
+    pub async fn connect(&self, user: &str) -> (Arc<Client>, mpsc::Receiver<Event>) {
+        self.try_connect_with(&self.token(user), ClientOptions::default())
+            .await
+            .unwrap()
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.relay.shared().store.stats().pending
+    }
+}
+
+/// A valid 20 ms CELT packet of `len` bytes whose payload encodes `seq`.
+pub fn packet(seq: u32, len: usize) -> Bytes {
+    let mut p = vec![0u8; len.max(5)];
+    p[0] = 31 << 3;
+    p[1..5].copy_from_slice(&seq.to_be_bytes());
+    Bytes::from(p)
+}
+
+/// A clip of `n` packets of 20 ms for `to`.
+pub fn clip(to: &str, n: u32) -> OutgoingClip {
+    OutgoingClip {
+        id: ClipId(rand::random()),
+        target: Target::User(to.into()),
+        format: AudioFormat::default(),
+        packets: (0..n).map(|i| packet(i, 40 + (i as usize % 30))).collect(),
+        final_granule: u64::from(n) * 960 - 100,
+    }
+}
+
+/// Waits for the next event matching `f`, up to 10 s.
+pub async fn next_matching<T>(
+    events: &mut mpsc::Receiver<Event>,
+    mut f: impl FnMut(Event) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let ev = events.recv().await.expect("event channel closed");
+            if let Some(t) = f(ev) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for an event")
+}
+
+pub async fn next_complete(events: &mut mpsc::Receiver<Event>) -> client_sim::ReceivedClip {
+    next_matching(events, |e| match e {
+        Event::Complete(c) => Some(c),
+        _ => None,
+    })
+    .await
+}
+
+/// Asserts that no complete clip arrives within `wait`.
+pub async fn assert_no_clip(events: &mut mpsc::Receiver<Event>, wait: Duration) {
+    let r = tokio::time::timeout(wait, async {
+        loop {
+            match events.recv().await {
+                Some(Event::Complete(c)) => return Some(c),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await;
+    if let Ok(Some(c)) = r {
+        panic!("unexpected clip {}", c.id());
+    }
+}
+
+/// Opens a clip stream by hand and writes the header plus `packets`
+/// records, without an end: for partial and malformed uploads.
+pub async fn raw_upload(
+    client: &Client,
+    id: ClipId,
+    to: &str,
+    packets: &[Bytes],
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = client.connection().open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Message::ClipHeader(ClipHeader {
+        clip_id: id,
+        target: Target::User(to.into()),
+        format: AudioFormat::default(),
+    })
+    .encode(&mut buf);
+    for p in packets {
+        codec::framing::put_packet(&mut buf, p);
+    }
+    send.write_all(&buf).await.unwrap();
+    (send, recv)
+}
+
+/// Reads the relay's answer on a clip stream.
+pub async fn answer(recv: quinn::RecvStream) -> Message {
+    let mut rd = quic::MessageReader::new(recv, 65536);
+    tokio::time::timeout(Duration::from_secs(10), rd.next())
+        .await
+        .expect("no answer in time")
+        .expect("answer unreadable")
+        .expect("stream ended without an answer")
+}

@@ -1,0 +1,378 @@
+//! End-to-end: a real relay on loopback, real clients over QUIC.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use client_sim::{ClientError, ClientOptions, Event, Pacing, SeenIds};
+use codec::ErrorCode;
+use codec::token::{Claims, TokenKey, now_secs};
+use codec::wire::{ClipId, Message};
+use common::*;
+use tokio::time::Instant;
+
+#[tokio::test]
+async fn live_delivery_starts_before_the_sender_finishes() {
+    let t = start(|_| {}).await;
+    let (_bob, mut bob_events) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    // 1 s of audio, paced in real time.
+    let clip = clip("bob", 50);
+    let sent = clip.clone();
+    let sender = tokio::spawn(async move {
+        let r = alice.send_clip(&sent, Pacing::Live).await;
+        (r, Instant::now())
+    });
+    let (delivery, started) = next_matching(&mut bob_events, |e| match e {
+        Event::Started { delivery, at } => Some((delivery, at)),
+        _ => None,
+    })
+    .await;
+    assert!(delivery.live);
+    assert_eq!(delivery.sender, "alice");
+    let first = next_matching(&mut bob_events, |e| match e {
+        Event::FirstPacket { at, .. } => Some(at),
+        _ => None,
+    })
+    .await;
+    let got = next_complete(&mut bob_events).await;
+    let (result, finished) = sender.await.unwrap();
+    assert!(!result.unwrap().duplicate);
+    assert!(started <= first);
+    // The sender needs ~1 s to "talk" the clip; the first packet must have
+    // reached bob long before the upload ended.
+    assert!(
+        finished.duration_since(first) > Duration::from_millis(500),
+        "first packet arrived only {:?} before the end of the upload",
+        finished.duration_since(first)
+    );
+    assert_eq!(got.packets, clip.packets, "byte-identical packets");
+    assert_eq!(got.end.final_granule, clip.final_granule);
+    assert_eq!(got.delivery.format, clip.format);
+}
+
+#[tokio::test]
+async fn stored_clips_are_delivered_in_order_on_connect_and_released_on_ack() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let clips: Vec<_> = (0..5).map(|i| clip("bob", 5 + i)).collect();
+    for c in &clips {
+        alice.send_clip(c, Pacing::Upload).await.unwrap();
+    }
+    assert_eq!(t.pending(), 5);
+    let (bob, mut ev) = t.connect("bob").await;
+    for c in &clips {
+        let got = next_complete(&mut ev).await;
+        assert_eq!(got.id(), c.id, "oldest first");
+        assert!(!got.delivery.live);
+        assert_eq!(got.packets, c.packets);
+        bob.ack(got.id()).await.unwrap();
+    }
+    // Acks release the stored copies.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.pending() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.pending(), 0);
+    // Nothing comes again on a new connection.
+    bob.close();
+    let (_bob2, mut ev2) = t.connect("bob").await;
+    assert_no_clip(&mut ev2, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn backlog_larger_than_the_delivery_window_all_arrives() {
+    let t = start(|c| c.max_unacked_deliveries = 3).await;
+    let (alice, _) = t.connect("alice").await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let c = clip("bob", 3);
+        alice.send_clip(&c, Pacing::Upload).await.unwrap();
+        ids.push(c.id);
+    }
+    let (bob, mut ev) = t.connect("bob").await;
+    for id in ids {
+        let got = next_complete(&mut ev).await;
+        assert_eq!(got.id(), id);
+        bob.ack(got.id()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn retry_with_the_same_clip_id_delivers_once() {
+    let t = start(|_| {}).await;
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 20);
+    // First attempt: half the clip, then the connection dies before any
+    // "accepted".
+    let (_send, _recv) = raw_upload(&alice, c.id, "bob", &c.packets[..10]).await;
+    next_matching(&mut bob_ev, |e| {
+        matches!(e, Event::FirstPacket { .. }).then_some(())
+    })
+    .await;
+    alice.close();
+    let cut = next_matching(&mut bob_ev, |e| match e {
+        Event::Cut { id, code } => Some((id, code)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        cut,
+        (c.id, ErrorCode::CutOff),
+        "live recipient told it was cut off"
+    );
+    assert_eq!(t.pending(), 0, "nothing incomplete stored");
+    // The retry, same id, new connection.
+    let (alice2, _) = t.connect("alice").await;
+    let first = alice2.send_clip(&c, Pacing::Upload).await.unwrap();
+    assert!(!first.duplicate);
+    // The "accepted" was lost: the app retries again.
+    let again = alice2.send_clip(&c, Pacing::Upload).await.unwrap();
+    assert!(again.duplicate);
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!(got.id(), c.id);
+    assert_eq!(got.packets, c.packets);
+    assert_no_clip(&mut bob_ev, Duration::from_millis(300)).await;
+    assert_eq!(t.pending(), 1);
+}
+
+#[tokio::test]
+async fn lost_recipient_ack_means_redelivery_and_one_copy_at_the_app() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 5);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let seen = SeenIds::new(100);
+    let opts = || ClientOptions {
+        seen: Some(seen.clone()),
+        ..ClientOptions::default()
+    };
+    let (bob, mut ev) = t.try_connect_with(&t.token("bob"), opts()).await.unwrap();
+    let got = next_complete(&mut ev).await;
+    assert_eq!(got.id(), c.id);
+    // The app has it, but the ack never reaches the relay.
+    bob.close();
+    let (_bob2, mut ev2) = t.try_connect_with(&t.token("bob"), opts()).await.unwrap();
+    // The relay delivers it again...
+    let redelivered = next_matching(&mut ev2, |e| match e {
+        Event::Started { delivery, .. } => Some(delivery.clip_id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(redelivered, c.id);
+    // ...the library drops the duplicate and acks it for the app.
+    assert_no_clip(&mut ev2, Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.pending() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.pending(), 0);
+}
+
+#[tokio::test]
+async fn bad_expired_and_missing_tokens_are_refused() {
+    let t = start(|c| {
+        c.token_leeway = Duration::ZERO;
+        c.auth_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let refused = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Closed { code, reason }) => (code, reason),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connection accepted"),
+    };
+    let (code, _) = refused(
+        t.try_connect_with("not a jwt", ClientOptions::default())
+            .await,
+    );
+    assert_eq!(code, ErrorCode::TokenInvalid);
+    let (code, _) = refused(t.try_connect_with("", ClientOptions::default()).await);
+    assert_eq!(code, ErrorCode::TokenInvalid);
+    let forger = TokenKey::new(&[7u8; 32], Duration::ZERO).unwrap();
+    let forged = forger.mint("bob", Duration::from_secs(60)).unwrap();
+    let (code, _) = refused(t.try_connect_with(&forged, ClientOptions::default()).await);
+    assert_eq!(code, ErrorCode::TokenInvalid);
+    let expired = t
+        .relay
+        .token_key()
+        .mint_claims(&Claims {
+            sub: "bob".into(),
+            exp: now_secs() - 10,
+            iat: None,
+        })
+        .unwrap();
+    let (code, reason) = refused(t.try_connect_with(&expired, ClientOptions::default()).await);
+    assert_eq!(code, ErrorCode::TokenExpired);
+    assert!(reason.contains("expired"), "{reason}");
+    // No Auth at all: closed after auth_timeout.
+    let conn = t
+        .endpoint
+        .connect(t.relay.quic_addr(), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(
+        quic::close_reason(&why).unwrap().0,
+        ErrorCode::Unauthenticated
+    );
+}
+
+#[tokio::test]
+async fn a_user_cannot_receive_or_release_anothers_clips() {
+    let t = start(|_| {}).await;
+    let (mallory, mut mal_ev) = t.connect("mallory").await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 5);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    // Mallory knows the id and acks it: bob's copy stays.
+    mallory.ack(c.id).await.unwrap();
+    assert_no_clip(&mut mal_ev, Duration::from_millis(300)).await;
+    assert_eq!(t.pending(), 1);
+    // Mallory cannot reuse alice's clip id either.
+    let mut stolen = clip("mallory", 2);
+    stolen.id = c.id;
+    match mallory.send_clip(&stolen, Pacing::Upload).await {
+        Err(ClientError::Rejected { code, .. }) => assert_eq!(code, ErrorCode::ClipIdConflict),
+        other => panic!("{other:?}"),
+    }
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!(got.id(), c.id);
+    assert_eq!(got.delivery.sender, "alice");
+}
+
+fn rejected(r: Result<client_sim::SendOutcome, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Rejected { code, .. }) => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn limits_are_enforced_with_their_errors() {
+    let t = start(|c| {
+        c.max_clip_bytes = 1000;
+        c.max_clip_duration = Duration::from_millis(500);
+        c.max_packet_bytes = 200;
+    })
+    .await;
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    // 20 packets of ~55 bytes = over 1000 bytes but within 500 ms? No:
+    // 20 x 20 ms = 400 ms, bytes > 1000.
+    let mut big = clip("bob", 20);
+    big.packets = (0..20).map(|i| packet(i, 60)).collect();
+    assert_eq!(
+        rejected(alice.send_clip(&big, Pacing::Upload).await),
+        ErrorCode::ClipTooLarge
+    );
+    // 30 packets of 20 ms = 600 ms > 500 ms.
+    let mut long = clip("bob", 30);
+    long.packets = (0..30).map(|i| packet(i, 6)).collect();
+    assert_eq!(
+        rejected(alice.send_clip(&long, Pacing::Upload).await),
+        ErrorCode::ClipTooLong
+    );
+    let mut fat = clip("bob", 1);
+    fat.packets = vec![packet(0, 300)];
+    assert_eq!(
+        rejected(alice.send_clip(&fat, Pacing::Upload).await),
+        ErrorCode::PacketTooLarge
+    );
+    // Code 1 (two equal frames) with an odd payload breaks RFC 6716 R3.
+    let mut bad = clip("bob", 1);
+    bad.packets = vec![bytes::Bytes::from_static(&[31 << 3 | 1, 1, 2, 3])];
+    assert_eq!(
+        rejected(alice.send_clip(&bad, Pacing::Upload).await),
+        ErrorCode::BadPacket
+    );
+    // None of them stored or delivered whole; the connection still works.
+    assert_eq!(t.pending(), 0);
+    assert_no_clip(&mut bob_ev, Duration::from_millis(200)).await;
+    alice
+        .send_clip(&clip("bob", 3), Pacing::Upload)
+        .await
+        .unwrap();
+    next_complete(&mut bob_ev).await;
+}
+
+#[tokio::test]
+async fn a_stalled_upload_times_out_and_live_recipients_are_told() {
+    let t = start(|c| c.upload_idle_timeout = Duration::from_millis(300)).await;
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let id = ClipId(rand::random());
+    let (_send, recv) = raw_upload(&alice, id, "bob", &[packet(0, 40), packet(1, 40)]).await;
+    // The stream stays open but silent.
+    match answer(recv).await {
+        Message::Rejected(r) => {
+            assert_eq!(r.code, ErrorCode::UploadIdleTimeout);
+            assert_eq!(r.clip_id, id);
+        }
+        other => panic!("{other:?}"),
+    }
+    let cut = next_matching(&mut bob_ev, |e| match e {
+        Event::Cut { id, code } => Some((id, code)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(cut, (id, ErrorCode::CutOff));
+    assert_eq!(t.pending(), 0);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_the_relay_is_busy() {
+    let t = start(|c| c.max_connections = 1).await;
+    let (_a, _) = t.connect("alice").await;
+    match t
+        .try_connect_with(&t.token("bob"), ClientOptions::default())
+        .await
+    {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, ErrorCode::ServerBusy),
+        Err(e) => panic!("unexpected {e}"),
+        Ok(_) => panic!("second connection accepted"),
+    }
+}
+
+#[tokio::test]
+async fn a_newer_connection_replaces_the_older_one() {
+    let t = start(|_| {}).await;
+    let (old, _) = t.connect("bob").await;
+    let (_new, mut ev) = t.connect("bob").await;
+    match old.closed().await {
+        ClientError::Closed { code, .. } => assert_eq!(code, ErrorCode::SessionReplaced),
+        e => panic!("{e}"),
+    }
+    let (alice, _) = t.connect("alice").await;
+    alice
+        .send_clip(&clip("bob", 2), Pacing::Upload)
+        .await
+        .unwrap();
+    next_complete(&mut ev).await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer() {
+    let t = start(|_| {}).await;
+    let addr = t.relay.admin_addr();
+    for (path, want) in [("/healthz", "200"), ("/readyz", "200"), ("/nope", "404")] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {want}")),
+            "{path}: {out}"
+        );
+    }
+}
