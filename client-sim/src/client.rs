@@ -335,8 +335,18 @@ impl Client {
         from_conn(self.conn.closed().await)
     }
 
+    /// Closes at once; acks still buffered may be lost (the relay then
+    /// redelivers those clips, and the duplicate memory drops them).
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
+    }
+
+    /// Leaves cleanly: finishes the control stream, so the relay handles
+    /// every ack sent before it and then closes the connection.
+    pub async fn shutdown(&self) {
+        let _ = self.control.lock().await.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
+        self.close();
     }
 
     /// Tells the relay the clip is safely received; it releases its copy.

@@ -139,6 +139,12 @@ async fn prepare(c: &Conn) -> anyhow::Result<Relay> {
 }
 
 impl Relay {
+    /// Closes every connection and lets the last packets (acks) leave.
+    async fn finish(&self) {
+        self.endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
     async fn connect(
         &self,
     ) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
@@ -178,7 +184,7 @@ async fn send(
         let result = match t.connect().await {
             Ok((client, _events)) => {
                 let r = client.send_clip(&clip, pacing).await;
-                client.close();
+                client.shutdown().await;
                 r
             }
             Err(e) => Err(e),
@@ -189,7 +195,7 @@ async fn send(
                 if outcome.duplicate {
                     eprintln!("(the relay already had this clip; delivered once)");
                 }
-                t.endpoint.wait_idle().await;
+                t.finish().await;
                 return Ok(());
             }
             Err(e) if e.is_retryable() && attempt < retries => {
@@ -270,16 +276,14 @@ async fn listen(
                     _ => {}
                 }
             }
-            if !done(got) {
+            if done(got) {
+                client.shutdown().await;
+            } else {
                 let why = client.closed().await;
                 if !why.is_retryable() {
                     bail!("{why}");
                 }
                 eprintln!("warning: {why}; reconnecting");
-            } else {
-                // Let the last ack reach the relay before closing.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                client.close();
             }
         }
         Ok(())
@@ -293,7 +297,7 @@ async fn listen(
         )),
         None => Ok(()),
     });
-    t.endpoint.wait_idle().await;
+    t.finish().await;
     result
 }
 
