@@ -26,11 +26,10 @@ fn need(tool: &str) {
 }
 
 async fn run(cmd: &mut Command) -> Output {
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("command timed out")
-        .expect("command did not start");
-    out
+        .expect("command did not start")
 }
 
 async fn tool(args: &[&str]) {

@@ -144,10 +144,7 @@ impl Framer {
             };
         }
         let mut pos = 0;
-        loop {
-            let Some((len, n)) = varint::get(&buf[pos..]) else {
-                break;
-            };
+        while let Some((len, n)) = varint::get(&buf[pos..]) {
             if len == 0 {
                 let Some((packet_count, n1)) = varint::get(&buf[pos + n..]) else {
                     break;

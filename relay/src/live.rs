@@ -51,10 +51,10 @@ impl LiveClip {
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {
-        if let Ok(mut g) = self.inner.lock() {
-            if matches!(g.outcome, Outcome::Open) {
-                f(&mut g);
-            }
+        if let Ok(mut g) = self.inner.lock()
+            && matches!(g.outcome, Outcome::Open)
+        {
+            f(&mut g);
         }
         self.version.send_modify(|v| *v += 1);
     }

@@ -69,11 +69,11 @@ impl Session {
 
     /// `id` is acknowledged, or its delivery was abandoned.
     fn finish(&self, id: &ClipId) {
-        if let Ok(mut d) = self.deliveries.lock() {
-            if d.open.remove(id) == Some(true) {
-                d.stored_open -= 1;
-                self.window.notify_one();
-            }
+        if let Ok(mut d) = self.deliveries.lock()
+            && d.open.remove(id) == Some(true)
+        {
+            d.stored_open -= 1;
+            self.window.notify_one();
         }
     }
 
@@ -335,10 +335,10 @@ async fn upload(
     let live = LiveClip::new(meta.clone());
     for r in &recipients {
         let s = shared.sessions.get(r).map(|s| s.clone());
-        if let Some(s) = s {
-            if !s.offer_live(live.clone()) {
-                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
-            }
+        if let Some(s) = s
+            && !s.offer_live(live.clone())
+        {
+            debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
         }
     }
     let result = tokio::select! {

@@ -23,7 +23,7 @@ struct Cli {
 enum Cmd {
     /// Run the relay (embedded defaults: memory store, self-signed
     /// certificate and token secret created in the data dir).
-    Serve(Settings),
+    Serve(Box<Settings>),
     /// Print a token (JWT, HS256) for a user, signed with the data dir's
     /// token secret.
     Token {
@@ -58,7 +58,7 @@ fn init_logs(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve(settings) => {
-            let config = settings.resolve()?;
+            let config = (*settings).resolve()?;
             init_logs(config.log_format);
             let relay = Relay::start(config).await?;
             print_banner(&relay);
