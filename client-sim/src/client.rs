@@ -135,11 +135,14 @@ pub enum Pacing {
 }
 
 /// The relay's answer to a sent clip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOutcome {
     pub id: ClipId,
     /// The relay already had it (this was a retry); nobody got it twice.
     pub duplicate: bool,
+    /// With [`Pacing::Live`]: when each packet was handed to QUIC, for
+    /// latency measurements. Empty for [`Pacing::Upload`].
+    pub sent_at: Vec<Instant>,
 }
 
 /// A clip received whole.
@@ -174,6 +177,14 @@ pub enum Event {
     Started { delivery: Delivery, at: Instant },
     /// The first packet of a clip arrived.
     FirstPacket { id: ClipId, at: Instant },
+    /// Packets `first..first + count` of a clip arrived (only with
+    /// [`ClientOptions::packet_events`]).
+    Packets {
+        id: ClipId,
+        first: u64,
+        count: u32,
+        at: Instant,
+    },
     /// A clip arrived whole. Ack it ([`Client::ack`]) once it is safe.
     Complete(ReceivedClip),
     /// A clip was cut off before its end (the sender stopped, or the relay
@@ -240,6 +251,9 @@ pub struct ClientOptions {
     pub event_queue: usize,
     /// Clip ids already received; by default a fresh memory of 4096 ids.
     pub seen: Option<SeenIds>,
+    /// Report every run of packets as it arrives ([`Event::Packets`]), for
+    /// per-packet latency measurements.
+    pub packet_events: bool,
 }
 
 impl Default for ClientOptions {
@@ -247,6 +261,7 @@ impl Default for ClientOptions {
         Self {
             event_queue: 256,
             seen: None,
+            packet_events: false,
         }
     }
 }
@@ -259,6 +274,7 @@ pub struct Client {
     limits: Limits,
     control: tokio::sync::Mutex<SendStream>,
     seen: SeenIds,
+    packet_events: bool,
 }
 
 impl Client {
@@ -307,6 +323,7 @@ impl Client {
             limits: welcome.limits,
             control: tokio::sync::Mutex::new(send),
             seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
+            packet_events: opts.packet_events,
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
         tokio::spawn(accept_deliveries(client.clone(), tx));
@@ -382,12 +399,14 @@ impl Client {
         };
         // A write fails when the relay answered early (duplicate, refusal)
         // and stopped the stream; its answer is read below either way.
-        let _ = write_clip(&mut send, header, clip, end, pacing).await;
+        let mut sent_at = Vec::new();
+        let _ = write_clip(&mut send, header, clip, end, pacing, &mut sent_at).await;
         let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
         match rd.next().await {
             Ok(Some(Message::Accepted(a))) if a.clip_id == clip.id => Ok(SendOutcome {
                 id: clip.id,
                 duplicate: a.duplicate,
+                sent_at,
             }),
             Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
                 code: r.code,
@@ -412,6 +431,7 @@ async fn write_clip(
     clip: &OutgoingClip,
     end: ClipEnd,
     pacing: Pacing,
+    sent_at: &mut Vec<Instant>,
 ) -> Result<(), quinn::WriteError> {
     match pacing {
         Pacing::Upload => {
@@ -427,6 +447,7 @@ async fn write_clip(
         }
         Pacing::Live => {
             send.write_chunk(header.to_bytes()).await?;
+            sent_at.reserve(clip.packets.len());
             let start = Instant::now();
             let mut due = start;
             for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
@@ -436,6 +457,7 @@ async fn write_clip(
                 let mut buf = BytesMut::with_capacity(p.len() + 2);
                 framing::put_packet(&mut buf, p);
                 send.write_chunk(buf.freeze()).await?;
+                sent_at.push(Instant::now());
             }
             send.write_chunk(end.to_bytes()).await?;
         }
@@ -483,11 +505,17 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
             }
         };
         if scan.records > 0 {
+            let at = Instant::now();
             if packets.is_empty() {
+                let _ = events.send(Event::FirstPacket { id, at }).await;
+            }
+            if client.packet_events {
                 let _ = events
-                    .send(Event::FirstPacket {
+                    .send(Event::Packets {
                         id,
-                        at: Instant::now(),
+                        first: packets.len() as u64,
+                        count: spans.len() as u32,
+                        at,
                     })
                     .await;
             }

@@ -62,6 +62,9 @@ macro_rules! settings {
         }
 
         impl Settings {
+            /// Every setting's name, as in the TOML file.
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name),)*];
+
             /// `self` wins where both are set.
             pub fn or(self, base: Settings) -> Settings {
                 Settings {
@@ -227,6 +230,18 @@ mod tests {
         assert_eq!(c.max_clip_duration, Duration::from_secs(30));
         assert_eq!(c.max_clip_bytes, 5, "flag overrides the file");
         assert_eq!(c.max_clip_streams, 8, "default where nobody set it");
+    }
+
+    /// `relay.toml.example` names every setting, with its true default.
+    #[test]
+    fn the_example_file_is_complete_and_true() {
+        let text = include_str!("../../relay.toml.example");
+        let file: Settings = toml::from_str(text).unwrap();
+        let table: toml::Table = toml::from_str(text).unwrap();
+        for name in Settings::NAMES {
+            assert!(table.contains_key(*name), "{name} missing from the example");
+        }
+        assert_eq!(file.fill(), Config::default());
     }
 
     #[test]

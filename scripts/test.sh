@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace. `.ci/run` calls this same
+# script. Installs the Debian packages the tests need when they are
+# missing (needs root or sudo for that; it skips the install when all
+# tools are already there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# tool -> Debian package
+declare -A need=(
+  [opusenc]=opus-tools [opusdec]=opus-tools [opusinfo]=opus-tools
+  [espeak-ng]=espeak-ng [sox]=sox
+)
+missing=()
+for tool in "${!need[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${need[$tool]}")
+done
+if ((${#missing[@]})); then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  echo "==> installing $pkgs"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  # shellcheck disable=SC2086
+  $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  # nextest does not run doctests
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+echo "==> all tests passed"
