@@ -15,6 +15,11 @@ missing=()
 for tool in "${!need[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${need[$tool]}")
 done
+# build dependencies of the audio path (libopus is built with cmake;
+# webrtc-audio-processing binds Debian's library with bindgen)
+for pkg in cmake libclang-dev libwebrtc-audio-processing-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
 if ((${#missing[@]})); then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   echo "==> installing $pkgs"

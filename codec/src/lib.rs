@@ -9,6 +9,8 @@
 //! Nothing here does I/O or knows about tokio: the relay and the clients
 //! feed bytes in and get messages and events out.
 
+#[cfg(feature = "audio")]
+pub mod audio;
 pub mod code;
 pub mod error;
 pub mod framing;
