@@ -1,4 +1,7 @@
-//! `client-sim`: talk to a relay as a person would (`send`, `listen`).
+//! `client-sim`: talk to a relay as a person would (`send`, `listen`), and
+//! turn audio into clips and back (`encode`, `decode`).
+
+mod audio_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,17 +42,22 @@ struct Conn {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Send an Ogg Opus file as one clip; prints the clip id once the relay
-    /// has stored it.
+    /// Send an Ogg Opus file (or a WAV file, encoded on the way) as one
+    /// clip; prints the clip id once the relay has stored it.
     Send {
         #[command(flatten)]
         conn: Conn,
         /// Recipient user id.
         #[arg(long)]
         to: String,
-        /// Ogg Opus file to send (as opusenc writes it).
+        /// Ogg Opus file to send (as opusenc writes it), packets unchanged.
+        #[arg(long, required_unless_present = "wav", conflicts_with = "wav")]
+        opus: Option<PathBuf>,
+        /// WAV file to clean, trim and encode (as `encode` does), then send.
         #[arg(long)]
-        opus: PathBuf,
+        wav: Option<PathBuf>,
+        #[command(flatten)]
+        audio: audio_cli::AudioArgs,
         /// Pace packets in real time, as a phone recording would.
         #[arg(long)]
         live: bool,
@@ -68,6 +76,9 @@ enum Cmd {
         /// Directory for received clips.
         #[arg(long)]
         out: PathBuf,
+        /// Also decode each clip to OUT/<clip-id>.wav.
+        #[arg(long)]
+        wav: bool,
         /// Exit 0 after this many clips.
         #[arg(long)]
         count: Option<u64>,
@@ -76,6 +87,23 @@ enum Cmd {
         /// --count: 30s; without: never.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+    },
+    /// Encode a WAV file (any rate, any channels) into an Ogg Opus clip:
+    /// resample to 48 kHz mono, clean up, trim silence, Opus.
+    Encode {
+        /// WAV file to read.
+        input: PathBuf,
+        /// Ogg Opus file to write.
+        output: PathBuf,
+        #[command(flatten)]
+        audio: audio_cli::AudioArgs,
+    },
+    /// Decode an Ogg Opus file to a 16-bit 48 kHz WAV file.
+    Decode {
+        /// Ogg Opus file to read.
+        input: PathBuf,
+        /// WAV file to write.
+        output: PathBuf,
     },
 }
 
@@ -108,16 +136,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
             to,
             opus,
+            wav,
+            audio,
             live,
             clip_id,
             retries,
-        } => send(conn, to, &opus, live, clip_id, retries).await,
+        } => {
+            let file = match (opus, wav) {
+                (Some(opus), _) => OggOpus::read_file(&opus)
+                    .with_context(|| format!("reading {}", opus.display()))?,
+                (None, Some(wav)) => {
+                    let (file, report) = audio_cli::encode_wav(&wav, &audio)?;
+                    eprintln!("{}: {}", wav.display(), audio_cli::describe(&report));
+                    file
+                }
+                (None, None) => bail!("give --opus FILE or --wav FILE"),
+            };
+            send(conn, to, &file, live, clip_id, retries).await
+        }
         Cmd::Listen {
             conn,
             out,
+            wav,
             count,
             timeout,
-        } => listen(conn, &out, count, timeout).await,
+        } => listen(conn, &out, wav, count, timeout).await,
+        Cmd::Encode {
+            input,
+            output,
+            audio,
+        } => audio_cli::encode_cmd(&input, &output, &audio),
+        Cmd::Decode { input, output } => audio_cli::decode_cmd(&input, &output),
     }
 }
 
@@ -167,13 +216,12 @@ fn backoff(attempt: u32, hint_ms: u64) -> Duration {
 async fn send(
     conn: Conn,
     to: String,
-    opus: &Path,
+    file: &OggOpus,
     live: bool,
     clip_id: Option<String>,
     retries: u32,
 ) -> anyhow::Result<()> {
-    let file = OggOpus::read_file(opus).with_context(|| format!("reading {}", opus.display()))?;
-    let mut clip = OutgoingClip::from_ogg(&file, Target::User(to));
+    let mut clip = OutgoingClip::from_ogg(file, Target::User(to));
     if let Some(hex) = clip_id {
         clip.id = ClipId::from_hex(&hex).context("--clip-id must be 32 hex digits")?;
     }
@@ -219,6 +267,7 @@ async fn send(
 async fn listen(
     conn: Conn,
     out: &Path,
+    wav: bool,
     count: Option<u64>,
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
@@ -254,16 +303,19 @@ async fn listen(
                         let id = clip.id();
                         let path = out.join(format!("{id}.opus"));
                         if !path.exists() {
-                            let tmp = out.join(format!(".{id}.opus.tmp"));
-                            std::fs::write(&tmp, clip.to_ogg().to_vec(rand::random()))
-                                .with_context(|| format!("writing {}", tmp.display()))?;
-                            std::fs::rename(&tmp, &path)
-                                .with_context(|| format!("writing {}", path.display()))?;
+                            let ogg = clip.to_ogg();
+                            if wav {
+                                let wav_path = out.join(format!("{id}.wav"));
+                                if let Err(e) = audio_cli::write_clip_wav(&wav_path, &ogg) {
+                                    eprintln!("warning: clip {id}: no WAV: {e:#}");
+                                }
+                            }
+                            audio_cli::write_atomic(&path, &ogg.to_vec(rand::random()))?;
                             got += 1;
                             println!(
                                 "{id} from {} {:.2}s {} packets {} -> {}",
                                 clip.delivery.sender,
-                                clip.to_ogg().duration_ms() as f64 / 1000.0,
+                                ogg.duration_ms() as f64 / 1000.0,
                                 clip.packets.len(),
                                 if clip.delivery.live { "live" } else { "stored" },
                                 path.display()

@@ -4,123 +4,14 @@
 //! installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Output;
 use std::time::Duration;
 
+use common::*;
 use relay::{Config, Relay};
 use tokio::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_client-sim");
-
-fn need(tool: &str) {
-    let ok = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "`{tool}` is missing: install espeak-ng, sox and opus-tools (the README's test command does)"
-    );
-}
-
-async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command timed out")
-        .expect("command did not start")
-}
-
-async fn tool(args: &[&str]) {
-    let out = run(Command::new(args[0]).args(&args[1..])).await;
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Real speech as an Ogg Opus file: espeak-ng speaks `text`, sox applies
-/// the output options `sox_out` (rate, channels), opusenc encodes with
-/// `enc_flags`.
-async fn speech_opus(
-    dir: &Path,
-    name: &str,
-    text: &str,
-    sox_out: &[&str],
-    enc_flags: &[&str],
-) -> PathBuf {
-    let raw = dir.join(format!("{name}-espeak.wav"));
-    let wav = dir.join(format!("{name}.wav"));
-    let opus = dir.join(format!("{name}.opus"));
-    tool(&["espeak-ng", "-w", raw.to_str().unwrap(), text]).await;
-    let mut sox = vec!["sox", raw.to_str().unwrap()];
-    sox.extend_from_slice(sox_out);
-    sox.push(wav.to_str().unwrap());
-    tool(&sox).await;
-    let mut enc = vec!["opusenc", "--quiet"];
-    enc.extend_from_slice(enc_flags);
-    enc.push(wav.to_str().unwrap());
-    enc.push(opus.to_str().unwrap());
-    tool(&enc).await;
-    opus
-}
-
-/// PCM as opusdec decodes it (float, so no dither is involved).
-async fn pcm(opus: &Path) -> Vec<u8> {
-    let wav = opus.with_extension("dec.wav");
-    tool(&[
-        "opusdec",
-        "--quiet",
-        "--float",
-        opus.to_str().unwrap(),
-        wav.to_str().unwrap(),
-    ])
-    .await;
-    std::fs::read(wav).unwrap()
-}
-
-struct Env {
-    relay: Relay,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    async fn new() -> Self {
-        need("espeak-ng");
-        need("sox");
-        need("opusenc");
-        need("opusdec");
-        need("opusinfo");
-        let dir = tempfile::tempdir().unwrap();
-        let relay = Relay::start(Config::for_tests(dir.path().join("relay")))
-            .await
-            .unwrap();
-        Self { relay, dir }
-    }
-
-    fn token(&self, user: &str) -> String {
-        self.relay
-            .token_key()
-            .mint(user, Duration::from_secs(600))
-            .unwrap()
-    }
-
-    /// client-sim with the connection given through the environment.
-    fn cmd(&self, user: &str) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("PTT_RELAY", self.relay.quic_addr().to_string())
-            .env("PTT_CA", &self.relay.files().cert)
-            .env("PTT_TOKEN", self.token(user))
-            .kill_on_drop(true);
-        c
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opusenc_files_through_the_relay_decode_to_identical_pcm() {
