@@ -37,6 +37,12 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> the relay links no audio library"
+if cargo tree -p relay --locked -e normal,build --prefix none | grep -E '^(opus|webrtc|hound|rubato)'; then
+  echo "error: the relay depends on an audio crate (codec's \`audio\` feature leaked)" >&2
+  exit 1
+fi
+
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
