@@ -17,7 +17,7 @@ for tool in "${!need[@]}"; do
 done
 # build dependencies of the audio path (libopus is built with cmake;
 # webrtc-audio-processing binds Debian's library with bindgen)
-for pkg in cmake libclang-dev libwebrtc-audio-processing-dev; do
+for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
