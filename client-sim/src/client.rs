@@ -141,8 +141,13 @@ pub struct SendOutcome {
     /// The relay already had it (this was a retry); nobody got it twice.
     pub duplicate: bool,
     /// With [`Pacing::Live`]: when each packet was handed to QUIC, for
-    /// latency measurements. Empty for [`Pacing::Upload`].
+    /// latency measurements. With [`Pacing::Upload`]: one entry, when the
+    /// whole clip was.
     pub sent_at: Vec<Instant>,
+    /// When the upload stream was opened.
+    pub opened_at: Instant,
+    /// When the end record was handed to QUIC.
+    pub finished_at: Instant,
 }
 
 /// A clip received whole.
@@ -151,6 +156,8 @@ pub struct ReceivedClip {
     pub delivery: Delivery,
     pub packets: Vec<Bytes>,
     pub end: ClipEnd,
+    /// When the clip was complete (end record and FIN read).
+    pub received_at: Instant,
 }
 
 impl ReceivedClip {
@@ -190,6 +197,10 @@ pub enum Event {
     /// A clip was cut off before its end (the sender stopped, or the relay
     /// refused it); nothing of it should be kept.
     Cut { id: ClipId, code: ErrorCode },
+    /// A clip this client already had arrived again whole (its ack was
+    /// lost, or the relay misbehaved). It was acked again and not passed on
+    /// as `Complete`; reported for verification tools.
+    Redelivered { id: ClipId },
 }
 
 /// Remembers the most recent clip ids received, to drop redeliveries.
@@ -388,6 +399,7 @@ impl Client {
         pacing: Pacing,
     ) -> Result<SendOutcome, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
+        let opened_at = Instant::now();
         let header = Message::ClipHeader(ClipHeader {
             clip_id: clip.id,
             target: clip.target.clone(),
@@ -406,7 +418,9 @@ impl Client {
             Ok(Some(Message::Accepted(a))) if a.clip_id == clip.id => Ok(SendOutcome {
                 id: clip.id,
                 duplicate: a.duplicate,
+                finished_at: sent_at.last().copied().unwrap_or(opened_at),
                 sent_at,
+                opened_at,
             }),
             Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
                 code: r.code,
@@ -444,6 +458,7 @@ async fn write_clip(
             }
             end.encode(&mut buf);
             send.write_chunk(buf.freeze()).await?;
+            sent_at.push(Instant::now());
         }
         Pacing::Live => {
             send.write_chunk(header.to_bytes()).await?;
@@ -459,6 +474,7 @@ async fn write_clip(
                 send.write_chunk(buf.freeze()).await?;
                 sent_at.push(Instant::now());
             }
+            // Right behind the last packet: its time stands for the end.
             send.write_chunk(end.to_bytes()).await?;
         }
     }
@@ -547,8 +563,9 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
     };
     if !client.seen.insert(id) {
         // A redelivery of a clip we already have (our ack was lost): ack
-        // again, tell nobody.
+        // again, and do not pass it on as a new clip.
         let _ = client.ack(id).await;
+        let _ = events.send(Event::Redelivered { id }).await;
         return;
     }
     let _ = events
@@ -556,6 +573,7 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
             delivery,
             packets,
             end,
+            received_at: Instant::now(),
         }))
         .await;
 }

@@ -2,6 +2,7 @@
 //! built on it: a person's `send` and `listen`.
 
 pub mod client;
+pub mod load;
 pub mod net;
 
 pub use client::{

@@ -40,6 +40,37 @@ struct Conn {
     token: String,
 }
 
+#[derive(Args)]
+struct LoadArgs {
+    /// Relay address, HOST:PORT.
+    #[arg(long, env = "PTT_RELAY")]
+    relay: String,
+    /// PEM file of the relay's certificate (or its CA).
+    #[arg(long, env = "PTT_CA")]
+    ca: PathBuf,
+    /// The relay's token secret file: tokens are minted for every user.
+    #[arg(long)]
+    secret: PathBuf,
+    /// Scenario file (TOML; keys as the workload flags, with `_`).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    #[command(flatten)]
+    workload: client_sim::load::WorkloadArgs,
+    /// Ogg Opus file whose packets make the clips (default: a built-in
+    /// 9.3 s speech clip at 16 kbit/s, 20 ms frames).
+    #[arg(long)]
+    opus: Option<PathBuf>,
+    /// PID of a local relay, to report its CPU and memory.
+    #[arg(long)]
+    relay_pid: Option<u32>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// Write the report as an HTML page with plots here.
+    #[arg(long)]
+    report_html: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Send an Ogg Opus file (or a WAV file, encoded on the way) as one
@@ -98,6 +129,10 @@ enum Cmd {
         #[command(flatten)]
         audio: audio_cli::AudioArgs,
     },
+    /// Load a relay with thousands of virtual users; verify every delivery
+    /// and measure latencies. Exits 1 when any clip was lost, duplicated or
+    /// corrupted.
+    Load(Box<LoadArgs>),
     /// Decode an Ogg Opus file to a 16-bit 48 kHz WAV file.
     Decode {
         /// Ogg Opus file to read.
@@ -167,7 +202,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             audio,
         } => audio_cli::encode_cmd(&input, &output, &audio),
         Cmd::Decode { input, output } => audio_cli::decode_cmd(&input, &output),
+        Cmd::Load(args) => load(*args).await,
     }
+}
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    use client_sim::load::{self, LoadTarget, Source, Workload};
+    let mut w = match &a.scenario {
+        Some(p) => Workload::from_file(p)?,
+        None => Workload::default(),
+    };
+    a.workload.apply(&mut w);
+    w.validate()?;
+    let key = codec::token::TokenKey::from_file(&a.secret, Duration::ZERO)
+        .with_context(|| format!("reading the token secret {}", a.secret.display()))?;
+    let (relay, server_name) = net::resolve(&a.relay).await?;
+    let source = match &a.opus {
+        Some(p) => Source::from_ogg(
+            OggOpus::read_file(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => Source::builtin()?,
+    };
+    let target = LoadTarget {
+        relay,
+        server_name,
+        ca: a.ca.clone(),
+        key,
+        relay_pid: a.relay_pid,
+    };
+    let report = load::run(target, w, source).await?;
+    print!("{}", report.table());
+    if let Some(p) = &a.report_json {
+        audio_cli::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if let Some(p) = &a.report_html {
+        audio_cli::write_atomic(p, report.html()?.as_bytes())?;
+    }
+    if report.failed() {
+        bail!(
+            "verification failed: {} lost, {} duplicated, {} corrupted",
+            report.lost,
+            report.duplicated,
+            report.corrupted
+        );
+    }
+    Ok(())
 }
 
 struct Relay {

@@ -1,0 +1,626 @@
+//! The load driver: virtual users over a few quinn endpoints, each with a
+//! connection task, an event task and a talker task that sleeps until its
+//! next clip (no busy waiting). Every clip goes through the ledger, every
+//! timing into a histogram.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use codec::token::TokenKey;
+use codec::wire::{ClipId, Target};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use super::impair::{self, Impairment};
+use super::report::{Report, TimePoint};
+use super::source::Source;
+use super::stats::Latency;
+use super::verify::{self, Ledger, Verdict};
+use super::workload::{Mode, Workload};
+use crate::client::{Client, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
+use crate::net;
+
+/// Where and as whom to load.
+pub struct LoadTarget {
+    pub relay: SocketAddr,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub key: TokenKey,
+    /// The relay's process, when local: its CPU and RSS are sampled.
+    pub relay_pid: Option<u32>,
+}
+
+/// Times of one clip, joined from the sender's and the recipient's side.
+#[derive(Default)]
+struct ClipTimes {
+    opened: Option<Instant>,
+    first_sent: Option<Instant>,
+    finished: Option<Instant>,
+    started: Option<Instant>,
+    first_recv: Option<Instant>,
+    complete: Option<Instant>,
+    live: bool,
+}
+
+#[derive(Default)]
+struct Hists {
+    first_frame: Latency,
+    access: Latency,
+    delivery: Latency,
+    ack: Latency,
+}
+
+#[derive(Default)]
+struct Counters {
+    clips_started: AtomicU64,
+    clips_accepted: AtomicU64,
+    send_failed: AtomicU64,
+    send_retries: AtomicU64,
+    cut: AtomicU64,
+    packets: AtomicU64,
+    opus_bytes: AtomicU64,
+    voice_ms: AtomicU64,
+    delivered_voice_ms: AtomicU64,
+    wire_bytes: AtomicU64,
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+}
+
+struct Shared {
+    w: Workload,
+    source: Source,
+    ledger: Mutex<Ledger>,
+    times: Mutex<HashMap<ClipId, ClipTimes>>,
+    hists: Mutex<Hists>,
+    c: Counters,
+    start: Instant,
+    /// Users stop starting clips.
+    stop_talking: AtomicBool,
+    /// Users disconnect for good.
+    quit: watch::Sender<bool>,
+    /// Bumped at a reconnect storm.
+    storm: watch::Sender<u64>,
+    seconds: Mutex<Vec<TimePoint>>,
+}
+
+struct User {
+    index: u32,
+    name: String,
+    token: String,
+    endpoint: quinn::Endpoint,
+    client: watch::Sender<Option<Arc<Client>>>,
+    generation: AtomicU64,
+    seen: SeenIds,
+    online_at: Duration,
+}
+
+fn user_name(i: usize) -> String {
+    format!("load-{i:06}")
+}
+
+/// Runs a workload; returns the report.
+pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Result<Report> {
+    w.validate()?;
+    let mut rng = rand::rng();
+    let imp = Impairment {
+        loss: w.loss_pct / 100.0,
+        delay: w.delay,
+        jitter: w.jitter,
+        reorder: w.reorder_pct / 100.0,
+    };
+    let client_cfg = net::client_config(&target.ca)?;
+    let bind: SocketAddr = if target.relay.is_ipv6() {
+        "[::1]:0".parse()?
+    } else {
+        "127.0.0.1:0".parse()?
+    };
+    let bind = if target.relay.ip().is_loopback() {
+        bind
+    } else if target.relay.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let mut endpoints = Vec::new();
+    for _ in 0..w.endpoints {
+        let sock = impair::socket(bind, imp).context("binding a client socket")?;
+        let mut ep = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        ep.set_default_client_config(client_cfg.clone());
+        endpoints.push(ep);
+    }
+    let ttl = w.duration + w.grace + Duration::from_secs(3600);
+    let users: Vec<Arc<User>> = (0..w.users)
+        .map(|i| {
+            let name = user_name(i);
+            let offline = rng.random_bool(w.offline_share.clamp(0.0, 1.0));
+            let online_at = if offline {
+                w.duration.mul_f64(rng.random::<f64>() * 0.5)
+            } else {
+                Duration::ZERO
+            };
+            Ok(Arc::new(User {
+                index: i as u32,
+                token: target.key.mint(&name, ttl)?,
+                name,
+                endpoint: endpoints[i % endpoints.len()].clone(),
+                client: watch::Sender::new(None),
+                generation: AtomicU64::new(0),
+                seen: SeenIds::new(100_000),
+                online_at,
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let shared = Arc::new(Shared {
+        w: w.clone(),
+        source,
+        ledger: Mutex::new(Ledger::new()),
+        times: Mutex::new(HashMap::new()),
+        hists: Mutex::new(Hists::default()),
+        c: Counters::default(),
+        start: Instant::now(),
+        stop_talking: AtomicBool::new(false),
+        quit: watch::Sender::new(false),
+        storm: watch::Sender::new(0),
+        seconds: Mutex::new(Vec::new()),
+    });
+    let target = Arc::new(target);
+    let mut tasks = tokio::task::JoinSet::new();
+    for u in &users {
+        tasks.spawn(connection(shared.clone(), target.clone(), u.clone()));
+    }
+    let mut talkers = tokio::task::JoinSet::new();
+    for u in &users {
+        talkers.spawn(talker(shared.clone(), u.clone(), users.len()));
+    }
+    let sampler = tokio::spawn(sample(shared.clone(), target.relay_pid));
+    let progress = super::report::progress(w.duration);
+
+    // The run: storm and rebind events, progress.
+    let end = shared.start + w.duration;
+    let mut storm_done = w.storm_at.is_none();
+    let mut rebind_done = w.rebind_at.is_none();
+    while Instant::now() < end {
+        sleep(Duration::from_millis(250)).await;
+        let t = shared.start.elapsed();
+        if !storm_done && w.storm_at.is_some_and(|s| t >= s) {
+            storm_done = true;
+            shared.storm.send_modify(|g| *g += 1);
+        }
+        if !rebind_done && w.rebind_at.is_some_and(|s| t >= s) {
+            rebind_done = true;
+            for ep in &endpoints {
+                let sock = impair::socket(bind, imp).context("binding a new socket")?;
+                ep.rebind_abstract(sock)?;
+            }
+        }
+        let l = shared.ledger.lock().map(|l| l.counts()).unwrap_or_default();
+        progress.update(
+            t,
+            shared.c.clips_started.load(Ordering::Relaxed),
+            l.deliveries_ok,
+        );
+        if w.max_clips > 0 && shared.c.clips_started.load(Ordering::Relaxed) >= w.max_clips {
+            break;
+        }
+    }
+    shared.stop_talking.store(true, Ordering::SeqCst);
+    let talking_secs = shared.start.elapsed().as_secs_f64();
+    // Clips in flight finish (live ones take as long as they last).
+    let drain_until = Instant::now() + w.clip_max + w.grace;
+    while !talkers.is_empty() {
+        tokio::select! {
+            _ = talkers.join_next() => {}
+            () = sleep_until(drain_until) => { talkers.abort_all(); break; }
+        }
+    }
+    // Everything owed arrives, or the grace period ends.
+    let grace_end = Instant::now() + w.grace;
+    loop {
+        let owed = shared.ledger.lock().map(|l| l.owed()).unwrap_or(0);
+        if owed == 0 || Instant::now() >= grace_end {
+            break;
+        }
+        progress.draining(owed);
+        sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = shared.start.elapsed();
+    progress.finish();
+    let _ = shared.quit.send(true);
+    while tasks.join_next().await.is_some() {}
+    let relay_usage = sampler.await.ok().flatten();
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"load done");
+    }
+    for ep in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    let counts = shared.ledger.lock().map(|l| l.finish()).unwrap_or_default();
+    let hists = std::mem::take(
+        &mut *shared
+            .hists
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    let seconds = std::mem::take(
+        &mut *shared
+            .seconds
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    let c = &shared.c;
+    Ok(Report::build(super::report::Inputs {
+        workload: w,
+        counts,
+        talking_secs,
+        elapsed,
+        clips_started: c.clips_started.load(Ordering::Relaxed),
+        clips_accepted: c.clips_accepted.load(Ordering::Relaxed),
+        send_failed: c.send_failed.load(Ordering::Relaxed),
+        send_retries: c.send_retries.load(Ordering::Relaxed),
+        cut: c.cut.load(Ordering::Relaxed),
+        packets: c.packets.load(Ordering::Relaxed),
+        opus_bytes: c.opus_bytes.load(Ordering::Relaxed),
+        voice_ms: c.voice_ms.load(Ordering::Relaxed),
+        delivered_voice_ms: c.delivered_voice_ms.load(Ordering::Relaxed),
+        wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+        connects: c.connects.load(Ordering::Relaxed),
+        connect_failures: c.connect_failures.load(Ordering::Relaxed),
+        first_frame: hists.first_frame,
+        access: hists.access,
+        delivery: hists.delivery,
+        ack: hists.ack,
+        timeline: seconds,
+        relay: relay_usage,
+    }))
+}
+
+/// Keeps a user connected: connects when it comes online, reconnects after
+/// a loss or a storm, and leaves at the end.
+async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
+    let mut quit = s.quit.subscribe();
+    let mut storm = s.storm.subscribe();
+    if !u.online_at.is_zero() {
+        tokio::select! {
+            () = sleep_until(s.start + u.online_at) => {}
+            _ = quit.wait_for(|q| *q) => return,
+        }
+    }
+    let mut attempt = 0u32;
+    loop {
+        if *quit.borrow() {
+            return;
+        }
+        let opts = ClientOptions {
+            seen: Some(u.seen.clone()),
+            event_queue: 64,
+            packet_events: false,
+        };
+        let (client, events) =
+            match Client::connect(&u.endpoint, t.relay, &t.server_name, &u.token, opts).await {
+                Ok(x) => x,
+                Err(e) => {
+                    s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    attempt += 1;
+                    if !e.is_retryable() && attempt > 20 {
+                        tracing::warn!(user = %u.name, error = %e, "giving up connecting");
+                        return;
+                    }
+                    let backoff = Duration::from_millis(50 * 2u64.pow(attempt.min(6)));
+                    let jitter = backoff.mul_f64(rand::random::<f64>());
+                    tokio::select! {
+                        () = sleep(jitter + Duration::from_millis(10)) => continue,
+                        _ = quit.wait_for(|q| *q) => return,
+                    }
+                }
+            };
+        attempt = 0;
+        s.c.connects.fetch_add(1, Ordering::Relaxed);
+        let generation = u.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = u.client.send(Some(client.clone()));
+        let mut ev = tokio::spawn(consume(
+            s.clone(),
+            u.clone(),
+            client.clone(),
+            events,
+            generation,
+        ));
+        storm.borrow_and_update();
+        // 0: connection lost, 1: storm, 2: the run is over.
+        let why = tokio::select! {
+            _ = client.closed() => 0,
+            _ = storm.changed() => 1,
+            r = quit.wait_for(|q| *q) => { drop(r); 2 }
+        };
+        let storm_hit = why == 1;
+        if why == 2 {
+            let _ = u.client.send(None);
+            add_wire(&s, &client);
+            client.shutdown().await;
+            if tokio::time::timeout(Duration::from_secs(2), &mut ev)
+                .await
+                .is_err()
+            {
+                ev.abort();
+            }
+            return;
+        }
+        let _ = u.client.send(None);
+        add_wire(&s, &client);
+        if storm_hit {
+            // Everyone drops at once, without a goodbye.
+            client.close();
+        }
+        ev.abort();
+    }
+}
+
+fn add_wire(s: &Shared, c: &Client) {
+    let st = c.connection().stats();
+    s.c.wire_bytes
+        .fetch_add(st.udp_tx.bytes + st.udp_rx.bytes, Ordering::Relaxed);
+}
+
+/// Reads one connection's events into the ledger and the histograms.
+async fn consume(
+    s: Arc<Shared>,
+    u: Arc<User>,
+    client: Arc<Client>,
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+    generation: u64,
+) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Started { delivery, at } => {
+                if let Ok(mut t) = s.times.lock() {
+                    let e = t.entry(delivery.clip_id).or_default();
+                    e.started = Some(at);
+                    e.live = delivery.live;
+                }
+            }
+            Event::FirstPacket { id, at } => {
+                if let Ok(mut t) = s.times.lock() {
+                    t.entry(id).or_default().first_recv = Some(at);
+                }
+            }
+            Event::Packets { .. } => {}
+            Event::Complete(clip) => {
+                let id = clip.id();
+                let sum = verify::checksum(&clip.packets, clip.end.final_granule);
+                let verdict = s
+                    .ledger
+                    .lock()
+                    .map(|mut l| l.arrived(u.index, id, sum, generation))
+                    .unwrap_or(Verdict::Ok);
+                if verdict != Verdict::Corrupted {
+                    let _ = client.ack(id).await;
+                }
+                if verdict == Verdict::Ok {
+                    let ms = clip.end.final_granule / 48;
+                    s.c.delivered_voice_ms.fetch_add(ms, Ordering::Relaxed);
+                    if let Ok(mut t) = s.times.lock() {
+                        t.entry(id).or_default().complete = Some(clip.received_at);
+                        join_times(&s, &mut t, id);
+                    }
+                } else {
+                    tracing::warn!(user = %u.name, clip = %id, ?verdict, "bad delivery");
+                }
+            }
+            Event::Cut { .. } => {
+                s.c.cut.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Redelivered { id } => {
+                let v = s
+                    .ledger
+                    .lock()
+                    .map(|mut l| l.redelivered(u.index, id, generation))
+                    .unwrap_or(Verdict::Ok);
+                if v != Verdict::Ok {
+                    tracing::warn!(user = %u.name, clip = %id, "duplicate delivery");
+                }
+            }
+        }
+    }
+}
+
+/// Records a clip's latencies once both sides are known.
+fn join_times(s: &Shared, t: &mut HashMap<ClipId, ClipTimes>, id: ClipId) {
+    let Some(e) = t.get(&id) else { return };
+    let (Some(finished), Some(complete)) = (e.finished, e.complete) else {
+        return;
+    };
+    if let Ok(mut h) = s.hists.lock() {
+        h.delivery
+            .record(complete.saturating_duration_since(finished));
+        // First-frame and access latencies mean something only for clips
+        // relayed while they were sent.
+        if e.live {
+            if let (Some(a), Some(b)) = (e.first_sent, e.first_recv) {
+                h.first_frame.record(b.saturating_duration_since(a));
+            }
+            if let (Some(a), Some(b)) = (e.opened, e.started) {
+                h.access.record(b.saturating_duration_since(a));
+            }
+        }
+    }
+    let now = s.start.elapsed().as_secs() as usize;
+    if let Ok(mut sec) = s.seconds.lock() {
+        while sec.len() <= now {
+            let t = sec.len() as u64;
+            sec.push(TimePoint {
+                t_s: t,
+                ..TimePoint::default()
+            });
+        }
+        let p = &mut sec[now];
+        p.clips_delivered += 1;
+        if let (Some(a), Some(b)) = (e.first_sent, e.first_recv)
+            && e.live
+        {
+            let ms = b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+            p.first_frame_max_ms = p.first_frame_max_ms.max(ms);
+        }
+    }
+    t.remove(&id);
+}
+
+/// One user's talking: Poisson arrivals of clips to random other users.
+async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
+    let w = &s.w;
+    let mut clients = u.client.subscribe();
+    loop {
+        let gap = {
+            let mut rng = rand::rng();
+            let x: f64 = rng.random::<f64>().max(1e-12);
+            w.talk_interval.mul_f64(-x.ln())
+        };
+        sleep(gap).await;
+        if s.stop_talking.load(Ordering::SeqCst) {
+            return;
+        }
+        if clients.borrow().is_none() {
+            // Offline: the clip would be recorded and sent later; here the
+            // user simply talks once online.
+            continue;
+        }
+        let n = s.c.clips_started.fetch_add(1, Ordering::Relaxed) + 1;
+        if w.max_clips > 0 && n > w.max_clips {
+            return;
+        }
+        let (recipient, clip) = {
+            let mut rng = rand::rng();
+            let mut r = rng.random_range(0..users - 1);
+            if r >= u.index as usize {
+                r += 1;
+            }
+            let span = w.clip_max.saturating_sub(w.clip_min);
+            let ms = (w.clip_min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
+            let (packets, samples) = s.source.cut(rng.random_range(0..s.source.len()), ms);
+            let sum = verify::checksum(&packets, samples);
+            let id = verify::clip_id(rng.random(), sum);
+            let clip = OutgoingClip {
+                id,
+                target: Target::User(user_name(r)),
+                format: s.source.format,
+                packets,
+                final_granule: samples,
+            };
+            (r as u32, clip)
+        };
+        if let Ok(mut l) = s.ledger.lock() {
+            l.sending(recipient, clip.id);
+        }
+        let voice_ms = clip.final_granule / 48;
+        let bytes: u64 = clip.packets.iter().map(|p| p.len() as u64).sum();
+        let pacing = match w.mode {
+            Mode::Live => Pacing::Live,
+            Mode::Upload => Pacing::Upload,
+        };
+        let mut attempt = 0u32;
+        loop {
+            let client = match clients.wait_for(|c| c.is_some()).await {
+                Ok(c) => c.clone(),
+                Err(_) => return,
+            };
+            let Some(client) = client else { continue };
+            match client.send_clip(&clip, pacing).await {
+                Ok(out) => {
+                    s.c.clips_accepted.fetch_add(1, Ordering::Relaxed);
+                    s.c.packets
+                        .fetch_add(clip.packets.len() as u64, Ordering::Relaxed);
+                    s.c.opus_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    s.c.voice_ms.fetch_add(voice_ms, Ordering::Relaxed);
+                    if let Ok(mut l) = s.ledger.lock() {
+                        l.accepted(recipient, clip.id);
+                    }
+                    if let Ok(mut h) = s.hists.lock() {
+                        h.ack
+                            .record(Instant::now().saturating_duration_since(out.finished_at));
+                    }
+                    if !out.duplicate
+                        && let Ok(mut t) = s.times.lock()
+                    {
+                        let e = t.entry(clip.id).or_default();
+                        e.opened = Some(out.opened_at);
+                        e.first_sent = out.sent_at.first().copied();
+                        e.finished = Some(out.finished_at);
+                        join_times(&s, &mut t, clip.id);
+                    }
+                    break;
+                }
+                Err(e) if e.is_retryable() && attempt < 10 => {
+                    attempt += 1;
+                    s.c.send_retries.fetch_add(1, Ordering::Relaxed);
+                    // Wait for the connection task to reconnect.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+                    sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    tracing::debug!(user = %u.name, error = %e, "clip not sent");
+                    s.c.send_failed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// CPU and memory of the relay process, sampled every second.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayUsage {
+    pub cpu_secs: f64,
+    pub wall_secs: f64,
+    pub rss_max_bytes: u64,
+    pub rss_end_bytes: u64,
+}
+
+fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn proc_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+async fn sample(s: Arc<Shared>, pid: Option<u32>) -> Option<RelayUsage> {
+    let pid = pid?;
+    let cpu0 = proc_cpu_secs(pid)?;
+    let t0 = Instant::now();
+    let mut u = RelayUsage::default();
+    let mut quit = s.quit.subscribe();
+    loop {
+        let last = tokio::select! {
+            () = sleep(Duration::from_secs(1)) => false,
+            _ = quit.wait_for(|q| *q) => true,
+        };
+        let (Some(cpu), Some(rss)) = (proc_cpu_secs(pid), proc_rss(pid)) else {
+            break;
+        };
+        u.cpu_secs = cpu - cpu0;
+        u.wall_secs = t0.elapsed().as_secs_f64();
+        u.rss_max_bytes = u.rss_max_bytes.max(rss);
+        u.rss_end_bytes = rss;
+        if last {
+            break;
+        }
+    }
+    Some(u)
+}

@@ -1,0 +1,163 @@
+//! The workload `client-sim load` runs: from a scenario file (TOML,
+//! `--scenario`), overridden by flags. Every field has a default; the
+//! report echoes the workload it ran.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How clips go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Packets in real time, as a phone records them.
+    Live,
+    /// As fast as the network allows.
+    Upload,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+macro_rules! workload {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr $(, $parser:ident)?;)*) => {
+        /// A workload, every value filled in.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Workload {
+            $($(#[$doc])* $(#[serde(with = "humantime_serde")] #[cfg_attr(any(), doc = stringify!($parser))])? pub $name: $ty,)*
+        }
+
+        impl Default for Workload {
+            fn default() -> Self {
+                Self { $($name: $default,)* }
+            }
+        }
+
+        /// Workload flags: each overrides the scenario file.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct WorkloadArgs {
+            $($(#[$doc])* #[arg(long $(, value_parser = $parser)?)] pub $name: Option<$ty>,)*
+        }
+
+        impl WorkloadArgs {
+            /// Applies the flags given over `w`.
+            pub fn apply(self, w: &mut Workload) {
+                $(if let Some(v) = self.$name { w.$name = v; })*
+            }
+        }
+    };
+}
+
+workload! {
+    /// Virtual users (each one QUIC connection).
+    users: usize = 200;
+    /// Client UDP sockets (quinn endpoints) the users are spread over.
+    endpoints: usize = 4;
+    /// How long users start new clips.
+    duration: Duration = Duration::from_secs(20), parse_duration;
+    /// Stop after this many clips in all (0: no limit).
+    max_clips: u64 = 0;
+    /// Mean time between one user's clips (Poisson arrivals).
+    talk_interval: Duration = Duration::from_secs(15), parse_duration;
+    /// Shortest clip.
+    clip_min: Duration = Duration::from_secs(1), parse_duration;
+    /// Longest clip (lengths are uniform in between).
+    clip_max: Duration = Duration::from_secs(8), parse_duration;
+    /// Live (real-time pacing) or upload (as fast as possible).
+    mode: Mode = Mode::Live;
+    /// Share of users (0..1) offline at the start; each comes online at a
+    /// random moment in the first half of the run and then receives what
+    /// was stored for it.
+    offline_share: f64 = 0.0;
+    /// At this moment every user drops its connection and reconnects at
+    /// once (a reconnect storm).
+    storm_at: Option<Duration> = None, parse_duration;
+    /// Packet loss on every user's link, percent, each direction.
+    loss_pct: f64 = 0.0;
+    /// One-way delay added on every user's link, each direction.
+    delay: Duration = Duration::ZERO, parse_duration;
+    /// Extra random delay, uniform in 0..jitter, per datagram (datagrams
+    /// overtake each other when it exceeds their spacing).
+    jitter: Duration = Duration::ZERO, parse_duration;
+    /// Share of datagrams (percent) held back an extra 10 ms: reordering.
+    reorder_pct: f64 = 0.0;
+    /// At this moment every endpoint moves to a new UDP socket (a new
+    /// address: a phone changing networks) while clips are in flight.
+    rebind_at: Option<Duration> = None, parse_duration;
+    /// After the run, how long owed clips may take to arrive before they
+    /// count as lost.
+    grace: Duration = Duration::from_secs(15), parse_duration;
+    /// Random seed (0: a random one).
+    seed: u64 = 0;
+}
+
+impl Workload {
+    /// Reads a scenario file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("in {}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.users >= 2,
+            "users: at least 2 (they talk to each other)"
+        );
+        anyhow::ensure!(self.endpoints >= 1, "endpoints: at least 1");
+        anyhow::ensure!(
+            self.clip_min >= Duration::from_millis(20) && self.clip_min <= self.clip_max,
+            "clip_min must be at least 20ms and at most clip_max"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.offline_share),
+            "offline_share is a share: 0..1"
+        );
+        anyhow::ensure!(
+            (0.0..100.0).contains(&self.loss_pct) && (0.0..=100.0).contains(&self.reorder_pct),
+            "loss_pct and reorder_pct are percentages"
+        );
+        anyhow::ensure!(!self.talk_interval.is_zero(), "talk_interval must be > 0");
+        Ok(())
+    }
+
+    pub fn impaired(&self) -> bool {
+        self.loss_pct > 0.0
+            || !self.delay.is_zero()
+            || !self.jitter.is_zero()
+            || self.reorder_pct > 0.0
+            || self.rebind_at.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let mut w: Workload = toml::from_str(
+            r#"
+            users = 50
+            duration = "5s"
+            mode = "upload"
+            storm_at = "2s"
+            "#,
+        )
+        .unwrap();
+        let flags = WorkloadArgs {
+            users: Some(10),
+            ..WorkloadArgs::default()
+        };
+        flags.apply(&mut w);
+        assert_eq!(w.users, 10);
+        assert_eq!(w.duration, Duration::from_secs(5));
+        assert_eq!(w.mode, Mode::Upload);
+        assert_eq!(w.storm_at, Some(Duration::from_secs(2)));
+        assert_eq!(w.endpoints, 4);
+        assert!(toml::from_str::<Workload>("userz = 3").is_err());
+        w.validate().unwrap();
+    }
+}
