@@ -41,6 +41,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Test-only delivery faults (feature `fault-injection`).
+    pub faults: crate::faults::Faults,
 }
 
 impl Shared {
@@ -127,6 +129,7 @@ impl Relay {
             ready: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            faults: crate::faults::Faults::default(),
             config,
         });
         let admin = tokio::net::TcpListener::bind(shared.config.admin)

@@ -14,6 +14,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::server::{Shared, Upload};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
@@ -559,8 +560,10 @@ async fn start_live(
         Err(_) => return Err(()),
     };
     let session = session.clone();
+    let fault = shared.faults.pick();
+    let shared2 = shared.clone();
     shared.tracker.spawn(async move {
-        if !write_live(send, live).await {
+        if !write_live(send, live, fault, &shared2, &session).await {
             session.finish(&id);
         }
     });
@@ -569,7 +572,13 @@ async fn start_live(
 
 /// Writes a live clip as it arrives. Returns true when the clip completed
 /// (it then waits for the recipient's ack), false when it was cut.
-async fn write_live(mut send: SendStream, live: Arc<LiveClip>) -> bool {
+async fn write_live(
+    mut send: SendStream,
+    live: Arc<LiveClip>,
+    mut fault: Fault,
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+) -> bool {
     let mut reader = live.reader();
     if send.write_chunk(live.header.clone()).await.is_err() {
         return true;
@@ -577,6 +586,12 @@ async fn write_live(mut send: SendStream, live: Arc<LiveClip>) -> bool {
     loop {
         match reader.next().await {
             Next::Data(mut segs) => {
+                if matches!(fault, Fault::DropPacket | Fault::Corrupt)
+                    && let Some(first) = segs.first_mut()
+                {
+                    *first = faults::mangle(fault, first.clone());
+                    fault = Fault::None;
+                }
                 if send.write_all_chunks(&mut segs).await.is_err() {
                     return true;
                 }
@@ -584,6 +599,9 @@ async fn write_live(mut send: SendStream, live: Arc<LiveClip>) -> bool {
             Next::Complete(clip) => {
                 if send.write_chunk(clip.end_bytes.clone()).await.is_ok() {
                     let _ = send.finish();
+                }
+                if fault == Fault::Duplicate {
+                    let _ = start_stored_copy(shared, session, clip, Fault::None).await;
                 }
                 return true;
             }
@@ -600,16 +618,30 @@ async fn start_stored(
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
 ) -> Result<(), ()> {
+    let fault = shared.faults.pick();
+    if fault == Fault::Duplicate {
+        start_stored_copy(shared, session, clip.clone(), Fault::None).await?;
+    }
+    start_stored_copy(shared, session, clip, fault).await
+}
+
+/// Writes one stored clip on a new stream.
+async fn start_stored_copy(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    clip: Arc<StoredClip>,
+    fault: Fault,
+) -> Result<(), ()> {
     let mut send = match session.conn.open_uni().await {
         Ok(s) => s,
         Err(_) => return Err(()),
     };
     shared.tracker.spawn(async move {
-        let mut chunks: [Bytes; 3] = [
-            clip.header.clone(),
-            clip.body.clone(),
-            clip.end_bytes.clone(),
-        ];
+        let body = match fault {
+            Fault::None | Fault::Duplicate => clip.body.clone(),
+            f => faults::mangle(f, clip.body.clone()),
+        };
+        let mut chunks: [Bytes; 3] = [clip.header.clone(), body, clip.end_bytes.clone()];
         if send.write_all_chunks(&mut chunks).await.is_ok() {
             let _ = send.finish();
         }

@@ -82,6 +82,7 @@ struct Shared {
     start: Instant,
     /// Users stop starting clips.
     stop_talking: AtomicBool,
+    stop_talking_tx: watch::Sender<bool>,
     /// Users disconnect for good.
     quit: watch::Sender<bool>,
     /// Bumped at a reconnect storm.
@@ -170,6 +171,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         c: Counters::default(),
         start: Instant::now(),
         stop_talking: AtomicBool::new(false),
+        stop_talking_tx: watch::Sender::new(false),
         quit: watch::Sender::new(false),
         storm: watch::Sender::new(0),
         seconds: Mutex::new(Vec::new()),
@@ -215,6 +217,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         }
     }
     shared.stop_talking.store(true, Ordering::SeqCst);
+    let _ = shared.stop_talking_tx.send(true);
     let talking_secs = shared.start.elapsed().as_secs_f64();
     // Clips in flight finish (live ones take as long as they last).
     let drain_until = Instant::now() + w.clip_max + w.grace;
@@ -478,13 +481,17 @@ fn join_times(s: &Shared, t: &mut HashMap<ClipId, ClipTimes>, id: ClipId) {
 async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
     let w = &s.w;
     let mut clients = u.client.subscribe();
+    let mut stop = s.stop_talking_tx.subscribe();
     loop {
         let gap = {
             let mut rng = rand::rng();
             let x: f64 = rng.random::<f64>().max(1e-12);
             w.talk_interval.mul_f64(-x.ln())
         };
-        sleep(gap).await;
+        tokio::select! {
+            () = sleep(gap) => {}
+            r = stop.wait_for(|s| *s) => { drop(r); return; }
+        }
         if s.stop_talking.load(Ordering::SeqCst) {
             return;
         }

@@ -1,0 +1,144 @@
+//! `client-sim load` against a real relay on loopback: clean runs, runs
+//! through loss and jitter, churn and storms, and relay faults the verifier
+//! must catch.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use client_sim::load::{self, LoadTarget, Mode, Report, Source, Workload};
+use relay::{Config, Relay};
+
+async fn relay() -> (Relay, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(Config::for_tests(dir.path())).await.unwrap();
+    (relay, dir)
+}
+
+async fn run(relay: &Relay, w: Workload) -> Report {
+    let target = LoadTarget {
+        relay: relay.quic_addr(),
+        server_name: "localhost".into(),
+        ca: relay.files().cert.clone(),
+        key: codec::token::TokenKey::from_file(&relay.files().secret, Duration::ZERO).unwrap(),
+        relay_pid: Some(std::process::id()),
+    };
+    let r = load::run(target, w, Source::builtin().unwrap())
+        .await
+        .unwrap();
+    eprintln!("{}", r.table());
+    r
+}
+
+fn assert_clean(r: &Report) {
+    assert!(!r.failed(), "lost/duplicated/corrupted:\n{}", r.table());
+    assert!(r.deliveries_ok > 0);
+    assert_eq!(
+        r.deliveries_ok, r.clips_accepted,
+        "every accepted clip arrived once"
+    );
+    assert_eq!(r.send_failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_users_for_twenty_seconds_lose_nothing() {
+    let (relay, _d) = relay().await;
+    let r = run(
+        &relay,
+        Workload {
+            users: 200,
+            duration: Duration::from_secs(20),
+            ..Workload::default()
+        },
+    )
+    .await;
+    assert_clean(&r);
+    assert!(r.first_frame_ms.count > 0);
+    let json = serde_json::to_value(&r).unwrap();
+    for key in [
+        "deliveries_ok",
+        "lost",
+        "duplicated",
+        "corrupted",
+        "clips_per_s",
+        "first_frame_ms",
+        "delivery_ms",
+        "access_ms",
+        "wire_bytes_per_voice_s",
+        "opus_bytes_per_voice_s",
+        "workload",
+    ] {
+        assert!(json.get(key).is_some(), "report lacks {key}");
+    }
+    assert!(json["first_frame_ms"].get("p99").is_some());
+    assert!(r.html().unwrap().contains("<svg"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_percent_loss_and_100ms_jitter_lose_nothing() {
+    let (relay, _d) = relay().await;
+    let r = run(
+        &relay,
+        Workload {
+            users: 200,
+            duration: Duration::from_secs(20),
+            loss_pct: 10.0,
+            jitter: Duration::from_millis(100),
+            grace: Duration::from_secs(30),
+            ..Workload::default()
+        },
+    )
+    .await;
+    assert_clean(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_storm_and_address_change_lose_nothing() {
+    let (relay, _d) = relay().await;
+    let r = run(
+        &relay,
+        Workload {
+            users: 100,
+            duration: Duration::from_secs(10),
+            talk_interval: Duration::from_secs(3),
+            offline_share: 0.3,
+            storm_at: Some(Duration::from_secs(6)),
+            rebind_at: Some(Duration::from_secs(3)),
+            reorder_pct: 5.0,
+            grace: Duration::from_secs(30),
+            ..Workload::default()
+        },
+    )
+    .await;
+    assert!(!r.failed(), "{}", r.table());
+    assert!(r.deliveries_ok > 0);
+    assert!(r.connects > 100, "the storm reconnected everyone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_catches_relay_faults() {
+    let w = Workload {
+        users: 20,
+        duration: Duration::from_secs(4),
+        talk_interval: Duration::from_millis(500),
+        mode: Mode::Upload,
+        grace: Duration::from_secs(3),
+        ..Workload::default()
+    };
+    // (drop every, duplicate every, corrupt every)
+    for (faults, what) in [
+        ((3, 0, 0), "lost"),
+        ((0, 3, 0), "duplicated"),
+        ((0, 0, 3), "corrupted"),
+    ] {
+        let (relay, _d) = relay().await;
+        relay.shared().faults.set(faults.0, faults.1, faults.2);
+        let r = run(&relay, w.clone()).await;
+        assert!(r.failed(), "{what}: the verifier missed it\n{}", r.table());
+        let n = match what {
+            "lost" => r.lost,
+            "duplicated" => r.duplicated,
+            _ => r.corrupted,
+        };
+        assert!(n > 0, "{what} not counted\n{}", r.table());
+    }
+}
