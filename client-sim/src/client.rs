@@ -439,6 +439,18 @@ impl Client {
     }
 }
 
+/// A whole upload stream's bytes: header, packet records, end record.
+pub fn upload_bytes(header: &Message, clip: &OutgoingClip, end: &ClipEnd) -> Bytes {
+    let mut buf =
+        BytesMut::with_capacity(64 + clip.packets.iter().map(|p| p.len() + 2).sum::<usize>());
+    header.encode(&mut buf);
+    for p in &clip.packets {
+        framing::put_packet(&mut buf, p);
+    }
+    end.encode(&mut buf);
+    buf.freeze()
+}
+
 async fn write_clip(
     send: &mut SendStream,
     header: Message,
@@ -449,15 +461,7 @@ async fn write_clip(
 ) -> Result<(), quinn::WriteError> {
     match pacing {
         Pacing::Upload => {
-            let mut buf = BytesMut::with_capacity(
-                64 + clip.packets.iter().map(|p| p.len() + 2).sum::<usize>(),
-            );
-            header.encode(&mut buf);
-            for p in &clip.packets {
-                framing::put_packet(&mut buf, p);
-            }
-            end.encode(&mut buf);
-            send.write_chunk(buf.freeze()).await?;
+            send.write_chunk(upload_bytes(&header, clip, &end)).await?;
             sent_at.push(Instant::now());
         }
         Pacing::Live => {

@@ -71,6 +71,31 @@ struct LoadArgs {
     report_html: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct BaselineArgs {
+    /// A running sink (`client-sim sink`), HOST:PORT; without it, one is
+    /// started in this process with --cert and --key.
+    #[arg(long)]
+    sink: Option<String>,
+    /// The sink's certificate (to trust, or to serve with --key).
+    #[arg(long)]
+    cert: PathBuf,
+    /// The certificate's key, for an in-process sink.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Scenario file (TOML), as for `load`.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    #[command(flatten)]
+    workload: client_sim::load::WorkloadArgs,
+    /// Ogg Opus file whose packets make the clips.
+    #[arg(long)]
+    opus: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Send an Ogg Opus file (or a WAV file, encoded on the way) as one
@@ -133,6 +158,22 @@ enum Cmd {
     /// and measure latencies. Exits 1 when any clip was lost, duplicated or
     /// corrupted.
     Load(Box<LoadArgs>),
+    /// The load workload (upload, closed loop) against a bare quinn sink
+    /// instead of a relay: the reference rate for `load`.
+    Baseline(Box<BaselineArgs>),
+    /// Run only the bare quinn sink `baseline` sends to (e.g. pinned to
+    /// the core a relay would use).
+    Sink {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4440")]
+        listen: std::net::SocketAddr,
+        /// Certificate (PEM), e.g. a relay's DATA_DIR/cert.pem.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM), e.g. DATA_DIR/key.pem.
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Decode an Ogg Opus file to a 16-bit 48 kHz WAV file.
     Decode {
         /// Ogg Opus file to read.
@@ -203,26 +244,74 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => audio_cli::encode_cmd(&input, &output, &audio),
         Cmd::Decode { input, output } => audio_cli::decode_cmd(&input, &output),
         Cmd::Load(args) => load(*args).await,
+        Cmd::Baseline(args) => baseline(*args).await,
+        Cmd::Sink { listen, cert, key } => {
+            let ep = client_sim::load::baseline::sink(listen, &cert, &key)?;
+            eprintln!("sink listening on {}", ep.local_addr()?);
+            client_sim_signal().await;
+            ep.close(0u32.into(), b"bye");
+            Ok(())
+        }
     }
 }
 
-async fn load(a: LoadArgs) -> anyhow::Result<()> {
-    use client_sim::load::{self, LoadTarget, Source, Workload};
-    let mut w = match &a.scenario {
-        Some(p) => Workload::from_file(p)?,
-        None => Workload::default(),
+async fn client_sim_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn workload(
+    scenario: &Option<PathBuf>,
+    flags: client_sim::load::WorkloadArgs,
+) -> anyhow::Result<client_sim::load::Workload> {
+    let mut w = match scenario {
+        Some(p) => client_sim::load::Workload::from_file(p)?,
+        None => client_sim::load::Workload::default(),
     };
-    a.workload.apply(&mut w);
+    flags.apply(&mut w);
     w.validate()?;
+    Ok(w)
+}
+
+fn clip_source(opus: &Option<PathBuf>) -> anyhow::Result<client_sim::load::Source> {
+    use client_sim::load::Source;
+    match opus {
+        Some(p) => Source::from_ogg(
+            OggOpus::read_file(p).with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => Source::builtin(),
+    }
+}
+
+async fn baseline(a: BaselineArgs) -> anyhow::Result<()> {
+    let w = workload(&a.scenario, a.workload)?;
+    let source = clip_source(&a.opus)?;
+    let (_sink, addr, name) = match (&a.sink, &a.key) {
+        (Some(s), _) => {
+            let (addr, name) = net::resolve(s).await?;
+            (None, addr, name)
+        }
+        (None, Some(key)) => {
+            let ep = client_sim::load::baseline::sink("127.0.0.1:0".parse()?, &a.cert, key)?;
+            let addr = ep.local_addr()?;
+            (Some(ep), addr, "localhost".to_owned())
+        }
+        (None, None) => bail!("give --sink HOST:PORT, or --key to start a sink here"),
+    };
+    let r = client_sim::load::baseline::run(addr, &name, &a.cert, &w, &source).await?;
+    print!("{}", r.table());
+    if let Some(p) = &a.report_json {
+        audio_cli::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    use client_sim::load::{self, LoadTarget};
+    let w = workload(&a.scenario, a.workload)?;
     let key = codec::token::TokenKey::from_file(&a.secret, Duration::ZERO)
         .with_context(|| format!("reading the token secret {}", a.secret.display()))?;
     let (relay, server_name) = net::resolve(&a.relay).await?;
-    let source = match &a.opus {
-        Some(p) => Source::from_ogg(
-            OggOpus::read_file(p).with_context(|| format!("reading {}", p.display()))?,
-        )?,
-        None => Source::builtin()?,
-    };
+    let source = clip_source(&a.opus)?;
     let target = LoadTarget {
         relay,
         server_name,

@@ -142,3 +142,33 @@ async fn the_verifier_catches_relay_faults() {
         assert!(n > 0, "{what} not counted\n{}", r.table());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_sends_the_same_workload_to_a_bare_sink() {
+    let (relay, _d) = relay().await;
+    let files = relay.files();
+    let sink =
+        client_sim::load::baseline::sink("127.0.0.1:0".parse().unwrap(), &files.cert, &files.key)
+            .unwrap();
+    let w = Workload {
+        users: 4,
+        endpoints: 2,
+        duration: Duration::from_secs(2),
+        clip_min: Duration::from_secs(1),
+        clip_max: Duration::from_secs(1),
+        ..Workload::default()
+    };
+    let r = client_sim::load::baseline::run(
+        sink.local_addr().unwrap(),
+        "localhost",
+        &files.cert,
+        &w,
+        &Source::builtin().unwrap(),
+    )
+    .await
+    .unwrap();
+    eprint!("{}", r.table());
+    assert!(r.clips > 10, "{r:?}");
+    assert!(r.clips_per_s > 0.0 && r.ack_ms.count == r.clips);
+    assert!((r.voice_s_per_s - r.clips_per_s).abs() < 0.05 * r.clips_per_s + 1.0);
+}

@@ -124,3 +124,38 @@ pub fn reset_code(e: &quinn::ReadError) -> Option<ErrorCode> {
         _ => None,
     }
 }
+
+/// A TLS 1.3 server configuration for QUIC with our ALPN, from PEM files
+/// (the certificate chain and its private key).
+pub fn server_crypto(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad =
+        |p: &std::path::Path, e: &dyn std::fmt::Display| TlsError(format!("{}: {e}", p.display()));
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, &"holds no certificate"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| TlsError(format!("certificate and key do not match: {e}")))?;
+    tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))
+}
+
+/// The TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup: {0}")]
+pub struct TlsError(pub String);

@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use quinn::crypto::rustls::QuicServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Names the generated certificate is valid for.
 pub const SELF_SIGNED_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
@@ -82,23 +80,5 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// TLS 1.3 server config for QUIC with our ALPN.
 pub fn server_crypto(files: &DataFiles) -> anyhow::Result<QuicServerConfig> {
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("reading {}", files.cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", files.cert.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} holds no certificate",
-        files.cert.display()
-    );
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("reading {}", files.key.display()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match")?;
-    tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    Ok(QuicServerConfig::try_from(tls)?)
+    Ok(quic::server_crypto(&files.cert, &files.key)?)
 }

@@ -1,6 +1,7 @@
 //! `client-sim load`: thousands of virtual users in one process, every
 //! delivery verified, every latency measured. See `docs/load.md`.
 
+pub mod baseline;
 pub mod impair;
 pub mod report;
 pub mod run;
