@@ -51,21 +51,11 @@ struct LoadArgs {
     /// The relay's token secret file: tokens are minted for every user.
     #[arg(long)]
     secret: PathBuf,
-    /// Scenario file (TOML; keys as the workload flags, with `_`).
-    #[arg(long)]
-    scenario: Option<PathBuf>,
     #[command(flatten)]
-    workload: client_sim::load::WorkloadArgs,
-    /// Ogg Opus file whose packets make the clips (default: a built-in
-    /// 9.3 s speech clip at 16 kbit/s, 20 ms frames).
-    #[arg(long)]
-    opus: Option<PathBuf>,
+    run: RunArgs,
     /// PID of a local relay, to report its CPU and memory.
     #[arg(long)]
     relay_pid: Option<u32>,
-    /// Write the report as JSON here.
-    #[arg(long)]
-    report_json: Option<PathBuf>,
     /// Write the report as an HTML page with plots here.
     #[arg(long)]
     report_html: Option<PathBuf>,
@@ -83,12 +73,21 @@ struct BaselineArgs {
     /// The certificate's key, for an in-process sink.
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Scenario file (TOML), as for `load`.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What `load` and `baseline` share: the workload, the clip audio, the
+/// JSON report.
+#[derive(Args)]
+struct RunArgs {
+    /// Scenario file (TOML; keys as the workload flags, with `_`).
     #[arg(long)]
     scenario: Option<PathBuf>,
     #[command(flatten)]
     workload: client_sim::load::WorkloadArgs,
-    /// Ogg Opus file whose packets make the clips.
+    /// Ogg Opus file whose packets make the clips (default: a built-in
+    /// 9.3 s speech clip at 16 kbit/s, 20 ms frames).
     #[arg(long)]
     opus: Option<PathBuf>,
     /// Write the report as JSON here.
@@ -283,8 +282,8 @@ fn clip_source(opus: &Option<PathBuf>) -> anyhow::Result<client_sim::load::Sourc
 }
 
 async fn baseline(a: BaselineArgs) -> anyhow::Result<()> {
-    let w = workload(&a.scenario, a.workload)?;
-    let source = clip_source(&a.opus)?;
+    let w = workload(&a.run.scenario, a.run.workload)?;
+    let source = clip_source(&a.run.opus)?;
     let (_sink, addr, name) = match (&a.sink, &a.key) {
         (Some(s), _) => {
             let (addr, name) = net::resolve(s).await?;
@@ -299,7 +298,7 @@ async fn baseline(a: BaselineArgs) -> anyhow::Result<()> {
     };
     let r = client_sim::load::baseline::run(addr, &name, &a.cert, &w, &source).await?;
     print!("{}", r.table());
-    if let Some(p) = &a.report_json {
+    if let Some(p) = &a.run.report_json {
         audio_cli::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }
     Ok(())
@@ -307,11 +306,11 @@ async fn baseline(a: BaselineArgs) -> anyhow::Result<()> {
 
 async fn load(a: LoadArgs) -> anyhow::Result<()> {
     use client_sim::load::{self, LoadTarget};
-    let w = workload(&a.scenario, a.workload)?;
+    let w = workload(&a.run.scenario, a.run.workload)?;
     let key = codec::token::TokenKey::from_file(&a.secret, Duration::ZERO)
         .with_context(|| format!("reading the token secret {}", a.secret.display()))?;
     let (relay, server_name) = net::resolve(&a.relay).await?;
-    let source = clip_source(&a.opus)?;
+    let source = clip_source(&a.run.opus)?;
     let target = LoadTarget {
         relay,
         server_name,
@@ -321,7 +320,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     };
     let report = load::run(target, w, source).await?;
     print!("{}", report.table());
-    if let Some(p) = &a.report_json {
+    if let Some(p) = &a.run.report_json {
         audio_cli::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     if let Some(p) = &a.report_html {
