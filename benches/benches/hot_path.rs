@@ -49,6 +49,14 @@ fn wire(c: &mut Criterion) {
     g.bench_function("decode_clip_header", |b| {
         b.iter(|| Message::decode(black_box(&bytes), 65536).unwrap())
     });
+    g.bench_function("encode_packet_record", |b| {
+        let p = [9u8; 40];
+        let mut buf = BytesMut::with_capacity(64);
+        b.iter(|| {
+            buf.clear();
+            codec::framing::put_packet(&mut buf, black_box(&p));
+        })
+    });
     let recs = records();
     g.throughput(Throughput::Elements(50));
     g.bench_function("scan_1s_of_packets", |b| {
@@ -134,5 +142,44 @@ fn store(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, wire, store);
+/// Routing one packet of a live clip to N recipients: one push into the
+/// shared `LiveClip`, then every recipient's reader takes it (no copy: each
+/// gets the same `Bytes`). Time per packet for all N.
+fn routing(c: &mut Criterion) {
+    use relay::live::{LiveClip, Next};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("route_packet");
+    let packet = {
+        let mut b = BytesMut::new();
+        let mut p = [7u8; 40];
+        p[0] = 31 << 3;
+        codec::framing::put_packet(&mut b, &p);
+        b.freeze()
+    };
+    for n in [1usize, 10, 100, 1000] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("to_{n}_recipients"), |b| {
+            let live = LiveClip::new(clip(0).meta.clone());
+            let mut readers: Vec<_> = (0..n).map(|_| live.reader()).collect();
+            b.iter(|| {
+                live.push(packet.clone());
+                rt.block_on(async {
+                    for r in &mut readers {
+                        match r.next().await {
+                            Next::Data(segs) => {
+                                black_box(segs);
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                });
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, wire, store, routing);
 criterion_main!(benches);

@@ -131,6 +131,12 @@ settings! {
     clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
+    /// Ack-eliciting packets a client may receive before it must send an
+    /// ACK (QUIC ACK frequency extension; 1 is plain QUIC). Fewer ACKs
+    /// spend fewer bytes per second of voice on the wire.
+    ack_threshold: u32 = 4, "PTT_ACK_THRESHOLD";
+    /// Longest a client may delay an ACK (with `ack_threshold`).
+    ack_delay: Duration = Duration::from_millis(25), "PTT_ACK_DELAY", parse_duration;
 }
 
 impl Settings {
@@ -173,6 +179,15 @@ impl Config {
             "max_connections must be at least 1"
         );
         anyhow::ensure!(self.live_queue >= 1, "live_queue must be at least 1");
+        anyhow::ensure!(
+            (1..=1000).contains(&self.ack_threshold),
+            "ack_threshold must be 1..=1000"
+        );
+        anyhow::ensure!(
+            self.ack_delay >= Duration::from_millis(1)
+                && self.ack_delay <= Duration::from_millis(200),
+            "ack_delay must be 1ms..=200ms"
+        );
         anyhow::ensure!(
             self.max_unacked_deliveries >= 1,
             "max_unacked_deliveries must be at least 1"

@@ -95,6 +95,15 @@ fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
             .try_into()
             .context("idle_timeout too large")?,
     ));
+    // Voice packets stay far below QUIC's 1200-byte minimum MTU; path MTU
+    // probes (padded datagrams of ~1450 bytes) would only cost phones data.
+    t.mtu_discovery_config(None);
+    if cfg.ack_threshold > 1 {
+        let mut af = quinn::AckFrequencyConfig::default();
+        af.ack_eliciting_threshold(cfg.ack_threshold.into())
+            .max_ack_delay(Some(cfg.ack_delay));
+        t.ack_frequency_config(Some(af));
+    }
     Ok(t)
 }
 

@@ -75,6 +75,10 @@ pub struct Report {
     /// Opus payload bytes per second of voice.
     pub opus_bytes_per_voice_s: f64,
     pub wire_overhead_ratio: f64,
+    /// UDP datagrams per second of voice per leg (both directions).
+    pub datagrams_per_voice_s: f64,
+    /// QUIC ACK frames per second of voice per leg (both directions).
+    pub ack_frames_per_voice_s: f64,
     pub relay: Option<RelayReport>,
     pub talking_s: f64,
     pub elapsed_s: f64,
@@ -101,6 +105,8 @@ pub struct Inputs {
     pub voice_ms: u64,
     pub delivered_voice_ms: u64,
     pub wire_bytes: u64,
+    pub datagrams: u64,
+    pub ack_frames: u64,
     pub connects: u64,
     pub connect_failures: u64,
     pub first_frame: Latency,
@@ -161,6 +167,16 @@ impl Report {
             wire_bytes_per_voice_s: wire,
             opus_bytes_per_voice_s: opus,
             wire_overhead_ratio: if opus > 0.0 { wire / opus } else { 0.0 },
+            datagrams_per_voice_s: if legs > 0.0 {
+                i.datagrams as f64 / legs
+            } else {
+                0.0
+            },
+            ack_frames_per_voice_s: if legs > 0.0 {
+                i.ack_frames as f64 / legs
+            } else {
+                0.0
+            },
             relay,
             talking_s: i.talking_secs,
             elapsed_s: i.elapsed.as_secs_f64(),
@@ -257,8 +273,12 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "wire: {:.0} B per voice-second per leg, Opus payload {:.0} B/s ({:.2}x)",
-            self.wire_bytes_per_voice_s, self.opus_bytes_per_voice_s, self.wire_overhead_ratio
+            "wire: {:.0} B per voice-second per leg, Opus payload {:.0} B/s ({:.2}x); {:.1} datagrams and {:.1} ACK frames per voice-second per leg",
+            self.wire_bytes_per_voice_s,
+            self.opus_bytes_per_voice_s,
+            self.wire_overhead_ratio,
+            self.datagrams_per_voice_s,
+            self.ack_frames_per_voice_s
         );
         if let Some(r) = &self.relay {
             let _ = writeln!(

@@ -68,6 +68,8 @@ struct Counters {
     voice_ms: AtomicU64,
     delivered_voice_ms: AtomicU64,
     wire_bytes: AtomicU64,
+    datagrams: AtomicU64,
+    ack_frames: AtomicU64,
     connects: AtomicU64,
     connect_failures: AtomicU64,
 }
@@ -277,6 +279,8 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         voice_ms: c.voice_ms.load(Ordering::Relaxed),
         delivered_voice_ms: c.delivered_voice_ms.load(Ordering::Relaxed),
         wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+        datagrams: c.datagrams.load(Ordering::Relaxed),
+        ack_frames: c.ack_frames.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
         connect_failures: c.connect_failures.load(Ordering::Relaxed),
         first_frame: hists.first_frame,
@@ -372,6 +376,10 @@ fn add_wire(s: &Shared, c: &Client) {
     let st = c.connection().stats();
     s.c.wire_bytes
         .fetch_add(st.udp_tx.bytes + st.udp_rx.bytes, Ordering::Relaxed);
+    s.c.datagrams
+        .fetch_add(st.udp_tx.datagrams + st.udp_rx.datagrams, Ordering::Relaxed);
+    s.c.ack_frames
+        .fetch_add(st.frame_tx.acks + st.frame_rx.acks, Ordering::Relaxed);
 }
 
 /// Reads one connection's events into the ledger and the histograms.

@@ -14,21 +14,21 @@
 //! and is counted as `redelivered`, not as an error.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use codec::wire::ClipId;
 
-/// Hash of a clip's content: packet lengths and bytes, and its end.
+/// Hash of a clip's content (XXH3, 64 bits): packet count, each packet's
+/// length and bytes, and its end.
 pub fn checksum(packets: &[Bytes], final_granule: u64) -> u64 {
-    let mut h = DefaultHasher::new();
-    packets.len().hash(&mut h);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(packets.len() as u64).to_le_bytes());
     for p in packets {
-        p.len().hash(&mut h);
-        p.as_ref().hash(&mut h);
+        h.update(&(p.len() as u32).to_le_bytes());
+        h.update(p);
     }
-    final_granule.hash(&mut h);
-    h.finish()
+    h.update(&final_granule.to_le_bytes());
+    h.digest()
 }
 
 /// A clip id whose second half is the clip's checksum.
