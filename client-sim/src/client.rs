@@ -181,7 +181,13 @@ impl ReceivedClip {
 #[derive(Debug)]
 pub enum Event {
     /// A delivery began: the header arrived.
-    Started { delivery: Delivery, at: Instant },
+    Started {
+        delivery: Delivery,
+        at: Instant,
+        /// Index of the delivery stream on this connection: the order in
+        /// which the relay started deliveries (stored clips oldest first).
+        seq: u64,
+    },
     /// The first packet of a clip arrived.
     FirstPacket { id: ClipId, at: Instant },
     /// Packets `first..first + count` of a clip arrived (only with
@@ -498,6 +504,7 @@ async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {
 
 /// Reads one delivery stream into a clip.
 async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Event>) {
+    let seq = recv.id().index();
     let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
     let delivery = match rd.next().await {
         Ok(Some(Message::Delivery(d))) => d,
@@ -508,6 +515,7 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
         .send(Event::Started {
             delivery: delivery.clone(),
             at: Instant::now(),
+            seq,
         })
         .await;
     let mut framer = Framer::new(FrameLimits::permissive());

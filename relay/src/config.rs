@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
-    /// In memory: lost when the process stops.
+    /// On local disk (DATA_DIR/clips.redb), with every undelivered clip
+    /// also in memory: accepted clips survive crashes.
+    Disk,
+    /// In memory only: lost when the process stops.
     Memory,
 }
 
@@ -90,7 +93,7 @@ settings! {
     /// Directory for the certificate, key, token secret and store.
     data_dir: PathBuf = PathBuf::from("ptt-data"), "PTT_DATA_DIR";
     /// Which clip store to use.
-    store: StoreKind = StoreKind::Memory, "PTT_STORE";
+    store: StoreKind = StoreKind::Disk, "PTT_STORE";
     /// Log format on stderr.
     log_format: LogFormat = LogFormat::Text, "PTT_LOG_FORMAT";
     /// Most connections the relay holds at once; more are closed with

@@ -127,6 +127,18 @@ impl Relay {
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let store: Arc<dyn ClipStore> = match config.store {
             StoreKind::Memory => Arc::new(MemoryStore::new(config.max_store_bytes)),
+            StoreKind::Disk => {
+                let (s, rec) =
+                    crate::disk_store::DiskStore::open(&config.data_dir, config.max_store_bytes)
+                        .context("opening the clip store")?;
+                if rec.damaged > 0 {
+                    warn!(
+                        damaged = rec.damaged,
+                        "the store held damaged records; they were skipped"
+                    );
+                }
+                Arc::new(s)
+            }
         };
         let shared = Arc::new(Shared {
             key,
@@ -200,6 +212,7 @@ impl Relay {
         s.shutdown.cancel();
         self.endpoint
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
+        s.store.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("stopped");
     }

@@ -62,6 +62,50 @@ pub struct StoredClip {
 }
 
 impl StoredClip {
+    /// The clip as one byte string (for disk): header, body and end, each
+    /// length-prefixed (u32, big-endian) but the end, which closes it.
+    pub fn to_record(&self) -> Vec<u8> {
+        let mut v =
+            Vec::with_capacity(8 + self.header.len() + self.body.len() + self.end_bytes.len());
+        v.extend_from_slice(&(self.header.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.header);
+        v.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.body);
+        v.extend_from_slice(&self.end_bytes);
+        v
+    }
+
+    /// Reads [`StoredClip::to_record`]'s bytes back; `None` if they are
+    /// not a valid clip (a damaged file).
+    pub fn from_record(rec: &[u8]) -> Option<Self> {
+        let take = |at: usize| -> Option<(usize, usize)> {
+            let n = u32::from_be_bytes(rec.get(at..at + 4)?.try_into().ok()?) as usize;
+            (rec.len() >= at + 4 + n).then_some((at + 4, at + 4 + n))
+        };
+        let (h0, h1) = take(0)?;
+        let (b0, b1) = take(h1)?;
+        let header = &rec[h0..h1];
+        let d = match Message::decode(header, header.len()).ok()?? {
+            (Message::Delivery(d), n) if n == header.len() => d,
+            _ => return None,
+        };
+        let body = Bytes::copy_from_slice(&rec[b0..b1]);
+        let mut framer = codec::Framer::new(codec::FrameLimits::permissive());
+        let scan = framer.scan(&rec[b0..]).ok()?;
+        let (end, n) = scan.end?;
+        if scan.records != body.len() || b1 + n != rec.len() {
+            return None;
+        }
+        let meta = Arc::new(ClipMeta {
+            id: d.clip_id,
+            sender: Arc::from(d.sender.as_str()),
+            target: d.target,
+            format: d.format,
+            created_ms: d.created_ms,
+        });
+        Some(Self::new(meta, body, end))
+    }
+
     pub fn new(meta: Arc<ClipMeta>, body: Bytes, end: ClipEnd) -> Self {
         Self {
             header: meta.delivery_header(false),
@@ -147,6 +191,9 @@ pub trait ClipStore: Send + Sync + 'static {
     async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Writes out what is pending and releases the store (shutdown).
+    async fn close(&self) {}
 }
 
 #[derive(Default)]
@@ -181,6 +228,35 @@ impl MemoryStore {
             bytes: AtomicU64::new(0),
             max_bytes,
         }
+    }
+
+    /// Recovery: remembers that `sender` sent `id` at `accepted_ms`.
+    pub(crate) fn restore_id(&self, id: ClipId, sender: Arc<str>, accepted_ms: u64) {
+        self.ids.insert(id, sender);
+        if let Ok(mut log) = self.id_log.lock() {
+            log.push_back((accepted_ms, id));
+        }
+    }
+
+    /// Recovery: queues `clip` for `recipient` behind what it already has.
+    pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) {
+        let mut mb = self.mailboxes.entry(recipient).or_default();
+        let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        if mb.index.insert(clip.meta.id, cursor).is_none() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+            mb.clips.insert(cursor, clip);
+        }
+    }
+
+    /// Bytes a new clip for `recipients` would add, and whether they fit.
+    pub(crate) fn fits(&self, clip: &StoredClip, recipients: usize) -> bool {
+        let need = clip.size() * recipients as u64;
+        self.bytes.load(Ordering::Relaxed) + need <= self.max_bytes
+    }
+
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn release(&self, clip: &StoredClip) {

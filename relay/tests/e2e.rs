@@ -25,7 +25,7 @@ async fn live_delivery_starts_before_the_sender_finishes() {
         (r, Instant::now())
     });
     let (delivery, started) = next_matching(&mut bob_events, |e| match e {
-        Event::Started { delivery, at } => Some((delivery, at)),
+        Event::Started { delivery, at, .. } => Some((delivery, at)),
         _ => None,
     })
     .await;

@@ -392,7 +392,7 @@ async fn consume(
 ) {
     while let Some(ev) = events.recv().await {
         match ev {
-            Event::Started { delivery, at } => {
+            Event::Started { delivery, at, .. } => {
                 if let Ok(mut t) = s.times.lock() {
                     let e = t.entry(delivery.clip_id).or_default();
                     e.started = Some(at);
