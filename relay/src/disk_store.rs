@@ -87,6 +87,22 @@ impl DiskStore {
         let path = dir.join("clips.redb");
         let db = Database::create(&path)
             .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
+        Self::with_database(db, max_bytes)
+    }
+
+    /// Opens the store on any redb storage backend (tests simulate crashes
+    /// with one).
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        max_bytes: u64,
+    ) -> Result<(Self, Recovered), StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| failed(format!("opening the store: {e}")))?;
+        Self::with_database(db, max_bytes)
+    }
+
+    fn with_database(db: Database, max_bytes: u64) -> Result<(Self, Recovered), StoreError> {
         let mem = MemoryStore::new(max_bytes);
         let rec = recover(&db, &mem)?;
         let (tx, rx) = mpsc::channel(QUEUE);
