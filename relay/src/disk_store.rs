@@ -14,7 +14,8 @@
 //! single writer matches the committer; it needs no background compaction
 //! (deleted clips' pages are reused).
 //!
-//! Tables: `clips` (id → the clip), `refs` (id → recipients still owed it),
+//! Tables: `clips` (id → the clip), `refs` (id → recipients still owed it,
+//! when more than one),
 //! `mailbox` ((recipient, id) → (order, created_ms)), `ids` (id →
 //! (accepted_ms, sender), for the dedupe window).
 
@@ -241,7 +242,11 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                                 Some(_) => Appended::Conflict,
                                 None => {
                                     clips.insert(id, &clip.to_record()[..]).map_err(failed)?;
-                                    refs.insert(id, recipients.len() as u64).map_err(failed)?;
+                                    // One recipient (the common case): no
+                                    // `refs` row; its absence means 1.
+                                    if recipients.len() > 1 {
+                                        refs.insert(id, recipients.len() as u64).map_err(failed)?;
+                                    }
                                     for r in &recipients {
                                         mailbox
                                             .insert((&**r, id), (order, clip.meta.created_ms))
@@ -338,14 +343,17 @@ fn release(
     clips: &mut redb::Table<&[u8], &[u8]>,
     id: &[u8],
 ) -> Result<(), StoreError> {
+    // No `refs` row: one recipient.
     let left = refs
         .get(id)
         .map_err(failed)?
-        .map_or(0, |v| v.value())
+        .map_or(1, |v| v.value())
         .saturating_sub(1);
     if left == 0 {
         refs.remove(id).map_err(failed)?;
         clips.remove(id).map_err(failed)?;
+    } else if left == 1 {
+        refs.remove(id).map_err(failed)?;
     } else {
         refs.insert(id, left).map_err(failed)?;
     }
