@@ -134,6 +134,18 @@ settings! {
     clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
+    /// Clips one user may start per minute (token bucket; 0: no limit);
+    /// more get `rate_limited` with a retry-after hint.
+    max_clips_per_minute: u32 = 60, "PTT_MAX_CLIPS_PER_MINUTE";
+    /// Opus bytes one user may send per minute (0: no limit).
+    max_clip_bytes_per_minute: u64 = 4 * 1024 * 1024, "PTT_MAX_CLIP_BYTES_PER_MINUTE";
+    /// New connections accepted per second (0: no limit). Past it, clients
+    /// whose address is not yet validated get a QUIC Retry; validated ones
+    /// are refused (they retry after a backoff).
+    max_handshakes_per_second: u32 = 2000, "PTT_MAX_HANDSHAKES_PER_SECOND";
+    /// Bytes of clips being uploaded, all connections together; past it new
+    /// uploads get `server_busy` with a retry-after hint.
+    max_inflight_bytes: u64 = 256 * 1024 * 1024, "PTT_MAX_INFLIGHT_BYTES";
     /// Ack-eliciting packets a client may receive before it must send an
     /// ACK (QUIC ACK frequency extension; 1 is plain QUIC). Fewer ACKs
     /// spend fewer bytes per second of voice on the wire.

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod disk_store;
 pub mod faults;
+pub mod limits;
 pub mod live;
 pub mod server;
 pub mod session;

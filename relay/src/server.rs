@@ -43,6 +43,12 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Test-only delivery faults (feature `fault-injection`).
     pub faults: crate::faults::Faults,
+    /// Per-user clip budgets (`max_clips_per_minute`, bytes per minute).
+    pub budgets: DashMap<Arc<str>, crate::limits::UserBudget>,
+    /// New handshakes per second.
+    handshakes: std::sync::Mutex<crate::limits::Bucket>,
+    /// Bytes of clips being uploaded now.
+    pub inflight: AtomicU64,
 }
 
 impl Shared {
@@ -151,6 +157,13 @@ impl Relay {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             faults: crate::faults::Faults::default(),
+            budgets: DashMap::new(),
+            handshakes: std::sync::Mutex::new(crate::limits::Bucket::new(
+                f64::from(config.max_handshakes_per_second.max(1)),
+                Duration::from_secs(1),
+                std::time::Instant::now(),
+            )),
+            inflight: AtomicU64::new(0),
             config,
         });
         let admin = tokio::net::TcpListener::bind(shared.config.admin)
@@ -218,8 +231,31 @@ impl Relay {
     }
 }
 
+impl Shared {
+    /// Whether a new handshake fits the rate.
+    fn handshake_allowed(&self) -> bool {
+        if self.config.max_handshakes_per_second == 0 {
+            return true;
+        }
+        self.handshakes
+            .lock()
+            .map(|mut b| b.take(1.0, std::time::Instant::now()).is_ok())
+            .unwrap_or(true)
+    }
+}
+
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        if !shared.handshake_allowed() {
+            // A flood: make unvalidated clients prove their address (a
+            // Retry costs us no state), refuse the validated ones.
+            if incoming.remote_address_validated() {
+                incoming.refuse();
+            } else if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            continue;
+        }
         let n = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         let shared2 = shared.clone();
         tokio::spawn(async move {
@@ -259,6 +295,8 @@ async fn sweep_loop(shared: Arc<Shared>) {
         let now = crate::now_ms();
         let ttl = now.saturating_sub(cfg.clip_ttl.as_millis() as u64);
         let window = now.saturating_sub(cfg.dedupe_window.as_millis() as u64);
+        let t = std::time::Instant::now();
+        shared.budgets.retain(|_, b| !b.is_idle(t));
         match shared.store.expire(ttl, window).await {
             Ok(0) => {}
             Ok(n) => info!(dropped = n, "expired undelivered clips"),

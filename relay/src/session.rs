@@ -235,6 +235,7 @@ async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>) {
 struct Refused {
     code: ErrorCode,
     reason: String,
+    retry_after_ms: u64,
 }
 
 impl Refused {
@@ -242,7 +243,13 @@ impl Refused {
         Self {
             code,
             reason: reason.into(),
+            retry_after_ms: 0,
         }
+    }
+
+    fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after_ms = (wait.as_millis() as u64).max(1);
+        self
     }
 }
 
@@ -290,10 +297,15 @@ async fn upload(
         Message::Rejected(Rejected {
             clip_id: id,
             code: r.code,
-            retry_after_ms: 0,
+            retry_after_ms: r.retry_after_ms,
             reason: r.reason,
         })
     };
+    if let Err(r) = budget(shared, session) {
+        let _ = rd.stream().stop(quic::varint(r.code));
+        reply(&mut send, reject(r)).await;
+        return;
+    }
     let recipients = match admit(shared, session, &header).await {
         Ok(Admit::New(r)) => r,
         Ok(Admit::Duplicate) => {
@@ -342,10 +354,17 @@ async fn upload(
             debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
         }
     }
+    let mut held = 0u64;
     let result = tokio::select! {
-        r = receive_packets(shared, &mut rd, &live) => r,
+        r = receive_packets(shared, &mut rd, &live, &mut held) => r,
         () = cancel.cancelled() => Err(Refused::new(ErrorCode::CutOff, "superseded by a retry or shutdown")),
     };
+    shared
+        .inflight
+        .fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
+    if let Some(mut b) = shared.budgets.get_mut(&session.user) {
+        b.charge_bytes(held, std::time::Instant::now());
+    }
     let outcome = match result {
         Ok(end) => {
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
@@ -409,6 +428,43 @@ async fn upload(
     }
 }
 
+/// The user's clip budget and the relay's in-flight memory budget.
+fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
+    let cfg = &shared.config;
+    let inflight = shared.inflight.load(std::sync::atomic::Ordering::Relaxed);
+    if inflight >= cfg.max_inflight_bytes {
+        return Err(Refused::new(
+            ErrorCode::ServerBusy,
+            format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
+        )
+        .retry_after(std::time::Duration::from_millis(500)));
+    }
+    if cfg.max_clips_per_minute == 0 && cfg.max_clip_bytes_per_minute == 0 {
+        return Ok(());
+    }
+    let now = std::time::Instant::now();
+    let mut b = shared
+        .budgets
+        .entry(session.user.clone())
+        .or_insert_with(|| {
+            crate::limits::UserBudget::new(
+                cfg.max_clips_per_minute,
+                cfg.max_clip_bytes_per_minute,
+                now,
+            )
+        });
+    b.admit(now).map_err(|wait| {
+        Refused::new(
+            ErrorCode::RateLimited,
+            format!(
+                "over {} clips or {} bytes per minute",
+                cfg.max_clips_per_minute, cfg.max_clip_bytes_per_minute
+            ),
+        )
+        .retry_after(wait)
+    })
+}
+
 enum Admit {
     New(Vec<Arc<str>>),
     Duplicate,
@@ -442,6 +498,7 @@ async fn receive_packets(
     shared: &Shared,
     rd: &mut MessageReader,
     live: &LiveClip,
+    held: &mut u64,
 ) -> Result<ClipEnd, Refused> {
     let cfg = &shared.config;
     let mut framer = Framer::new(cfg.frame_limits());
@@ -452,6 +509,11 @@ async fn receive_packets(
             .scan(buf)
             .map_err(|e| Refused::new(e.code(), e.to_string()))?;
         if scan.records > 0 {
+            let n = scan.records as u64;
+            shared
+                .inflight
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            *held += n;
             live.push(buf.split_to(scan.records).freeze());
         }
         if let Some((e, n)) = scan.end {

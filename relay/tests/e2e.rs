@@ -376,3 +376,71 @@ async fn admin_endpoints_answer() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_rates_and_the_inflight_budget_are_enforced() {
+    let t = start(|c| {
+        c.max_clips_per_minute = 3;
+        c.max_inflight_bytes = 2_000;
+    })
+    .await;
+    let (_bob, _bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    for i in 0..3 {
+        alice
+            .send_clip(&clip("bob", 2 + i), Pacing::Upload)
+            .await
+            .unwrap();
+    }
+    match alice.send_clip(&clip("bob", 2), Pacing::Upload).await {
+        Err(ClientError::Rejected {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => assert!(
+            (1..=21_000).contains(&retry_after_ms),
+            "one clip per 20 s: {retry_after_ms} ms"
+        ),
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    // Another user is not affected; an upload that holds 2,000 bytes in
+    // flight makes the relay refuse new uploads with server_busy.
+    let (carol, _) = t.connect("carol").await;
+    let big: Vec<bytes::Bytes> = (0..40).map(|i| packet(i, 60)).collect();
+    let (_held, _recv) = raw_upload(&carol, ClipId([9; 16]), "bob", &big).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match carol.send_clip(&clip("bob", 2), Pacing::Upload).await {
+        Err(ClientError::Rejected {
+            code: ErrorCode::ServerBusy,
+            retry_after_ms,
+            ..
+        }) => assert!(retry_after_ms > 0),
+        other => panic!("expected server_busy, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_is_met_with_retry_and_refusal() {
+    let t = start(|c| c.max_handshakes_per_second = 2).await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for i in 0..12 {
+        match t
+            .try_connect_with(&t.token(&format!("u{i}")), ClientOptions::default())
+            .await
+        {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(ok >= 2, "{ok} connected");
+    assert!(refused > 0, "none refused");
+    // The relay still answers once the burst has passed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    t.try_connect_with(&t.token("late"), ClientOptions::default())
+        .await
+        .unwrap();
+}
