@@ -203,6 +203,14 @@ pub enum Event {
     /// A clip was cut off before its end (the sender stopped, or the relay
     /// refused it); nothing of it should be kept.
     Cut { id: ClipId, code: ErrorCode },
+    /// The relay asks this client to reconnect (to another relay) after
+    /// `retry_after_ms`: it is shutting down or shedding load. Clips being
+    /// sent may still finish; the connection closes soon.
+    GoAway {
+        code: ErrorCode,
+        retry_after_ms: u64,
+        reason: String,
+    },
     /// A clip this client already had arrived again whole (its ack was
     /// lost, or the relay misbehaved). It was acked again and not passed on
     /// as `Complete`; reported for verification tools.
@@ -343,6 +351,7 @@ impl Client {
             packet_events: opts.packet_events,
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
+        tokio::spawn(read_control(rd, tx.clone()));
         tokio::spawn(accept_deliveries(client.clone(), tx));
         Ok((client, rx))
     }
@@ -490,6 +499,21 @@ async fn write_clip(
     }
     let _ = send.finish();
     Ok(())
+}
+
+/// Reads what the relay sends on the control stream after `Welcome`.
+async fn read_control(mut rd: MessageReader, events: mpsc::Sender<Event>) {
+    while let Ok(Some(msg)) = rd.next().await {
+        if let Message::GoAway(g) = msg {
+            let _ = events
+                .send(Event::GoAway {
+                    code: g.code,
+                    retry_after_ms: g.retry_after_ms,
+                    reason: g.reason,
+                })
+                .await;
+        }
+    }
 }
 
 async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {

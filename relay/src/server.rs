@@ -217,6 +217,18 @@ impl Relay {
         s.ready.store(false, Ordering::SeqCst);
         info!("shutting down: no new connections");
         self.endpoint.set_server_config(None);
+        // Tell every client to move, spreading their reconnects over a few
+        // seconds so the next relay is not hit by all of them at once.
+        let sessions: Vec<_> = s.sessions.iter().map(|e| e.value().clone()).collect();
+        let goodbyes = sessions.into_iter().map(|sess| async move {
+            let jitter = rand::random::<u64>() % 5_000;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sess.go_away(ErrorCode::GoingAway, jitter, "relay shutting down"),
+            )
+            .await;
+        });
+        futures_join_all(goodbyes).await;
         s.tracker.close();
         let drained = tokio::time::timeout(s.config.drain_timeout, s.tracker.wait()).await;
         if drained.is_err() {
@@ -242,6 +254,15 @@ impl Shared {
             .map(|mut b| b.take(1.0, std::time::Instant::now()).is_ok())
             .unwrap_or(true)
     }
+}
+
+/// Runs futures concurrently and waits for all.
+async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iterator<Item = F>) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in fs {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {

@@ -30,6 +30,8 @@ pub struct Session {
     /// An ack freed room in the delivery window.
     window: Notify,
     deliveries: Mutex<Deliveries>,
+    /// The relay's side of the control stream, for `GoAway`.
+    control: tokio::sync::Mutex<Option<SendStream>>,
 }
 
 #[derive(Default)]
@@ -75,6 +77,22 @@ impl Session {
         {
             d.stored_open -= 1;
             self.window.notify_one();
+        }
+    }
+
+    /// Tells the client to reconnect (elsewhere) after `retry_after_ms`:
+    /// `GoAway` on the control stream, which then ends.
+    pub async fn go_away(&self, code: ErrorCode, retry_after_ms: u64, reason: &str) {
+        let taken = self.control.lock().await.take();
+        if let Some(mut send) = taken {
+            let msg = Message::GoAway(codec::wire::GoAway {
+                code,
+                retry_after_ms,
+                reason: reason.to_owned(),
+            });
+            if quic::write_message(&mut send, &msg).await.is_ok() {
+                let _ = send.finish();
+            }
         }
     }
 
@@ -165,6 +183,7 @@ async fn authenticate(
         dirty: Notify::new(),
         window: Notify::new(),
         deliveries: Mutex::new(Deliveries::default()),
+        control: tokio::sync::Mutex::new(None),
     });
     let welcome = Message::Welcome(Welcome {
         user: claims.sub,
@@ -174,8 +193,8 @@ async fn authenticate(
     quic::write_message(&mut send, &welcome)
         .await
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
-    // The relay never writes more on the control stream in this version.
-    let _ = send.finish();
+    // Kept open for a later `GoAway`.
+    *session.control.lock().await = Some(send);
     if let Some(old) = shared
         .sessions
         .insert(session.user.clone(), session.clone())
@@ -260,8 +279,10 @@ impl From<StreamError> for Refused {
 }
 
 async fn reply(send: &mut SendStream, msg: Message) {
-    if quic::write_message(send, &msg).await.is_ok() {
-        let _ = send.finish();
+    if quic::write_message(send, &msg).await.is_ok() && send.finish().is_ok() {
+        // Until the sender has the answer (so a shutdown that drains
+        // uploads does not close the connection under it), bounded.
+        let _ = timeout(std::time::Duration::from_secs(2), send.stopped()).await;
     }
 }
 

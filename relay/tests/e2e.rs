@@ -444,3 +444,35 @@ async fn a_handshake_flood_is_met_with_retry_and_refusal() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_go_away_and_lets_uploads_finish() {
+    let t = start(|c| c.drain_timeout = Duration::from_secs(5)).await;
+    let (_bob, _bob_ev) = t.connect("bob").await;
+    let (alice, mut alice_ev) = t.connect("alice").await;
+    // A live clip of 1 s is under way when the relay is told to stop.
+    let c = clip("bob", 50);
+    let sending = {
+        let alice = alice.clone();
+        let c = c.clone();
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let TestRelay { relay, .. } = t;
+    let stop = tokio::spawn(relay.shutdown());
+    let (code, retry) = next_matching(&mut alice_ev, |e| match e {
+        Event::GoAway {
+            code,
+            retry_after_ms,
+            ..
+        } => Some((code, retry_after_ms)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::GoingAway);
+    assert!(retry <= 5_000);
+    // The clip in flight finishes and is accepted before the relay stops.
+    let out = sending.await.unwrap().unwrap();
+    assert_eq!(out.id, c.id);
+    stop.await.unwrap();
+}

@@ -404,7 +404,8 @@ async fn consume(
                     t.entry(id).or_default().first_recv = Some(at);
                 }
             }
-            Event::Packets { .. } => {}
+            // The connection closes next; the connection task reconnects.
+            Event::Packets { .. } | Event::GoAway { .. } => {}
             Event::Complete(clip) => {
                 let id = clip.id();
                 let sum = verify::checksum(&clip.packets, clip.end.final_granule);
