@@ -156,3 +156,30 @@ async fn sigkill_loses_no_accepted_clip_and_repeats_no_acked_one() {
     }
     assert_no_clip(&mut bev, Duration::from_millis(500)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut relay, addr) = start(d).await;
+    let (alice, _aev, _aep) = connect(d, addr, "alice").await;
+    let c = clip("bob", 10);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let pid = relay.id().unwrap().to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), relay.wait())
+        .await
+        .expect("the relay did not stop")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // What was accepted is there after the restart.
+    let (_relay2, addr2) = start(d).await;
+    let (_bob, mut bev, _bep) = connect(d, addr2, "bob").await;
+    let got = common::next_complete(&mut bev).await;
+    assert_eq!(got.id(), c.id);
+}

@@ -51,6 +51,11 @@ pub struct Report {
     pub cut: u64,
     pub connects: u64,
     pub connect_failures: u64,
+    /// Clip rejections by error code (each was retried after the relay's
+    /// hint, up to 10 times).
+    pub rejections: std::collections::BTreeMap<String, u64>,
+    /// Failed connection attempts by reason (closed with a code, refused).
+    pub connect_errors: std::collections::BTreeMap<String, u64>,
     /// Clips accepted per second while users were talking.
     pub clips_per_s: f64,
     pub packets_per_s: f64,
@@ -114,6 +119,8 @@ pub struct Inputs {
     pub delivery: Latency,
     pub ack: Latency,
     pub timeline: Vec<TimePoint>,
+    pub rejections: std::collections::BTreeMap<String, u64>,
+    pub connect_errors: std::collections::BTreeMap<String, u64>,
     pub relay: Option<RelayUsage>,
 }
 
@@ -156,6 +163,8 @@ impl Report {
             cut: i.cut,
             connects: i.connects,
             connect_failures: i.connect_failures,
+            rejections: i.rejections,
+            connect_errors: i.connect_errors,
             clips_per_s: per(i.clips_accepted),
             packets_per_s: per(i.packets),
             voice_s_per_s: per(i.voice_ms) / 1000.0,
@@ -249,6 +258,13 @@ impl Report {
             self.connects,
             self.connect_failures
         );
+        if !self.rejections.is_empty() || !self.connect_errors.is_empty() {
+            let _ = writeln!(
+                s,
+                "shed: clips rejected {:?}; connections failed {:?}",
+                self.rejections, self.connect_errors
+            );
+        }
         let _ = writeln!(
             s,
             "throughput: {:.1} clips/s, {:.0} packets/s, {:.1} voice-s/s",

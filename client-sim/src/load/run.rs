@@ -3,7 +3,7 @@
 //! next clip (no busy waiting). Every clip goes through the ledger, every
 //! timing into a histogram.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +23,7 @@ use super::source::Source;
 use super::stats::Latency;
 use super::verify::{self, Ledger, Verdict};
 use super::workload::{Mode, Workload};
-use crate::client::{Client, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
+use crate::client::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
 use crate::net;
 
 /// Where and as whom to load.
@@ -90,6 +90,16 @@ struct Shared {
     /// Bumped at a reconnect storm.
     storm: watch::Sender<u64>,
     seconds: Mutex<Vec<TimePoint>>,
+    /// Clip rejections by error code.
+    rejections: Mutex<BTreeMap<String, u64>>,
+    /// Failed connection attempts by reason.
+    connect_errors: Mutex<BTreeMap<String, u64>>,
+}
+
+fn count(m: &Mutex<BTreeMap<String, u64>>, key: &str) {
+    if let Ok(mut m) = m.lock() {
+        *m.entry(key.to_owned()).or_default() += 1;
+    }
 }
 
 struct User {
@@ -177,6 +187,8 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         quit: watch::Sender::new(false),
         storm: watch::Sender::new(0),
         seconds: Mutex::new(Vec::new()),
+        rejections: Mutex::new(BTreeMap::new()),
+        connect_errors: Mutex::new(BTreeMap::new()),
     });
     let target = Arc::new(target);
     let mut tasks = tokio::task::JoinSet::new();
@@ -288,6 +300,16 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         delivery: hists.delivery,
         ack: hists.ack,
         timeline: seconds,
+        rejections: shared
+            .rejections
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default(),
+        connect_errors: shared
+            .connect_errors
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default(),
         relay: relay_usage,
     }))
 }
@@ -318,6 +340,12 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
                 Ok(x) => x,
                 Err(e) => {
                     s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    let kind = match &e {
+                        ClientError::Closed { code, .. } => code.name().to_owned(),
+                        ClientError::Connect(m) if m.contains("refused") => "refused".into(),
+                        _ => "other".into(),
+                    };
+                    count(&s.connect_errors, &kind);
                     attempt += 1;
                     if !e.is_retryable() && attempt > 20 {
                         tracing::warn!(user = %u.name, error = %e, "giving up connecting");
@@ -574,14 +602,31 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     }
                     break;
                 }
+                Err(ClientError::Rejected {
+                    code,
+                    retry_after_ms,
+                    ..
+                }) if retry_after_ms > 0 && attempt < 10 => {
+                    // Shed by the relay: back off as told, then retry.
+                    attempt += 1;
+                    count(&s.rejections, code.name());
+                    s.c.send_retries.fetch_add(1, Ordering::Relaxed);
+                    sleep(Duration::from_millis(retry_after_ms.min(60_000))).await;
+                }
                 Err(e) if e.is_retryable() && attempt < 10 => {
                     attempt += 1;
+                    if let ClientError::Rejected { code, .. } = &e {
+                        count(&s.rejections, code.name());
+                    }
                     s.c.send_retries.fetch_add(1, Ordering::Relaxed);
                     // Wait for the connection task to reconnect.
                     let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
                     sleep(Duration::from_millis(20 * u64::from(attempt))).await;
                 }
                 Err(e) => {
+                    if let ClientError::Rejected { code, .. } = &e {
+                        count(&s.rejections, code.name());
+                    }
                     tracing::debug!(user = %u.name, error = %e, "clip not sent");
                     s.c.send_failed.fetch_add(1, Ordering::Relaxed);
                     break;
