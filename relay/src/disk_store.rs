@@ -400,7 +400,7 @@ impl ClipStore for DiskStore {
             .map_err(|_| failed("store committer stopped"))?;
         match rx.await.map_err(|_| failed("store committer stopped"))?? {
             // On disk: now visible in memory.
-            Appended::New => self.mem.append(clip, recipients).await,
+            Appended::New => self.mem.insert(clip, recipients, false),
             other => Ok(other),
         }
     }

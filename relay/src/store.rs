@@ -259,22 +259,14 @@ impl MemoryStore {
         self.max_bytes
     }
 
-    fn release(&self, clip: &StoredClip) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(clip.size(), Ordering::Relaxed);
-    }
-}
-
-fn now_ms() -> u64 {
-    crate::now_ms()
-}
-
-#[async_trait]
-impl ClipStore for MemoryStore {
-    async fn append(
+    /// Inserts a clip for `recipients`; with `check_budget` false the
+    /// budget was already checked (the disk store checks it before its
+    /// write, and the clip is on disk by now: it must not be refused).
+    pub(crate) fn insert(
         &self,
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
+        check_budget: bool,
     ) -> Result<Appended, StoreError> {
         let id = clip.meta.id;
         match self.ids.entry(id) {
@@ -288,7 +280,7 @@ impl ClipStore for MemoryStore {
             dashmap::Entry::Vacant(v) => {
                 let need = clip.size() * recipients.len() as u64;
                 let used = self.bytes.load(Ordering::Relaxed);
-                if used + need > self.max_bytes {
+                if check_budget && used + need > self.max_bytes {
                     return Err(StoreError::Full {
                         limit: self.max_bytes,
                     });
@@ -309,6 +301,26 @@ impl ClipStore for MemoryStore {
             }
         }
         Ok(Appended::New)
+    }
+
+    fn release(&self, clip: &StoredClip) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(clip.size(), Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::now_ms()
+}
+
+#[async_trait]
+impl ClipStore for MemoryStore {
+    async fn append(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+    ) -> Result<Appended, StoreError> {
+        self.insert(clip, recipients, true)
     }
 
     async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError> {
