@@ -62,6 +62,16 @@ enum Op {
     Close(oneshot::Sender<()>),
 }
 
+/// Whether redb says the file itself is unreadable (not a transient I/O
+/// failure).
+fn damaged(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Corrupted(_) => true,
+        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
 /// What recovery found on open.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recovered {
@@ -86,8 +96,24 @@ impl DiskStore {
     /// clip into memory.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Recovered), StoreError> {
         let path = dir.join("clips.redb");
-        let db = Database::create(&path)
-            .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::Storage(e)) if damaged(&e) => {
+                let why = e.to_string();
+                // Nothing in it can be read: keep it for inspection and
+                // start with an empty store rather than not at all.
+                let aside = dir.join(format!("clips.redb.damaged-{}", crate::now_ms()));
+                std::fs::rename(&path, &aside).map_err(failed)?;
+                tracing::error!(
+                    file = %aside.display(),
+                    %why,
+                    "the clip store is damaged beyond repair: moved aside, starting empty"
+                );
+                Database::create(&path)
+                    .map_err(|e| failed(format!("opening {}: {e}", path.display())))?
+            }
+            Err(e) => return Err(failed(format!("opening {}: {e}", path.display()))),
+        };
         Self::with_database(db, max_bytes)
     }
 
@@ -503,6 +529,28 @@ mod tests {
         let mut bad = rec.clone();
         bad[4] = 0x7f; // not a Delivery
         assert!(StoredClip::from_record(&bad).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("clips.redb"), vec![0x5a; 8192]).unwrap();
+        let opened = DiskStore::open(dir.path(), u64::MAX);
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("clips.redb.damaged-")
+            });
+        let (s, rec) = opened.unwrap();
+        assert!(kept, "the damaged file is kept for inspection");
+        assert_eq!(rec, Recovered::default());
+        // The new store works.
+        let r = s.append(clip(1, "alice"), &["bob".into()]).await;
+        assert_eq!(r, Ok(Appended::New));
+        s.close().await;
     }
 
     #[tokio::test]
