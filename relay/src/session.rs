@@ -322,13 +322,17 @@ async fn upload(
             reason: r.reason,
         })
     };
-    if let Err(r) = budget(shared, session) {
-        let _ = rd.stream().stop(quic::varint(r.code));
-        reply(&mut send, reject(r)).await;
-        return;
-    }
     let recipients = match admit(shared, session, &header).await {
-        Ok(Admit::New(r)) => r,
+        // A retry of an accepted clip is answered without charging the
+        // user's budget; a new clip must fit it.
+        Ok(Admit::New(r)) => match budget(shared, session) {
+            Ok(()) => r,
+            Err(r) => {
+                let _ = rd.stream().stop(quic::varint(r.code));
+                reply(&mut send, reject(r)).await;
+                return;
+            }
+        },
         Ok(Admit::Duplicate) => {
             let _ = rd.stream().stop(quic::varint(ErrorCode::NoError));
             reply(
