@@ -386,7 +386,9 @@ async fn per_user_rates_and_the_inflight_budget_are_enforced() {
     .await;
     let (_bob, _bob_ev) = t.connect("bob").await;
     let (alice, _) = t.connect("alice").await;
-    for i in 0..3 {
+    let first = clip("bob", 2);
+    alice.send_clip(&first, Pacing::Upload).await.unwrap();
+    for i in 1..3 {
         alice
             .send_clip(&clip("bob", 2 + i), Pacing::Upload)
             .await
@@ -403,6 +405,10 @@ async fn per_user_rates_and_the_inflight_budget_are_enforced() {
         ),
         other => panic!("expected rate_limited, got {other:?}"),
     }
+    // A retry of an accepted clip is still answered (duplicate), not
+    // charged against the budget.
+    let again = alice.send_clip(&first, Pacing::Upload).await.unwrap();
+    assert!(again.duplicate);
     // Another user is not affected; an upload that holds 2,000 bytes in
     // flight makes the relay refuse new uploads with server_busy.
     let (carol, _) = t.connect("carol").await;
