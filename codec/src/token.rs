@@ -1,6 +1,9 @@
 //! Access tokens: JWTs signed with HS256 and a secret shared by the relay
 //! and the app's backend. `docs/protocol.md` ("Tokens") lists the claims.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -9,8 +12,57 @@ use thiserror::Error;
 
 use crate::wire::check_name;
 
+/// What a user may do in a talk channel. Each right includes the ones
+/// before it: `talk` can listen, `priority` can talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Right {
+    /// Receive the channel's clips.
+    Listen,
+    /// Also talk (take the floor when it is free).
+    Talk,
+    /// Also pre-empt whoever holds the floor (dispatchers).
+    Priority,
+}
+
+impl fmt::Display for Right {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Right::Listen => "listen",
+            Right::Talk => "talk",
+            Right::Priority => "priority",
+        })
+    }
+}
+
+impl FromStr for Right {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "listen" => Ok(Right::Listen),
+            "talk" => Ok(Right::Talk),
+            "priority" => Ok(Right::Priority),
+            other => Err(format!("`{other}`: a right is listen, talk or priority")),
+        }
+    }
+}
+
+/// A channel grant as written on a command line: `NAME` (talk) or
+/// `NAME:listen|talk|priority`.
+pub fn parse_grant(s: &str) -> Result<(String, Right), String> {
+    let (name, right) = match s.rsplit_once(':') {
+        Some((n, r)) => (n, r.parse()?),
+        None => (s, Right::Talk),
+    };
+    check_name("channel", name).map_err(|e| e.to_string())?;
+    Ok((name.to_owned(), right))
+}
+
+/// Most channels one token may grant.
+pub const MAX_CHANNELS_PER_TOKEN: usize = 1024;
+
 /// The claims the relay reads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Claims {
     /// User id: who this connection speaks for. 1..=128 bytes of UTF-8, no
     /// control characters.
@@ -20,6 +72,10 @@ pub struct Claims {
     /// Issued at, Unix time in seconds (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Talk channels the user belongs to, and the right in each:
+    /// `{"ops": "talk", "dispatch": "priority"}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub channels: BTreeMap<String, Right>,
 }
 
 /// Why a token was refused.
@@ -58,6 +114,18 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+fn check_channels(c: &Claims) -> Result<(), TokenError> {
+    if c.channels.len() > MAX_CHANNELS_PER_TOKEN {
+        return Err(TokenError::Invalid(format!(
+            "more than {MAX_CHANNELS_PER_TOKEN} channels"
+        )));
+    }
+    for name in c.channels.keys() {
+        check_name("channel", name).map_err(|e| TokenError::Invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
 impl TokenKey {
     /// A key from the secret's bytes (the secret file's content without
     /// surrounding white space). `leeway` is the clock skew tolerated on
@@ -89,13 +157,25 @@ impl TokenKey {
 
     /// Mints a token for `user`, valid for `ttl`.
     pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, TokenError> {
+        self.mint_with_channels(user, ttl, BTreeMap::new())
+    }
+
+    /// Mints a token for `user` with channel grants.
+    pub fn mint_with_channels(
+        &self,
+        user: &str,
+        ttl: Duration,
+        channels: BTreeMap<String, Right>,
+    ) -> Result<String, TokenError> {
         check_name("user", user).map_err(|e| TokenError::Invalid(e.to_string()))?;
         let now = now_secs();
         let claims = Claims {
             sub: user.to_owned(),
             exp: now + ttl.as_secs(),
             iat: Some(now),
+            channels,
         };
+        check_channels(&claims)?;
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| TokenError::Invalid(e.to_string()))
     }
@@ -114,6 +194,7 @@ impl TokenKey {
                 _ => TokenError::Invalid(e.to_string()),
             })?;
         check_name("sub", &data.claims.sub).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        check_channels(&data.claims)?;
         Ok(data.claims)
     }
 }
@@ -145,7 +226,7 @@ mod tests {
         let old = Claims {
             sub: "alice".into(),
             exp: now_secs() - 3600,
-            iat: None,
+            ..Claims::default()
         };
         let t = k.mint_claims(&old).unwrap();
         assert_eq!(k.verify(&t), Err(TokenError::Expired));
@@ -155,7 +236,7 @@ mod tests {
             &Claims {
                 sub: "a".into(),
                 exp: now_secs() + 60,
-                iat: None,
+                ..Claims::default()
             },
             &k.encoding,
         )
@@ -167,12 +248,48 @@ mod tests {
             &Claims {
                 sub: String::new(),
                 exp: now_secs() + 60,
-                iat: None,
+                ..Claims::default()
             },
             &k.encoding,
         )
         .unwrap();
         assert!(matches!(k.verify(&t), Err(TokenError::Invalid(_))));
         assert!(TokenKey::new(b"short", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn channel_grants_round_trip_and_are_checked() {
+        let k = TokenKey::new(SECRET, Duration::ZERO).unwrap();
+        let mut ch = BTreeMap::new();
+        for g in ["ops", "news:listen", "dispatch:priority"] {
+            let (n, r) = parse_grant(g).unwrap();
+            ch.insert(n, r);
+        }
+        let t = k
+            .mint_with_channels("alice", Duration::from_secs(60), ch.clone())
+            .unwrap();
+        let c = k.verify(&t).unwrap();
+        assert_eq!(c.channels, ch);
+        assert_eq!(c.channels["ops"], Right::Talk);
+        assert!(Right::Priority > Right::Talk && Right::Talk > Right::Listen);
+        // The claim as JSON, as an app backend writes it.
+        let payload = t.split('.').nth(1).unwrap();
+        assert!(!payload.is_empty());
+        assert!(parse_grant("ops:shout").is_err());
+        assert!(parse_grant(":talk").is_err());
+        // A bad channel name inside a signed token is refused.
+        let bad = Claims {
+            sub: "a".into(),
+            exp: now_secs() + 60,
+            channels: [("".to_owned(), Right::Talk)].into_iter().collect(),
+            ..Claims::default()
+        };
+        let t = k.mint_claims(&bad).unwrap();
+        assert!(matches!(k.verify(&t), Err(TokenError::Invalid(_))));
+        // Tokens without the claim have no channels.
+        let plain = k
+            .verify(&k.mint("bob", Duration::from_secs(60)).unwrap())
+            .unwrap();
+        assert!(plain.channels.is_empty());
     }
 }

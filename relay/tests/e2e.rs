@@ -200,7 +200,7 @@ async fn bad_expired_and_missing_tokens_are_refused() {
         .mint_claims(&Claims {
             sub: "bob".into(),
             exp: now_secs() - 10,
-            iat: None,
+            ..Claims::default()
         })
         .unwrap();
     let (code, reason) = refused(t.try_connect_with(&expired, ClientOptions::default()).await);

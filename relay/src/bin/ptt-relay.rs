@@ -39,6 +39,10 @@ enum Cmd {
         /// How long the token is valid.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// A talk channel the user belongs to: NAME (talk) or
+        /// NAME:listen|talk|priority. Repeatable.
+        #[arg(long = "channel", value_parser = codec::token::parse_grant)]
+        channels: Vec<(String, codec::token::Right)>,
     },
 }
 
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             secret,
             user,
             ttl,
+            channels,
         } => {
             let path = secret.unwrap_or_else(|| data_dir.join("token.secret"));
             let key =
@@ -79,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
                         path.display()
                     )
                 })?;
-            println!("{}", key.mint(&user, ttl)?);
+            println!(
+                "{}",
+                key.mint_with_channels(&user, ttl, channels.into_iter().collect())?
+            );
             Ok(())
         }
     }
