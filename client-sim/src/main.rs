@@ -103,8 +103,12 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
         /// Recipient user id.
+        #[arg(long, required_unless_present = "channel", conflicts_with = "channel")]
+        to: Option<String>,
+        /// Talk channel to talk in (needs the talk right in the token);
+        /// fails with "busy" while another member holds the floor.
         #[arg(long)]
-        to: String,
+        channel: Option<String>,
         /// Ogg Opus file to send (as opusenc writes it), packets unchanged.
         #[arg(long, required_unless_present = "wav", conflicts_with = "wav")]
         opus: Option<PathBuf>,
@@ -210,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Send {
             conn,
             to,
+            channel,
             opus,
             wav,
             audio,
@@ -227,7 +232,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 (None, None) => bail!("give --opus FILE or --wav FILE"),
             };
-            send(conn, to, &file, live, clip_id, retries).await
+            let target = match (to, channel) {
+                (Some(u), _) => Target::User(u),
+                (None, Some(c)) => Target::Channel(c),
+                (None, None) => bail!("give --to USER or --channel NAME"),
+            };
+            send(conn, target, &file, live, clip_id, retries).await
         }
         Cmd::Listen {
             conn,
@@ -382,13 +392,13 @@ fn backoff(attempt: u32, hint_ms: u64) -> Duration {
 
 async fn send(
     conn: Conn,
-    to: String,
+    to: Target,
     file: &OggOpus,
     live: bool,
     clip_id: Option<String>,
     retries: u32,
 ) -> anyhow::Result<()> {
-    let mut clip = OutgoingClip::from_ogg(file, Target::User(to));
+    let mut clip = OutgoingClip::from_ogg(file, to);
     if let Some(hex) = clip_id {
         clip.id = ClipId::from_hex(&hex).context("--clip-id must be 32 hex digits")?;
     }
@@ -479,8 +489,12 @@ async fn listen(
                             }
                             audio_cli::write_atomic(&path, &ogg.to_vec(rand::random()))?;
                             got += 1;
+                            let via = match &clip.delivery.target {
+                                Target::Channel(c) => format!(" in #{c}"),
+                                Target::User(_) => String::new(),
+                            };
                             println!(
-                                "{id} from {} {:.2}s {} packets {} -> {}",
+                                "{id} from {}{via} {:.2}s {} packets {} -> {}",
                                 clip.delivery.sender,
                                 ogg.duration_ms() as f64 / 1000.0,
                                 clip.packets.len(),

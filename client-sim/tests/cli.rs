@@ -176,3 +176,52 @@ async fn clear_errors_and_exit_codes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("clip_too_long"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_talker_in_a_channel_is_told_busy() {
+    let env = Env::new().await;
+    let d = env.dir.path();
+    let opus = speech_opus(d, "talk", "Unit two, report your position. Over.", &[], &[]).await;
+    let inbox = d.join("inbox");
+    let listener = tokio::spawn(
+        env.cmd("carol")
+            .args(["listen", "--out", inbox.to_str().unwrap(), "--count", "1"])
+            .output(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let send = |who: &str| {
+        env.cmd(who)
+            .args([
+                "send",
+                "--channel",
+                "ops",
+                "--live",
+                "--opus",
+                opus.to_str().unwrap(),
+            ])
+            .output()
+    };
+    let first = tokio::spawn(send("alice"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = run(&mut env.cmd("bob").args([
+        "send",
+        "--channel",
+        "ops",
+        "--opus",
+        opus.to_str().unwrap(),
+    ]))
+    .await;
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("busy") && err.contains("alice"), "{err}");
+    let first = first.await.unwrap().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let got = listener.await.unwrap().unwrap();
+    assert!(got.status.success());
+    let line = stdout(&got);
+    assert!(line.contains("from alice in #ops"), "{line}");
+}

@@ -87,6 +87,10 @@ codes! {
     NotAllowed = 0x1a, "not_allowed";
     /// Too many clip uploads at once on this connection.
     TooManyStreams = 0x1b, "too_many_streams";
+    /// Another member holds the channel's floor; the reason names them.
+    FloorBusy = 0x1c, "floor_busy";
+    /// The clip was cut because a priority talker took the floor.
+    Preempted = 0x1d, "preempted";
 }
 
 impl fmt::Display for ErrorCode {

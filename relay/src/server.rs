@@ -49,6 +49,18 @@ pub struct Shared {
     handshakes: std::sync::Mutex<crate::limits::Bucket>,
     /// Bytes of clips being uploaded now.
     pub inflight: AtomicU64,
+    /// Online members of each talk channel, by session id.
+    pub members: DashMap<String, DashMap<u64, Arc<Session>>>,
+    /// Who holds each channel's floor.
+    pub floors: DashMap<String, Floor>,
+}
+
+/// A channel's floor: the talker whose clip is going out.
+pub struct Floor {
+    pub user: Arc<str>,
+    pub upload: u64,
+    pub priority: bool,
+    pub cancel: CancellationToken,
 }
 
 impl Shared {
@@ -164,6 +176,8 @@ impl Relay {
                 std::time::Instant::now(),
             )),
             inflight: AtomicU64::new(0),
+            members: DashMap::new(),
+            floors: DashMap::new(),
             config,
         });
         let admin = tokio::net::TcpListener::bind(shared.config.admin)

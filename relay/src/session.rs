@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use codec::token::Right;
 use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welcome};
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError};
@@ -32,6 +33,8 @@ pub struct Session {
     deliveries: Mutex<Deliveries>,
     /// The relay's side of the control stream, for `GoAway`.
     control: tokio::sync::Mutex<Option<SendStream>>,
+    /// Talk channels from the token, with the right in each.
+    pub channels: std::collections::BTreeMap<String, Right>,
 }
 
 #[derive(Default)]
@@ -119,6 +122,13 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    for ch in session.channels.keys() {
+        shared
+            .members
+            .entry(ch.clone())
+            .or_default()
+            .insert(session.id, session.clone());
+    }
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
     tokio::select! {
@@ -134,6 +144,12 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
     shared
         .sessions
         .remove_if(&session.user, |_, s| s.id == session.id);
+    for ch in session.channels.keys() {
+        if let Some(m) = shared.members.get(ch) {
+            m.remove(&session.id);
+        }
+        shared.members.remove_if(ch, |_, m| m.is_empty());
+    }
     let why = conn.close_reason();
     info!(user = %session.user, session = session.id, reason = ?why, "session end");
 }
@@ -184,6 +200,7 @@ async fn authenticate(
         window: Notify::new(),
         deliveries: Mutex::new(Deliveries::default()),
         control: tokio::sync::Mutex::new(None),
+        channels: claims.channels.clone(),
     });
     let welcome = Message::Welcome(Welcome {
         user: claims.sub,
@@ -363,6 +380,18 @@ async fn upload(
             return;
         }
     };
+    let channel = match &header.target {
+        Target::Channel(c) => Some(c.clone()),
+        Target::User(_) => None,
+    };
+    if let Some(c) = &channel
+        && let Err(r) = take_floor(shared, session, c, upload_no, &cancel)
+    {
+        shared.end_upload(id, upload_no);
+        let _ = rd.stream().stop(quic::varint(r.code));
+        reply(&mut send, reject(r)).await;
+        return;
+    }
     let meta = Arc::new(ClipMeta {
         id,
         sender: session.user.clone(),
@@ -382,7 +411,12 @@ async fn upload(
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
-        () = cancel.cancelled() => Err(Refused::new(ErrorCode::CutOff, "superseded by a retry or shutdown")),
+        () = cancel.cancelled() => Err(match &channel {
+            Some(c) if shared.floors.get(c).is_some_and(|f| f.upload != upload_no && f.user != session.user) => {
+                Refused::new(ErrorCode::Preempted, format!("a priority talker took the floor of {c}"))
+            }
+            _ => Refused::new(ErrorCode::CutOff, "superseded by a retry or shutdown"),
+        }),
     };
     shared
         .inflight
@@ -429,12 +463,19 @@ async fn upload(
             }
         }
         Err(r) => {
-            live.cut(ErrorCode::CutOff);
+            live.cut(if r.code == ErrorCode::Preempted {
+                ErrorCode::Preempted
+            } else {
+                ErrorCode::CutOff
+            });
             let _ = rd.stream().stop(quic::varint(r.code));
             Err(r)
         }
     };
     shared.end_upload(id, upload_no);
+    if let Some(c) = &channel {
+        shared.floors.remove_if(c, |_, f| f.upload == upload_no);
+    }
     match outcome {
         Ok(duplicate) => {
             reply(
@@ -490,6 +531,45 @@ fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
     })
 }
 
+/// Takes channel `c`'s floor for this upload: free, or held by the same
+/// user (a retry), or pre-empted by a priority talker. Otherwise
+/// `floor_busy` naming the holder.
+fn take_floor(
+    shared: &Shared,
+    session: &Session,
+    c: &str,
+    upload: u64,
+    cancel: &CancellationToken,
+) -> Result<(), Refused> {
+    let priority = session.channels.get(c) == Some(&Right::Priority);
+    let mine = crate::server::Floor {
+        user: session.user.clone(),
+        upload,
+        priority,
+        cancel: cancel.clone(),
+    };
+    match shared.floors.entry(c.to_owned()) {
+        dashmap::Entry::Vacant(v) => {
+            v.insert(mine);
+            Ok(())
+        }
+        dashmap::Entry::Occupied(mut o) => {
+            let held = o.get();
+            if held.user == session.user || (priority && !held.priority) {
+                // The holder's clip is cut for its listeners.
+                held.cancel.cancel();
+                o.insert(mine);
+                Ok(())
+            } else {
+                Err(Refused::new(
+                    ErrorCode::FloorBusy,
+                    format!("busy: {} holds the floor of {c}", held.user),
+                ))
+            }
+        }
+    }
+}
+
 enum Admit {
     New(Vec<Arc<str>>),
     Duplicate,
@@ -499,11 +579,24 @@ enum Admit {
 async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
     let recipients = match &h.target {
         Target::User(u) => vec![Arc::from(u.as_str())],
-        Target::Channel(_) => {
-            return Err(Refused::new(
-                ErrorCode::BadTarget,
-                "talk channels are not enabled on this relay",
-            ));
+        Target::Channel(c) => {
+            if session.channels.get(c).is_none_or(|r| *r < Right::Talk) {
+                return Err(Refused::new(
+                    ErrorCode::NotAllowed,
+                    format!("no talk right in channel {c}"),
+                ));
+            }
+            // Every other online member (each has at least listen).
+            shared.members.get(c).map_or_else(Vec::new, |m| {
+                let mut v: Vec<Arc<str>> = m
+                    .iter()
+                    .map(|e| e.value().user.clone())
+                    .filter(|u| *u != session.user)
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            })
         }
     };
     match shared.store.sender_of(&h.clip_id).await {

@@ -103,10 +103,12 @@ impl Env {
         Self { relay, dir }
     }
 
+    /// A token for `user`, a talker in channel `ops`.
     pub fn token(&self, user: &str) -> String {
+        let ops = [("ops".to_owned(), codec::token::Right::Talk)];
         self.relay
             .token_key()
-            .mint(user, Duration::from_secs(600))
+            .mint_with_channels(user, Duration::from_secs(600), ops.into_iter().collect())
             .unwrap()
     }
 

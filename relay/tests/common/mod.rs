@@ -39,6 +39,29 @@ impl TestRelay {
             .unwrap()
     }
 
+    /// A token with talk-channel grants.
+    pub fn token_with(&self, user: &str, channels: &[(&str, codec::token::Right)]) -> String {
+        self.relay
+            .token_key()
+            .mint_with_channels(
+                user,
+                Duration::from_secs(3600),
+                channels.iter().map(|(c, r)| (c.to_string(), *r)).collect(),
+            )
+            .unwrap()
+    }
+
+    /// Connects with a token granting `channels`.
+    pub async fn member(
+        &self,
+        user: &str,
+        channels: &[(&str, codec::token::Right)],
+    ) -> (Arc<Client>, mpsc::Receiver<Event>) {
+        self.try_connect_with(&self.token_with(user, channels), ClientOptions::default())
+            .await
+            .unwrap()
+    }
+
     pub async fn try_connect_with(
         &self,
         token: &str,

@@ -1,0 +1,121 @@
+//! Talk channels: membership and rights from the token, floor control,
+//! priority pre-emption, fan-out to every online member.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use client_sim::{ClientError, Event, OutgoingClip, Pacing};
+use codec::ErrorCode;
+use codec::token::Right::{Listen, Priority, Talk};
+use codec::wire::Target;
+use common::*;
+
+fn channel_clip(ch: &str, packets: u32) -> OutgoingClip {
+    let mut c = clip("x", packets);
+    c.target = Target::Channel(ch.into());
+    c
+}
+
+fn rejected(r: Result<client_sim::SendOutcome, ClientError>) -> (ErrorCode, String) {
+    match r {
+        Err(ClientError::Rejected { code, reason, .. }) => (code, reason),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_talker_at_a_time_and_every_member_hears_it() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    let (bob, mut bob_ev) = t.member("bob", &[("ops", Talk)]).await;
+    let mut listeners = Vec::new();
+    for name in ["carol", "dave", "erin"] {
+        listeners.push(t.member(name, &[("ops", Listen)]).await);
+    }
+    // Alice talks for a second; Bob presses meanwhile and is told who
+    // holds the floor.
+    let c = channel_clip("ops", 50);
+    let talking = {
+        let (alice, c) = (alice.clone(), c.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, reason) = rejected(bob.send_clip(&channel_clip("ops", 5), Pacing::Upload).await);
+    assert_eq!(code, ErrorCode::FloorBusy);
+    assert!(
+        reason.contains("busy") && reason.contains("alice"),
+        "{reason}"
+    );
+    talking.await.unwrap().unwrap();
+    // Every member but the talker has it, marked with the channel.
+    let mut all: Vec<_> = listeners.iter_mut().map(|(_, ev)| ev).collect();
+    all.push(&mut bob_ev);
+    for ev in all {
+        let got = next_complete(ev).await;
+        assert_eq!(got.id(), c.id);
+        assert_eq!(got.delivery.sender, "alice");
+        assert_eq!(got.delivery.target, Target::Channel("ops".into()));
+        assert_eq!(got.packets, c.packets);
+    }
+    // The floor is free again once the clip ended: now Bob talks.
+    let next = channel_clip("ops", 5);
+    bob.send_clip(&next, Pacing::Upload).await.unwrap();
+    let got = next_complete(&mut listeners[0].1).await;
+    assert_eq!(got.id(), next.id);
+    assert_eq!(got.delivery.sender, "bob");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_talker_preempts() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    let (chief, _) = t.member("chief", &[("ops", Priority)]).await;
+    let (_carol, mut carol_ev) = t.member("carol", &[("ops", Listen)]).await;
+    let long = channel_clip("ops", 100);
+    let talking = {
+        let (alice, c) = (alice.clone(), long.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let urgent = channel_clip("ops", 5);
+    chief.send_clip(&urgent, Pacing::Upload).await.unwrap();
+    let (code, _) = rejected(talking.await.unwrap());
+    assert_eq!(code, ErrorCode::Preempted);
+    // Carol was told Alice's clip was cut, and has the chief's.
+    let cut = next_matching(&mut carol_ev, |e| match e {
+        Event::Cut { id, code } if id == long.id => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(cut, ErrorCode::Preempted);
+    let got = next_complete(&mut carol_ev).await;
+    assert_eq!(got.id(), urgent.id);
+    assert_eq!(got.delivery.sender, "chief");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rights_are_enforced() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    let (lurker, _) = t.member("lurker", &[("ops", Listen)]).await;
+    let (outsider, mut outsider_ev) = t.member("outsider", &[("other", Talk)]).await;
+    let (code, _) = rejected(
+        lurker
+            .send_clip(&channel_clip("ops", 3), Pacing::Upload)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::NotAllowed, "listen only");
+    let (code, _) = rejected(
+        outsider
+            .send_clip(&channel_clip("ops", 3), Pacing::Upload)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::NotAllowed, "not a member");
+    alice
+        .send_clip(&channel_clip("ops", 3), Pacing::Upload)
+        .await
+        .unwrap();
+    assert_no_clip(&mut outsider_ev, Duration::from_millis(300)).await;
+}
