@@ -203,14 +203,11 @@ async fn a_second_talker_in_a_channel_is_told_busy() {
     };
     let first = tokio::spawn(send("alice"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let second = run(&mut env.cmd("bob").args([
-        "send",
-        "--channel",
-        "ops",
-        "--opus",
-        opus.to_str().unwrap(),
-    ]))
-    .await;
+    let second =
+        run(env
+            .cmd("bob")
+            .args(["send", "--channel", "ops", "--opus", opus.to_str().unwrap()]))
+        .await;
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("busy") && err.contains("alice"), "{err}");
