@@ -134,6 +134,11 @@ settings! {
     clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
+    /// Channel clips kept per channel for members who were offline (they
+    /// get what they missed on reconnect, in order, once).
+    channel_history_depth: usize = 50, "PTT_CHANNEL_HISTORY_DEPTH";
+    /// Channel clips older than this are not replayed.
+    channel_history_age: Duration = Duration::from_secs(24 * 3600), "PTT_CHANNEL_HISTORY_AGE", parse_duration;
     /// Clips one user may start per minute (token bucket; 0: no limit);
     /// more get `rate_limited` with a retry-after hint.
     max_clips_per_minute: u32 = 60, "PTT_MAX_CLIPS_PER_MINUTE";

@@ -51,6 +51,12 @@ enum Op {
         recipient: Arc<str>,
         id: ClipId,
     },
+    /// One more recipient for a stored (or history) clip.
+    AddCopy {
+        clip: Arc<StoredClip>,
+        recipient: Arc<str>,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
     Expire {
         before_ms: u64,
         forget_ids_before_ms: u64,
@@ -286,6 +292,29 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                             };
                             replies.push((reply, outcome));
                         }
+                        Op::AddCopy {
+                            clip,
+                            recipient,
+                            reply,
+                        } => {
+                            let id = &clip.meta.id.0[..];
+                            let key = (&*recipient, id);
+                            if mailbox.get(key).map_err(failed)?.is_none() {
+                                let refs_now = if clips.get(id).map_err(failed)?.is_some() {
+                                    refs.get(id).map_err(failed)?.map_or(1, |v| v.value())
+                                } else {
+                                    // Fully acked before: store it again.
+                                    clips.insert(id, &clip.to_record()[..]).map_err(failed)?;
+                                    0
+                                };
+                                refs.insert(id, refs_now + 1).map_err(failed)?;
+                                mailbox
+                                    .insert(key, (order, clip.meta.created_ms))
+                                    .map_err(failed)?;
+                                order += 1;
+                            }
+                            replies.push((reply, Appended::New));
+                        }
                         Op::Ack { recipient, id } => {
                             let key = &id.0[..];
                             if mailbox
@@ -442,6 +471,24 @@ impl ClipStore for DiskStore {
         limit: usize,
     ) -> Result<Vec<(Cursor, Arc<StoredClip>)>, StoreError> {
         self.mem.read(recipient, after, limit).await
+    }
+
+    async fn add_copy(
+        &self,
+        clip: Arc<StoredClip>,
+        recipient: Arc<str>,
+    ) -> Result<bool, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(Op::AddCopy {
+                clip: clip.clone(),
+                recipient: recipient.clone(),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| failed("store committer stopped"))?;
+        rx.await.map_err(|_| failed("store committer stopped"))??;
+        Ok(self.mem.restore_copy(recipient, clip))
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {

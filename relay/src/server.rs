@@ -53,6 +53,17 @@ pub struct Shared {
     pub members: DashMap<String, DashMap<u64, Arc<Session>>>,
     /// Who holds each channel's floor.
     pub floors: DashMap<String, Floor>,
+    /// Recent clips of each channel, for members who were offline.
+    pub history: DashMap<String, History>,
+    /// The newest history entry each (user, channel) has been given.
+    pub history_seen: DashMap<(Arc<str>, String), u64>,
+}
+
+/// A channel's recent clips: (sequence number, clip), oldest first.
+#[derive(Default)]
+pub struct History {
+    pub next: u64,
+    pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
 }
 
 /// A channel's floor: the talker whose clip is going out.
@@ -178,6 +189,8 @@ impl Relay {
             inflight: AtomicU64::new(0),
             members: DashMap::new(),
             floors: DashMap::new(),
+            history: DashMap::new(),
+            history_seen: DashMap::new(),
             config,
         });
         let admin = tokio::net::TcpListener::bind(shared.config.admin)

@@ -129,6 +129,7 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .or_default()
             .insert(session.id, session.clone());
     }
+    replay_history(&shared, &session).await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
     tokio::select! {
@@ -429,6 +430,9 @@ async fn upload(
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
             match shared.store.append(clip.clone(), &recipients).await {
                 Ok(Appended::New) => {
+                    if let Some(c) = &channel {
+                        record_history(shared, c, &clip, &recipients, &session.user).await;
+                    }
                     live.complete(clip);
                     for r in &recipients {
                         let s = shared.sessions.get(r).map(|s| s.clone());
@@ -529,6 +533,95 @@ fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
         )
         .retry_after(wait)
     })
+}
+
+/// Keeps a channel clip for members who were offline. Recipients (and the
+/// sender) are marked as having it; members who came online while it was
+/// being sent get a copy now.
+async fn record_history(
+    shared: &Shared,
+    c: &str,
+    clip: &Arc<StoredClip>,
+    recipients: &[Arc<str>],
+    sender: &Arc<str>,
+) {
+    let cfg = &shared.config;
+    let seq = {
+        let mut h = shared.history.entry(c.to_owned()).or_default();
+        h.next += 1;
+        let seq = h.next;
+        h.clips.push_back((seq, clip.clone()));
+        let oldest = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
+        while h.clips.len() > cfg.channel_history_depth
+            || h.clips
+                .front()
+                .is_some_and(|(_, c)| c.meta.created_ms < oldest)
+        {
+            h.clips.pop_front();
+        }
+        seq
+    };
+    for u in recipients.iter().chain(std::iter::once(sender)) {
+        shared.history_seen.insert((u.clone(), c.to_owned()), seq);
+    }
+    let late: Vec<Arc<Session>> = shared.members.get(c).map_or_else(Vec::new, |m| {
+        m.iter()
+            .map(|e| e.value().clone())
+            .filter(|s| s.user != *sender && !recipients.contains(&s.user))
+            .collect()
+    });
+    for s in late {
+        if shared
+            .store
+            .add_copy(clip.clone(), s.user.clone())
+            .await
+            .is_ok()
+        {
+            shared
+                .history_seen
+                .insert((s.user.clone(), c.to_owned()), seq);
+            s.store_changed();
+        }
+    }
+}
+
+/// Gives a member who connects what its channels said while it was away
+/// (within the history's depth and age), in order, once.
+async fn replay_history(shared: &Shared, session: &Arc<Session>) {
+    let oldest =
+        crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
+    let mut any = false;
+    for c in session.channels.keys() {
+        let key = (session.user.clone(), c.clone());
+        let seen = shared.history_seen.get(&key).map_or(0, |v| *v);
+        let missed: Vec<(u64, Arc<StoredClip>)> =
+            shared.history.get(c).map_or_else(Vec::new, |h| {
+                h.clips
+                    .iter()
+                    .filter(|(seq, clip)| {
+                        *seq > seen
+                            && clip.meta.sender != session.user
+                            && clip.meta.created_ms >= oldest
+                    })
+                    .cloned()
+                    .collect()
+            });
+        let mut last = seen;
+        for (seq, clip) in missed {
+            if let Err(e) = shared.store.add_copy(clip, session.user.clone()).await {
+                warn!(error = %e, "channel history replay failed");
+                break;
+            }
+            last = seq;
+            any = true;
+        }
+        if last > seen {
+            shared.history_seen.insert(key, last);
+        }
+    }
+    if any {
+        session.store_changed();
+    }
 }
 
 /// Takes channel `c`'s floor for this upload: free, or held by the same

@@ -181,6 +181,14 @@ pub trait ClipStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(Cursor, Arc<StoredClip>)>, StoreError>;
 
+    /// Gives `recipient` a copy of an already accepted clip (channel
+    /// history for a member who was offline). False if it already has one.
+    async fn add_copy(
+        &self,
+        clip: Arc<StoredClip>,
+        recipient: Arc<str>,
+    ) -> Result<bool, StoreError>;
+
     /// `recipient` has `id` whole: release its copy. Returns whether a copy
     /// was held (false for repeated or unknown acks, which are harmless).
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError>;
@@ -238,14 +246,18 @@ impl MemoryStore {
         }
     }
 
-    /// Recovery: queues `clip` for `recipient` behind what it already has.
-    pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) {
+    /// Queues `clip` for `recipient` behind what it already has (recovery,
+    /// channel history). False if it already had it.
+    pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         let mut mb = self.mailboxes.entry(recipient).or_default();
         let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         if mb.index.insert(clip.meta.id, cursor).is_none() {
             self.pending.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
             mb.clips.insert(cursor, clip);
+            true
+        } else {
+            false
         }
     }
 
@@ -340,6 +352,14 @@ impl ClipStore for MemoryStore {
                 .map(|(c, clip)| (*c, clip.clone()))
                 .collect()
         }))
+    }
+
+    async fn add_copy(
+        &self,
+        clip: Arc<StoredClip>,
+        recipient: Arc<str>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.restore_copy(recipient, clip))
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {

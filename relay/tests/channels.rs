@@ -119,3 +119,52 @@ async fn rights_are_enforced() {
         .unwrap();
     assert_no_clip(&mut outsider_ev, Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_get_what_they_missed_in_order_once() {
+    let t = start(|c| c.channel_history_depth = 3).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    let (_carol, mut carol_ev) = t.member("carol", &[("ops", Listen)]).await;
+    // Dave is offline while Alice says four things.
+    let mut said = Vec::new();
+    for i in 0..4 {
+        let c = channel_clip("ops", 3 + i);
+        alice.send_clip(&c, Pacing::Upload).await.unwrap();
+        said.push(c);
+    }
+    for c in &said {
+        let got = next_complete(&mut carol_ev).await;
+        assert_eq!(got.id(), c.id, "online members in order");
+    }
+    // Dave connects: the last three (the history's depth), oldest first.
+    let (dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
+    let mut got = Vec::new();
+    let mut order = Vec::new();
+    while got.len() < 3 {
+        match next_matching(&mut dave_ev, |e| match e {
+            Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
+            Event::Complete(c) => Some(Ok(c.id())),
+            _ => None,
+        })
+        .await
+        {
+            Err(x) => order.push(x),
+            Ok(id) => {
+                dave.ack(id).await.unwrap();
+                got.push(id);
+            }
+        }
+    }
+    order.sort();
+    let order: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    let want: Vec<_> = said[1..].iter().map(|c| c.id).collect();
+    assert_eq!(order, want);
+    assert_no_clip(&mut dave_ev, Duration::from_millis(300)).await;
+    // Once: a reconnect replays nothing more.
+    dave.shutdown().await;
+    let (_dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
+    assert_no_clip(&mut dave_ev, Duration::from_millis(500)).await;
+    // A user without the channel gets none of it.
+    let (_eve, mut eve_ev) = t.member("eve", &[("other", Listen)]).await;
+    assert_no_clip(&mut eve_ev, Duration::from_millis(300)).await;
+}
