@@ -172,3 +172,25 @@ async fn baseline_sends_the_same_workload_to_a_bare_sink() {
     assert!(r.clips_per_s > 0.0 && r.ack_ms.count == r.clips);
     assert!((r.voice_s_per_s - r.clips_per_s).abs() < 0.05 * r.clips_per_s + 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_deliver_every_clip_to_every_member() {
+    let (relay, _d) = relay().await;
+    let r = run(
+        &relay,
+        Workload {
+            users: 60,
+            channel_size: 10,
+            duration: Duration::from_secs(8),
+            talk_interval: Duration::from_secs(3),
+            clip_min: Duration::from_millis(500),
+            clip_max: Duration::from_secs(2),
+            ..Workload::default()
+        },
+    )
+    .await;
+    assert!(!r.failed(), "{}", r.table());
+    assert!(r.clips_accepted > 0);
+    assert_eq!(r.deliveries_ok, r.clips_accepted * 9, "every other member");
+    assert!(r.last_member_first_frame_ms.count > 0);
+}

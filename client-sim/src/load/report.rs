@@ -66,6 +66,9 @@ pub struct Report {
     /// Relay hop of a live clip's first packet: sender wrote it → the
     /// recipient read it.
     pub first_frame_ms: Percentiles,
+    /// Channel runs: per clip, the first packet's latency to the slowest
+    /// member (time until the last member has the first packet).
+    pub last_member_first_frame_ms: Percentiles,
     /// Access time: the sender opened the clip's stream → the recipient had
     /// the relay's `Delivery` header (live clips).
     pub access_ms: Percentiles,
@@ -115,6 +118,7 @@ pub struct Inputs {
     pub connects: u64,
     pub connect_failures: u64,
     pub first_frame: Latency,
+    pub last_member: Latency,
     pub access: Latency,
     pub delivery: Latency,
     pub ack: Latency,
@@ -170,6 +174,7 @@ impl Report {
             voice_s_per_s: per(i.voice_ms) / 1000.0,
             delivered_voice_s: i.delivered_voice_ms as f64 / 1000.0,
             first_frame_ms: i.first_frame.summary(),
+            last_member_first_frame_ms: i.last_member.summary(),
             access_ms: i.access.summary(),
             delivery_ms: i.delivery.summary(),
             ack_ms: i.ack.summary(),
@@ -277,6 +282,7 @@ impl Report {
         );
         for (name, p) in [
             ("first frame", &self.first_frame_ms),
+            ("last member", &self.last_member_first_frame_ms),
             ("access", &self.access_ms),
             ("delivery", &self.delivery_ms),
             ("sender ack", &self.ack_ms),

@@ -78,7 +78,9 @@ struct Shared {
     w: Workload,
     source: Source,
     ledger: Mutex<Ledger>,
-    times: Mutex<HashMap<ClipId, ClipTimes>>,
+    times: Mutex<HashMap<(ClipId, u32), ClipTimes>>,
+    /// Channel clips: the slowest member's first-packet latency so far.
+    last_member: Mutex<HashMap<ClipId, Duration>>,
     hists: Mutex<Hists>,
     c: Counters,
     start: Instant,
@@ -115,6 +117,10 @@ struct User {
 
 fn user_name(i: usize) -> String {
     format!("load-{i:06}")
+}
+
+fn channel_name(i: usize) -> String {
+    format!("load-ch-{i:05}")
 }
 
 /// Runs a workload; returns the report.
@@ -164,7 +170,16 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             };
             Ok(Arc::new(User {
                 index: i as u32,
-                token: target.key.mint(&name, ttl)?,
+                token: if w.channel_size > 0 {
+                    let ch = channel_name(i / w.channel_size);
+                    target.key.mint_with_channels(
+                        &name,
+                        ttl,
+                        [(ch, codec::token::Right::Talk)].into_iter().collect(),
+                    )?
+                } else {
+                    target.key.mint(&name, ttl)?
+                },
                 name,
                 endpoint: endpoints[i % endpoints.len()].clone(),
                 client: watch::Sender::new(None),
@@ -179,6 +194,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         source,
         ledger: Mutex::new(Ledger::new()),
         times: Mutex::new(HashMap::new()),
+        last_member: Mutex::new(HashMap::new()),
         hists: Mutex::new(Hists::default()),
         c: Counters::default(),
         start: Instant::now(),
@@ -296,6 +312,15 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         connects: c.connects.load(Ordering::Relaxed),
         connect_failures: c.connect_failures.load(Ordering::Relaxed),
         first_frame: hists.first_frame,
+        last_member: {
+            let mut l = Latency::new();
+            if let Ok(m) = shared.last_member.lock() {
+                for d in m.values() {
+                    l.record(*d);
+                }
+            }
+            l
+        },
         access: hists.access,
         delivery: hists.delivery,
         ack: hists.ack,
@@ -422,14 +447,14 @@ async fn consume(
         match ev {
             Event::Started { delivery, at, .. } => {
                 if let Ok(mut t) = s.times.lock() {
-                    let e = t.entry(delivery.clip_id).or_default();
+                    let e = t.entry((delivery.clip_id, u.index)).or_default();
                     e.started = Some(at);
                     e.live = delivery.live;
                 }
             }
             Event::FirstPacket { id, at } => {
                 if let Ok(mut t) = s.times.lock() {
-                    t.entry(id).or_default().first_recv = Some(at);
+                    t.entry((id, u.index)).or_default().first_recv = Some(at);
                 }
             }
             // The connection closes next; the connection task reconnects.
@@ -449,8 +474,8 @@ async fn consume(
                     let ms = clip.end.final_granule / 48;
                     s.c.delivered_voice_ms.fetch_add(ms, Ordering::Relaxed);
                     if let Ok(mut t) = s.times.lock() {
-                        t.entry(id).or_default().complete = Some(clip.received_at);
-                        join_times(&s, &mut t, id);
+                        t.entry((id, u.index)).or_default().complete = Some(clip.received_at);
+                        join_times(&s, &mut t, (id, u.index));
                     }
                 } else {
                     tracing::warn!(user = %u.name, clip = %id, ?verdict, "bad delivery");
@@ -474,7 +499,7 @@ async fn consume(
 }
 
 /// Records a clip's latencies once both sides are known.
-fn join_times(s: &Shared, t: &mut HashMap<ClipId, ClipTimes>, id: ClipId) {
+fn join_times(s: &Shared, t: &mut HashMap<(ClipId, u32), ClipTimes>, id: (ClipId, u32)) {
     let Some(e) = t.get(&id) else { return };
     let (Some(finished), Some(complete)) = (e.finished, e.complete) else {
         return;
@@ -486,7 +511,14 @@ fn join_times(s: &Shared, t: &mut HashMap<ClipId, ClipTimes>, id: ClipId) {
         // relayed while they were sent.
         if e.live {
             if let (Some(a), Some(b)) = (e.first_sent, e.first_recv) {
-                h.first_frame.record(b.saturating_duration_since(a));
+                let d = b.saturating_duration_since(a);
+                h.first_frame.record(d);
+                if s.w.channel_size > 0
+                    && let Ok(mut m) = s.last_member.lock()
+                {
+                    let v = m.entry(id.0).or_default();
+                    *v = (*v).max(d);
+                }
             }
             if let (Some(a), Some(b)) = (e.opened, e.started) {
                 h.access.record(b.saturating_duration_since(a));
@@ -517,6 +549,12 @@ fn join_times(s: &Shared, t: &mut HashMap<ClipId, ClipTimes>, id: ClipId) {
 /// One user's talking: Poisson arrivals of clips to random other users.
 async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
     let w = &s.w;
+    if w.channel_size > 0
+        && w.talkers_per_channel > 0
+        && u.index as usize % w.channel_size >= w.talkers_per_channel
+    {
+        return; // a listener only
+    }
     let mut clients = u.client.subscribe();
     let mut stop = s.stop_talking_tx.subscribe();
     loop {
@@ -541,12 +579,22 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
         if w.max_clips > 0 && n > w.max_clips {
             return;
         }
-        let (recipient, clip) = {
+        let (recipients, clip) = {
             let mut rng = rand::rng();
-            let mut r = rng.random_range(0..users - 1);
-            if r >= u.index as usize {
-                r += 1;
-            }
+            let (target, recipients) = if w.channel_size > 0 {
+                let ch = u.index as usize / w.channel_size;
+                let members = (ch * w.channel_size..((ch + 1) * w.channel_size).min(users))
+                    .filter(|m| *m != u.index as usize)
+                    .map(|m| m as u32)
+                    .collect::<Vec<u32>>();
+                (Target::Channel(channel_name(ch)), members)
+            } else {
+                let mut r = rng.random_range(0..users - 1);
+                if r >= u.index as usize {
+                    r += 1;
+                }
+                (Target::User(user_name(r)), vec![r as u32])
+            };
             let span = w.clip_max.saturating_sub(w.clip_min);
             let ms = (w.clip_min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
             let (packets, samples) = s.source.cut(rng.random_range(0..s.source.len()), ms);
@@ -554,15 +602,17 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
             let id = verify::clip_id(rng.random(), sum);
             let clip = OutgoingClip {
                 id,
-                target: Target::User(user_name(r)),
+                target,
                 format: s.source.format,
                 packets,
                 final_granule: samples,
             };
-            (r as u32, clip)
+            (recipients, clip)
         };
         if let Ok(mut l) = s.ledger.lock() {
-            l.sending(recipient, clip.id);
+            for r in &recipients {
+                l.sending(*r, clip.id);
+            }
         }
         let voice_ms = clip.final_granule / 48;
         let bytes: u64 = clip.packets.iter().map(|p| p.len() as u64).sum();
@@ -585,7 +635,9 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     s.c.opus_bytes.fetch_add(bytes, Ordering::Relaxed);
                     s.c.voice_ms.fetch_add(voice_ms, Ordering::Relaxed);
                     if let Ok(mut l) = s.ledger.lock() {
-                        l.accepted(recipient, clip.id);
+                        for r in &recipients {
+                            l.accepted(*r, clip.id);
+                        }
                     }
                     if let Ok(mut h) = s.hists.lock() {
                         h.ack
@@ -594,12 +646,22 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     if !out.duplicate
                         && let Ok(mut t) = s.times.lock()
                     {
-                        let e = t.entry(clip.id).or_default();
-                        e.opened = Some(out.opened_at);
-                        e.first_sent = out.sent_at.first().copied();
-                        e.finished = Some(out.finished_at);
-                        join_times(&s, &mut t, clip.id);
+                        for r in &recipients {
+                            let e = t.entry((clip.id, *r)).or_default();
+                            e.opened = Some(out.opened_at);
+                            e.first_sent = out.sent_at.first().copied();
+                            e.finished = Some(out.finished_at);
+                            join_times(&s, &mut t, (clip.id, *r));
+                        }
                     }
+                    break;
+                }
+                Err(ClientError::Rejected {
+                    code: codec::ErrorCode::FloorBusy,
+                    ..
+                }) => {
+                    // Someone else is talking: this user lets go.
+                    count(&s.rejections, "floor_busy");
                     break;
                 }
                 Err(ClientError::Rejected {

@@ -65,6 +65,13 @@ workload! {
     clip_min: Duration = Duration::from_secs(1), parse_duration;
     /// Longest clip (lengths are uniform in between).
     clip_max: Duration = Duration::from_secs(8), parse_duration;
+    /// Talk channels of this many users each (0: one-to-one clips to
+    /// random users). Each user talks in its channel (the floor allowing)
+    /// and every other member must receive the clip.
+    channel_size: usize = 0;
+    /// With channels: how many members of each channel talk (the first
+    /// ones; 0: all). 1 gives one talker to many listeners.
+    talkers_per_channel: usize = 0;
     /// Live (real-time pacing) or upload (as fast as possible).
     mode: Mode = Mode::Live;
     /// Share of users (0..1) offline at the start; each comes online at a
@@ -120,6 +127,10 @@ impl Workload {
             "loss_pct and reorder_pct are percentages"
         );
         anyhow::ensure!(!self.talk_interval.is_zero(), "talk_interval must be > 0");
+        anyhow::ensure!(
+            self.channel_size != 1,
+            "channel_size: 0 (one-to-one) or at least 2"
+        );
         Ok(())
     }
 
