@@ -170,8 +170,8 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             };
             Ok(Arc::new(User {
                 index: i as u32,
-                token: if w.channel_size > 0 {
-                    let ch = channel_name(i / w.channel_size);
+                token: if let Some(ch) = i.checked_div(w.channel_size) {
+                    let ch = channel_name(ch);
                     target.key.mint_with_channels(
                         &name,
                         ttl,
@@ -387,7 +387,7 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
         attempt = 0;
         s.c.connects.fetch_add(1, Ordering::Relaxed);
         let generation = u.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let _ = u.client.send(Some(client.clone()));
+        u.client.send_replace(Some(client.clone()));
         let mut ev = tokio::spawn(consume(
             s.clone(),
             u.clone(),
@@ -404,7 +404,7 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
         };
         let storm_hit = why == 1;
         if why == 2 {
-            let _ = u.client.send(None);
+            u.client.send_replace(None);
             add_wire(&s, &client);
             client.shutdown().await;
             if tokio::time::timeout(Duration::from_secs(2), &mut ev)
@@ -415,7 +415,7 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
             }
             return;
         }
-        let _ = u.client.send(None);
+        u.client.send_replace(None);
         add_wire(&s, &client);
         if storm_hit {
             // Everyone drops at once, without a goodbye.
@@ -581,20 +581,20 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
         }
         let (recipients, clip) = {
             let mut rng = rand::rng();
-            let (target, recipients) = if w.channel_size > 0 {
-                let ch = u.index as usize / w.channel_size;
-                let members = (ch * w.channel_size..((ch + 1) * w.channel_size).min(users))
-                    .filter(|m| *m != u.index as usize)
-                    .map(|m| m as u32)
-                    .collect::<Vec<u32>>();
-                (Target::Channel(channel_name(ch)), members)
-            } else {
-                let mut r = rng.random_range(0..users - 1);
-                if r >= u.index as usize {
-                    r += 1;
-                }
-                (Target::User(user_name(r)), vec![r as u32])
-            };
+            let (target, recipients) =
+                if let Some(ch) = (u.index as usize).checked_div(w.channel_size) {
+                    let members = (ch * w.channel_size..((ch + 1) * w.channel_size).min(users))
+                        .filter(|m| *m != u.index as usize)
+                        .map(|m| m as u32)
+                        .collect::<Vec<u32>>();
+                    (Target::Channel(channel_name(ch)), members)
+                } else {
+                    let mut r = rng.random_range(0..users - 1);
+                    if r >= u.index as usize {
+                        r += 1;
+                    }
+                    (Target::User(user_name(r)), vec![r as u32])
+                };
             let span = w.clip_max.saturating_sub(w.clip_min);
             let ms = (w.clip_min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
             let (packets, samples) = s.source.cut(rng.random_range(0..s.source.len()), ms);
