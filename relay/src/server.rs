@@ -55,8 +55,9 @@ pub struct Shared {
     pub floors: DashMap<String, Floor>,
     /// Recent clips of each channel, for members who were offline.
     pub history: DashMap<String, History>,
-    /// The newest history entry each (user, channel) has been given.
-    pub history_seen: DashMap<(Arc<str>, String), u64>,
+    /// The history entries each (user, channel) has been given (recent
+    /// ones; bounded by the history depth).
+    pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
 }
 
 /// A channel's recent clips: (sequence number, clip), oldest first.

@@ -562,7 +562,7 @@ async fn record_history(
         seq
     };
     for u in recipients.iter().chain(std::iter::once(sender)) {
-        shared.history_seen.insert((u.clone(), c.to_owned()), seq);
+        claim_seen(shared, u, c, seq);
     }
     let late: Vec<Arc<Session>> = shared.members.get(c).map_or_else(Vec::new, |m| {
         m.iter()
@@ -571,18 +571,34 @@ async fn record_history(
             .collect()
     });
     for s in late {
+        // Claim the entry first: a replay at connect may race with this.
+        if !claim_seen(shared, &s.user, c, seq) {
+            continue;
+        }
         if shared
             .store
             .add_copy(clip.clone(), s.user.clone())
             .await
             .is_ok()
         {
-            shared
-                .history_seen
-                .insert((s.user.clone(), c.to_owned()), seq);
             s.store_changed();
         }
     }
+}
+
+/// Marks history entry `seq` of channel `c` as given to `user`; false if
+/// it already was.
+fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) -> bool {
+    let mut e = shared
+        .history_seen
+        .entry((user.clone(), c.to_owned()))
+        .or_default();
+    let new = e.insert(seq);
+    // Entries older than the history are never offered again.
+    while e.len() > shared.config.channel_history_depth.max(1) * 2 {
+        e.pop_first();
+    }
+    new
 }
 
 /// Gives a member who connects what its channels said while it was away
@@ -592,31 +608,26 @@ async fn replay_history(shared: &Shared, session: &Arc<Session>) {
         crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
     let mut any = false;
     for c in session.channels.keys() {
-        let key = (session.user.clone(), c.clone());
-        let seen = shared.history_seen.get(&key).map_or(0, |v| *v);
         let missed: Vec<(u64, Arc<StoredClip>)> =
             shared.history.get(c).map_or_else(Vec::new, |h| {
                 h.clips
                     .iter()
-                    .filter(|(seq, clip)| {
-                        *seq > seen
-                            && clip.meta.sender != session.user
-                            && clip.meta.created_ms >= oldest
+                    .filter(|(_, clip)| {
+                        clip.meta.sender != session.user && clip.meta.created_ms >= oldest
                     })
                     .cloned()
                     .collect()
             });
-        let mut last = seen;
         for (seq, clip) in missed {
+            // Whoever claims an entry first gives the copy: once.
+            if !claim_seen(shared, &session.user, c, seq) {
+                continue;
+            }
             if let Err(e) = shared.store.add_copy(clip, session.user.clone()).await {
                 warn!(error = %e, "channel history replay failed");
                 break;
             }
-            last = seq;
             any = true;
-        }
-        if last > seen {
-            shared.history_seen.insert(key, last);
         }
     }
     if any {
