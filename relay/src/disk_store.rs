@@ -272,6 +272,14 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                             let outcome = match known {
                                 Some(s) if *s == *clip.meta.sender => Appended::Duplicate,
                                 Some(_) => Appended::Conflict,
+                                // Nobody to deliver to (a channel with no
+                                // other member online): only the id is
+                                // kept; history copies store it later.
+                                None if recipients.is_empty() => {
+                                    ids.insert(id, (crate::now_ms(), &*clip.meta.sender))
+                                        .map_err(failed)?;
+                                    Appended::New
+                                }
                                 None => {
                                     clips.insert(id, &clip.to_record()[..]).map_err(failed)?;
                                     // One recipient (the common case): no
@@ -648,6 +656,11 @@ mod tests {
             .map(|(_, c)| c.meta.id.0[0])
             .collect();
         assert_eq!(got, vec![1, 3, 4, 5]);
+        // A clip with no recipient leaves no record; a copy added later is
+        // released by its ack like any other.
+        assert_eq!(s.append(clip(20, "alice"), &[]).await, Ok(Appended::New));
+        assert!(s.add_copy(clip(20, "alice"), bob.clone()).await.unwrap());
+        assert!(s.ack("bob", &ClipId([20; 16])).await.unwrap());
         // Retries of acked clips are still recognised after the restart.
         assert_eq!(
             s.append(clip(2, "alice"), std::slice::from_ref(&bob)).await,
@@ -660,5 +673,8 @@ mod tests {
         );
         let last = s.read("bob", 0, 10).await.unwrap();
         assert_eq!(last.last().unwrap().1.meta.id.0[0], 9);
+        s.close().await;
+        let (_s, rec) = DiskStore::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(rec.clips, 4 + 1, "clip 20 left nothing behind");
     }
 }
