@@ -113,6 +113,35 @@ impl OutgoingClip {
         }
     }
 
+    /// The `ClipHeader` that opens its upload stream.
+    pub fn header(&self) -> Message {
+        Message::ClipHeader(ClipHeader {
+            clip_id: self.id,
+            target: self.target.clone(),
+            format: self.format,
+        })
+    }
+
+    /// Its end record.
+    pub fn end(&self) -> ClipEnd {
+        ClipEnd {
+            packet_count: self.packets.len() as u64,
+            final_granule: self.final_granule,
+        }
+    }
+
+    /// A whole upload stream's bytes: header, packet records, end record.
+    pub fn upload_bytes(&self) -> Bytes {
+        let mut buf =
+            BytesMut::with_capacity(64 + self.packets.iter().map(|p| p.len() + 2).sum::<usize>());
+        self.header().encode(&mut buf);
+        for p in &self.packets {
+            framing::put_packet(&mut buf, p);
+        }
+        self.end().encode(&mut buf);
+        buf.freeze()
+    }
+
     /// Duration of each packet, for live pacing.
     fn packet_durations(&self) -> Vec<Duration> {
         self.packets
@@ -415,19 +444,10 @@ impl Client {
     ) -> Result<SendOutcome, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
         let opened_at = Instant::now();
-        let header = Message::ClipHeader(ClipHeader {
-            clip_id: clip.id,
-            target: clip.target.clone(),
-            format: clip.format,
-        });
-        let end = ClipEnd {
-            packet_count: clip.packets.len() as u64,
-            final_granule: clip.final_granule,
-        };
         // A write fails when the relay answered early (duplicate, refusal)
         // and stopped the stream; its answer is read below either way.
         let mut sent_at = Vec::new();
-        let _ = write_clip(&mut send, header, clip, end, pacing, &mut sent_at).await;
+        let _ = write_clip(&mut send, clip, pacing, &mut sent_at).await;
         let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
         match rd.next().await {
             Ok(Some(Message::Accepted(a))) if a.clip_id == clip.id => Ok(SendOutcome {
@@ -454,33 +474,19 @@ impl Client {
     }
 }
 
-/// A whole upload stream's bytes: header, packet records, end record.
-pub fn upload_bytes(header: &Message, clip: &OutgoingClip, end: &ClipEnd) -> Bytes {
-    let mut buf =
-        BytesMut::with_capacity(64 + clip.packets.iter().map(|p| p.len() + 2).sum::<usize>());
-    header.encode(&mut buf);
-    for p in &clip.packets {
-        framing::put_packet(&mut buf, p);
-    }
-    end.encode(&mut buf);
-    buf.freeze()
-}
-
 async fn write_clip(
     send: &mut SendStream,
-    header: Message,
     clip: &OutgoingClip,
-    end: ClipEnd,
     pacing: Pacing,
     sent_at: &mut Vec<Instant>,
 ) -> Result<(), quinn::WriteError> {
     match pacing {
         Pacing::Upload => {
-            send.write_chunk(upload_bytes(&header, clip, &end)).await?;
+            send.write_chunk(clip.upload_bytes()).await?;
             sent_at.push(Instant::now());
         }
         Pacing::Live => {
-            send.write_chunk(header.to_bytes()).await?;
+            send.write_chunk(clip.header().to_bytes()).await?;
             sent_at.reserve(clip.packets.len());
             let start = Instant::now();
             let mut due = start;
@@ -494,7 +500,7 @@ async fn write_clip(
                 sent_at.push(Instant::now());
             }
             // Right behind the last packet: its time stands for the end.
-            send.write_chunk(end.to_bytes()).await?;
+            send.write_chunk(clip.end().to_bytes()).await?;
         }
     }
     let _ = send.finish();
@@ -545,9 +551,11 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
     let mut framer = Framer::new(FrameLimits::permissive());
     let mut packets = Vec::new();
     let mut end = None;
+    // Where each packet of the current read starts and its length; reused.
+    let mut spans = Vec::new();
     loop {
         let buf = rd.buffer();
-        let mut spans = Vec::new();
+        spans.clear();
         let scan = match framer.scan_with(buf, |off, p| spans.push((off, p.len()))) {
             Ok(s) => s,
             Err(e) => {
@@ -572,7 +580,7 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
                     .await;
             }
             let records = buf.split_to(scan.records).freeze();
-            packets.extend(spans.into_iter().map(|(o, n)| records.slice(o..o + n)));
+            packets.extend(spans.drain(..).map(|(o, n)| records.slice(o..o + n)));
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);

@@ -339,9 +339,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     if report.failed() {
         bail!(
             "verification failed: {} lost, {} duplicated, {} corrupted",
-            report.lost,
-            report.duplicated,
-            report.corrupted
+            report.counts.lost,
+            report.counts.duplicated,
+            report.counts.corrupted
         );
     }
     Ok(())

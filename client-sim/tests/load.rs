@@ -31,9 +31,9 @@ async fn run(relay: &Relay, w: Workload) -> Report {
 
 fn assert_clean(r: &Report) {
     assert!(!r.failed(), "lost/duplicated/corrupted:\n{}", r.table());
-    assert!(r.deliveries_ok > 0);
+    assert!(r.counts.deliveries_ok > 0);
     assert_eq!(
-        r.deliveries_ok, r.clips_accepted,
+        r.counts.deliveries_ok, r.clips_accepted,
         "every accepted clip arrived once"
     );
     assert_eq!(r.send_failed, 0);
@@ -110,7 +110,7 @@ async fn churn_storm_and_address_change_lose_nothing() {
     )
     .await;
     assert!(!r.failed(), "{}", r.table());
-    assert!(r.deliveries_ok > 0);
+    assert!(r.counts.deliveries_ok > 0);
     assert!(r.connects > 100, "the storm reconnected everyone");
 }
 
@@ -135,9 +135,9 @@ async fn the_verifier_catches_relay_faults() {
         let r = run(&relay, w.clone()).await;
         assert!(r.failed(), "{what}: the verifier missed it\n{}", r.table());
         let n = match what {
-            "lost" => r.lost,
-            "duplicated" => r.duplicated,
-            _ => r.corrupted,
+            "lost" => r.counts.lost,
+            "duplicated" => r.counts.duplicated,
+            _ => r.counts.corrupted,
         };
         assert!(n > 0, "{what} not counted\n{}", r.table());
     }
@@ -191,6 +191,10 @@ async fn channels_deliver_every_clip_to_every_member() {
     .await;
     assert!(!r.failed(), "{}", r.table());
     assert!(r.clips_accepted > 0);
-    assert_eq!(r.deliveries_ok, r.clips_accepted * 9, "every other member");
+    assert_eq!(
+        r.counts.deliveries_ok,
+        r.clips_accepted * 9,
+        "every other member"
+    );
     assert!(r.last_member_first_frame_ms.count > 0);
 }

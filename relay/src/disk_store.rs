@@ -41,11 +41,14 @@ const MAX_BATCH: usize = 1024;
 /// Operations waiting for the committer, at most (appends wait when full).
 const QUEUE: usize = 4096;
 
+/// Where the committer answers an operation.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
 enum Op {
     Put {
         clip: Arc<StoredClip>,
         recipients: Vec<Arc<str>>,
-        reply: oneshot::Sender<Result<Appended, StoreError>>,
+        reply: Reply<Appended>,
     },
     Ack {
         recipient: Arc<str>,
@@ -55,17 +58,17 @@ enum Op {
     AddCopy {
         clip: Arc<StoredClip>,
         recipient: Arc<str>,
-        reply: oneshot::Sender<Result<Appended, StoreError>>,
+        reply: Reply<Appended>,
     },
     Expire {
         before_ms: u64,
         forget_ids_before_ms: u64,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        reply: Reply<u64>,
     },
     /// Answered once everything queued before it is on disk.
-    Sync(oneshot::Sender<()>),
+    Sync(Reply<()>),
     /// Like `Sync`, then the committer closes the database and stops.
-    Close(oneshot::Sender<()>),
+    Close(Reply<()>),
 }
 
 /// Whether redb says the file itself is unreadable (not a transient I/O
@@ -148,19 +151,28 @@ impl DiskStore {
 
     /// Waits until every operation queued so far is on disk.
     pub async fn sync(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.ops.send(Op::Sync(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        let _ = self.call(Op::Sync).await;
     }
 
     /// Writes what is queued, closes the database and stops the committer
     /// (later operations fail). For shutdown, and for reopening in tests.
     pub async fn close(&self) {
+        let _ = self.call(Op::Close).await;
+    }
+
+    /// Queues an operation for the committer.
+    async fn queue(&self, op: Op) -> Result<(), StoreError> {
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| failed("store committer stopped"))
+    }
+
+    /// Queues an operation and waits for the committer's answer.
+    async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        if self.ops.send(Op::Close(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        self.queue(op(tx)).await?;
+        rx.await.map_err(|_| failed("store committer stopped"))?
     }
 }
 
@@ -270,8 +282,7 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                             let known =
                                 ids.get(id).map_err(failed)?.map(|v| v.value().1.to_owned());
                             let outcome = match known {
-                                Some(s) if *s == *clip.meta.sender => Appended::Duplicate,
-                                Some(_) => Appended::Conflict,
+                                Some(s) => Appended::for_known(&s, &clip.meta.sender),
                                 // Nobody to deliver to (a channel with no
                                 // other member online): only the id is
                                 // kept; history copies store it later.
@@ -389,12 +400,12 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
             }
         }
         for tx in syncs {
-            let _ = tx.send(());
+            let _ = tx.send(Ok(()));
         }
         if !closes.is_empty() {
             drop(db);
             for tx in closes {
-                let _ = tx.send(());
+                let _ = tx.send(Ok(()));
             }
             return;
         }
@@ -442,26 +453,17 @@ impl ClipStore for DiskStore {
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
     ) -> Result<Appended, StoreError> {
-        match self.mem.sender_of(&clip.meta.id).await? {
-            Some(s) if s == clip.meta.sender => return Ok(Appended::Duplicate),
-            Some(_) => return Ok(Appended::Conflict),
-            None => {}
+        // Answered from memory when possible: no disk write for retries or
+        // a full store.
+        if let Some(known) = self.mem.check_new(&clip, recipients.len())? {
+            return Ok(known);
         }
-        if !self.mem.fits(&clip, recipients.len()) {
-            return Err(StoreError::Full {
-                limit: self.mem.max_bytes(),
-            });
-        }
-        let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(Op::Put {
-                clip: clip.clone(),
-                recipients: recipients.to_vec(),
-                reply: tx,
-            })
-            .await
-            .map_err(|_| failed("store committer stopped"))?;
-        match rx.await.map_err(|_| failed("store committer stopped"))?? {
+        let put = |reply| Op::Put {
+            clip: clip.clone(),
+            recipients: recipients.to_vec(),
+            reply,
+        };
+        match self.call(put).await? {
             // On disk: now visible in memory.
             Appended::New => self.mem.insert(clip, recipients, false),
             other => Ok(other),
@@ -486,16 +488,12 @@ impl ClipStore for DiskStore {
         clip: Arc<StoredClip>,
         recipient: Arc<str>,
     ) -> Result<bool, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(Op::AddCopy {
-                clip: clip.clone(),
-                recipient: recipient.clone(),
-                reply: tx,
-            })
-            .await
-            .map_err(|_| failed("store committer stopped"))?;
-        rx.await.map_err(|_| failed("store committer stopped"))??;
+        self.call(|reply| Op::AddCopy {
+            clip: clip.clone(),
+            recipient: recipient.clone(),
+            reply,
+        })
+        .await?;
         Ok(self.mem.restore_copy(recipient, clip))
     }
 
@@ -504,29 +502,23 @@ impl ClipStore for DiskStore {
         if held {
             // Written with the next commit; a crash before it redelivers
             // the clip, which the recipient drops by id.
-            self.ops
-                .send(Op::Ack {
-                    recipient: Arc::from(recipient),
-                    id: *id,
-                })
-                .await
-                .map_err(|_| failed("store committer stopped"))?;
+            self.queue(Op::Ack {
+                recipient: Arc::from(recipient),
+                id: *id,
+            })
+            .await?;
         }
         Ok(held)
     }
 
     async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError> {
         let n = self.mem.expire(before_ms, forget_ids_before_ms).await?;
-        let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(Op::Expire {
-                before_ms,
-                forget_ids_before_ms,
-                reply: tx,
-            })
-            .await
-            .map_err(|_| failed("store committer stopped"))?;
-        rx.await.map_err(|_| failed("store committer stopped"))??;
+        self.call(|reply| Op::Expire {
+            before_ms,
+            forget_ids_before_ms,
+            reply,
+        })
+        .await?;
         Ok(n)
     }
 

@@ -25,7 +25,7 @@ use crate::tls::{self, DataFiles};
 pub struct Upload {
     pub sender: Arc<str>,
     pub number: u64,
-    pub cancel: CancellationToken,
+    pub stop: session::Stop,
 }
 
 /// State every connection task shares.
@@ -72,7 +72,7 @@ pub struct Floor {
     pub user: Arc<str>,
     pub upload: u64,
     pub priority: bool,
-    pub cancel: CancellationToken,
+    pub stop: session::Stop,
 }
 
 impl Shared {
@@ -82,24 +82,30 @@ impl Shared {
 
     /// Registers an upload of `id` by `sender`. A running upload of the same
     /// id by the same sender is a stale attempt (its connection is dying):
-    /// it is cancelled and this one takes over. `None` if another sender
+    /// it is stopped and this one takes over. `None` if another sender
     /// holds the id.
-    pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, CancellationToken)> {
-        let number = self.next_session_id();
-        let (entry, cancel) = session::new_upload(sender.clone(), number);
+    pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, session::Stop)> {
+        let entry = Upload {
+            sender: sender.clone(),
+            number: self.next_session_id(),
+            stop: session::Stop::default(),
+        };
+        let mine = (entry.number, entry.stop.clone());
         match self.uploads.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
                 if e.get().sender != *sender {
                     return None;
                 }
-                e.get().cancel.cancel();
+                e.get()
+                    .stop
+                    .stop(ErrorCode::CutOff, "superseded by a retry of the same clip");
                 e.insert(entry);
             }
             dashmap::Entry::Vacant(v) => {
                 v.insert(entry);
             }
         }
-        Some((number, cancel))
+        Some(mine)
     }
 
     pub fn end_upload(&self, id: ClipId, number: u64) {

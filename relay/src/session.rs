@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
-use crate::server::{Shared, Upload};
+use crate::server::Shared;
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
 
 /// A connected user, as the router sees it.
@@ -284,6 +284,13 @@ impl Refused {
         }
     }
 
+    fn conflict() -> Self {
+        Self::new(
+            ErrorCode::ClipIdConflict,
+            "clip id in use by another sender",
+        )
+    }
+
     fn retry_after(mut self, wait: std::time::Duration) -> Self {
         self.retry_after_ms = (wait.as_millis() as u64).max(1);
         self
@@ -332,24 +339,12 @@ async fn upload(
         }
     };
     let id = header.clip_id;
-    let reject = |r: Refused| {
-        Message::Rejected(Rejected {
-            clip_id: id,
-            code: r.code,
-            retry_after_ms: r.retry_after_ms,
-            reason: r.reason,
-        })
-    };
     let recipients = match admit(shared, session, &header).await {
         // A retry of an accepted clip is answered without charging the
         // user's budget; a new clip must fit it.
         Ok(Admit::New(r)) => match budget(shared, session) {
             Ok(()) => r,
-            Err(r) => {
-                let _ = rd.stream().stop(quic::varint(r.code));
-                reply(&mut send, reject(r)).await;
-                return;
-            }
+            Err(r) => return refuse(&mut send, &mut rd, id, r).await,
         },
         Ok(Admit::Duplicate) => {
             let _ = rd.stream().stop(quic::varint(ErrorCode::NoError));
@@ -363,35 +358,20 @@ async fn upload(
             .await;
             return;
         }
-        Err(r) => {
-            let _ = rd.stream().stop(quic::varint(r.code));
-            reply(&mut send, reject(r)).await;
-            return;
-        }
+        Err(r) => return refuse(&mut send, &mut rd, id, r).await,
     };
-    let (upload_no, cancel) = match shared.begin_upload(id, &session.user) {
-        Some(x) => x,
-        None => {
-            let r = Refused::new(
-                ErrorCode::ClipIdConflict,
-                "clip id in use by another sender",
-            );
-            let _ = rd.stream().stop(quic::varint(r.code));
-            reply(&mut send, reject(r)).await;
-            return;
-        }
+    let Some((upload_no, stop)) = shared.begin_upload(id, &session.user) else {
+        return refuse(&mut send, &mut rd, id, Refused::conflict()).await;
     };
     let channel = match &header.target {
         Target::Channel(c) => Some(c.clone()),
         Target::User(_) => None,
     };
     if let Some(c) = &channel
-        && let Err(r) = take_floor(shared, session, c, upload_no, &cancel)
+        && let Err(r) = take_floor(shared, session, c, upload_no, &stop)
     {
         shared.end_upload(id, upload_no);
-        let _ = rd.stream().stop(quic::varint(r.code));
-        reply(&mut send, reject(r)).await;
-        return;
+        return refuse(&mut send, &mut rd, id, r).await;
     }
     let meta = Arc::new(ClipMeta {
         id,
@@ -412,12 +392,7 @@ async fn upload(
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
-        () = cancel.cancelled() => Err(match &channel {
-            Some(c) if shared.floors.get(c).is_some_and(|f| f.upload != upload_no && f.user != session.user) => {
-                Refused::new(ErrorCode::Preempted, format!("a priority talker took the floor of {c}"))
-            }
-            _ => Refused::new(ErrorCode::CutOff, "superseded by a retry or shutdown"),
-        }),
+        r = stop.stopped() => Err(r),
     };
     shared
         .inflight
@@ -425,48 +400,38 @@ async fn upload(
     if let Some(mut b) = shared.budgets.get_mut(&session.user) {
         b.charge_bytes(held, std::time::Instant::now());
     }
+    // Ok(duplicate?) once stored; the live clip completes only if new.
     let outcome = match result {
         Ok(end) => {
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
-            match shared.store.append(clip.clone(), &recipients).await {
-                Ok(Appended::New) => {
-                    if let Some(c) = &channel {
-                        record_history(shared, c, &clip, &recipients, &session.user).await;
+            let stored = match shared.store.append(clip.clone(), &recipients).await {
+                Ok(Appended::New) => Ok(false),
+                Ok(Appended::Duplicate) => Ok(true),
+                Ok(Appended::Conflict) => Err(Refused::conflict()),
+                Err(StoreError::Full { limit }) => Err(Refused::new(
+                    ErrorCode::StorageFull,
+                    format!("relay store full ({limit} bytes)"),
+                )),
+                Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+            };
+            if matches!(stored, Ok(false)) {
+                if let Some(c) = &channel {
+                    record_history(shared, c, &clip, &recipients, &session.user).await;
+                }
+                live.complete(clip);
+                for r in &recipients {
+                    let s = shared.sessions.get(r).map(|s| s.clone());
+                    if let Some(s) = s {
+                        s.store_changed();
                     }
-                    live.complete(clip);
-                    for r in &recipients {
-                        let s = shared.sessions.get(r).map(|s| s.clone());
-                        if let Some(s) = s {
-                            s.store_changed();
-                        }
-                    }
-                    Ok(false)
                 }
-                Ok(Appended::Duplicate) => {
-                    live.cut(ErrorCode::CutOff);
-                    Ok(true)
-                }
-                Ok(Appended::Conflict) => {
-                    live.cut(ErrorCode::CutOff);
-                    Err(Refused::new(
-                        ErrorCode::ClipIdConflict,
-                        "clip id in use by another sender",
-                    ))
-                }
-                Err(StoreError::Full { limit }) => {
-                    live.cut(ErrorCode::CutOff);
-                    Err(Refused::new(
-                        ErrorCode::StorageFull,
-                        format!("relay store full ({limit} bytes)"),
-                    ))
-                }
-                Err(e) => {
-                    live.cut(ErrorCode::CutOff);
-                    Err(Refused::new(ErrorCode::Internal, e.to_string()))
-                }
+            } else {
+                live.cut(ErrorCode::CutOff);
             }
+            stored
         }
         Err(r) => {
+            // Listeners learn a pre-emption as such; anything else is a cut.
             live.cut(if r.code == ErrorCode::Preempted {
                 ErrorCode::Preempted
             } else {
@@ -493,9 +458,24 @@ async fn upload(
         }
         Err(r) => {
             debug!(clip = %id, code = r.code.name(), reason = %r.reason, "clip refused");
-            reply(&mut send, reject(r)).await;
+            reply(&mut send, rejected(id, r)).await;
         }
     }
+}
+
+fn rejected(clip_id: ClipId, r: Refused) -> Message {
+    Message::Rejected(Rejected {
+        clip_id,
+        code: r.code,
+        retry_after_ms: r.retry_after_ms,
+        reason: r.reason,
+    })
+}
+
+/// Refuses an upload before it starts: stops the stream, answers why.
+async fn refuse(send: &mut SendStream, rd: &mut MessageReader, id: ClipId, r: Refused) {
+    let _ = rd.stream().stop(quic::varint(r.code));
+    reply(send, rejected(id, r)).await;
 }
 
 /// The user's clip budget and the relay's in-flight memory budget.
@@ -564,13 +544,13 @@ async fn record_history(
     for u in recipients.iter().chain(std::iter::once(sender)) {
         claim_seen(shared, u, c, seq);
     }
-    let late: Vec<Arc<Session>> = shared.members.get(c).map_or_else(Vec::new, |m| {
-        m.iter()
-            .map(|e| e.value().clone())
-            .filter(|s| s.user != *sender && !recipients.contains(&s.user))
-            .collect()
-    });
-    for s in late {
+    // Members online now that were not recipients (they connected while the
+    // clip was being sent): the only ones whose claim is still open.
+    let online: Vec<Arc<Session>> = shared
+        .members
+        .get(c)
+        .map_or_else(Vec::new, |m| m.iter().map(|e| e.value().clone()).collect());
+    for s in online {
         // Claim the entry first: a replay at connect may race with this.
         if !claim_seen(shared, &s.user, c, seq) {
             continue;
@@ -643,14 +623,14 @@ fn take_floor(
     session: &Session,
     c: &str,
     upload: u64,
-    cancel: &CancellationToken,
+    stop: &Stop,
 ) -> Result<(), Refused> {
     let priority = session.channels.get(c) == Some(&Right::Priority);
     let mine = crate::server::Floor {
         user: session.user.clone(),
         upload,
         priority,
-        cancel: cancel.clone(),
+        stop: stop.clone(),
     };
     match shared.floors.entry(c.to_owned()) {
         dashmap::Entry::Vacant(v) => {
@@ -661,7 +641,15 @@ fn take_floor(
             let held = o.get();
             if held.user == session.user || (priority && !held.priority) {
                 // The holder's clip is cut for its listeners.
-                held.cancel.cancel();
+                if held.user == session.user {
+                    held.stop
+                        .stop(ErrorCode::CutOff, "superseded by a newer clip");
+                } else {
+                    held.stop.stop(
+                        ErrorCode::Preempted,
+                        format!("{} (priority) took the floor of {c}", session.user),
+                    );
+                }
                 o.insert(mine);
                 Ok(())
             } else {
@@ -704,11 +692,10 @@ async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Adm
         }
     };
     match shared.store.sender_of(&h.clip_id).await {
-        Ok(Some(s)) if s == session.user => Ok(Admit::Duplicate),
-        Ok(Some(_)) => Err(Refused::new(
-            ErrorCode::ClipIdConflict,
-            "clip id in use by another sender",
-        )),
+        Ok(Some(s)) => match Appended::for_known(&s, &session.user) {
+            Appended::Duplicate => Ok(Admit::Duplicate),
+            _ => Err(Refused::conflict()),
+        },
         Ok(None) => Ok(Admit::New(recipients)),
         Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
     }
@@ -933,15 +920,28 @@ async fn start_stored_copy(
     Ok(())
 }
 
-/// Registry entry of an upload in progress.
-pub fn new_upload(sender: Arc<str>, number: u64) -> (Upload, CancellationToken) {
-    let cancel = CancellationToken::new();
-    (
-        Upload {
-            sender,
-            number,
-            cancel: cancel.clone(),
-        },
-        cancel,
-    )
+/// Stops an upload from outside (a retry took over, a priority talker took
+/// the floor), saying why.
+#[derive(Clone, Default)]
+pub struct Stop {
+    token: CancellationToken,
+    why: Arc<std::sync::OnceLock<(ErrorCode, String)>>,
+}
+
+impl Stop {
+    pub fn stop(&self, code: ErrorCode, reason: impl Into<String>) {
+        let _ = self.why.set((code, reason.into()));
+        self.token.cancel();
+    }
+
+    /// Resolves once stopped, with the refusal to give.
+    async fn stopped(&self) -> Refused {
+        self.token.cancelled().await;
+        let (code, reason) = self
+            .why
+            .get()
+            .cloned()
+            .unwrap_or((ErrorCode::CutOff, "stopped".into()));
+        Refused::new(code, reason)
+    }
 }

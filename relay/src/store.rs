@@ -146,6 +146,18 @@ pub enum Appended {
     Conflict,
 }
 
+impl Appended {
+    /// The outcome for a clip id already stored by `known` when `sender`
+    /// sends it.
+    pub fn for_known(known: &str, sender: &str) -> Self {
+        if known == sender {
+            Appended::Duplicate
+        } else {
+            Appended::Conflict
+        }
+    }
+}
+
 /// Counters for dashboards and admission.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
@@ -261,14 +273,29 @@ impl MemoryStore {
         }
     }
 
-    /// Bytes a new clip for `recipients` would add, and whether they fit.
-    pub(crate) fn fits(&self, clip: &StoredClip, recipients: usize) -> bool {
+    /// Whether `recipients` copies of `clip` fit the budget.
+    fn check_room(&self, clip: &StoredClip, recipients: usize) -> Result<(), StoreError> {
         let need = clip.size() * recipients as u64;
-        self.bytes.load(Ordering::Relaxed) + need <= self.max_bytes
+        if self.bytes.load(Ordering::Relaxed) + need > self.max_bytes {
+            return Err(StoreError::Full {
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
     }
 
-    pub(crate) fn max_bytes(&self) -> u64 {
-        self.max_bytes
+    /// What appending `clip` would answer without storing anything: a
+    /// retry or a conflict (`Some`), no room (`Err`), or a new clip
+    /// (`None`).
+    pub(crate) fn check_new(
+        &self,
+        clip: &StoredClip,
+        recipients: usize,
+    ) -> Result<Option<Appended>, StoreError> {
+        if let Some(known) = self.ids.get(&clip.meta.id) {
+            return Ok(Some(Appended::for_known(&known, &clip.meta.sender)));
+        }
+        self.check_room(clip, recipients).map(|()| None)
     }
 
     /// Inserts a clip for `recipients`; with `check_budget` false the
@@ -283,19 +310,11 @@ impl MemoryStore {
         let id = clip.meta.id;
         match self.ids.entry(id) {
             dashmap::Entry::Occupied(e) => {
-                return Ok(if *e.get() == clip.meta.sender {
-                    Appended::Duplicate
-                } else {
-                    Appended::Conflict
-                });
+                return Ok(Appended::for_known(e.get(), &clip.meta.sender));
             }
             dashmap::Entry::Vacant(v) => {
-                let need = clip.size() * recipients.len() as u64;
-                let used = self.bytes.load(Ordering::Relaxed);
-                if check_budget && used + need > self.max_bytes {
-                    return Err(StoreError::Full {
-                        limit: self.max_bytes,
-                    });
+                if check_budget {
+                    self.check_room(&clip, recipients.len())?;
                 }
                 v.insert(clip.meta.sender.clone());
             }

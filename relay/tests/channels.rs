@@ -168,3 +168,21 @@ async fn late_joiners_get_what_they_missed_in_order_once() {
     let (_eve, mut eve_ev) = t.member("eve", &[("other", Listen)]).await;
     assert_no_clip(&mut eve_ev, Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_older_than_its_age_is_not_replayed() {
+    let t = start(|c| c.channel_history_age = Duration::from_millis(200)).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    alice
+        .send_clip(&channel_clip("ops", 3), Pacing::Upload)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
+    assert_no_clip(&mut dave_ev, Duration::from_millis(500)).await;
+    // A fresh one is replayed to the next member who connects.
+    let c = channel_clip("ops", 3);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let (_erin, mut erin_ev) = t.member("erin", &[("ops", Listen)]).await;
+    assert_eq!(next_complete(&mut erin_ev).await.id(), c.id);
+}

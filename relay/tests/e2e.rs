@@ -482,3 +482,83 @@ async fn shutdown_sends_go_away_and_lets_uploads_finish() {
     assert_eq!(out.id, c.id);
     stop.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_per_connection_are_capped_by_stream_credit() {
+    let t = start(|c| c.max_clip_streams = 2).await;
+    let (_bob, _bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let pk: Vec<bytes::Bytes> = (0..3).map(|i| packet(i, 40)).collect();
+    let (mut first, _r1) = raw_upload(&alice, ClipId([1; 16]), "bob", &pk).await;
+    let (_second, _r2) = raw_upload(&alice, ClipId([2; 16]), "bob", &pk).await;
+    // A third upload cannot even open while two are running...
+    let third = alice.connection().open_bi();
+    tokio::pin!(third);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut third)
+            .await
+            .is_err(),
+        "a third clip stream opened"
+    );
+    // ...and opens once one of them ends.
+    first.reset(0u32.into()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("no stream credit after an upload ended")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clip_bytes_per_minute_are_limited() {
+    let t = start(|c| {
+        c.max_clips_per_minute = 0;
+        c.max_clip_bytes_per_minute = 1_000;
+    })
+    .await;
+    let (_bob, _bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    // About 2,000 Opus bytes: accepted (bytes are charged at the end)...
+    alice
+        .send_clip(&clip("bob", 40), Pacing::Upload)
+        .await
+        .unwrap();
+    // ...and the next clip waits until the minute's budget refills.
+    match alice.send_clip(&clip("bob", 2), Pacing::Upload).await {
+        Err(ClientError::Rejected {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => assert!(retry_after_ms > 1_000, "{retry_after_ms} ms"),
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_max_message_bytes_are_refused() {
+    let t = start(|c| c.max_message_bytes = 1_024).await;
+    // An Auth message over the limit is refused before it is read.
+    let huge = "x".repeat(2_000);
+    match t.try_connect_with(&huge, ClientOptions::default()).await {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, ErrorCode::ProtocolViolation),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connection accepted"),
+    }
+    // A normal token still fits.
+    t.connect("alice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clip_ids_are_forgotten_after_the_dedupe_window() {
+    let t = start(|c| c.dedupe_window = Duration::from_millis(300)).await;
+    let (bob, mut bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 3);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let got = next_complete(&mut bob_ev).await;
+    bob.ack(got.id()).await.unwrap();
+    // Within the window a resend is a duplicate...
+    assert!(alice.send_clip(&c, Pacing::Upload).await.unwrap().duplicate);
+    // ...after it (the sweep runs every 300 ms here), a new clip.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!alice.send_clip(&c, Pacing::Upload).await.unwrap().duplicate);
+}

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use codec::ClipEnd;
-use codec::wire::{ClipHeader, ClipId, Message, Target};
+use codec::wire::{ClipId, Target};
 use rand::Rng;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -20,7 +19,7 @@ use tokio::time::Instant;
 use super::source::Source;
 use super::stats::{Latency, Percentiles};
 use super::workload::Workload;
-use crate::client::{OutgoingClip, upload_bytes};
+use crate::client::OutgoingClip;
 use crate::net;
 
 /// Largest clip a sink reads (bounds its memory per stream).
@@ -115,9 +114,7 @@ pub async fn run(
             while Instant::now() < end {
                 let (data, ms) = {
                     let mut rng = rand::rng();
-                    let span = w.clip_max.saturating_sub(w.clip_min);
-                    let ms = (w.clip_min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
-                    let (packets, samples) = source.cut(rng.random_range(0..source.len()), ms);
+                    let (packets, samples) = source.random_clip(w.clip_min, w.clip_max, &mut rng);
                     let clip = OutgoingClip {
                         id: ClipId(rng.random()),
                         target: Target::User("sink".into()),
@@ -125,16 +122,7 @@ pub async fn run(
                         final_granule: samples,
                         packets,
                     };
-                    let header = Message::ClipHeader(ClipHeader {
-                        clip_id: clip.id,
-                        target: clip.target.clone(),
-                        format: clip.format,
-                    });
-                    let e = ClipEnd {
-                        packet_count: clip.packets.len() as u64,
-                        final_granule: samples,
-                    };
-                    (upload_bytes(&header, &clip, &e), samples / 48)
+                    (clip.upload_bytes(), samples / 48)
                 };
                 let Ok((mut send, mut recv)) = conn.open_bi().await else {
                     break;

@@ -34,15 +34,11 @@ pub struct RelayReport {
 /// The JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    pub deliveries_ok: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub corrupted: u64,
-    /// Legal redeliveries (an ack lost with its connection), dropped by the
-    /// client library.
-    pub redelivered: u64,
-    /// Arrived though the relay never accepted them for their sender.
-    pub unowed: u64,
+    /// The verification: `deliveries_ok`, `lost`, `duplicated`,
+    /// `corrupted`, `redelivered`, `unowed`, `accepted` (top-level fields in
+    /// the JSON).
+    #[serde(flatten)]
+    pub counts: Counts,
     pub clips_started: u64,
     pub clips_accepted: u64,
     pub send_failed: u64,
@@ -154,12 +150,7 @@ impl Report {
             rss_end_mib: u.rss_end_bytes as f64 / (1024.0 * 1024.0),
         });
         Report {
-            deliveries_ok: i.counts.deliveries_ok,
-            lost: i.counts.lost,
-            duplicated: i.counts.duplicated,
-            corrupted: i.counts.corrupted,
-            redelivered: i.counts.redelivered,
-            unowed: i.counts.unowed,
+            counts: i.counts,
             clips_started: i.clips_started,
             clips_accepted: i.clips_accepted,
             send_failed: i.send_failed,
@@ -207,7 +198,8 @@ impl Report {
 
     /// Lost, duplicated or corrupted clips: the run failed.
     pub fn failed(&self) -> bool {
-        self.lost > 0 || self.duplicated > 0 || self.corrupted > 0
+        let c = &self.counts;
+        c.lost > 0 || c.duplicated > 0 || c.corrupted > 0
     }
 
     /// The summary table printed at the end.
@@ -245,12 +237,12 @@ impl Report {
         let _ = writeln!(
             s,
             "verification: {} ok, {} lost, {} duplicated, {} corrupted ({} legal redeliveries, {} unowed)",
-            self.deliveries_ok,
-            self.lost,
-            self.duplicated,
-            self.corrupted,
-            self.redelivered,
-            self.unowed
+            self.counts.deliveries_ok,
+            self.counts.lost,
+            self.counts.duplicated,
+            self.counts.corrupted,
+            self.counts.redelivered,
+            self.counts.unowed
         );
         let _ = writeln!(
             s,

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,8 +85,7 @@ struct Shared {
     c: Counters,
     start: Instant,
     /// Users stop starting clips.
-    stop_talking: AtomicBool,
-    stop_talking_tx: watch::Sender<bool>,
+    stop_talking: watch::Sender<bool>,
     /// Users disconnect for good.
     quit: watch::Sender<bool>,
     /// Bumped at a reconnect storm.
@@ -198,8 +197,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         hists: Mutex::new(Hists::default()),
         c: Counters::default(),
         start: Instant::now(),
-        stop_talking: AtomicBool::new(false),
-        stop_talking_tx: watch::Sender::new(false),
+        stop_talking: watch::Sender::new(false),
         quit: watch::Sender::new(false),
         storm: watch::Sender::new(0),
         seconds: Mutex::new(Vec::new()),
@@ -246,8 +244,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             break;
         }
     }
-    shared.stop_talking.store(true, Ordering::SeqCst);
-    let _ = shared.stop_talking_tx.send(true);
+    shared.stop_talking.send_replace(true);
     let talking_secs = shared.start.elapsed().as_secs_f64();
     // Clips in flight finish (live ones take as long as they last).
     let drain_until = Instant::now() + w.clip_max + w.grace;
@@ -556,7 +553,7 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
         return; // a listener only
     }
     let mut clients = u.client.subscribe();
-    let mut stop = s.stop_talking_tx.subscribe();
+    let mut stop = s.stop_talking.subscribe();
     loop {
         let gap = {
             let mut rng = rand::rng();
@@ -567,7 +564,7 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
             () = sleep(gap) => {}
             r = stop.wait_for(|s| *s) => { drop(r); return; }
         }
-        if s.stop_talking.load(Ordering::SeqCst) {
+        if *s.stop_talking.borrow() {
             return;
         }
         if clients.borrow().is_none() {
@@ -595,9 +592,7 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     }
                     (Target::User(user_name(r)), vec![r as u32])
                 };
-            let span = w.clip_max.saturating_sub(w.clip_min);
-            let ms = (w.clip_min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
-            let (packets, samples) = s.source.cut(rng.random_range(0..s.source.len()), ms);
+            let (packets, samples) = s.source.random_clip(w.clip_min, w.clip_max, &mut rng);
             let sum = verify::checksum(&packets, samples);
             let id = verify::clip_id(rng.random(), sum);
             let clip = OutgoingClip {

@@ -51,6 +51,18 @@ impl Source {
         (packets, samples)
     }
 
+    /// A clip of a length uniform in `min..=max`, from a random offset.
+    pub fn random_clip(
+        &self,
+        min: std::time::Duration,
+        max: std::time::Duration,
+        rng: &mut impl rand::Rng,
+    ) -> (Vec<Bytes>, u64) {
+        let span = max.saturating_sub(min);
+        let ms = (min + span.mul_f64(rng.random::<f64>())).as_millis() as u64;
+        self.cut(rng.random_range(0..self.len()), ms)
+    }
+
     pub fn len(&self) -> usize {
         self.packets.len()
     }

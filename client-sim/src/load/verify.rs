@@ -46,7 +46,7 @@ pub fn carried_sum(id: &ClipId) -> u64 {
     u64::from_be_bytes(b)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Counts {
     pub deliveries_ok: u64,
     pub lost: u64,
@@ -58,7 +58,7 @@ pub struct Counts {
     /// Clips that arrived but were never accepted by the relay for their
     /// sender (the sender gave up): not owed, not an error.
     pub unowed: u64,
-    /// Clips the relay accepted.
+    /// Copies the relay accepted: one per clip and recipient.
     pub accepted: u64,
 }
 
