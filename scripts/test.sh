@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 declare -A need=(
   [opusenc]=opus-tools [opusdec]=opus-tools [opusinfo]=opus-tools
   [espeak-ng]=espeak-ng [sox]=sox
+  [promtool]=prometheus [prometheus]=prometheus
 )
 missing=()
 for tool in "${!need[@]}"; do

@@ -1,6 +1,8 @@
-//! The admin HTTP listener: `/healthz` (the process is alive) and `/readyz`
-//! (the QUIC endpoint accepts connections; false while draining). It is
-//! unauthenticated: bind it to loopback or a private network only.
+//! The admin HTTP listener: `/healthz` (the process is alive), `/readyz`
+//! (the QUIC endpoint accepts connections; false while draining) and
+//! `/metrics` (Prometheus text format, `docs/metrics.md`). It is
+//! unauthenticated: bind it to loopback or a private network only (the
+//! trusted plane).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +20,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -32,5 +35,20 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::metrics::render(&shared) {
+        Some(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are off (metrics = false)\n").into_response(),
     }
 }

@@ -87,7 +87,8 @@ macro_rules! settings {
 settings! {
     /// UDP address of the QUIC endpoint.
     listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 4433)), "PTT_LISTEN";
-    /// TCP address of the admin HTTP listener (/healthz, /readyz). Trusted
+    /// TCP address of the admin HTTP listener (/healthz, /readyz, /metrics).
+    /// Trusted
     /// plane: keep it on loopback or a private network.
     admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9464)), "PTT_ADMIN";
     /// Directory for the certificate, key, token secret and store.
@@ -157,6 +158,16 @@ settings! {
     ack_threshold: u32 = 4, "PTT_ACK_THRESHOLD";
     /// Longest a client may delay an ACK (with `ack_threshold`).
     ack_delay: Duration = Duration::from_millis(25), "PTT_ACK_DELAY", parse_duration;
+    /// Export Prometheus metrics at the admin listener's `/metrics`
+    /// (`docs/metrics.md`). Off: no recorder, `/metrics` answers 404.
+    metrics: bool = true, "PTT_METRICS";
+    /// UDP receive buffer the relay asks the kernel for (SO_RCVBUF). The
+    /// kernel caps it at net.core.rmem_max; the relay warns when capped
+    /// (deploy/sysctl raises the cap).
+    udp_recv_buffer: usize = 8 * 1024 * 1024, "PTT_UDP_RECV_BUFFER";
+    /// UDP send buffer the relay asks for (SO_SNDBUF, capped by
+    /// net.core.wmem_max).
+    udp_send_buffer: usize = 8 * 1024 * 1024, "PTT_UDP_SEND_BUFFER";
 }
 
 impl Settings {

@@ -260,6 +260,8 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
+        crate::metrics::hot().store_batch.record(batch.len() as f64);
         let mut replies = Vec::new();
         let mut expiries = Vec::new();
         let mut syncs = Vec::new();
@@ -380,6 +382,7 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
             }
             txn.commit().map_err(failed)
         })();
+        crate::metrics::hot().store_sync.record(started.elapsed());
         match result {
             Ok(()) => {
                 for (reply, outcome) in replies {

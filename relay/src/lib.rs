@@ -9,6 +9,7 @@ pub mod disk_store;
 pub mod faults;
 pub mod limits;
 pub mod live;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod signal;

@@ -23,8 +23,16 @@ pub enum Outcome {
     Cut(ErrorCode),
 }
 
+/// A run of validated packet records, as it arrived.
+struct Segment {
+    bytes: Bytes,
+    packets: u64,
+    /// When it was read off the sender's stream (for the hop latency).
+    at: std::time::Instant,
+}
+
 struct Inner {
-    segments: Vec<Bytes>,
+    segments: Vec<Segment>,
     outcome: Outcome,
 }
 
@@ -59,9 +67,14 @@ impl LiveClip {
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// Appends validated packet records.
-    pub fn push(&self, segment: Bytes) {
-        self.update(|g| g.segments.push(segment));
+    /// Appends validated packet records (`packets` of them).
+    pub fn push(&self, segment: Bytes, packets: u64) {
+        let seg = Segment {
+            bytes: segment,
+            packets,
+            at: std::time::Instant::now(),
+        };
+        self.update(|g| g.segments.push(seg));
     }
 
     /// The clip is stored: writers send the end record.
@@ -81,11 +94,12 @@ impl LiveClip {
         };
         match g.segments.as_slice() {
             [] => Bytes::new(),
-            [one] => one.clone(),
+            [one] => one.bytes.clone(),
             many => {
-                let mut b = bytes::BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                let mut b =
+                    bytes::BytesMut::with_capacity(many.iter().map(|s| s.bytes.len()).sum());
                 for s in many {
-                    b.extend_from_slice(s);
+                    b.extend_from_slice(&s.bytes);
                 }
                 b.freeze()
             }
@@ -109,10 +123,22 @@ pub struct LiveReader {
     changes: watch::Receiver<u64>,
 }
 
+/// Segments a reader has not written yet.
+pub struct Batch {
+    /// Cheap clones of the shared bytes.
+    pub segs: Vec<Bytes>,
+    /// Opus packets in them.
+    pub packets: u64,
+    /// Bytes in them.
+    pub bytes: u64,
+    /// When the oldest of them arrived.
+    pub since: std::time::Instant,
+}
+
 /// What a [`LiveReader`] has next.
 pub enum Next {
-    /// New segments to write (cheap clones of shared bytes).
-    Data(Vec<Bytes>),
+    /// New segments to write.
+    Data(Batch),
     Complete(Arc<StoredClip>),
     Cut(ErrorCode),
 }
@@ -126,10 +152,20 @@ impl LiveReader {
                 let Ok(g) = self.clip.inner.lock() else {
                     return Next::Cut(ErrorCode::Internal);
                 };
-                if self.next < g.segments.len() {
-                    let new = g.segments[self.next..].to_vec();
+                if let Some(first) = g.segments.get(self.next) {
+                    let mut b = Batch {
+                        segs: Vec::with_capacity(g.segments.len() - self.next),
+                        packets: 0,
+                        bytes: 0,
+                        since: first.at,
+                    };
+                    for s in &g.segments[self.next..] {
+                        b.segs.push(s.bytes.clone());
+                        b.packets += s.packets;
+                        b.bytes += s.bytes.len() as u64;
+                    }
                     self.next = g.segments.len();
-                    return Next::Data(new);
+                    return Next::Data(b);
                 }
                 match &g.outcome {
                     Outcome::Open => {}
@@ -165,25 +201,26 @@ mod tests {
     async fn readers_see_every_segment_then_the_end() {
         let clip = LiveClip::new(meta());
         let mut early = clip.reader();
-        clip.push(Bytes::from_static(b"a"));
-        clip.push(Bytes::from_static(b"b"));
+        clip.push(Bytes::from_static(b"a"), 1);
+        clip.push(Bytes::from_static(b"b"), 2);
         let Next::Data(d) = early.next().await else {
             panic!()
         };
-        assert_eq!(d, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert_eq!(d.segs, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert_eq!((d.packets, d.bytes), (3, 2));
         let mut late = clip.reader();
         let waiter = tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
                 match early.next().await {
-                    Next::Data(d) => got.extend(d),
+                    Next::Data(d) => got.extend(d.segs),
                     Next::Complete(_) => return (got, true),
                     Next::Cut(_) => return (got, false),
                 }
             }
         });
         tokio::task::yield_now().await;
-        clip.push(Bytes::from_static(b"c"));
+        clip.push(Bytes::from_static(b"c"), 1);
         let stored = Arc::new(StoredClip::new(
             clip.meta.clone(),
             clip.body(),
@@ -202,7 +239,7 @@ mod tests {
         let Next::Data(d) = late.next().await else {
             panic!()
         };
-        assert_eq!(d.len(), 3);
+        assert_eq!(d.segs.len(), 3);
         assert!(matches!(late.next().await, Next::Complete(_)));
     }
 
@@ -211,7 +248,7 @@ mod tests {
         let clip = LiveClip::new(meta());
         let mut r = clip.reader();
         clip.cut(ErrorCode::CutOff);
-        clip.push(Bytes::from_static(b"late"));
+        clip.push(Bytes::from_static(b"late"), 1);
         assert!(matches!(r.next().await, Next::Cut(ErrorCode::CutOff)));
     }
 }

@@ -159,8 +159,18 @@ impl Relay {
             .with_context(|| format!("reading token secret {}", files.secret.display()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&files)?));
         server.transport_config(Arc::new(transport(&config)?));
-        let endpoint = quinn::Endpoint::server(server, config.listen)
-            .with_context(|| format!("binding UDP {}", config.listen))?;
+        if config.metrics {
+            crate::metrics::install();
+        }
+        crate::metrics::hot();
+        let socket = udp_socket(&config)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("starting QUIC on UDP {}", config.listen))?;
         let store: Arc<dyn ClipStore> = match config.store {
             StoreKind::Memory => Arc::new(MemoryStore::new(config.max_store_bytes)),
             StoreKind::Disk => {
@@ -207,6 +217,7 @@ impl Relay {
         tokio::spawn(crate::admin::serve(admin, shared.clone()));
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
+        tokio::spawn(crate::metrics::upkeep(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
             shared,
@@ -255,6 +266,7 @@ impl Relay {
         // seconds so the next relay is not hit by all of them at once.
         let sessions: Vec<_> = s.sessions.iter().map(|e| e.value().clone()).collect();
         let goodbyes = sessions.into_iter().map(|sess| async move {
+            crate::metrics::count1(crate::metrics::GOAWAYS);
             let jitter = rand::random::<u64>() % 5_000;
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
@@ -290,6 +302,53 @@ impl Shared {
     }
 }
 
+/// The endpoint's UDP socket, with the buffers `udp_recv_buffer` and
+/// `udp_send_buffer` asked for; a warning when the kernel gives less.
+fn udp_socket(cfg: &Config) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = cfg.listen;
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .context("creating the UDP socket")?;
+    if addr.is_ipv6() {
+        // [::] takes IPv4 as well, as quinn's own bind does.
+        let _ = sock.set_only_v6(false);
+    }
+    for (what, want, set, get, sysctl) in [
+        (
+            "receive",
+            cfg.udp_recv_buffer,
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+            "net.core.rmem_max",
+        ),
+        (
+            "send",
+            cfg.udp_send_buffer,
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+            "net.core.wmem_max",
+        ),
+    ] {
+        if want == 0 {
+            continue;
+        }
+        let _ = set(&sock, want);
+        // Linux reports twice what it grants (bookkeeping included).
+        let got = get(&sock).unwrap_or(0);
+        if got < want {
+            warn!(
+                buffer = what,
+                asked = want,
+                got,
+                "UDP {what} buffer capped by the kernel: raise {sysctl} (deploy/sysctl/60-ptt-relay.conf)"
+            );
+        }
+    }
+    sock.bind(&addr.into())
+        .with_context(|| format!("binding UDP {addr}"))?;
+    Ok(sock.into())
+}
+
 /// Runs futures concurrently and waits for all.
 async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iterator<Item = F>) {
     let mut set = tokio::task::JoinSet::new();
@@ -304,10 +363,22 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         if !shared.handshake_allowed() {
             // A flood: make unvalidated clients prove their address (a
             // Retry costs us no state), refuse the validated ones.
-            if incoming.remote_address_validated() {
+            let outcome = if incoming.remote_address_validated() {
                 incoming.refuse();
+                "refused"
             } else if let Err(e) = incoming.retry() {
                 e.into_incoming().refuse();
+                "refused"
+            } else {
+                "retry"
+            };
+            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", outcome);
+            if outcome == "refused" {
+                crate::metrics::count(
+                    crate::metrics::CONNECTIONS_REJECTED,
+                    "reason",
+                    "handshake_rate",
+                );
             }
             continue;
         }
@@ -315,6 +386,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         let shared2 = shared.clone();
         tokio::spawn(async move {
             if n > shared2.config.max_connections {
+                crate::metrics::count(
+                    crate::metrics::CONNECTIONS_REJECTED,
+                    "reason",
+                    "max_connections",
+                );
                 if let Ok(conn) = incoming.await {
                     quic::close(
                         &conn,
@@ -354,7 +430,10 @@ async fn sweep_loop(shared: Arc<Shared>) {
         shared.budgets.retain(|_, b| !b.is_idle(t));
         match shared.store.expire(ttl, window).await {
             Ok(0) => {}
-            Ok(n) => info!(dropped = n, "expired undelivered clips"),
+            Ok(n) => {
+                metrics::counter!(crate::metrics::CLIPS_EXPIRED).increment(n);
+                info!(dropped = n, "expired undelivered clips");
+            }
             Err(e) => warn!(error = %e, "store expiry failed"),
         }
     }

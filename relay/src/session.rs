@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
+use crate::metrics;
 use crate::server::Shared;
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
 
@@ -99,6 +100,12 @@ impl Session {
         }
     }
 
+    /// Live clips waiting to start plus deliveries not yet acknowledged.
+    pub fn queue_depth(&self) -> usize {
+        let waiting = self.live_tx.max_capacity() - self.live_tx.capacity();
+        waiting + self.deliveries.lock().map_or(0, |d| d.open.len())
+    }
+
     fn stored_open(&self) -> usize {
         self.deliveries.lock().map_or(usize::MAX, |d| d.stored_open)
     }
@@ -109,14 +116,23 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
+            metrics::count(metrics::HANDSHAKES, "outcome", "failed");
             debug!(error = %e, "handshake failed");
             return;
         }
     };
+    metrics::count(metrics::HANDSHAKES, "outcome", "completed");
     let remote = conn.remote_address();
     let (session, mut live_rx, ctl) = match authenticate(&shared, &conn).await {
-        Ok(x) => x,
+        Ok(x) => {
+            metrics::count1(metrics::CONNECTIONS_ACCEPTED);
+            x
+        }
         Err((code, reason)) => {
+            if code != ErrorCode::NoError {
+                metrics::count(metrics::AUTH_FAILURES, "reason", code.name());
+                metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "auth");
+            }
             debug!(%remote, code = code.name(), %reason, "connection refused");
             quic::close(&conn, code, &reason);
             return;
@@ -236,7 +252,7 @@ async fn control_loop(
         match ctl.next().await {
             Ok(Some(Message::Ack(id))) => {
                 match shared.store.ack(&session.user, &id).await {
-                    Ok(_) => {}
+                    Ok(_) => metrics::hot().delivered.increment(1),
                     Err(e) => warn!(error = %e, "store ack failed"),
                 }
                 session.finish(&id);
@@ -347,6 +363,7 @@ async fn upload(
             Err(r) => return refuse(&mut send, &mut rd, id, r).await,
         },
         Ok(Admit::Duplicate) => {
+            metrics::hot().duplicate.increment(1);
             let _ = rd.stream().stop(quic::varint(ErrorCode::NoError));
             reply(
                 &mut send,
@@ -386,6 +403,7 @@ async fn upload(
         if let Some(s) = s
             && !s.offer_live(live.clone())
         {
+            metrics::hot().live_fallbacks.increment(1);
             debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
         }
     }
@@ -401,6 +419,7 @@ async fn upload(
         b.charge_bytes(held, std::time::Instant::now());
     }
     // Ok(duplicate?) once stored; the live clip completes only if new.
+    let ended = std::time::Instant::now();
     let outcome = match result {
         Ok(end) => {
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
@@ -432,11 +451,13 @@ async fn upload(
         }
         Err(r) => {
             // Listeners learn a pre-emption as such; anything else is a cut.
-            live.cut(if r.code == ErrorCode::Preempted {
+            let code = if r.code == ErrorCode::Preempted {
                 ErrorCode::Preempted
             } else {
                 ErrorCode::CutOff
-            });
+            };
+            live.cut(code);
+            metrics::count(metrics::CLIPS_CUT, "reason", code.name());
             let _ = rd.stream().stop(quic::varint(r.code));
             Err(r)
         }
@@ -447,6 +468,12 @@ async fn upload(
     }
     match outcome {
         Ok(duplicate) => {
+            let hot = metrics::hot();
+            match (duplicate, &channel) {
+                (true, _) => hot.duplicate.increment(1),
+                (false, None) => hot.accepted_user.increment(1),
+                (false, Some(_)) => hot.accepted_channel.increment(1),
+            }
             reply(
                 &mut send,
                 Message::Accepted(Accepted {
@@ -458,9 +485,11 @@ async fn upload(
         }
         Err(r) => {
             debug!(clip = %id, code = r.code.name(), reason = %r.reason, "clip refused");
+            metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
             reply(&mut send, rejected(id, r)).await;
         }
     }
+    metrics::hot().sender_ack.record(ended.elapsed());
 }
 
 fn rejected(clip_id: ClipId, r: Refused) -> Message {
@@ -474,6 +503,7 @@ fn rejected(clip_id: ClipId, r: Refused) -> Message {
 
 /// Refuses an upload before it starts: stops the stream, answers why.
 async fn refuse(send: &mut SendStream, rd: &mut MessageReader, id: ClipId, r: Refused) {
+    metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
     let _ = rd.stream().stop(quic::varint(r.code));
     reply(send, rejected(id, r)).await;
 }
@@ -635,6 +665,7 @@ fn take_floor(
     match shared.floors.entry(c.to_owned()) {
         dashmap::Entry::Vacant(v) => {
             v.insert(mine);
+            metrics::count1(metrics::FLOOR_GRANTS);
             Ok(())
         }
         dashmap::Entry::Occupied(mut o) => {
@@ -649,10 +680,13 @@ fn take_floor(
                         ErrorCode::Preempted,
                         format!("{} (priority) took the floor of {c}", session.user),
                     );
+                    metrics::count1(metrics::FLOOR_PREEMPTIONS);
                 }
                 o.insert(mine);
+                metrics::count1(metrics::FLOOR_GRANTS);
                 Ok(())
             } else {
+                metrics::count1(metrics::FLOOR_BUSY);
                 Err(Refused::new(
                     ErrorCode::FloorBusy,
                     format!("busy: {} holds the floor of {c}", held.user),
@@ -712,18 +746,23 @@ async fn receive_packets(
     let cfg = &shared.config;
     let mut framer = Framer::new(cfg.frame_limits());
     let mut end = None;
+    let hot = metrics::hot();
     loop {
         let buf = rd.buffer();
+        let before = framer.packets();
         let scan = framer
             .scan(buf)
             .map_err(|e| Refused::new(e.code(), e.to_string()))?;
         if scan.records > 0 {
             let n = scan.records as u64;
+            let packets = framer.packets() - before;
+            hot.packets_in.increment(packets);
+            hot.bytes_in.increment(n);
             shared
                 .inflight
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             *held += n;
-            live.push(buf.split_to(scan.records).freeze());
+            live.push(buf.split_to(scan.records).freeze(), packets);
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);
@@ -830,6 +869,7 @@ async fn start_live(
         Ok(s) => s,
         Err(_) => return Err(()),
     };
+    metrics::hot().deliveries_live.increment(1);
     let session = session.clone();
     let fault = shared.faults.pick();
     let shared2 = shared.clone();
@@ -854,9 +894,15 @@ async fn write_live(
     if send.write_chunk(live.header.clone()).await.is_err() {
         return true;
     }
+    let hot = metrics::hot();
     loop {
         match reader.next().await {
-            Next::Data(mut segs) => {
+            Next::Data(crate::live::Batch {
+                mut segs,
+                packets,
+                bytes,
+                since,
+            }) => {
                 if matches!(fault, Fault::DropPacket | Fault::Corrupt)
                     && let Some(first) = segs.first_mut()
                 {
@@ -866,6 +912,9 @@ async fn write_live(
                 if send.write_all_chunks(&mut segs).await.is_err() {
                     return true;
                 }
+                hot.hop.record(since.elapsed());
+                hot.packets_out.increment(packets);
+                hot.bytes_out.increment(bytes);
             }
             Next::Complete(clip) => {
                 if send.write_chunk(clip.end_bytes.clone()).await.is_ok() {
@@ -907,6 +956,8 @@ async fn start_stored_copy(
         Ok(s) => s,
         Err(_) => return Err(()),
     };
+    let hot = metrics::hot();
+    hot.deliveries_stored.increment(1);
     shared.tracker.spawn(async move {
         let body = match fault {
             Fault::None | Fault::Duplicate => clip.body.clone(),
@@ -915,6 +966,8 @@ async fn start_stored_copy(
         let mut chunks: [Bytes; 3] = [clip.header.clone(), body, clip.end_bytes.clone()];
         if send.write_all_chunks(&mut chunks).await.is_ok() {
             let _ = send.finish();
+            hot.packets_out.increment(clip.end.packet_count);
+            hot.bytes_out.increment(clip.body.len() as u64);
         }
     });
     Ok(())

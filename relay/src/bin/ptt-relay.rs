@@ -66,7 +66,15 @@ async fn main() -> anyhow::Result<()> {
             init_logs(config.log_format);
             let relay = Relay::start(config).await?;
             print_banner(&relay);
-            relay.run_until(relay::signal::shutdown()).await;
+            // Under systemd (Type=notify): ready now, stopping on a signal.
+            // Without NOTIFY_SOCKET these do nothing.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            relay
+                .run_until(async {
+                    relay::signal::shutdown().await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                })
+                .await;
             Ok(())
         }
         Cmd::Token {
@@ -106,7 +114,7 @@ fn print_banner(relay: &Relay) {
         quic.to_string()
     };
     eprintln!(
-        "ptt-relay listening on QUIC {quic} (admin http://{admin}/healthz, /readyz)\n\
+        "ptt-relay listening on QUIC {quic} (admin http://{admin}/healthz, /readyz, /metrics)\n\
          \x20 certificate {cert}, token secret {secret}\n\
          \x20 mint a token:  ptt-relay token --data-dir {dir} --user alice\n\
          \x20 receive:       client-sim listen --relay {host} --ca {cert} --token \"$(ptt-relay token --data-dir {dir} --user bob)\" --out inbox\n\
