@@ -17,8 +17,9 @@ for tool in "${!need[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${need[$tool]}")
 done
 # build dependencies of the audio path (libopus is built with cmake;
-# webrtc-audio-processing binds Debian's library with bindgen)
-for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev; do
+# webrtc-audio-processing binds Debian's library with bindgen); python3-venv
+# for the Kubernetes manifest check
+for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev python3-venv; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -43,6 +44,14 @@ if cargo tree -p relay --locked -e normal,build --prefix none | grep -E '^(opus|
   echo "error: the relay depends on an audio crate (codec's \`audio\` feature leaked)" >&2
   exit 1
 fi
+
+echo "==> Kubernetes manifests (kubernetes-validate, offline schemas, strict)"
+venv=target/ci-venv
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'kubernetes-validate==1.37.*'
+fi
+"$venv/bin/kubernetes-validate" --strict deploy/kubernetes/*.yaml
 
 echo "==> tests"
 if cargo nextest --version >/dev/null 2>&1; then
