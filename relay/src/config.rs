@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
-    /// On local disk (DATA_DIR/clips.redb), with every undelivered clip
+    /// On local disk (an append-only log in DATA_DIR/log/), with every
+    /// undelivered clip
     /// also in memory: accepted clips survive crashes.
     Disk,
     /// In memory only: lost when the process stops.
@@ -129,6 +130,10 @@ settings! {
     /// How long a clip id is remembered after acceptance, so a sender's
     /// retry is answered `duplicate` instead of being delivered twice.
     dedupe_window: Duration = Duration::from_secs(600), "PTT_DEDUPE_WINDOW", parse_duration;
+    /// Disk store: least time between two commits. Under load, clips and
+    /// acks gather this long and share one write and one fsync (group
+    /// commit); a sender's `Accepted` waits at most this much longer.
+    store_commit_interval: Duration = Duration::from_millis(3), "PTT_STORE_COMMIT_INTERVAL", parse_duration;
     /// Most bytes held by the store; past it new clips get `storage_full`.
     max_store_bytes: u64 = 1024 * 1024 * 1024, "PTT_MAX_STORE_BYTES";
     /// Undelivered clips older than this are dropped.

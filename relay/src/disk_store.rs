@@ -1,45 +1,88 @@
-//! The durable store: every clip on local disk in a redb database
-//! (`DATA_DIR/clips.redb`) before the sender hears "accepted", with the hot
+//! The durable store: every clip on local disk, in an append-only segment
+//! log (`DATA_DIR/log/`), before the sender hears "accepted", with the hot
 //! path in memory: a [`MemoryStore`] holds every undelivered clip, so reads
 //! never touch the disk.
 //!
 //! One committer thread owns the write side. Appends and acks queue to it;
-//! it takes everything queued, writes it in one transaction and syncs once
-//! (group commit), then answers every waiting append. So durability costs
-//! one fsync per batch, not per clip.
+//! it takes everything queued, encodes it as records into one buffer,
+//! writes that buffer with one `write` and syncs once (group commit), then
+//! answers every waiting append. Durability costs one sequential write and
+//! one fdatasync per batch.
 //!
-//! Why redb: an embedded, pure-Rust, ACID key-value store with
-//! copy-on-write B-trees and checksummed commits: a crash or a torn write
-//! leaves the last committed state, which is what "accepted" promised. Its
-//! single writer matches the committer; it needs no background compaction
-//! (deleted clips' pages are reused).
+//! Why a segment log and not an embedded B-tree (the first version used
+//! redb): a clip here is written once, read from memory, and deleted
+//! within milliseconds to days. A B-tree pays for that with random page
+//! rewrites (copy-on-write of the leaf and branch pages of four tables per
+//! clip, twice: on insert and on delete); measured, that capped the durable
+//! clip rate at half the in-memory one, the relay's core busy in page
+//! building. The log writes each clip's bytes once, sequentially, and an
+//! ack is a 40-byte tombstone; space comes back by deleting whole segment
+//! files. `docs/benchmarks.md` has both numbers.
 //!
-//! Tables: `clips` (id → the clip), `refs` (id → recipients still owed it,
-//! when more than one),
-//! `mailbox` ((recipient, id) → (order, created_ms)), `ids` (id →
-//! (accepted_ms, sender), for the dedupe window).
+//! Files (format in [`crate::segment_log`]): `seg-N.log`, segments of
+//! records, a new one every [`LogOptions::segment_bytes`]; `ids-N.log`,
+//! clip ids carried out of deleted segments for the dedupe window.
+//!
+//! Space: a segment is deleted when every clip put in it has been acked or
+//! expired and every older segment is gone (acks in a segment may refer to
+//! clips in older ones, so deletion goes oldest first). A long-undelivered
+//! clip would pin its segment and everything after it: when more than
+//! [`LogOptions::sealed_segments`] segments are closed and the log is more
+//! than twice the live data, the oldest segment's live clips are written
+//! again at the head (with their remaining recipients) and it is deleted.
+//!
+//! Crash safety: a segment is created, its magic synced and the directory
+//! synced before any record goes into it; a batch is answered only after
+//! its fdatasync; deletions are synced (directory) before the next ones.
+//! Recovery replays every segment oldest first; a record cut short or
+//! failing its CRC ends the valid part of its segment: in the newest one
+//! that is the torn tail of the last batch (truncated, never answered); in
+//! an older one it is damage (counted and logged; the rest of that segment
+//! is skipped).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use codec::wire::ClipId;
-use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::segment_log::{self as log, IDS_MAGIC, LogDir, LogFile, Record, SEGMENT_MAGIC};
 use crate::store::{Appended, ClipStore, Cursor, MemoryStore, StoreError, StoreStats, StoredClip};
-
-const CLIPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clips");
-const REFS: TableDefinition<&[u8], u64> = TableDefinition::new("refs");
-const MAILBOX: TableDefinition<(&str, &[u8]), (u64, u64)> = TableDefinition::new("mailbox");
-const IDS: TableDefinition<&[u8], (u64, &str)> = TableDefinition::new("ids");
 
 /// Most operations one commit takes.
 const MAX_BATCH: usize = 1024;
 /// Operations waiting for the committer, at most (appends wait when full).
 const QUEUE: usize = 4096;
+
+/// Log tuning (fixed in production; tests use small segments).
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// A new segment is started once the current one holds this many bytes.
+    pub segment_bytes: u64,
+    /// Closed segments kept before the oldest one's live clips are
+    /// rewritten so it can be deleted.
+    pub sealed_segments: usize,
+    /// An ids file is closed at this size.
+    pub ids_file_bytes: u64,
+    /// Least time between the starts of two commits (`store_commit_interval`):
+    /// under load, operations gather for this long and share one write and
+    /// one sync. Zero: commit as soon as anything is queued.
+    pub commit_interval: std::time::Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 * 1024 * 1024,
+            sealed_segments: 4,
+            ids_file_bytes: 16 * 1024 * 1024,
+            commit_interval: std::time::Duration::from_millis(3),
+        }
+    }
+}
 
 /// Where the committer answers an operation.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -67,18 +110,8 @@ enum Op {
     },
     /// Answered once everything queued before it is on disk.
     Sync(Reply<()>),
-    /// Like `Sync`, then the committer closes the database and stops.
+    /// Like `Sync`, then the committer stops.
     Close(Reply<()>),
-}
-
-/// Whether redb says the file itself is unreadable (not a transient I/O
-/// failure).
-fn damaged(e: &redb::StorageError) -> bool {
-    match e {
-        redb::StorageError::Corrupted(_) => true,
-        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
-        _ => false,
-    }
 }
 
 /// What recovery found on open.
@@ -87,8 +120,11 @@ pub struct Recovered {
     pub clips: u64,
     pub copies: u64,
     pub ids: u64,
-    /// Records that could not be read back (damaged): skipped.
+    /// Records or files that could not be read back (damaged): skipped.
     pub damaged: u64,
+    /// Bytes of a torn last batch (never acknowledged) dropped from the
+    /// newest segment.
+    pub torn_bytes: u64,
 }
 
 pub struct DiskStore {
@@ -100,51 +136,52 @@ fn failed(e: impl std::fmt::Display) -> StoreError {
     StoreError::Failed(e.to_string())
 }
 
+fn seg_name(n: u64) -> String {
+    format!("seg-{n:020}.log")
+}
+
+fn ids_name(n: u64) -> String {
+    format!("ids-{n:020}.log")
+}
+
+fn number(name: &str, prefix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
 impl DiskStore {
-    /// Opens (or creates) the database in `dir` and loads every undelivered
-    /// clip into memory.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Recovered), StoreError> {
-        let path = dir.join("clips.redb");
-        let db = match Database::create(&path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::Storage(e)) if damaged(&e) => {
-                let why = e.to_string();
-                // Nothing in it can be read: keep it for inspection and
-                // start with an empty store rather than not at all.
-                let aside = dir.join(format!("clips.redb.damaged-{}", crate::now_ms()));
-                std::fs::rename(&path, &aside).map_err(failed)?;
-                tracing::error!(
-                    file = %aside.display(),
-                    %why,
-                    "the clip store is damaged beyond repair: moved aside, starting empty"
-                );
-                Database::create(&path)
-                    .map_err(|e| failed(format!("opening {}: {e}", path.display())))?
-            }
-            Err(e) => return Err(failed(format!("opening {}: {e}", path.display()))),
-        };
-        Self::with_database(db, max_bytes)
-    }
-
-    /// Opens the store on any redb storage backend (tests simulate crashes
-    /// with one).
-    pub fn open_with_backend(
-        backend: impl redb::StorageBackend,
+    /// Opens (or creates) the log in `DATA_DIR/log` and loads every
+    /// undelivered clip into memory.
+    pub fn open(
+        dir: &Path,
         max_bytes: u64,
+        opts: LogOptions,
     ) -> Result<(Self, Recovered), StoreError> {
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| failed(format!("opening the store: {e}")))?;
-        Self::with_database(db, max_bytes)
+        if dir.join("clips.redb").exists() {
+            warn!(
+                "DATA_DIR/clips.redb is from an older ptt-relay (redb store) and is not read; \
+                 deliver its clips with that version before upgrading, or remove it"
+            );
+        }
+        let fs = log::FsDir::open(&dir.join("log"))
+            .map_err(|e| failed(format!("opening {}: {e}", dir.join("log").display())))?;
+        Self::open_with(Arc::new(fs), max_bytes, opts)
     }
 
-    fn with_database(db: Database, max_bytes: u64) -> Result<(Self, Recovered), StoreError> {
+    /// Opens the store on any [`LogDir`] (tests simulate crashes with one).
+    pub fn open_with(
+        dir: Arc<dyn LogDir>,
+        max_bytes: u64,
+        opts: LogOptions,
+    ) -> Result<(Self, Recovered), StoreError> {
         let mem = MemoryStore::new(max_bytes);
-        let rec = recover(&db, &mem)?;
+        let (committer, rec) = recover(dir, &mem, opts)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || committer(db, rx))
+            .spawn(move || committer.run(rx))
             .map_err(failed)?;
         Ok((Self { mem, ops: tx }, rec))
     }
@@ -154,8 +191,8 @@ impl DiskStore {
         let _ = self.call(Op::Sync).await;
     }
 
-    /// Writes what is queued, closes the database and stops the committer
-    /// (later operations fail). For shutdown, and for reopening in tests.
+    /// Writes what is queued and stops the committer (later operations
+    /// fail). For shutdown, and for reopening in tests.
     pub async fn close(&self) {
         let _ = self.call(Op::Close).await;
     }
@@ -176,214 +213,379 @@ impl DiskStore {
     }
 }
 
-fn recover(db: &Database, mem: &MemoryStore) -> Result<Recovered, StoreError> {
+/// A clip some recipient is still owed, as the committer tracks it.
+struct Live {
+    /// The segment holding its latest `Put`.
+    seg: u64,
+    clip: Arc<StoredClip>,
+    accepted_ms: u64,
+    copies: Vec<(Arc<str>, u64)>,
+    /// Size of its `Put` record.
+    bytes: u64,
+}
+
+/// A segment's bookkeeping.
+#[derive(Default)]
+struct Seg {
+    /// Clips whose latest `Put` is here and that someone is still owed.
+    live: u64,
+    /// File size.
+    bytes: u64,
+    /// Ids first put here: carried to an ids file when it is deleted.
+    ids: Vec<(ClipId, u64, Arc<str>)>,
+}
+
+/// The write side: owns the files and the index of what is live where.
+struct Committer {
+    dir: Arc<dyn LogDir>,
+    opts: LogOptions,
+    cur: Box<dyn LogFile>,
+    cur_seq: u64,
+    segs: BTreeMap<u64, Seg>,
+    live: HashMap<ClipId, Live>,
+    live_bytes: u64,
+    /// Ids put in segments not yet deleted: (accepted_ms, sender).
+    /// Retries of an id racing its first commit are answered from here.
+    recent: HashMap<ClipId, (u64, Arc<str>)>,
+    ids_file: Option<(Box<dyn LogFile>, u64, u64)>,
+    /// Ids files: number → newest accepted_ms in it.
+    ids_files: BTreeMap<u64, u64>,
+    next_ids_seq: u64,
+    order: u64,
+    /// Ids accepted before this are past the dedupe window.
+    forget_before: u64,
+    buf: Vec<u8>,
+    /// Set after a failed write or sync: what is on disk is unknown, so
+    /// nothing more is acknowledged.
+    poisoned: Option<String>,
+}
+
+/// Replays the log into `mem` and sets up the committer.
+fn recover(
+    dir: Arc<dyn LogDir>,
+    mem: &MemoryStore,
+    opts: LogOptions,
+) -> Result<(Committer, Recovered), StoreError> {
     let mut rec = Recovered::default();
-    let txn = db.begin_write().map_err(failed)?;
-    {
-        // Create the tables on first open.
-        txn.open_table(CLIPS).map_err(failed)?;
-        txn.open_table(REFS).map_err(failed)?;
-        txn.open_table(MAILBOX).map_err(failed)?;
-        txn.open_table(IDS).map_err(failed)?;
+    let names = dir.list().map_err(failed)?;
+    let mut seg_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "seg-")).collect();
+    let mut ids_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "ids-")).collect();
+    seg_nums.sort_unstable();
+    ids_nums.sort_unstable();
+
+    struct State {
+        seg: u64,
+        clip: Arc<StoredClip>,
+        accepted_ms: u64,
+        copies: Vec<(Arc<str>, u64)>,
+        bytes: u64,
     }
-    txn.commit().map_err(failed)?;
-    let txn = db.begin_read().map_err(failed)?;
-    let ids = txn.open_table(IDS).map_err(failed)?;
-    let mut id_list = Vec::new();
-    for row in ids.iter().map_err(failed)? {
-        let (k, v) = row.map_err(failed)?;
-        let Ok(id) = <[u8; 16]>::try_from(k.value()) else {
-            rec.damaged += 1;
-            continue;
-        };
-        let (at, sender) = v.value();
-        id_list.push((at, ClipId(id), Arc::<str>::from(sender)));
-    }
-    id_list.sort_by_key(|(at, _, _)| *at);
-    for (at, id, sender) in id_list {
-        mem.restore_id(id, sender, at);
-        rec.ids += 1;
-    }
-    let clips = txn.open_table(CLIPS).map_err(failed)?;
-    let mut loaded: HashMap<[u8; 16], Arc<StoredClip>> = HashMap::new();
-    for row in clips.iter().map_err(failed)? {
-        let (k, v) = row.map_err(failed)?;
-        match (
-            <[u8; 16]>::try_from(k.value()),
-            StoredClip::from_record(v.value()),
-        ) {
-            (Ok(id), Some(c)) if c.meta.id.0 == id => {
-                loaded.insert(id, Arc::new(c));
-                rec.clips += 1;
+    let mut state: HashMap<ClipId, State> = HashMap::new();
+    let mut ids: HashMap<ClipId, (u64, Arc<str>)> = HashMap::new();
+    let mut segs: BTreeMap<u64, Seg> = BTreeMap::new();
+    let mut max_order = 0u64;
+    let newest = seg_nums.last().copied();
+
+    // Reads a file; a damaged head moves it aside. `None`: skip it.
+    let load = |name: &str, magic: &[u8; 8], newest: bool, rec: &mut Recovered| {
+        let bytes = match dir.read(name) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(file = name, error = %e, "cannot read a store file: skipped");
+                rec.damaged += 1;
+                return None;
             }
-            _ => {
-                warn!("damaged clip record in the store: skipped");
+        };
+        let Some(parsed) = log::parse(&bytes, magic) else {
+            let aside = format!("{name}.damaged-{}", crate::now_ms());
+            error!(
+                file = name,
+                moved_to = aside,
+                "store file damaged from its start: moved aside"
+            );
+            let _ = dir.rename(name, &aside);
+            rec.damaged += 1;
+            return None;
+        };
+        rec.damaged += parsed.bad_records;
+        if let Some(valid) = parsed.valid_until {
+            let dropped = (bytes.len() - valid) as u64;
+            if newest {
+                // The last batch before the crash, torn: never answered.
+                warn!(
+                    file = name,
+                    bytes = dropped,
+                    "store: dropped the torn tail of the last write"
+                );
+                rec.torn_bytes += dropped;
+                let _ = dir.truncate(name, valid as u64);
+            } else {
+                error!(
+                    file = name,
+                    at = valid,
+                    bytes = dropped,
+                    "store file damaged: the rest of it is skipped"
+                );
                 rec.damaged += 1;
             }
         }
-    }
-    let mailbox = txn.open_table(MAILBOX).map_err(failed)?;
-    let mut copies: Vec<(u64, Arc<str>, Arc<StoredClip>)> = Vec::new();
-    for row in mailbox.iter().map_err(failed)? {
-        let (k, v) = row.map_err(failed)?;
-        let (recipient, id) = k.value();
-        let (order, _) = v.value();
-        match <[u8; 16]>::try_from(id).ok().and_then(|id| loaded.get(&id)) {
-            Some(c) => copies.push((order, Arc::from(recipient), c.clone())),
-            None => rec.damaged += 1,
+        Some((
+            parsed.records,
+            parsed.valid_until.unwrap_or(bytes.len()) as u64,
+        ))
+    };
+
+    for &n in &seg_nums {
+        let name = seg_name(n);
+        let Some((records, len)) = load(&name, SEGMENT_MAGIC, Some(n) == newest, &mut rec) else {
+            continue;
+        };
+        let seg = segs.entry(n).or_default();
+        seg.bytes = len;
+        for r in records {
+            match r {
+                Record::Put {
+                    id,
+                    accepted_ms,
+                    sender,
+                    copies,
+                    clip,
+                } => {
+                    max_order = copies.iter().fold(max_order, |m, (_, o)| m.max(*o));
+                    remember(&mut ids, seg, id, accepted_ms, sender);
+                    let bytes = clip.size();
+                    state.insert(
+                        id,
+                        State {
+                            seg: n,
+                            clip,
+                            accepted_ms,
+                            copies,
+                            bytes,
+                        },
+                    );
+                }
+                Record::AddCopy {
+                    id,
+                    order,
+                    recipient,
+                } => {
+                    max_order = max_order.max(order);
+                    if let Some(s) = state.get_mut(&id)
+                        && !s.copies.iter().any(|(r, _)| *r == recipient)
+                    {
+                        s.copies.push((recipient, order));
+                    }
+                }
+                Record::Ack { id, recipient } => {
+                    if let Some(s) = state.get_mut(&id) {
+                        s.copies.retain(|(r, _)| *r != recipient);
+                        if s.copies.is_empty() {
+                            state.remove(&id);
+                        }
+                    }
+                }
+                Record::Id {
+                    id,
+                    accepted_ms,
+                    sender,
+                } => {
+                    remember(&mut ids, seg, id, accepted_ms, sender);
+                }
+            }
         }
+    }
+    let mut recent: HashMap<ClipId, (u64, Arc<str>)> = ids.clone();
+    let mut ids_files = BTreeMap::new();
+    let newest_ids = ids_nums.last().copied();
+    for &n in &ids_nums {
+        let name = ids_name(n);
+        let Some((records, _)) = load(&name, IDS_MAGIC, Some(n) == newest_ids, &mut rec) else {
+            continue;
+        };
+        let mut newest_ms = 0;
+        for r in records {
+            if let Record::Id {
+                id,
+                accepted_ms,
+                sender,
+            } = r
+            {
+                newest_ms = newest_ms.max(accepted_ms);
+                ids.entry(id).or_insert((accepted_ms, sender));
+            }
+        }
+        ids_files.insert(n, newest_ms);
+    }
+
+    // Into memory: ids oldest first, copies in their original order.
+    let mut id_list: Vec<_> = ids.into_iter().collect();
+    id_list.sort_by_key(|(_, (at, _))| *at);
+    for (id, (at, sender)) in id_list {
+        mem.restore_id(id, sender, at);
+        rec.ids += 1;
+    }
+    let mut copies: Vec<(u64, Arc<str>, Arc<StoredClip>)> = Vec::new();
+    let mut live = HashMap::with_capacity(state.len());
+    let mut live_bytes = 0;
+    for (id, s) in state {
+        rec.clips += 1;
+        for (r, o) in &s.copies {
+            copies.push((*o, r.clone(), s.clip.clone()));
+        }
+        if let Some(seg) = segs.get_mut(&s.seg) {
+            seg.live += 1;
+        }
+        live_bytes += s.bytes;
+        live.insert(
+            id,
+            Live {
+                seg: s.seg,
+                clip: s.clip,
+                accepted_ms: s.accepted_ms,
+                copies: s.copies,
+                bytes: s.bytes,
+            },
+        );
     }
     copies.sort_by_key(|(order, _, _)| *order);
     for (_, r, c) in copies {
         mem.restore_copy(r, c);
         rec.copies += 1;
     }
-    if rec.clips > 0 || rec.damaged > 0 {
+    // Ids from the ids files are in memory; the committer only needs the
+    // ones whose segments it may delete.
+    recent.shrink_to_fit();
+    if rec.clips > 0 || rec.damaged > 0 || rec.torn_bytes > 0 {
         info!(
             clips = rec.clips,
             copies = rec.copies,
             damaged = rec.damaged,
+            torn_bytes = rec.torn_bytes,
             "store recovered"
         );
     }
-    Ok(rec)
+    // New writes go to a new segment.
+    let cur_seq = seg_nums.last().map_or(1, |n| n + 1);
+    let mut c = Committer {
+        cur: new_file(&*dir, &seg_name(cur_seq), SEGMENT_MAGIC)?,
+        dir,
+        opts,
+        cur_seq,
+        segs,
+        live,
+        live_bytes,
+        recent,
+        ids_file: None,
+        next_ids_seq: ids_nums.last().map_or(1, |n| n + 1),
+        ids_files,
+        order: max_order + 1,
+        forget_before: 0,
+        buf: Vec::with_capacity(1 << 20),
+        poisoned: None,
+    };
+    c.segs.entry(cur_seq).or_default().bytes = SEGMENT_MAGIC.len() as u64;
+    // Segments whose clips were all delivered before the crash go now.
+    c.collect_garbage();
+    Ok((c, rec))
 }
 
-/// The committer thread: batches queued operations into one transaction.
-fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
-    let mut order = next_order(&db).unwrap_or(1);
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// Notes an id found in segment `seg` (the first time it is seen).
+fn remember(
+    ids: &mut HashMap<ClipId, (u64, Arc<str>)>,
+    seg: &mut Seg,
+    id: ClipId,
+    accepted_ms: u64,
+    sender: Arc<str>,
+) {
+    if let std::collections::hash_map::Entry::Vacant(v) = ids.entry(id) {
+        seg.ids.push((id, accepted_ms, sender.clone()));
+        v.insert((accepted_ms, sender));
+    }
+}
+
+/// Creates a file with its magic, durable (file and directory synced).
+fn new_file(dir: &dyn LogDir, name: &str, magic: &[u8; 8]) -> Result<Box<dyn LogFile>, StoreError> {
+    let mut f = dir.create(name).map_err(failed)?;
+    f.append(magic).map_err(failed)?;
+    f.sync().map_err(failed)?;
+    dir.sync().map_err(failed)?;
+    Ok(f)
+}
+
+impl Committer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut last = std::time::Instant::now();
+        while let Some(first) = rx.blocking_recv() {
+            // Right after a commit, let more operations gather (they share
+            // the next write and sync) instead of syncing a handful.
+            let wait = self.opts.commit_interval.saturating_sub(last.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            last = std::time::Instant::now();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.commit(batch) {
+                return;
             }
         }
+    }
+
+    /// Writes one batch and answers it. True when asked to close.
+    fn commit(&mut self, batch: Vec<Op>) -> bool {
         let started = std::time::Instant::now();
         crate::metrics::hot().store_batch.record(batch.len() as f64);
+        if self.poisoned.is_none()
+            && self.segs.get(&self.cur_seq).map_or(0, |s| s.bytes) >= self.opts.segment_bytes
+            && let Err(e) = self.rotate()
+        {
+            self.poison(&e);
+        }
+        self.buf.clear();
         let mut replies = Vec::new();
         let mut expiries = Vec::new();
         let mut syncs = Vec::new();
-        let mut closes = Vec::new();
-        let result = (|| -> Result<(), StoreError> {
-            let txn = db.begin_write().map_err(failed)?;
-            {
-                let mut clips = txn.open_table(CLIPS).map_err(failed)?;
-                let mut refs = txn.open_table(REFS).map_err(failed)?;
-                let mut mailbox = txn.open_table(MAILBOX).map_err(failed)?;
-                let mut ids = txn.open_table(IDS).map_err(failed)?;
-                for op in batch.drain(..) {
-                    match op {
-                        Op::Put {
-                            clip,
-                            recipients,
-                            reply,
-                        } => {
-                            let id = &clip.meta.id.0[..];
-                            let known =
-                                ids.get(id).map_err(failed)?.map(|v| v.value().1.to_owned());
-                            let outcome = match known {
-                                Some(s) => Appended::for_known(&s, &clip.meta.sender),
-                                // Nobody to deliver to (a channel with no
-                                // other member online): only the id is
-                                // kept; history copies store it later.
-                                None if recipients.is_empty() => {
-                                    ids.insert(id, (crate::now_ms(), &*clip.meta.sender))
-                                        .map_err(failed)?;
-                                    Appended::New
-                                }
-                                None => {
-                                    clips.insert(id, &clip.to_record()[..]).map_err(failed)?;
-                                    // One recipient (the common case): no
-                                    // `refs` row; its absence means 1.
-                                    if recipients.len() > 1 {
-                                        refs.insert(id, recipients.len() as u64).map_err(failed)?;
-                                    }
-                                    for r in &recipients {
-                                        mailbox
-                                            .insert((&**r, id), (order, clip.meta.created_ms))
-                                            .map_err(failed)?;
-                                        order += 1;
-                                    }
-                                    ids.insert(id, (crate::now_ms(), &*clip.meta.sender))
-                                        .map_err(failed)?;
-                                    Appended::New
-                                }
-                            };
-                            replies.push((reply, outcome));
-                        }
-                        Op::AddCopy {
-                            clip,
-                            recipient,
-                            reply,
-                        } => {
-                            let id = &clip.meta.id.0[..];
-                            let key = (&*recipient, id);
-                            if mailbox.get(key).map_err(failed)?.is_none() {
-                                let refs_now = if clips.get(id).map_err(failed)?.is_some() {
-                                    refs.get(id).map_err(failed)?.map_or(1, |v| v.value())
-                                } else {
-                                    // Fully acked before: store it again.
-                                    clips.insert(id, &clip.to_record()[..]).map_err(failed)?;
-                                    0
-                                };
-                                refs.insert(id, refs_now + 1).map_err(failed)?;
-                                mailbox
-                                    .insert(key, (order, clip.meta.created_ms))
-                                    .map_err(failed)?;
-                                order += 1;
-                            }
-                            replies.push((reply, Appended::New));
-                        }
-                        Op::Ack { recipient, id } => {
-                            let key = &id.0[..];
-                            if mailbox
-                                .remove((&*recipient, key))
-                                .map_err(failed)?
-                                .is_some()
-                            {
-                                release(&mut refs, &mut clips, key)?;
-                            }
-                        }
-                        Op::Expire {
-                            before_ms,
-                            forget_ids_before_ms,
-                            reply,
-                        } => {
-                            let mut old: Vec<(String, Vec<u8>)> = Vec::new();
-                            for row in mailbox.iter().map_err(failed)? {
-                                let (k, v) = row.map_err(failed)?;
-                                if v.value().1 < before_ms {
-                                    let (r, id) = k.value();
-                                    old.push((r.to_owned(), id.to_vec()));
-                                }
-                            }
-                            for (r, id) in &old {
-                                mailbox.remove((r.as_str(), &id[..])).map_err(failed)?;
-                                release(&mut refs, &mut clips, id)?;
-                            }
-                            let mut forget: Vec<Vec<u8>> = Vec::new();
-                            for row in ids.iter().map_err(failed)? {
-                                let (k, v) = row.map_err(failed)?;
-                                if v.value().0 < forget_ids_before_ms {
-                                    forget.push(k.value().to_vec());
-                                }
-                            }
-                            for id in &forget {
-                                ids.remove(&id[..]).map_err(failed)?;
-                            }
-                            expiries.push((reply, old.len() as u64));
-                        }
-                        Op::Sync(tx) => syncs.push(tx),
-                        Op::Close(tx) => closes.push(tx),
-                    }
+        let mut close = false;
+        for op in batch {
+            match op {
+                Op::Put {
+                    clip,
+                    recipients,
+                    reply,
+                } => replies.push((reply, self.put(clip, &recipients))),
+                Op::AddCopy {
+                    clip,
+                    recipient,
+                    reply,
+                } => {
+                    self.add_copy(clip, recipient);
+                    replies.push((reply, Appended::New));
+                }
+                Op::Ack { recipient, id } => self.ack(&id, &recipient),
+                Op::Expire {
+                    before_ms,
+                    forget_ids_before_ms,
+                    reply,
+                } => {
+                    self.forget_before = forget_ids_before_ms;
+                    expiries.push((reply, self.expire(before_ms)));
+                }
+                Op::Sync(tx) => syncs.push(tx),
+                Op::Close(tx) => {
+                    syncs.push(tx);
+                    close = true;
                 }
             }
-            txn.commit().map_err(failed)
-        })();
+        }
+        let written = self.write_batch();
         crate::metrics::hot().store_sync.record(started.elapsed());
-        match result {
+        match written {
             Ok(()) => {
                 for (reply, outcome) in replies {
                     let _ = reply.send(Ok(outcome));
@@ -393,7 +595,7 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
                 }
             }
             Err(e) => {
-                warn!(error = %e, "store commit failed: nothing in this batch was accepted");
+                warn!(error = %e, "store write failed: nothing in this batch was accepted");
                 for (reply, _) in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -405,48 +607,307 @@ fn committer(db: Database, mut rx: mpsc::Receiver<Op>) {
         for tx in syncs {
             let _ = tx.send(Ok(()));
         }
-        if !closes.is_empty() {
-            drop(db);
-            for tx in closes {
-                let _ = tx.send(Ok(()));
-            }
-            return;
+        if self.poisoned.is_none() {
+            self.collect_garbage();
+        }
+        close
+    }
+
+    fn poison(&mut self, e: &StoreError) {
+        if self.poisoned.is_none() {
+            error!(error = %e, "store write failed: no more clips are accepted until restart");
+            self.poisoned = Some(e.to_string());
         }
     }
-}
 
-fn release(
-    refs: &mut redb::Table<&[u8], u64>,
-    clips: &mut redb::Table<&[u8], &[u8]>,
-    id: &[u8],
-) -> Result<(), StoreError> {
-    // No `refs` row: one recipient.
-    let left = refs
-        .get(id)
-        .map_err(failed)?
-        .map_or(1, |v| v.value())
-        .saturating_sub(1);
-    if left == 0 {
-        refs.remove(id).map_err(failed)?;
-        clips.remove(id).map_err(failed)?;
-    } else if left == 1 {
-        refs.remove(id).map_err(failed)?;
-    } else {
-        refs.insert(id, left).map_err(failed)?;
+    /// Appends the batch's records and syncs them.
+    fn write_batch(&mut self) -> Result<(), StoreError> {
+        if let Some(why) = &self.poisoned {
+            return Err(failed(format!(
+                "store unavailable after a write failure: {why}"
+            )));
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .cur
+            .append(&self.buf)
+            .and_then(|()| self.cur.sync())
+            .map_err(failed);
+        match r {
+            Ok(()) => {
+                if let Some(s) = self.segs.get_mut(&self.cur_seq) {
+                    s.bytes += self.buf.len() as u64;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.poison(&e);
+                Err(e)
+            }
+        }
     }
-    Ok(())
-}
 
-/// The next mailbox order number: one past the largest stored.
-fn next_order(db: &Database) -> Result<u64, StoreError> {
-    let txn = db.begin_read().map_err(failed)?;
-    let mailbox = txn.open_table(MAILBOX).map_err(failed)?;
-    let mut max = 0;
-    for row in mailbox.iter().map_err(failed)? {
-        let (_, v) = row.map_err(failed)?;
-        max = max.max(v.value().0);
+    fn put(&mut self, clip: Arc<StoredClip>, recipients: &[Arc<str>]) -> Appended {
+        let id = clip.meta.id;
+        if let Some((at, s)) = self.recent.get(&id)
+            && *at >= self.forget_before
+        {
+            return Appended::for_known(s, &clip.meta.sender);
+        }
+        let now = crate::now_ms();
+        let sender = clip.meta.sender.clone();
+        let seg = self.segs.entry(self.cur_seq).or_default();
+        seg.ids.push((id, now, sender.clone()));
+        self.recent.insert(id, (now, sender.clone()));
+        if recipients.is_empty() {
+            // Nobody to deliver to (a channel with no other member online):
+            // only the id is kept; history copies store the clip later.
+            log::id(&mut self.buf, &id, now, &sender);
+            return Appended::New;
+        }
+        let copies: Vec<(Arc<str>, u64)> = recipients
+            .iter()
+            .map(|r| {
+                self.order += 1;
+                (r.clone(), self.order)
+            })
+            .collect();
+        log::put(&mut self.buf, now, &copies, &clip);
+        self.track(id, clip, now, copies);
+        Appended::New
     }
-    Ok(max + 1)
+
+    /// Starts tracking a clip put in the current segment.
+    fn track(
+        &mut self,
+        id: ClipId,
+        clip: Arc<StoredClip>,
+        accepted_ms: u64,
+        copies: Vec<(Arc<str>, u64)>,
+    ) {
+        let bytes = clip.size();
+        self.live_bytes += bytes;
+        if let Some(s) = self.segs.get_mut(&self.cur_seq) {
+            s.live += 1;
+        }
+        if let Some(old) = self.live.insert(
+            id,
+            Live {
+                seg: self.cur_seq,
+                clip,
+                accepted_ms,
+                copies,
+                bytes,
+            },
+        ) {
+            self.untrack(&old);
+        }
+    }
+
+    fn untrack(&mut self, l: &Live) {
+        self.live_bytes -= l.bytes;
+        if let Some(s) = self.segs.get_mut(&l.seg) {
+            s.live -= 1;
+        }
+    }
+
+    fn add_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) {
+        let id = clip.meta.id;
+        self.order += 1;
+        let order = self.order;
+        match self.live.get_mut(&id) {
+            Some(l) => {
+                if !l.copies.iter().any(|(r, _)| *r == recipient) {
+                    log::add_copy(&mut self.buf, &id, order, &recipient);
+                    l.copies.push((recipient, order));
+                }
+            }
+            None => {
+                // Delivered to everyone before (or never stored): its `Put`
+                // may be gone with its segment, so store it again.
+                let copies = vec![(recipient, order)];
+                let at = clip.meta.created_ms;
+                log::put(&mut self.buf, at, &copies, &clip);
+                self.track(id, clip, at, copies);
+            }
+        }
+    }
+
+    fn ack(&mut self, id: &ClipId, recipient: &str) {
+        let Some(l) = self.live.get_mut(id) else {
+            return;
+        };
+        let before = l.copies.len();
+        l.copies.retain(|(r, _)| &**r != recipient);
+        if l.copies.len() == before {
+            return;
+        }
+        log::ack(&mut self.buf, id, recipient);
+        if l.copies.is_empty()
+            && let Some(l) = self.live.remove(id)
+        {
+            self.untrack(&l);
+        }
+    }
+
+    /// Drops copies of clips created before `before_ms`; returns how many.
+    fn expire(&mut self, before_ms: u64) -> u64 {
+        let old: Vec<ClipId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.clip.meta.created_ms < before_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut n = 0;
+        for id in old {
+            if let Some(l) = self.live.remove(&id) {
+                for (r, _) in &l.copies {
+                    log::ack(&mut self.buf, &id, r);
+                    n += 1;
+                }
+                self.untrack(&l);
+            }
+        }
+        // Ids files wholly past the dedupe window.
+        let gone: Vec<u64> = self
+            .ids_files
+            .iter()
+            .filter(|&(n, newest)| {
+                *newest < self.forget_before && self.ids_file.as_ref().is_none_or(|f| f.1 != *n)
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for f in gone {
+            if self.dir.remove(&ids_name(f)).is_ok() {
+                self.ids_files.remove(&f);
+            }
+        }
+        n
+    }
+
+    /// Closes the current segment and starts the next.
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        let next = self.cur_seq + 1;
+        self.cur = new_file(&*self.dir, &seg_name(next), SEGMENT_MAGIC)?;
+        self.cur_seq = next;
+        self.segs.entry(next).or_default().bytes = SEGMENT_MAGIC.len() as u64;
+        Ok(())
+    }
+
+    /// Deletes the oldest segments no clip needs any more; rewrites the
+    /// oldest one's live clips first when too many segments are closed.
+    fn collect_garbage(&mut self) {
+        loop {
+            let dead: Vec<u64> = self
+                .segs
+                .iter()
+                .take_while(|(n, s)| **n != self.cur_seq && s.live == 0)
+                .map(|(n, _)| *n)
+                .collect();
+            if !dead.is_empty() {
+                if let Err(e) = self.delete(&dead) {
+                    self.poison(&e);
+                    return;
+                }
+                continue;
+            }
+            let sealed = self.segs.len().saturating_sub(1);
+            let total: u64 = self.segs.values().map(|s| s.bytes).sum();
+            if sealed <= self.opts.sealed_segments || total <= 2 * self.live_bytes {
+                return;
+            }
+            let Some(&head) = self.segs.keys().next() else {
+                return;
+            };
+            if let Err(e) = self.rewrite(head) {
+                self.poison(&e);
+                return;
+            }
+        }
+    }
+
+    /// Writes segment `head`'s live clips again in the current segment.
+    fn rewrite(&mut self, head: u64) -> Result<(), StoreError> {
+        self.buf.clear();
+        let ids: Vec<ClipId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.seg == head)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            if let Some(l) = self.live.get(id) {
+                log::put(&mut self.buf, l.accepted_ms, &l.copies, &l.clip);
+            }
+        }
+        self.write_batch()?;
+        for id in &ids {
+            if let Some(l) = self.live.get_mut(id) {
+                l.seg = self.cur_seq;
+            }
+        }
+        let n = ids.len() as u64;
+        if let Some(s) = self.segs.get_mut(&head) {
+            s.live -= n;
+        }
+        if let Some(s) = self.segs.get_mut(&self.cur_seq) {
+            s.live += n;
+        }
+        info!(
+            segment = head,
+            clips = n,
+            "store: moved undelivered clips out of an old segment"
+        );
+        Ok(())
+    }
+
+    /// Deletes segments (oldest first), carrying their ids that are still
+    /// in the dedupe window to an ids file first.
+    fn delete(&mut self, dead: &[u64]) -> Result<(), StoreError> {
+        let mut carry = Vec::new();
+        let mut newest = 0;
+        for n in dead {
+            if let Some(s) = self.segs.get_mut(n) {
+                for (id, at, sender) in std::mem::take(&mut s.ids) {
+                    self.recent.remove(&id);
+                    if at >= self.forget_before {
+                        newest = newest.max(at);
+                        log::id(&mut carry, &id, at, &sender);
+                    }
+                }
+            }
+        }
+        if !carry.is_empty() {
+            let full = self
+                .ids_file
+                .as_ref()
+                .is_none_or(|f| f.2 >= self.opts.ids_file_bytes);
+            if full {
+                let n = self.next_ids_seq;
+                self.next_ids_seq += 1;
+                let f = new_file(&*self.dir, &ids_name(n), IDS_MAGIC)?;
+                self.ids_file = Some((f, n, IDS_MAGIC.len() as u64));
+                self.ids_files.insert(n, 0);
+            }
+            if let Some((f, n, len)) = self.ids_file.as_mut() {
+                f.append(&carry).and_then(|()| f.sync()).map_err(failed)?;
+                *len += carry.len() as u64;
+                let e = self.ids_files.entry(*n).or_default();
+                *e = (*e).max(newest);
+            }
+        }
+        // Oldest first, each removal durable before the next: a later
+        // segment holds acks of the earlier ones' clips, so it must never
+        // be gone while an earlier one comes back after a crash.
+        for n in dead {
+            self.dir.remove(&seg_name(*n)).map_err(failed)?;
+            self.dir.sync().map_err(failed)?;
+            self.segs.remove(n);
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -584,22 +1045,121 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_file_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("clips.redb"), vec![0x5a; 8192]).unwrap();
-        let opened = DiskStore::open(dir.path(), u64::MAX);
-        let kept = std::fs::read_dir(dir.path())
+        std::fs::create_dir_all(dir.path().join("log")).unwrap();
+        std::fs::write(dir.path().join("log").join(seg_name(1)), vec![0x5a; 8192]).unwrap();
+        let opened = DiskStore::open(dir.path(), u64::MAX, LogOptions::default());
+        let kept = std::fs::read_dir(dir.path().join("log"))
             .unwrap()
             .filter_map(|e| e.ok())
             .any(|e| {
                 e.file_name()
                     .to_string_lossy()
-                    .starts_with("clips.redb.damaged-")
+                    .starts_with("seg-00000000000000000001.log.damaged-")
             });
         let (s, rec) = opened.unwrap();
         assert!(kept, "the damaged file is kept for inspection");
-        assert_eq!(rec, Recovered::default());
+        assert_eq!(rec.damaged, 1);
         // The new store works.
         let r = s.append(clip(1, "alice"), &["bob".into()]).await;
         assert_eq!(r, Ok(Appended::New));
+        s.close().await;
+    }
+
+    fn small() -> LogOptions {
+        LogOptions {
+            segment_bytes: 600,
+            sealed_segments: 2,
+            ids_file_bytes: 200,
+            ..LogOptions::default()
+        }
+    }
+
+    fn files(dir: &Path, prefix: &str) -> usize {
+        std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            })
+            .count()
+    }
+
+    fn open_small(dir: &Path) -> (DiskStore, Recovered) {
+        let fs = log::FsDir::open(&dir.join("log")).unwrap();
+        DiskStore::open_with(Arc::new(fs), u64::MAX, small()).unwrap()
+    }
+
+    /// Delivered clips' segments are deleted; an undelivered clip in an
+    /// old segment is moved forward instead of pinning the log; ids of
+    /// deleted segments still answer retries after a restart.
+    #[tokio::test]
+    async fn space_comes_back_and_a_pinned_clip_moves_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob: Arc<str> = "bob".into();
+        let carol: Arc<str> = "carol".into();
+        {
+            let (s, _) = open_small(dir.path());
+            // Carol is offline for good: her clip is put first.
+            assert_eq!(
+                s.append(clip(200, "alice"), std::slice::from_ref(&carol))
+                    .await,
+                Ok(Appended::New)
+            );
+            for n in 1..=60u8 {
+                assert_eq!(
+                    s.append(clip(n, "alice"), std::slice::from_ref(&bob)).await,
+                    Ok(Appended::New)
+                );
+                assert!(s.ack("bob", &ClipId([n; 16])).await.unwrap());
+            }
+            s.sync().await;
+            // A few segments of ~600 bytes at most, not one per 2-3 clips.
+            let segs = files(dir.path(), "seg-");
+            assert!(segs <= small().sealed_segments + 2, "{segs} segments left");
+            assert!(files(dir.path(), "ids-") >= 1, "ids carried out");
+            s.close().await;
+        }
+        let (s, rec) = open_small(dir.path());
+        assert_eq!((rec.clips, rec.copies, rec.damaged), (1, 1, 0));
+        let got = s.read("carol", 0, 10).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.body, clip(200, "alice").body);
+        assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
+        // Every id is still known: retries are duplicates, not new clips.
+        for n in [1u8, 30, 60, 200] {
+            assert_eq!(
+                s.append(clip(n, "alice"), std::slice::from_ref(&bob)).await,
+                Ok(Appended::Duplicate),
+                "clip {n}"
+            );
+        }
+        // Past the dedupe window, ids files go.
+        assert_eq!(s.expire(0, u64::MAX).await, Ok(0));
+        s.sync().await;
+        assert_eq!(files(dir.path(), "ids-"), 0);
+        s.close().await;
+    }
+
+    /// A torn last write is dropped and reported, not counted as damage.
+    #[tokio::test]
+    async fn a_torn_tail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+            s.append(clip(1, "alice"), &["bob".into()]).await.unwrap();
+            s.close().await;
+        }
+        let seg = dir.path().join("log").join(seg_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let whole = bytes.len();
+        let mut more = Vec::new();
+        log::put(&mut more, 1, &[("bob".into(), 9)], &clip(2, "alice"));
+        bytes.extend_from_slice(&more[..more.len() / 2]);
+        std::fs::write(&seg, &bytes).unwrap();
+        let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+        assert_eq!((rec.clips, rec.damaged), (1, 0));
+        assert_eq!(rec.torn_bytes, (more.len() / 2) as u64);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole as u64);
         s.close().await;
     }
 
@@ -609,7 +1169,7 @@ mod tests {
         let bob: Arc<str> = "bob".into();
         let carol: Arc<str> = "carol".into();
         {
-            let (s, rec) = DiskStore::open(dir.path(), u64::MAX).unwrap();
+            let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
             assert_eq!(rec, Recovered::default());
             for n in 1..=5u8 {
                 let r = s
@@ -631,7 +1191,7 @@ mod tests {
             assert!(s.ack("bob", &ClipId([4; 16])).await.unwrap());
             s.close().await;
         }
-        let (s, rec) = DiskStore::open(dir.path(), u64::MAX).unwrap();
+        let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.clips, 4, "clip 2 fully acked and gone");
         assert_eq!(rec.copies, 4 + 3);
         assert_eq!(rec.damaged, 0);
@@ -669,7 +1229,7 @@ mod tests {
         let last = s.read("bob", 0, 10).await.unwrap();
         assert_eq!(last.last().unwrap().1.meta.id.0[0], 9);
         s.close().await;
-        let (_s, rec) = DiskStore::open(dir.path(), u64::MAX).unwrap();
+        let (_s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.clips, 4 + 1, "clip 20 left nothing behind");
     }
 }

@@ -10,6 +10,7 @@ pub mod faults;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod segment_log;
 pub mod server;
 pub mod session;
 pub mod signal;

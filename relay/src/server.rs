@@ -174,9 +174,15 @@ impl Relay {
         let store: Arc<dyn ClipStore> = match config.store {
             StoreKind::Memory => Arc::new(MemoryStore::new(config.max_store_bytes)),
             StoreKind::Disk => {
-                let (s, rec) =
-                    crate::disk_store::DiskStore::open(&config.data_dir, config.max_store_bytes)
-                        .context("opening the clip store")?;
+                let (s, rec) = crate::disk_store::DiskStore::open(
+                    &config.data_dir,
+                    config.max_store_bytes,
+                    crate::disk_store::LogOptions {
+                        commit_interval: config.store_commit_interval,
+                        ..Default::default()
+                    },
+                )
+                .context("opening the clip store")?;
                 if rec.damaged > 0 {
                     warn!(
                         damaged = rec.damaged,

@@ -67,12 +67,17 @@ impl StoredClip {
     pub fn to_record(&self) -> Vec<u8> {
         let mut v =
             Vec::with_capacity(8 + self.header.len() + self.body.len() + self.end_bytes.len());
-        v.extend_from_slice(&(self.header.len() as u32).to_be_bytes());
-        v.extend_from_slice(&self.header);
-        v.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
-        v.extend_from_slice(&self.body);
-        v.extend_from_slice(&self.end_bytes);
+        self.write_record(&mut v);
         v
+    }
+
+    /// Appends [`StoredClip::to_record`]'s bytes to `out`.
+    pub fn write_record(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.header.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&self.end_bytes);
     }
 
     /// Reads [`StoredClip::to_record`]'s bytes back; `None` if they are

@@ -1,11 +1,15 @@
 //! Crash consistency of the durable store: a simulated disk keeps what was
 //! synced and loses or tears what was not. The store runs appends and acks
-//! while "power" is cut at random points; the disk image at the cut (synced
-//! bytes, plus a random part of the unsynced writes, the last one torn) is
-//! reopened, and every clip the store had acknowledged before the cut must
-//! be there, byte for byte.
+//! (with tiny segments, so segments are rotated, deleted and compacted
+//! throughout) while "power" is cut at random points; the disk image at
+//! the cut (synced bytes, plus a random part of the unsynced writes, the
+//! last one torn; directory changes not yet synced kept or lost) is
+//! reopened. Every clip the store had acknowledged before the cut must be
+//! there, byte for byte and in order; no clip whose ack was synced before
+//! the cut may come back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -13,92 +17,166 @@ use bytes::Bytes;
 use codec::ClipEnd;
 use codec::wire::{AudioFormat, ClipId, Target};
 use rand::{Rng, SeedableRng};
-use relay::disk_store::DiskStore;
+use relay::disk_store::{DiskStore, LogOptions};
+use relay::segment_log::{LogDir, LogFile};
 use relay::store::{Appended, ClipMeta, ClipStore, StoredClip};
 
-#[derive(Debug, Default)]
-struct Disk {
+/// One simulated file.
+#[derive(Debug, Default, Clone)]
+struct File {
     /// What reads see.
     now: Vec<u8>,
     /// What survives a power cut for sure: the bytes at the last sync.
     synced: Vec<u8>,
-    /// Writes since the last sync, in order.
-    unsynced: Vec<(u64, Vec<u8>)>,
+    /// Appends since the last sync, in order.
+    unsynced: Vec<Vec<u8>>,
 }
 
-/// A redb storage backend on a simulated disk.
-#[derive(Debug, Clone, Default)]
-struct SimDisk(Arc<Mutex<Disk>>);
+#[derive(Debug, Default)]
+struct Dir {
+    files: BTreeMap<String, File>,
+    /// Names as of the last directory sync (creations and removals since
+    /// then may or may not survive a cut).
+    durable: BTreeSet<String>,
+    /// Synced contents of files removed since the last directory sync.
+    removed: BTreeMap<String, Vec<u8>>,
+    /// Files removed, ever (the test checks segments were deleted).
+    removals: u64,
+}
 
-impl SimDisk {
-    fn from_image(image: Vec<u8>) -> Self {
-        SimDisk(Arc::new(Mutex::new(Disk {
-            now: image.clone(),
-            synced: image,
-            unsynced: Vec::new(),
-        })))
+/// A log directory on a simulated disk that keeps what was synced and
+/// loses or tears what was not.
+#[derive(Debug, Clone, Default)]
+struct SimDir(Arc<Mutex<Dir>>);
+
+impl SimDir {
+    fn from_image(image: BTreeMap<String, Vec<u8>>) -> Self {
+        let d = Dir {
+            durable: image.keys().cloned().collect(),
+            files: image
+                .into_iter()
+                .map(|(n, b)| {
+                    (
+                        n,
+                        File {
+                            now: b.clone(),
+                            synced: b,
+                            unsynced: Vec::new(),
+                        },
+                    )
+                })
+                .collect(),
+            removed: BTreeMap::new(),
+            removals: 0,
+        };
+        SimDir(Arc::new(Mutex::new(d)))
     }
 
-    /// The disk after a power cut now: synced bytes, then the first `k` of
-    /// the unsynced writes (`k` random), the last of them torn at a random
-    /// byte.
-    fn cut(&self, rng: &mut impl Rng) -> Vec<u8> {
+    /// The disk after a power cut now: each file's synced bytes, then the
+    /// first `k` of its unsynced appends (`k` random), the last of them
+    /// torn at a random byte; creations and removals not yet made durable
+    /// by a directory sync survive or not, at random.
+    fn cut(&self, rng: &mut impl Rng) -> BTreeMap<String, Vec<u8>> {
         let d = self.0.lock().unwrap();
-        let mut img = d.synced.clone();
-        let k = rng.random_range(0..=d.unsynced.len());
-        for (i, (off, data)) in d.unsynced[..k].iter().enumerate() {
-            let data = if i + 1 == k {
-                &data[..rng.random_range(0..=data.len())]
-            } else {
-                &data[..]
-            };
-            let end = *off as usize + data.len();
-            if img.len() < end {
-                img.resize(end, 0);
+        let mut img = BTreeMap::new();
+        for (name, f) in &d.files {
+            if !d.durable.contains(name) && rng.random_bool(0.5) {
+                continue;
             }
-            img[*off as usize..end].copy_from_slice(data);
+            let mut b = f.synced.clone();
+            let k = rng.random_range(0..=f.unsynced.len());
+            for (i, data) in f.unsynced[..k].iter().enumerate() {
+                let data = if i + 1 == k {
+                    &data[..rng.random_range(0..=data.len())]
+                } else {
+                    &data[..]
+                };
+                b.extend_from_slice(data);
+            }
+            img.insert(name.clone(), b);
+        }
+        for (name, b) in &d.removed {
+            if rng.random_bool(0.5) {
+                img.insert(name.clone(), b.clone());
+            }
         }
         img
     }
 }
 
-impl redb::StorageBackend for SimDisk {
-    fn len(&self) -> Result<u64, io::Error> {
-        Ok(self.0.lock().unwrap().now.len() as u64)
+struct SimFile(SimDir, String);
+
+impl LogFile for SimFile {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut d = (self.0).0.lock().unwrap();
+        let f = d.files.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
+        f.now.extend_from_slice(data);
+        f.unsynced.push(data.to_vec());
+        Ok(())
     }
 
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, io::Error> {
+    fn sync(&mut self) -> io::Result<()> {
+        let mut d = (self.0).0.lock().unwrap();
+        let f = d.files.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
+        f.synced = f.now.clone();
+        f.unsynced.clear();
+        Ok(())
+    }
+}
+
+impl LogDir for SimDir {
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.0.lock().unwrap().files.keys().cloned().collect())
+    }
+
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         let d = self.0.lock().unwrap();
-        let mut out = vec![0u8; len];
-        let start = (offset as usize).min(d.now.len());
-        let end = (offset as usize + len).min(d.now.len());
-        out[..end - start].copy_from_slice(&d.now[start..end]);
-        Ok(out)
+        Ok(d.files
+            .get(name)
+            .ok_or(io::ErrorKind::NotFound)?
+            .now
+            .clone())
     }
 
-    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+    fn create(&self, name: &str) -> io::Result<Box<dyn LogFile>> {
+        self.0
+            .lock()
+            .unwrap()
+            .files
+            .insert(name.to_owned(), File::default());
+        Ok(Box::new(SimFile(self.clone(), name.to_owned())))
+    }
+
+    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        // Until a sync, a crash keeps the synced size (`cut` starts from
-        // the synced image).
-        d.now.resize(len as usize, 0);
+        let f = d.files.get_mut(name).ok_or(io::ErrorKind::NotFound)?;
+        f.now.truncate(len as usize);
+        f.synced = f.now.clone();
+        f.unsynced.clear();
         Ok(())
     }
 
-    fn sync_data(&self, _eventual: bool) -> Result<(), io::Error> {
+    fn remove(&self, name: &str) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        d.synced = d.now.clone();
-        d.unsynced.clear();
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        let mut d = self.0.lock().unwrap();
-        let end = offset as usize + data.len();
-        if d.now.len() < end {
-            d.now.resize(end, 0);
+        let f = d.files.remove(name).ok_or(io::ErrorKind::NotFound)?;
+        d.removals += 1;
+        if d.durable.contains(name) {
+            d.removed.insert(name.to_owned(), f.synced);
         }
-        d.now[offset as usize..end].copy_from_slice(data);
-        d.unsynced.push((offset, data.to_vec()));
+        Ok(())
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        let f = d.files.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        d.files.insert(to.to_owned(), f);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        d.durable = d.files.keys().cloned().collect();
+        d.removed.clear();
         Ok(())
     }
 }
@@ -130,18 +208,31 @@ fn clip(n: u32, rng: &mut impl Rng) -> Arc<StoredClip> {
     ))
 }
 
+fn opts() -> LogOptions {
+    LogOptions {
+        segment_bytes: 1500,
+        sealed_segments: 2,
+        ids_file_bytes: 400,
+        ..LogOptions::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_synced_clip_survives_a_power_cut_anywhere() {
     let recipients: Vec<Arc<str>> = vec!["bob".into(), "carol".into()];
-    for seed in 0..25u64 {
+    let mut removals = 0;
+    for seed in 0..1000u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let disk = SimDisk::default();
-        let (store, _) = DiskStore::open_with_backend(disk.clone(), u64::MAX).unwrap();
+        let disk = SimDir::default();
+        let (store, _) = DiskStore::open_with(Arc::new(disk.clone()), u64::MAX, opts()).unwrap();
         let store = Arc::new(store);
-        let total = rng.random_range(5..60u32);
+        let total = rng.random_range(5..80u32);
         let cut_after = rng.random_range(0..total);
         let mut accepted: Vec<Arc<StoredClip>> = Vec::new();
-        let mut acked: Vec<ClipId> = Vec::new();
+        // Clips carol acked (maybe not yet on disk), and those whose ack
+        // was synced.
+        let mut carol_acked: BTreeSet<ClipId> = BTreeSet::new();
+        let mut carol_synced: BTreeSet<ClipId> = BTreeSet::new();
         let mut image = None;
         let mut n = 0;
         // Which batch of concurrent appends each clip was in.
@@ -165,28 +256,43 @@ async fn every_synced_clip_survives_a_power_cut_anywhere() {
                 assert_eq!(t.await.unwrap(), Ok(Appended::New));
                 accepted.push(c);
             }
-            if rng.random_bool(0.3)
-                && let Some(c) = accepted.first()
-            {
-                store.ack("bob", &c.meta.id).await.unwrap();
-                acked.push(c.meta.id);
+            // Most clips are delivered to both soon (so segments die and
+            // are deleted); some wait (so old segments get compacted).
+            for c in &accepted {
+                if !carol_acked.contains(&c.meta.id) && rng.random_bool(0.4) {
+                    store.ack("bob", &c.meta.id).await.unwrap();
+                    store.ack("carol", &c.meta.id).await.unwrap();
+                    carol_acked.insert(c.meta.id);
+                }
+            }
+            if rng.random_bool(0.3) {
+                store.sync().await;
+                carol_synced.clone_from(&carol_acked);
             }
             if image.is_none() && n > cut_after {
                 // Power cut: what the store acknowledged so far is owed.
-                image = Some((disk.cut(&mut rng), accepted.clone()));
+                image = Some((disk.cut(&mut rng), accepted.clone(), carol_synced.clone()));
             }
         }
         store.close().await;
-        let (image, owed) = image.expect("a cut was taken");
-        let (back, rec) = DiskStore::open_with_backend(SimDisk::from_image(image), u64::MAX)
-            .unwrap_or_else(|e| panic!("seed {seed}: the store does not reopen: {e}"));
+        removals += disk.0.lock().unwrap().removals;
+        let (image, accepted_then, synced_then) = image.expect("a cut was taken");
+        let (back, rec) =
+            DiskStore::open_with(Arc::new(SimDir::from_image(image)), u64::MAX, opts())
+                .unwrap_or_else(|e| panic!("seed {seed}: the store does not reopen: {e}"));
         assert_eq!(rec.damaged, 0, "seed {seed}");
         let carol: Vec<_> = back.read("carol", 0, 1000).await.unwrap();
-        for c in &owed {
-            let got = carol
-                .iter()
-                .find(|(_, g)| g.meta.id == c.meta.id)
-                .unwrap_or_else(|| panic!("seed {seed}: accepted clip lost"));
+        for c in &accepted_then {
+            let got = carol.iter().find(|(_, g)| g.meta.id == c.meta.id);
+            if carol_acked.contains(&c.meta.id) {
+                // Acked later, or before the cut: gone or not, but never
+                // back once its ack was synced.
+                if synced_then.contains(&c.meta.id) {
+                    assert!(got.is_none(), "seed {seed}: a synced ack came undone");
+                }
+                continue;
+            }
+            let got = got.unwrap_or_else(|| panic!("seed {seed}: accepted clip lost"));
             assert_eq!(got.1.body, c.body, "seed {seed}: bytes differ");
             assert_eq!(got.1.end, c.end);
         }
@@ -197,6 +303,18 @@ async fn every_synced_clip_survives_a_power_cut_anywhere() {
             batches.windows(2).all(|w| w[0] <= w[1]),
             "seed {seed}: {batches:?}"
         );
+        // Retries of every clip accepted before the cut are still known.
+        for c in &accepted_then {
+            assert_eq!(
+                back.append(c.clone(), &recipients).await,
+                Ok(Appended::Duplicate),
+                "seed {seed}: a retry would be delivered again"
+            );
+        }
         back.close().await;
     }
+    assert!(
+        removals > 100,
+        "segments were deleted along the way: {removals}"
+    );
 }

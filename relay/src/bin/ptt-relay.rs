@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use relay::config::LogFormat;
 use relay::{Relay, Settings};
 
+/// mimalloc: the relay allocates and frees small buffers on several threads
+/// (tokio workers, the store's committer) at a high rate; glibc's arenas
+/// made that a measurable share of its CPU (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ptt-relay",
