@@ -54,6 +54,11 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<quinn::ClientConfig> {
     Ok(cfg)
 }
 
+/// UDP buffers a client endpoint asks for: one load-generator endpoint
+/// carries hundreds of connections, whose packets arrive in bursts (a
+/// channel's fan-out reaches every member at once).
+pub const CLIENT_UDP_BUFFER: usize = 4 * 1024 * 1024;
+
 /// A client endpoint on an ephemeral port of the right address family.
 pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> anyhow::Result<quinn::Endpoint> {
     let bind: SocketAddr = if relay.is_ipv6() {
@@ -61,7 +66,15 @@ pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> anyhow::Result<quinn::Endpo
     } else {
         "0.0.0.0:0".parse()?
     };
-    let mut ep = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
+    let (sock, _, _) = quic::udp_socket(bind, CLIENT_UDP_BUFFER, CLIENT_UDP_BUFFER)
+        .context("binding a UDP socket")?;
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting a QUIC endpoint")?;
     ep.set_default_client_config(client_config(ca_pem)?);
     Ok(ep)
 }

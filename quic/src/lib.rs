@@ -159,3 +159,32 @@ pub fn server_crypto(
 #[derive(Debug, thiserror::Error)]
 #[error("TLS setup: {0}")]
 pub struct TlsError(pub String);
+
+/// A UDP socket bound to `addr` with the receive and send buffers asked for
+/// (0: the kernel's default). Returns the socket and what the kernel
+/// granted (Linux reports twice the usable size and caps the request at
+/// `net.core.rmem_max` / `wmem_max`). Bursts (a reconnect storm, a channel
+/// fan-out) overflow the default buffers and turn into QUIC
+/// retransmissions.
+pub fn udp_socket(
+    addr: std::net::SocketAddr,
+    recv_buffer: usize,
+    send_buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, usize, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // [::] takes IPv4 as well, as quinn's own bind does.
+        let _ = sock.set_only_v6(false);
+    }
+    if recv_buffer > 0 {
+        let _ = sock.set_recv_buffer_size(recv_buffer);
+    }
+    if send_buffer > 0 {
+        let _ = sock.set_send_buffer_size(send_buffer);
+    }
+    let granted_recv = sock.recv_buffer_size().unwrap_or(0);
+    let granted_send = sock.send_buffer_size().unwrap_or(0);
+    sock.bind(&addr.into())?;
+    Ok((sock.into(), granted_recv, granted_send))
+}

@@ -311,37 +311,14 @@ impl Shared {
 /// The endpoint's UDP socket, with the buffers `udp_recv_buffer` and
 /// `udp_send_buffer` asked for; a warning when the kernel gives less.
 fn udp_socket(cfg: &Config) -> anyhow::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = cfg.listen;
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .context("creating the UDP socket")?;
-    if addr.is_ipv6() {
-        // [::] takes IPv4 as well, as quinn's own bind does.
-        let _ = sock.set_only_v6(false);
-    }
-    for (what, want, set, get, sysctl) in [
-        (
-            "receive",
-            cfg.udp_recv_buffer,
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
-            "net.core.rmem_max",
-        ),
-        (
-            "send",
-            cfg.udp_send_buffer,
-            Socket::set_send_buffer_size,
-            Socket::send_buffer_size,
-            "net.core.wmem_max",
-        ),
+    let (sock, recv, send) = quic::udp_socket(cfg.listen, cfg.udp_recv_buffer, cfg.udp_send_buffer)
+        .with_context(|| format!("binding UDP {}", cfg.listen))?;
+    for (what, want, got, sysctl) in [
+        ("receive", cfg.udp_recv_buffer, recv, "net.core.rmem_max"),
+        ("send", cfg.udp_send_buffer, send, "net.core.wmem_max"),
     ] {
-        if want == 0 {
-            continue;
-        }
-        let _ = set(&sock, want);
         // Linux reports twice what it grants (bookkeeping included).
-        let got = get(&sock).unwrap_or(0);
-        if got < want {
+        if want > 0 && got < want {
             warn!(
                 buffer = what,
                 asked = want,
@@ -350,9 +327,7 @@ fn udp_socket(cfg: &Config) -> anyhow::Result<std::net::UdpSocket> {
             );
         }
     }
-    sock.bind(&addr.into())
-        .with_context(|| format!("binding UDP {addr}"))?;
-    Ok(sock.into())
+    Ok(sock)
 }
 
 /// Runs futures concurrently and waits for all.

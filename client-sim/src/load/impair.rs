@@ -119,7 +119,11 @@ impl Drop for ImpairedSocket {
 
 /// A client socket bound to `bind`, impaired when `imp` says so.
 pub fn socket(bind: SocketAddr, imp: Impairment) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-    let std = std::net::UdpSocket::bind(bind)?;
+    let (std, _, _) = quic::udp_socket(
+        bind,
+        crate::net::CLIENT_UDP_BUFFER,
+        crate::net::CLIENT_UDP_BUFFER,
+    )?;
     let inner = quinn::TokioRuntime.wrap_udp_socket(std)?;
     if imp.is_none() {
         return Ok(inner);
