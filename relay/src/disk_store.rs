@@ -50,7 +50,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::segment_log::{self as log, IDS_MAGIC, LogDir, LogFile, Record, SEGMENT_MAGIC};
-use crate::store::{Appended, ClipStore, Cursor, MemoryStore, StoreError, StoreStats, StoredClip};
+use crate::store::{
+    Appended, ClipStore, Cursor, HistoryEntry, MemoryStore, StoreError, StoreStats, StoredClip,
+};
 
 /// Most operations one commit takes.
 const MAX_BATCH: usize = 1024;
@@ -103,6 +105,13 @@ enum Op {
         recipient: Arc<str>,
         reply: Reply<Appended>,
     },
+    /// A channel history entry: a copy owed to the channel's history
+    /// (a pseudo-recipient, [`history_holder`]); answered with its order.
+    History {
+        clip: Arc<StoredClip>,
+        holder: Arc<str>,
+        reply: Reply<u64>,
+    },
     Expire {
         before_ms: u64,
         forget_ids_before_ms: u64,
@@ -125,11 +134,24 @@ pub struct Recovered {
     /// Bytes of a torn last batch (never acknowledged) dropped from the
     /// newest segment.
     pub torn_bytes: u64,
+    /// Channel history entries.
+    pub history: u64,
+}
+
+/// What holds a channel's history entries in the log: a recipient name no
+/// user can have (user ids have no control characters).
+const HISTORY_HOLDER: &str = "\u{1}history\u{1}";
+
+/// The pseudo-recipient holding channel `c`'s history entries.
+pub fn history_holder(c: &str) -> Arc<str> {
+    Arc::from(format!("{HISTORY_HOLDER}{c}"))
 }
 
 pub struct DiskStore {
     mem: MemoryStore,
     ops: mpsc::Sender<Op>,
+    /// History entries found on open, until the relay takes them.
+    history: std::sync::Mutex<Vec<HistoryEntry>>,
 }
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
@@ -177,13 +199,21 @@ impl DiskStore {
         opts: LogOptions,
     ) -> Result<(Self, Recovered), StoreError> {
         let mem = MemoryStore::new(max_bytes);
-        let (committer, rec) = recover(dir, &mem, opts)?;
+        let (committer, rec, history) = recover(dir, &mem, opts)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || committer.run(rx))
             .map_err(failed)?;
-        Ok((Self { mem, ops: tx }, rec))
+        let history = std::sync::Mutex::new(history);
+        Ok((
+            Self {
+                mem,
+                ops: tx,
+                history,
+            },
+            rec,
+        ))
     }
 
     /// Waits until every operation queued so far is on disk.
@@ -265,7 +295,7 @@ fn recover(
     dir: Arc<dyn LogDir>,
     mem: &MemoryStore,
     opts: LogOptions,
-) -> Result<(Committer, Recovered), StoreError> {
+) -> Result<(Committer, Recovered, Vec<HistoryEntry>), StoreError> {
     let mut rec = Recovered::default();
     let names = dir.list().map_err(failed)?;
     let mut seg_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "seg-")).collect();
@@ -426,12 +456,16 @@ fn recover(
         rec.ids += 1;
     }
     let mut copies: Vec<(u64, Arc<str>, Arc<StoredClip>)> = Vec::new();
+    let mut history = Vec::new();
     let mut live = HashMap::with_capacity(state.len());
     let mut live_bytes = 0;
     for (id, s) in state {
         rec.clips += 1;
         for (r, o) in &s.copies {
-            copies.push((*o, r.clone(), s.clip.clone()));
+            match r.strip_prefix(HISTORY_HOLDER) {
+                Some(c) => history.push((c.to_owned(), *o, s.clip.clone())),
+                None => copies.push((*o, r.clone(), s.clip.clone())),
+            }
         }
         if let Some(seg) = segs.get_mut(&s.seg) {
             seg.live += 1;
@@ -453,6 +487,7 @@ fn recover(
         mem.restore_copy(r, c);
         rec.copies += 1;
     }
+    rec.history = history.len() as u64;
     // Ids from the ids files are in memory; the committer only needs the
     // ones whose segments it may delete.
     recent.shrink_to_fit();
@@ -487,7 +522,7 @@ fn recover(
     c.segs.entry(cur_seq).or_default().bytes = SEGMENT_MAGIC.len() as u64;
     // Segments whose clips were all delivered before the crash go now.
     c.collect_garbage();
-    Ok((c, rec))
+    Ok((c, rec, history))
 }
 
 /// Notes an id found in segment `seg` (the first time it is seen).
@@ -566,6 +601,14 @@ impl Committer {
                 } => {
                     self.add_copy(clip, recipient);
                     replies.push((reply, Appended::New));
+                }
+                Op::History {
+                    clip,
+                    holder,
+                    reply,
+                } => {
+                    let order = self.add_copy(clip, holder);
+                    expiries.push((reply, order));
                 }
                 Op::Ack { recipient, id } => self.ack(&id, &recipient),
                 Op::Expire {
@@ -713,17 +756,19 @@ impl Committer {
         }
     }
 
-    fn add_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) {
+    /// Returns the copy's order number.
+    fn add_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) -> u64 {
         let id = clip.meta.id;
         self.order += 1;
         let order = self.order;
         match self.live.get_mut(&id) {
-            Some(l) => {
-                if !l.copies.iter().any(|(r, _)| *r == recipient) {
+            Some(l) => match l.copies.iter().find(|(r, _)| *r == recipient) {
+                Some((_, o)) => return *o,
+                None => {
                     log::add_copy(&mut self.buf, &id, order, &recipient);
                     l.copies.push((recipient, order));
                 }
-            }
+            },
             None => {
                 // Delivered to everyone before (or never stored): its `Put`
                 // may be gone with its segment, so store it again.
@@ -733,6 +778,7 @@ impl Committer {
                 self.track(id, clip, at, copies);
             }
         }
+        order
     }
 
     fn ack(&mut self, id: &ClipId, recipient: &str) {
@@ -988,6 +1034,30 @@ impl ClipStore for DiskStore {
 
     fn stats(&self) -> StoreStats {
         self.mem.stats()
+    }
+
+    async fn add_history(&self, channel: &str, clip: Arc<StoredClip>) -> Result<u64, StoreError> {
+        self.call(|reply| Op::History {
+            clip,
+            holder: history_holder(channel),
+            reply,
+        })
+        .await
+    }
+
+    async fn drop_history(&self, channel: &str, id: &ClipId) -> Result<(), StoreError> {
+        self.queue(Op::Ack {
+            recipient: history_holder(channel),
+            id: *id,
+        })
+        .await
+    }
+
+    fn recovered_history(&self) -> Vec<HistoryEntry> {
+        self.history
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
     }
 
     async fn close(&self) {

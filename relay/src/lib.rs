@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod cursors;
 pub mod disk_store;
 pub mod faults;
 pub mod limits;

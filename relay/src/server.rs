@@ -58,12 +58,16 @@ pub struct Shared {
     /// The history entries each (user, channel) has been given (recent
     /// ones; bounded by the history depth).
     pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
+    /// Where members' history cursors are kept (disk store only).
+    pub cursors: Option<std::path::PathBuf>,
+    /// `history_seen` changed since the cursors were last written.
+    pub cursors_dirty: AtomicBool,
 }
 
-/// A channel's recent clips: (sequence number, clip), oldest first.
+/// A channel's recent clips: (sequence number, clip), oldest first. The
+/// store numbers the entries (and keeps them, with the disk store).
 #[derive(Default)]
 pub struct History {
-    pub next: u64,
     pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
 }
 
@@ -214,8 +218,12 @@ impl Relay {
             floors: DashMap::new(),
             history: DashMap::new(),
             history_seen: DashMap::new(),
+            cursors: (config.store == StoreKind::Disk)
+                .then(|| crate::cursors::path(&config.data_dir)),
+            cursors_dirty: AtomicBool::new(false),
             config,
         });
+        shared.restore_history();
         let admin = tokio::net::TcpListener::bind(shared.config.admin)
             .await
             .with_context(|| format!("binding admin TCP {}", shared.config.admin))?;
@@ -224,6 +232,7 @@ impl Relay {
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.clone()));
+        tokio::spawn(cursor_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
             shared,
@@ -289,6 +298,7 @@ impl Relay {
         s.shutdown.cancel();
         self.endpoint
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
+        s.save_cursors().await;
         s.store.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("stopped");
@@ -296,6 +306,63 @@ impl Relay {
 }
 
 impl Shared {
+    /// Channel history and members' cursors as the store and the cursors
+    /// file left them (disk store; nothing with the memory store).
+    fn restore_history(&self) {
+        for (c, seq, clip) in self.store.recovered_history() {
+            self.history
+                .entry(c)
+                .or_default()
+                .clips
+                .push_back((seq, clip));
+        }
+        for mut h in self.history.iter_mut() {
+            h.clips.make_contiguous().sort_by_key(|(seq, _)| *seq);
+        }
+        let Some(path) = &self.cursors else { return };
+        for cur in crate::cursors::load(path) {
+            let mut seen: std::collections::BTreeSet<u64> = self
+                .history
+                .get(&cur.channel)
+                .map(|h| {
+                    h.clips
+                        .iter()
+                        .map(|(s, _)| *s)
+                        .filter(|s| *s <= cur.seq)
+                        .collect()
+                })
+                .unwrap_or_default();
+            seen.insert(cur.seq);
+            self.history_seen
+                .insert((Arc::from(cur.user.as_str()), cur.channel), seen);
+        }
+    }
+
+    /// Writes members' history cursors if they changed.
+    pub async fn save_cursors(&self) {
+        let Some(path) = self.cursors.clone() else {
+            return;
+        };
+        if !self.cursors_dirty.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let snapshot: std::collections::BTreeMap<(String, String), u64> = self
+            .history_seen
+            .iter()
+            .filter_map(|e| {
+                let (user, c) = e.key();
+                e.value()
+                    .last()
+                    .map(|m| ((user.to_string(), c.clone()), *m))
+            })
+            .collect();
+        let r = tokio::task::spawn_blocking(move || crate::cursors::save(&path, &snapshot)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            self.cursors_dirty.store(true, Ordering::SeqCst);
+            warn!("writing history cursors failed; will retry");
+        }
+    }
+
     /// Whether a new handshake fits the rate.
     fn handshake_allowed(&self) -> bool {
         if self.config.max_handshakes_per_second == 0 {
@@ -390,6 +457,41 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
+/// Drops history entries older than `channel_history_age` (quiet channels
+/// are not trimmed by new clips).
+async fn trim_history(shared: &Shared, now: u64) {
+    let oldest = now.saturating_sub(shared.config.channel_history_age.as_millis() as u64);
+    let mut gone = Vec::new();
+    for mut h in shared.history.iter_mut() {
+        while h
+            .clips
+            .front()
+            .is_some_and(|(_, c)| c.meta.created_ms < oldest)
+        {
+            if let Some((_, c)) = h.clips.pop_front() {
+                gone.push((h.key().clone(), c.meta.id));
+            }
+        }
+    }
+    for (c, id) in gone {
+        let _ = shared.store.drop_history(&c, &id).await;
+    }
+}
+
+/// Writes members' history cursors every few seconds when they changed.
+async fn cursor_loop(shared: Arc<Shared>) {
+    if shared.cursors.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.save_cursors().await,
+            () = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Drops expired clips and forgets old clip ids, once a minute (or sooner
 /// when the windows are short).
 async fn sweep_loop(shared: Arc<Shared>) {
@@ -409,6 +511,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
         let window = now.saturating_sub(cfg.dedupe_window.as_millis() as u64);
         let t = std::time::Instant::now();
         shared.budgets.retain(|_, b| !b.is_idle(t));
+        trim_history(&shared, now).await;
         match shared.store.expire(ttl, window).await {
             Ok(0) => {}
             Ok(n) => {

@@ -556,21 +556,35 @@ async fn record_history(
     sender: &Arc<str>,
 ) {
     let cfg = &shared.config;
-    let seq = {
+    // One copy per channel, kept by the store (on disk with the disk store).
+    let seq = match shared.store.add_history(c, clip.clone()).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            warn!(error = %e, channel = c, "channel history not kept");
+            return;
+        }
+    };
+    let gone = {
         let mut h = shared.history.entry(c.to_owned()).or_default();
-        h.next += 1;
-        let seq = h.next;
-        h.clips.push_back((seq, clip.clone()));
+        // In sequence order (entries of one channel rarely race).
+        let at = h.clips.partition_point(|(s, _)| *s < seq);
+        h.clips.insert(at, (seq, clip.clone()));
         let oldest = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
+        let mut gone = Vec::new();
         while h.clips.len() > cfg.channel_history_depth
             || h.clips
                 .front()
                 .is_some_and(|(_, c)| c.meta.created_ms < oldest)
         {
-            h.clips.pop_front();
+            if let Some((_, old)) = h.clips.pop_front() {
+                gone.push(old.meta.id);
+            }
         }
-        seq
+        gone
     };
+    for id in gone {
+        let _ = shared.store.drop_history(c, &id).await;
+    }
     for u in recipients.iter().chain(std::iter::once(sender)) {
         claim_seen(shared, u, c, seq);
     }
@@ -604,6 +618,11 @@ fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) -> bool {
         .entry((user.clone(), c.to_owned()))
         .or_default();
     let new = e.insert(seq);
+    if new {
+        shared
+            .cursors_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     // Entries older than the history are never offered again.
     while e.len() > shared.config.channel_history_depth.max(1) * 2 {
         e.pop_first();

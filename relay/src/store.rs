@@ -174,6 +174,9 @@ pub struct StoreStats {
     pub remembered_ids: u64,
 }
 
+/// A channel history entry: (channel, sequence number, clip).
+pub type HistoryEntry = (String, u64, Arc<StoredClip>);
+
 #[async_trait]
 pub trait ClipStore: Send + Sync + 'static {
     /// Stores a complete clip for `recipients`. Returns once the clip is as
@@ -216,6 +219,20 @@ pub trait ClipStore: Send + Sync + 'static {
     async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Keeps `clip` as an entry of channel `channel`'s history (one copy
+    /// per channel, as safe as this store keeps clips). Returns the entry's
+    /// sequence number; numbers rise.
+    async fn add_history(&self, channel: &str, clip: Arc<StoredClip>) -> Result<u64, StoreError>;
+
+    /// Clip `id` fell out of channel `channel`'s history (depth or age).
+    async fn drop_history(&self, channel: &str, id: &ClipId) -> Result<(), StoreError>;
+
+    /// History entries found when the store was opened, in no particular
+    /// order. Taken once.
+    fn recovered_history(&self) -> Vec<HistoryEntry> {
+        Vec::new()
+    }
 
     /// Writes out what is pending and releases the store (shutdown).
     async fn close(&self) {}
@@ -384,6 +401,15 @@ impl ClipStore for MemoryStore {
         recipient: Arc<str>,
     ) -> Result<bool, StoreError> {
         Ok(self.restore_copy(recipient, clip))
+    }
+
+    async fn add_history(&self, _channel: &str, _clip: Arc<StoredClip>) -> Result<u64, StoreError> {
+        // The relay keeps the history itself; memory has nothing to add.
+        Ok(self.seq.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    async fn drop_history(&self, _channel: &str, _id: &ClipId) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {

@@ -14,20 +14,27 @@ use tokio::sync::mpsc;
 pub struct TestRelay {
     pub relay: Relay,
     pub endpoint: quinn::Endpoint,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Starts a relay with `tweak` applied to the test config.
 pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestRelay {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::for_tests(dir.path());
+    let mut t = start_in(dir.path(), tweak).await;
+    t._dir = Some(dir);
+    t
+}
+
+/// Starts a relay on data dir `dir` (kept by the caller, for restarts).
+pub async fn start_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestRelay {
+    let mut cfg = Config::for_tests(dir);
     tweak(&mut cfg);
     let relay = Relay::start(cfg).await.unwrap();
     let endpoint = net::endpoint(relay.quic_addr(), &relay.files().cert).unwrap();
     TestRelay {
         relay,
         endpoint,
-        _dir: dir,
+        _dir: None,
     }
 }
 
