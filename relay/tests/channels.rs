@@ -18,6 +18,17 @@ fn channel_clip(ch: &str, packets: u32) -> OutgoingClip {
     c
 }
 
+/// Four channel clips from `talker` to "ops", one after the other.
+async fn say_four(talker: &client_sim::Client) -> Vec<OutgoingClip> {
+    let mut said = Vec::new();
+    for i in 0..4 {
+        let c = channel_clip("ops", 3 + i);
+        talker.send_clip(&c, Pacing::Upload).await.unwrap();
+        said.push(c);
+    }
+    said
+}
+
 fn rejected(r: Result<client_sim::SendOutcome, ClientError>) -> (ErrorCode, String) {
     match r {
         Err(ClientError::Rejected { code, reason, .. }) => (code, reason),
@@ -126,12 +137,7 @@ async fn late_joiners_get_what_they_missed_in_order_once() {
     let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
     let (_carol, mut carol_ev) = t.member("carol", &[("ops", Listen)]).await;
     // Dave is offline while Alice says four things.
-    let mut said = Vec::new();
-    for i in 0..4 {
-        let c = channel_clip("ops", 3 + i);
-        alice.send_clip(&c, Pacing::Upload).await.unwrap();
-        said.push(c);
-    }
+    let said = say_four(&alice).await;
     for c in &said {
         let got = next_complete(&mut carol_ev).await;
         assert_eq!(got.id(), c.id, "online members in order");
@@ -194,16 +200,12 @@ async fn history_older_than_its_age_is_not_replayed() {
 async fn history_and_cursors_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let depth = |c: &mut relay::Config| c.channel_history_depth = 3;
-    let mut said = Vec::new();
+    let said;
     {
         let t = start_in(dir.path(), depth).await;
         let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
         let (carol, mut carol_ev) = t.member("carol", &[("ops", Listen)]).await;
-        for i in 0..4 {
-            let c = channel_clip("ops", 3 + i);
-            alice.send_clip(&c, Pacing::Upload).await.unwrap();
-            said.push(c);
-        }
+        said = say_four(&alice).await;
         for c in &said {
             let got = next_complete(&mut carol_ev).await;
             assert_eq!(got.id(), c.id);
