@@ -213,7 +213,9 @@ fn opts() -> LogOptions {
         segment_bytes: 1500,
         sealed_segments: 2,
         ids_file_bytes: 400,
-        ..LogOptions::default()
+        // Commit at once: batches still form from concurrent appends, and
+        // a thousand runs do not wait out the interval.
+        commit_interval: std::time::Duration::ZERO,
     }
 }
 
