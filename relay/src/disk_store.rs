@@ -285,6 +285,8 @@ struct Committer {
     /// Ids accepted before this are past the dedupe window.
     forget_before: u64,
     buf: Vec<u8>,
+    /// Clip bodies to write into `buf` at these offsets (not copied).
+    bodies: Vec<(usize, bytes::Bytes)>,
     /// Set after a failed write or sync: what is on disk is unknown, so
     /// nothing more is acknowledged.
     poisoned: Option<String>,
@@ -517,6 +519,7 @@ fn recover(
         order: max_order + 1,
         forget_before: 0,
         buf: Vec::with_capacity(1 << 20),
+        bodies: Vec::new(),
         poisoned: None,
     };
     c.segs.entry(cur_seq).or_default().bytes = SEGMENT_MAGIC.len() as u64;
@@ -583,6 +586,7 @@ impl Committer {
             self.poison(&e);
         }
         self.buf.clear();
+        self.bodies.clear();
         let mut replies = Vec::new();
         let mut expiries = Vec::new();
         let mut syncs = Vec::new();
@@ -673,15 +677,25 @@ impl Committer {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * self.bodies.len() + 1);
+        let mut from = 0;
+        let mut len = self.buf.len();
+        for (at, body) in &self.bodies {
+            parts.push(&self.buf[from..*at]);
+            parts.push(body);
+            len += body.len();
+            from = *at;
+        }
+        parts.push(&self.buf[from..]);
         let r = self
             .cur
-            .append(&self.buf)
+            .append_parts(&parts)
             .and_then(|()| self.cur.sync())
             .map_err(failed);
         match r {
             Ok(()) => {
                 if let Some(s) = self.segs.get_mut(&self.cur_seq) {
-                    s.bytes += self.buf.len() as u64;
+                    s.bytes += len as u64;
                 }
                 Ok(())
             }
@@ -717,7 +731,7 @@ impl Committer {
                 (r.clone(), self.order)
             })
             .collect();
-        log::put(&mut self.buf, now, &copies, &clip);
+        log::put_split(&mut self.buf, &mut self.bodies, now, &copies, &clip);
         self.track(id, clip, now, copies);
         Appended::New
     }
@@ -774,7 +788,7 @@ impl Committer {
                 // may be gone with its segment, so store it again.
                 let copies = vec![(recipient, order)];
                 let at = clip.meta.created_ms;
-                log::put(&mut self.buf, at, &copies, &clip);
+                log::put_split(&mut self.buf, &mut self.bodies, at, &copies, &clip);
                 self.track(id, clip, at, copies);
             }
         }
@@ -877,6 +891,7 @@ impl Committer {
     /// Writes segment `head`'s live clips again in the current segment.
     fn rewrite(&mut self, head: u64) -> Result<(), StoreError> {
         self.buf.clear();
+        self.bodies.clear();
         let ids: Vec<ClipId> = self
             .live
             .iter()
@@ -885,7 +900,13 @@ impl Committer {
             .collect();
         for id in &ids {
             if let Some(l) = self.live.get(id) {
-                log::put(&mut self.buf, l.accepted_ms, &l.copies, &l.clip);
+                log::put_split(
+                    &mut self.buf,
+                    &mut self.bodies,
+                    l.accepted_ms,
+                    &l.copies,
+                    &l.clip,
+                );
             }
         }
         self.write_batch()?;

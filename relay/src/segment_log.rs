@@ -118,6 +118,24 @@ pub fn put(
     copies: &[(Arc<str>, u64)],
     clip: &StoredClip,
 ) -> usize {
+    let mut bodies = Vec::new();
+    let n = put_split(out, &mut bodies, accepted_ms, copies, clip);
+    for (at, body) in bodies.into_iter().rev() {
+        out.splice(at..at, body.iter().copied());
+    }
+    n
+}
+
+/// Appends a `Put` without copying the clip's packet records: they are
+/// noted in `bodies` as (offset in `out`, bytes) to be written there
+/// (`writev`). The checksum covers them. Returns the record's size.
+pub fn put_split(
+    out: &mut Vec<u8>,
+    bodies: &mut Vec<(usize, bytes::Bytes)>,
+    accepted_ms: u64,
+    copies: &[(Arc<str>, u64)],
+    clip: &StoredClip,
+) -> usize {
     let mut e = Encoder::begin(out, PUT)
         .id(&clip.meta.id)
         .u64(accepted_ms)
@@ -126,8 +144,23 @@ pub fn put(
     for (r, order) in copies {
         e = e.u64(*order).str(r);
     }
-    clip.write_record(e.out);
-    e.finish()
+    let start = e.start;
+    let out = e.out;
+    // StoredClip::write_record, with the body left out.
+    out.extend_from_slice(&(clip.header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&clip.header);
+    out.extend_from_slice(&(clip.body.len() as u32).to_be_bytes());
+    let at = out.len();
+    out.extend_from_slice(&clip.end_bytes);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out[start + 8..at]);
+    h.update(&clip.body);
+    h.update(&out[at..]);
+    let len = (out.len() - start - 8 + clip.body.len()) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&h.finalize().to_le_bytes());
+    bodies.push((at, clip.body.clone()));
+    8 + len as usize
 }
 
 pub fn add_copy(out: &mut Vec<u8>, id: &ClipId, order: u64, recipient: &str) -> usize {
@@ -283,6 +316,10 @@ pub fn parse(bytes: &[u8], magic: &[u8; 8]) -> Option<Parsed> {
 /// A file the log appends to.
 pub trait LogFile: Send {
     fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Appends `parts` in order, as one write where the file allows.
+    fn append_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.append(&parts.concat())
+    }
     /// Makes what was appended durable (fdatasync).
     fn sync(&mut self) -> io::Result<()>;
 }
@@ -318,6 +355,20 @@ impl LogFile for FsFile {
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         use std::io::Write;
         self.0.write_all(data)
+    }
+    fn append_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        use std::io::{IoSlice, Write};
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.0.write_vectored(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
         self.0.sync_data()
