@@ -129,7 +129,7 @@ catalogue! {
     HOP_LATENCY = "ptt_relay_hop_seconds", Histogram, Seconds, [],
         "Live packets: from read off the sender's stream to written into a recipient's stream (one sample per write, per recipient).";
     SENDER_ACK_LATENCY = "ptt_sender_ack_seconds", Histogram, Seconds, [],
-        "From a clip's last byte arriving to its Accepted (or Rejected) answer being written: store append and sync.";
+        "From a clip's last byte arriving to its Accepted (or Rejected) answer being ready to write: store append and sync.";
     FLOOR_GRANTS = "ptt_floor_grants_total", Counter, Count, [],
         "Channel floors taken (a talker's clip goes out).";
     FLOOR_BUSY = "ptt_floor_busy_total", Counter, Count, [],

@@ -466,6 +466,9 @@ async fn upload(
     if let Some(c) = &channel {
         shared.floors.remove_if(c, |_, f| f.upload == upload_no);
     }
+    // The answer is ready (stored, or refused): what the sender waits for
+    // beyond its own upload, without the round trip of the reply itself.
+    metrics::hot().sender_ack.record(ended.elapsed());
     match outcome {
         Ok(duplicate) => {
             let hot = metrics::hot();
@@ -489,7 +492,6 @@ async fn upload(
             reply(&mut send, rejected(id, r)).await;
         }
     }
-    metrics::hot().sender_ack.record(ended.elapsed());
 }
 
 fn rejected(clip_id: ClipId, r: Refused) -> Message {
