@@ -243,13 +243,91 @@ impl DiskStore {
     }
 }
 
+/// The recipients still owed a clip, each with its copy's order number: a
+/// short list for the usual one or few, a map for a channel clip's
+/// thousands (an ack must not scan them all).
+#[derive(Default)]
+struct Copies {
+    list: Vec<(Arc<str>, u64)>,
+    map: HashMap<Arc<str>, u64>,
+}
+
+/// Above this many copies a clip's recipients go in the map.
+const COPIES_LIST_MAX: usize = 16;
+
+impl Copies {
+    fn from_vec(v: Vec<(Arc<str>, u64)>) -> Self {
+        if v.len() > COPIES_LIST_MAX {
+            Copies {
+                list: Vec::new(),
+                map: v.into_iter().collect(),
+            }
+        } else {
+            Copies {
+                list: v,
+                map: HashMap::new(),
+            }
+        }
+    }
+
+    fn get(&self, r: &str) -> Option<u64> {
+        self.map
+            .get(r)
+            .copied()
+            .or_else(|| self.list.iter().find(|(x, _)| &**x == r).map(|(_, o)| *o))
+    }
+
+    /// Adds a copy; false if `r` already has one.
+    fn insert(&mut self, r: Arc<str>, order: u64) -> bool {
+        if self.get(&r).is_some() {
+            return false;
+        }
+        if self.map.is_empty() && self.list.len() < COPIES_LIST_MAX {
+            self.list.push((r, order));
+        } else {
+            self.map.extend(self.list.drain(..));
+            self.map.insert(r, order);
+        }
+        true
+    }
+
+    /// Removes `r`'s copy; false if it had none.
+    fn remove(&mut self, r: &str) -> bool {
+        if self.map.remove(r).is_some() {
+            return true;
+        }
+        match self.list.iter().position(|(x, _)| &**x == r) {
+            Some(i) => {
+                self.list.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty() && self.map.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, u64)> {
+        self.list
+            .iter()
+            .map(|(r, o)| (r, *o))
+            .chain(self.map.iter().map(|(r, o)| (r, *o)))
+    }
+
+    fn to_vec(&self) -> Vec<(Arc<str>, u64)> {
+        self.iter().map(|(r, o)| (r.clone(), o)).collect()
+    }
+}
+
 /// A clip some recipient is still owed, as the committer tracks it.
 struct Live {
     /// The segment holding its latest `Put`.
     seg: u64,
     clip: Arc<StoredClip>,
     accepted_ms: u64,
-    copies: Vec<(Arc<str>, u64)>,
+    copies: Copies,
     /// Size of its `Put` record.
     bytes: u64,
 }
@@ -309,7 +387,7 @@ fn recover(
         seg: u64,
         clip: Arc<StoredClip>,
         accepted_ms: u64,
-        copies: Vec<(Arc<str>, u64)>,
+        copies: Copies,
         bytes: u64,
     }
     let mut state: HashMap<ClipId, State> = HashMap::new();
@@ -392,7 +470,7 @@ fn recover(
                             seg: n,
                             clip,
                             accepted_ms,
-                            copies,
+                            copies: Copies::from_vec(copies),
                             bytes,
                         },
                     );
@@ -403,15 +481,13 @@ fn recover(
                     recipient,
                 } => {
                     max_order = max_order.max(order);
-                    if let Some(s) = state.get_mut(&id)
-                        && !s.copies.iter().any(|(r, _)| *r == recipient)
-                    {
-                        s.copies.push((recipient, order));
+                    if let Some(s) = state.get_mut(&id) {
+                        s.copies.insert(recipient, order);
                     }
                 }
                 Record::Ack { id, recipient } => {
                     if let Some(s) = state.get_mut(&id) {
-                        s.copies.retain(|(r, _)| *r != recipient);
+                        s.copies.remove(&recipient);
                         if s.copies.is_empty() {
                             state.remove(&id);
                         }
@@ -463,10 +539,10 @@ fn recover(
     let mut live_bytes = 0;
     for (id, s) in state {
         rec.clips += 1;
-        for (r, o) in &s.copies {
+        for (r, o) in s.copies.iter() {
             match r.strip_prefix(HISTORY_HOLDER) {
-                Some(c) => history.push((c.to_owned(), *o, s.clip.clone())),
-                None => copies.push((*o, r.clone(), s.clip.clone())),
+                Some(c) => history.push((c.to_owned(), o, s.clip.clone())),
+                None => copies.push((o, r.clone(), s.clip.clone())),
             }
         }
         if let Some(seg) = segs.get_mut(&s.seg) {
@@ -732,18 +808,12 @@ impl Committer {
             })
             .collect();
         log::put_split(&mut self.buf, &mut self.bodies, now, &copies, &clip);
-        self.track(id, clip, now, copies);
+        self.track(id, clip, now, Copies::from_vec(copies));
         Appended::New
     }
 
     /// Starts tracking a clip put in the current segment.
-    fn track(
-        &mut self,
-        id: ClipId,
-        clip: Arc<StoredClip>,
-        accepted_ms: u64,
-        copies: Vec<(Arc<str>, u64)>,
-    ) {
+    fn track(&mut self, id: ClipId, clip: Arc<StoredClip>, accepted_ms: u64, copies: Copies) {
         let bytes = clip.size();
         self.live_bytes += bytes;
         if let Some(s) = self.segs.get_mut(&self.cur_seq) {
@@ -776,11 +846,11 @@ impl Committer {
         self.order += 1;
         let order = self.order;
         match self.live.get_mut(&id) {
-            Some(l) => match l.copies.iter().find(|(r, _)| *r == recipient) {
-                Some((_, o)) => return *o,
+            Some(l) => match l.copies.get(&recipient) {
+                Some(o) => return o,
                 None => {
                     log::add_copy(&mut self.buf, &id, order, &recipient);
-                    l.copies.push((recipient, order));
+                    l.copies.insert(recipient, order);
                 }
             },
             None => {
@@ -789,7 +859,7 @@ impl Committer {
                 let copies = vec![(recipient, order)];
                 let at = clip.meta.created_ms;
                 log::put_split(&mut self.buf, &mut self.bodies, at, &copies, &clip);
-                self.track(id, clip, at, copies);
+                self.track(id, clip, at, Copies::from_vec(copies));
             }
         }
         order
@@ -799,9 +869,7 @@ impl Committer {
         let Some(l) = self.live.get_mut(id) else {
             return;
         };
-        let before = l.copies.len();
-        l.copies.retain(|(r, _)| &**r != recipient);
-        if l.copies.len() == before {
+        if !l.copies.remove(recipient) {
             return;
         }
         log::ack(&mut self.buf, id, recipient);
@@ -823,7 +891,7 @@ impl Committer {
         let mut n = 0;
         for id in old {
             if let Some(l) = self.live.remove(&id) {
-                for (r, _) in &l.copies {
+                for (r, _) in l.copies.iter() {
                     log::ack(&mut self.buf, &id, r);
                     n += 1;
                 }
@@ -904,7 +972,7 @@ impl Committer {
                     &mut self.buf,
                     &mut self.bodies,
                     l.accepted_ms,
-                    &l.copies,
+                    &l.copies.to_vec(),
                     &l.clip,
                 );
             }
@@ -1111,6 +1179,26 @@ mod tests {
                 final_granule: 960,
             },
         ))
+    }
+
+    #[test]
+    fn copies_move_from_list_to_map_and_back_out() {
+        let name = |i: usize| -> Arc<str> { Arc::from(format!("u{i}")) };
+        let mut c = Copies::from_vec((0..3).map(|i| (name(i), i as u64)).collect());
+        assert!(!c.insert(name(1), 99), "one copy per recipient");
+        for i in 3..100 {
+            assert!(c.insert(name(i), i as u64));
+        }
+        assert!(c.list.is_empty() && c.map.len() == 100);
+        assert_eq!(c.get("u42"), Some(42));
+        for i in 0..100 {
+            assert!(c.remove(&name(i)));
+            assert!(!c.remove(&name(i)));
+        }
+        assert!(c.is_empty());
+        let big = Copies::from_vec((0..40).map(|i| (name(i), i as u64)).collect());
+        assert_eq!(big.to_vec().len(), 40);
+        assert_eq!(big.get("u39"), Some(39));
     }
 
     #[test]
