@@ -4,10 +4,11 @@
 //! never touch the disk.
 //!
 //! One committer thread owns the write side. Appends and acks queue to it;
-//! it takes everything queued, encodes it as records into one buffer,
-//! writes that buffer with one `write` and syncs once (group commit), then
-//! answers every waiting append. Durability costs one sequential write and
-//! one fdatasync per batch.
+//! it takes everything queued, encodes it as records into one buffer (clip
+//! bodies are not copied: they go out from their `Bytes`), writes it all
+//! with one `writev` and syncs once (group commit), then answers every
+//! waiting append. Durability costs one sequential write and one fdatasync
+//! per batch.
 //!
 //! Why a segment log and not an embedded B-tree (the first version used
 //! redb): a clip here is written once, read from memory, and deleted
