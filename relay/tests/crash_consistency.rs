@@ -34,12 +34,16 @@ struct File {
 
 #[derive(Debug, Default)]
 struct Dir {
-    files: BTreeMap<String, File>,
-    /// Names as of the last directory sync (creations and removals since
-    /// then may or may not survive a cut).
-    durable: BTreeSet<String>,
-    /// Synced contents of files removed since the last directory sync.
-    removed: BTreeMap<String, Vec<u8>>,
+    /// Names in the directory now, each naming a file (by number).
+    names: BTreeMap<String, u64>,
+    /// Every file ever created (a handle keeps writing to its file after a
+    /// rename, as on a real file system).
+    data: BTreeMap<u64, File>,
+    next: u64,
+    /// Names as of the last directory sync, with the file each named
+    /// (creations, renames and removals since then may or may not survive
+    /// a cut).
+    durable: BTreeMap<String, u64>,
     /// Files removed, ever (the test checks segments were deleted).
     removals: u64,
 }
@@ -51,38 +55,31 @@ struct SimDir(Arc<Mutex<Dir>>);
 
 impl SimDir {
     fn from_image(image: BTreeMap<String, Vec<u8>>) -> Self {
-        let d = Dir {
-            durable: image.keys().cloned().collect(),
-            files: image
-                .into_iter()
-                .map(|(n, b)| {
-                    (
-                        n,
-                        File {
-                            now: b.clone(),
-                            synced: b,
-                            unsynced: Vec::new(),
-                        },
-                    )
-                })
-                .collect(),
-            removed: BTreeMap::new(),
-            removals: 0,
-        };
+        let mut d = Dir::default();
+        for (name, b) in image {
+            d.next += 1;
+            d.names.insert(name.clone(), d.next);
+            d.durable.insert(name, d.next);
+            d.data.insert(
+                d.next,
+                File {
+                    now: b.clone(),
+                    synced: b,
+                    unsynced: Vec::new(),
+                },
+            );
+        }
         SimDir(Arc::new(Mutex::new(d)))
     }
 
     /// The disk after a power cut now: each file's synced bytes, then the
     /// first `k` of its unsynced appends (`k` random), the last of them
-    /// torn at a random byte; creations and removals not yet made durable
-    /// by a directory sync survive or not, at random.
+    /// torn at a random byte; directory changes since the last directory
+    /// sync survive or not, each at random.
     fn cut(&self, rng: &mut impl Rng) -> BTreeMap<String, Vec<u8>> {
         let d = self.0.lock().unwrap();
-        let mut img = BTreeMap::new();
-        for (name, f) in &d.files {
-            if !d.durable.contains(name) && rng.random_bool(0.5) {
-                continue;
-            }
+        let content = |id: u64, rng: &mut dyn rand::RngCore| {
+            let f = &d.data[&id];
             let mut b = f.synced.clone();
             let k = rng.random_range(0..=f.unsynced.len());
             for (i, data) in f.unsynced[..k].iter().enumerate() {
@@ -93,23 +90,34 @@ impl SimDir {
                 };
                 b.extend_from_slice(data);
             }
-            img.insert(name.clone(), b);
-        }
-        for (name, b) in &d.removed {
-            if rng.random_bool(0.5) {
-                img.insert(name.clone(), b.clone());
+            b
+        };
+        let mut img = BTreeMap::new();
+        let names: BTreeSet<&String> = d.names.keys().chain(d.durable.keys()).collect();
+        for name in names {
+            let now = d.names.get(name);
+            let then = d.durable.get(name);
+            // Unchanged since the last directory sync: as it is. Created,
+            // renamed or removed since: the new state or the old one.
+            let id = if now == then || rng.random_bool(0.5) {
+                now
+            } else {
+                then
+            };
+            if let Some(id) = id {
+                img.insert(name.clone(), content(*id, rng));
             }
         }
         img
     }
 }
 
-struct SimFile(SimDir, String);
+struct SimFile(SimDir, u64);
 
 impl LogFile for SimFile {
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         let mut d = (self.0).0.lock().unwrap();
-        let f = d.files.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
+        let f = d.data.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
         f.now.extend_from_slice(data);
         f.unsynced.push(data.to_vec());
         Ok(())
@@ -117,7 +125,7 @@ impl LogFile for SimFile {
 
     fn sync(&mut self) -> io::Result<()> {
         let mut d = (self.0).0.lock().unwrap();
-        let f = d.files.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
+        let f = d.data.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
         f.synced = f.now.clone();
         f.unsynced.clear();
         Ok(())
@@ -126,30 +134,28 @@ impl LogFile for SimFile {
 
 impl LogDir for SimDir {
     fn list(&self) -> io::Result<Vec<String>> {
-        Ok(self.0.lock().unwrap().files.keys().cloned().collect())
+        Ok(self.0.lock().unwrap().names.keys().cloned().collect())
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         let d = self.0.lock().unwrap();
-        Ok(d.files
-            .get(name)
-            .ok_or(io::ErrorKind::NotFound)?
-            .now
-            .clone())
+        let id = d.names.get(name).ok_or(io::ErrorKind::NotFound)?;
+        Ok(d.data[id].now.clone())
     }
 
     fn create(&self, name: &str) -> io::Result<Box<dyn LogFile>> {
-        self.0
-            .lock()
-            .unwrap()
-            .files
-            .insert(name.to_owned(), File::default());
-        Ok(Box::new(SimFile(self.clone(), name.to_owned())))
+        let mut d = self.0.lock().unwrap();
+        d.next += 1;
+        let id = d.next;
+        d.data.insert(id, File::default());
+        d.names.insert(name.to_owned(), id);
+        Ok(Box::new(SimFile(self.clone(), id)))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        let f = d.files.get_mut(name).ok_or(io::ErrorKind::NotFound)?;
+        let id = *d.names.get(name).ok_or(io::ErrorKind::NotFound)?;
+        let f = d.data.get_mut(&id).ok_or(io::ErrorKind::NotFound)?;
         f.now.truncate(len as usize);
         f.synced = f.now.clone();
         f.unsynced.clear();
@@ -158,25 +164,21 @@ impl LogDir for SimDir {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        let f = d.files.remove(name).ok_or(io::ErrorKind::NotFound)?;
+        d.names.remove(name).ok_or(io::ErrorKind::NotFound)?;
         d.removals += 1;
-        if d.durable.contains(name) {
-            d.removed.insert(name.to_owned(), f.synced);
-        }
         Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        let f = d.files.remove(from).ok_or(io::ErrorKind::NotFound)?;
-        d.files.insert(to.to_owned(), f);
+        let id = d.names.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        d.names.insert(to.to_owned(), id);
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
         let mut d = self.0.lock().unwrap();
-        d.durable = d.files.keys().cloned().collect();
-        d.removed.clear();
+        d.durable = d.names.clone();
         Ok(())
     }
 }
