@@ -8,14 +8,14 @@ use libfuzzer_sys::fuzz_target;
 use relay::segment_log::{SEGMENT_MAGIC, parse};
 
 fuzz_target!(|data: &[u8]| {
-    if let Some(p) = parse(data, SEGMENT_MAGIC) {
+    if let Some(p) = parse(data, SEGMENT_MAGIC, Some(1)) {
         assert!(p.valid_until.is_none_or(|v| v <= data.len()));
     }
     let mut file = SEGMENT_MAGIC.to_vec();
     file.extend_from_slice(&(data.len() as u32).to_le_bytes());
     file.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
     file.extend_from_slice(data);
-    if let Some(p) = parse(&file, SEGMENT_MAGIC) {
+    if let Some(p) = parse(&file, SEGMENT_MAGIC, None) {
         assert!(p.records.len() + p.bad_records as usize <= 1);
     }
 });

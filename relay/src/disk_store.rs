@@ -70,6 +70,10 @@ pub struct LogOptions {
     pub sealed_segments: usize,
     /// An ids file is closed at this size.
     pub ids_file_bytes: u64,
+    /// Deleted segment files kept (as `free-N.log`) to be written again as
+    /// new segments: overwriting a file's blocks makes each fdatasync one
+    /// I/O, where growing a new file also updates its size and extents.
+    pub spare_segments: usize,
     /// Least time between the starts of two commits (`store_commit_interval`):
     /// under load, operations gather for this long and share one write and
     /// one sync. Zero: commit as soon as anything is queued.
@@ -82,6 +86,7 @@ impl Default for LogOptions {
             segment_bytes: 64 * 1024 * 1024,
             sealed_segments: 4,
             ids_file_bytes: 16 * 1024 * 1024,
+            spare_segments: 2,
             commit_interval: std::time::Duration::from_millis(3),
         }
     }
@@ -161,6 +166,10 @@ fn failed(e: impl std::fmt::Display) -> StoreError {
 
 fn seg_name(n: u64) -> String {
     format!("seg-{n:020}.log")
+}
+
+fn free_name(n: u64) -> String {
+    format!("free-{n:020}.log")
 }
 
 fn ids_name(n: u64) -> String {
@@ -342,6 +351,9 @@ struct Seg {
     bytes: u64,
     /// Ids first put here: carried to an ids file when it is deleted.
     ids: Vec<(ClipId, u64, Arc<str>)>,
+    /// Written by the first version (records not bound to the segment's
+    /// number): removed when dead, never recycled.
+    v1: bool,
 }
 
 /// The write side: owns the files and the index of what is live where.
@@ -350,6 +362,11 @@ struct Committer {
     opts: LogOptions,
     cur: Box<dyn LogFile>,
     cur_seq: u64,
+    /// The current segment ends with a `Seal` (it is full).
+    sealed: bool,
+    /// Numbers of `free-N.log` files waiting to be reused, at most
+    /// `opts.spare_segments`.
+    free: Vec<u64>,
     segs: BTreeMap<u64, Seg>,
     live: HashMap<ClipId, Live>,
     live_bytes: u64,
@@ -381,6 +398,8 @@ fn recover(
     let names = dir.list().map_err(failed)?;
     let mut seg_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "seg-")).collect();
     let mut ids_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "ids-")).collect();
+    let mut free: Vec<u64> = names.iter().filter_map(|n| number(n, "free-")).collect();
+    free.sort_unstable();
     seg_nums.sort_unstable();
     ids_nums.sort_unstable();
 
@@ -398,7 +417,7 @@ fn recover(
     let newest = seg_nums.last().copied();
 
     // Reads a file; a damaged head moves it aside. `None`: skip it.
-    let load = |name: &str, magic: &[u8; 8], newest: bool, rec: &mut Recovered| {
+    let load = |name: &str, magic: &[u8; 8], seed: log::Seed, newest: bool, rec: &mut Recovered| {
         let bytes = match dir.read(name) {
             Ok(b) => b,
             Err(e) => {
@@ -407,7 +426,7 @@ fn recover(
                 return None;
             }
         };
-        let Some(parsed) = log::parse(&bytes, magic) else {
+        let Some(parsed) = log::parse(&bytes, magic, seed) else {
             let aside = format!("{name}.damaged-{}", crate::now_ms());
             error!(
                 file = name,
@@ -422,11 +441,12 @@ fn recover(
         if let Some(valid) = parsed.valid_until {
             let dropped = (bytes.len() - valid) as u64;
             if newest {
-                // The last batch before the crash, torn: never answered.
-                warn!(
+                // The last batch before the crash, torn: never answered;
+                // or, in a recycled file, its earlier life's bytes.
+                info!(
                     file = name,
                     bytes = dropped,
-                    "store: dropped the torn tail of the last write"
+                    "store: cut the newest segment after its last whole record"
                 );
                 rec.torn_bytes += dropped;
                 let _ = dir.truncate(name, valid as u64);
@@ -440,19 +460,20 @@ fn recover(
                 rec.damaged += 1;
             }
         }
-        Some((
-            parsed.records,
-            parsed.valid_until.unwrap_or(bytes.len()) as u64,
-        ))
+        let len = parsed.valid_until.unwrap_or(bytes.len()) as u64;
+        Some((parsed.records, len, parsed.v1))
     };
 
     for &n in &seg_nums {
         let name = seg_name(n);
-        let Some((records, len)) = load(&name, SEGMENT_MAGIC, Some(n) == newest, &mut rec) else {
+        let Some((records, len, v1)) =
+            load(&name, SEGMENT_MAGIC, Some(n), Some(n) == newest, &mut rec)
+        else {
             continue;
         };
         let seg = segs.entry(n).or_default();
         seg.bytes = len;
+        seg.v1 = v1;
         for r in records {
             match r {
                 Record::Put {
@@ -501,6 +522,7 @@ fn recover(
                 } => {
                     remember(&mut ids, seg, id, accepted_ms, sender);
                 }
+                Record::Seal => {}
             }
         }
     }
@@ -509,7 +531,8 @@ fn recover(
     let newest_ids = ids_nums.last().copied();
     for &n in &ids_nums {
         let name = ids_name(n);
-        let Some((records, _)) = load(&name, IDS_MAGIC, Some(n) == newest_ids, &mut rec) else {
+        let Some((records, _, _)) = load(&name, IDS_MAGIC, None, Some(n) == newest_ids, &mut rec)
+        else {
             continue;
         };
         let mut newest_ms = 0;
@@ -579,13 +602,24 @@ fn recover(
             "store recovered"
         );
     }
-    // New writes go to a new segment.
-    let cur_seq = seg_nums.last().map_or(1, |n| n + 1);
+    // Spare files beyond the configured number go.
+    while free.len() > opts.spare_segments {
+        if let Some(n) = free.pop() {
+            dir.remove(&free_name(n)).map_err(failed)?;
+            dir.sync().map_err(failed)?;
+        }
+    }
+    // New writes go to a new segment, numbered above every file that ever
+    // held records (a recycled file's old records then fail their
+    // checksums).
+    let cur_seq = seg_nums.iter().chain(&free).max().map_or(1, |n| n + 1);
     let mut c = Committer {
-        cur: new_file(&*dir, &seg_name(cur_seq), SEGMENT_MAGIC)?,
+        cur: open_segment(&*dir, &mut free, cur_seq)?,
         dir,
         opts,
         cur_seq,
+        sealed: false,
+        free,
         segs,
         live,
         live_bytes,
@@ -617,6 +651,23 @@ fn remember(
         seg.ids.push((id, accepted_ms, sender.clone()));
         v.insert((accepted_ms, sender));
     }
+}
+
+/// Starts segment `n`: a spare file written again from its start when
+/// there is one, else a new file; its name durable before any record.
+fn open_segment(
+    dir: &dyn LogDir,
+    free: &mut Vec<u64>,
+    n: u64,
+) -> Result<Box<dyn LogFile>, StoreError> {
+    let Some(k) = free.pop() else {
+        return new_file(dir, &seg_name(n), SEGMENT_MAGIC);
+    };
+    let mut f = dir.reuse(&free_name(k), &seg_name(n)).map_err(failed)?;
+    f.append(SEGMENT_MAGIC).map_err(failed)?;
+    f.sync().map_err(failed)?;
+    dir.sync().map_err(failed)?;
+    Ok(f)
 }
 
 /// Creates a file with its magic, durable (file and directory synced).
@@ -707,7 +758,17 @@ impl Committer {
                 }
             }
         }
+        // The batch that fills the segment (or the last one) ends it.
+        let pending: usize =
+            self.buf.len() + self.bodies.iter().map(|(_, b)| b.len()).sum::<usize>();
+        let full = self.segs.get(&self.cur_seq).map_or(0, |s| s.bytes) + pending as u64
+            >= self.opts.segment_bytes;
+        let seal = self.poisoned.is_none() && !self.sealed && (full || close);
+        if seal {
+            log::seal(&mut self.buf, Some(self.cur_seq));
+        }
         let written = self.write_batch();
+        self.sealed |= seal && written.is_ok();
         crate::metrics::hot().store_sync.record(started.elapsed());
         match written {
             Ok(()) => {
@@ -731,10 +792,20 @@ impl Committer {
         for tx in syncs {
             let _ = tx.send(Ok(()));
         }
+        if close {
+            return true;
+        }
+        // The next segment is started now, between batches.
+        if self.sealed
+            && self.poisoned.is_none()
+            && let Err(e) = self.rotate()
+        {
+            self.poison(&e);
+        }
         if self.poisoned.is_none() {
             self.collect_garbage();
         }
-        close
+        false
     }
 
     fn poison(&mut self, e: &StoreError) {
@@ -798,7 +869,7 @@ impl Committer {
         if recipients.is_empty() {
             // Nobody to deliver to (a channel with no other member online):
             // only the id is kept; history copies store the clip later.
-            log::id(&mut self.buf, &id, now, &sender);
+            log::id(&mut self.buf, Some(self.cur_seq), &id, now, &sender);
             return Appended::New;
         }
         let copies: Vec<(Arc<str>, u64)> = recipients
@@ -808,7 +879,14 @@ impl Committer {
                 (r.clone(), self.order)
             })
             .collect();
-        log::put_split(&mut self.buf, &mut self.bodies, now, &copies, &clip);
+        log::put_split(
+            &mut self.buf,
+            &mut self.bodies,
+            Some(self.cur_seq),
+            now,
+            &copies,
+            &clip,
+        );
         self.track(id, clip, now, Copies::from_vec(copies));
         Appended::New
     }
@@ -850,7 +928,7 @@ impl Committer {
             Some(l) => match l.copies.get(&recipient) {
                 Some(o) => return o,
                 None => {
-                    log::add_copy(&mut self.buf, &id, order, &recipient);
+                    log::add_copy(&mut self.buf, Some(self.cur_seq), &id, order, &recipient);
                     l.copies.insert(recipient, order);
                 }
             },
@@ -859,7 +937,8 @@ impl Committer {
                 // may be gone with its segment, so store it again.
                 let copies = vec![(recipient, order)];
                 let at = clip.meta.created_ms;
-                log::put_split(&mut self.buf, &mut self.bodies, at, &copies, &clip);
+                let seed = Some(self.cur_seq);
+                log::put_split(&mut self.buf, &mut self.bodies, seed, at, &copies, &clip);
                 self.track(id, clip, at, Copies::from_vec(copies));
             }
         }
@@ -873,7 +952,7 @@ impl Committer {
         if !l.copies.remove(recipient) {
             return;
         }
-        log::ack(&mut self.buf, id, recipient);
+        log::ack(&mut self.buf, Some(self.cur_seq), id, recipient);
         if l.copies.is_empty()
             && let Some(l) = self.live.remove(id)
         {
@@ -893,7 +972,7 @@ impl Committer {
         for id in old {
             if let Some(l) = self.live.remove(&id) {
                 for (r, _) in l.copies.iter() {
-                    log::ack(&mut self.buf, &id, r);
+                    log::ack(&mut self.buf, Some(self.cur_seq), &id, r);
                     n += 1;
                 }
                 self.untrack(&l);
@@ -916,11 +995,20 @@ impl Committer {
         n
     }
 
-    /// Closes the current segment and starts the next.
+    /// Closes the current segment (sealing it, unless its last batch did)
+    /// and starts the next.
     fn rotate(&mut self) -> Result<(), StoreError> {
+        if !self.sealed {
+            self.buf.clear();
+            self.bodies.clear();
+            log::seal(&mut self.buf, Some(self.cur_seq));
+            self.write_batch()?;
+            self.sealed = true;
+        }
         let next = self.cur_seq + 1;
-        self.cur = new_file(&*self.dir, &seg_name(next), SEGMENT_MAGIC)?;
+        self.cur = open_segment(&*self.dir, &mut self.free, next)?;
         self.cur_seq = next;
+        self.sealed = false;
         self.segs.entry(next).or_default().bytes = SEGMENT_MAGIC.len() as u64;
         Ok(())
     }
@@ -972,6 +1060,7 @@ impl Committer {
                 log::put_split(
                     &mut self.buf,
                     &mut self.bodies,
+                    Some(self.cur_seq),
                     l.accepted_ms,
                     &l.copies.to_vec(),
                     &l.clip,
@@ -1010,7 +1099,7 @@ impl Committer {
                     self.recent.remove(&id);
                     if at >= self.forget_before {
                         newest = newest.max(at);
-                        log::id(&mut carry, &id, at, &sender);
+                        log::id(&mut carry, None, &id, at, &sender);
                     }
                 }
             }
@@ -1037,8 +1126,20 @@ impl Committer {
         // Oldest first, each removal durable before the next: a later
         // segment holds acks of the earlier ones' clips, so it must never
         // be gone while an earlier one comes back after a crash.
+        // A dead segment's file is kept for reuse while there are fewer
+        // than `spare_segments` spares (renamed: gone under its old name
+        // all the same).
         for n in dead {
-            self.dir.remove(&seg_name(*n)).map_err(failed)?;
+            let recycle = self.free.len() < self.opts.spare_segments
+                && self.segs.get(n).is_some_and(|s| !s.v1);
+            if recycle {
+                self.dir
+                    .rename(&seg_name(*n), &free_name(*n))
+                    .map_err(failed)?;
+                self.free.insert(0, *n);
+            } else {
+                self.dir.remove(&seg_name(*n)).map_err(failed)?;
+            }
             self.dir.sync().map_err(failed)?;
             self.segs.remove(n);
         }
@@ -1297,6 +1398,11 @@ mod tests {
             let segs = files(dir.path(), "seg-");
             assert!(segs <= small().sealed_segments + 2, "{segs} segments left");
             assert!(files(dir.path(), "ids-") >= 1, "ids carried out");
+            assert_eq!(
+                files(dir.path(), "free-"),
+                small().spare_segments,
+                "dead segments kept for reuse"
+            );
             s.close().await;
         }
         let (s, rec) = open_small(dir.path());
@@ -1331,9 +1437,17 @@ mod tests {
         }
         let seg = dir.path().join("log").join(seg_name(1));
         let mut bytes = std::fs::read(&seg).unwrap();
+        // Without the seal a clean close wrote (a crash writes none).
+        bytes.truncate(bytes.len() - 9);
         let whole = bytes.len();
         let mut more = Vec::new();
-        log::put(&mut more, 1, &[("bob".into(), 9)], &clip(2, "alice"));
+        log::put(
+            &mut more,
+            Some(1),
+            1,
+            &[("bob".into(), 9)],
+            &clip(2, "alice"),
+        );
         bytes.extend_from_slice(&more[..more.len() / 2]);
         std::fs::write(&seg, &bytes).unwrap();
         let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();

@@ -5,8 +5,20 @@
 //!
 //! A file starts with an 8-byte magic. A record is
 //! `len: u32 LE | crc32: u32 LE | kind: u8 | payload`, where `len` counts
-//! `kind` and `payload` and the CRC-32 (IEEE) covers them. Strings are
-//! `u16 LE` length + UTF-8; integers little-endian.
+//! `kind` and `payload`. In a segment the CRC-32 (IEEE) covers the
+//! segment's number (`u64 LE`, the `N` of `seg-N.log`) and then `kind` and
+//! `payload`; in an ids file (and in a segment written by the first
+//! version, magic `PTTSEG1`) it covers `kind` and `payload` only. Strings
+//! are `u16 LE` length + UTF-8; integers little-endian.
+//!
+//! Why the number is in the checksum: segment files are recycled. A
+//! deleted segment is renamed (`free-N.log`) and later written again from
+//! its start under a new number, so an fdatasync overwrites blocks the
+//! file already has instead of growing it (one I/O instead of a data write
+//! plus a metadata update). The bytes of its earlier life after the new
+//! records fail their checksums under the new number, so they read as the
+//! end of the file; a closed segment ends with a `Seal` record, after
+//! which nothing is read.
 //!
 //! | kind | payload |
 //! |---|---|
@@ -14,6 +26,7 @@
 //! | 2 `AddCopy` | `id[16] order:u64 recipient:str` — one more recipient for a clip put earlier. |
 //! | 3 `Ack` | `id[16] recipient:str` — the recipient has the clip (or its copy expired). |
 //! | 4 `Id` | `id[16] accepted_ms:u64 sender:str` — a clip id to remember for the dedupe window (a clip with no recipient, or ids carried out of a deleted segment). |
+//! | 5 `Seal` | empty — the segment was closed here; what follows is an earlier life's bytes. |
 //!
 //! Parsing is total: any byte string gives records up to the first one that
 //! is cut short or fails its checksum, and says where that happened.
@@ -27,7 +40,10 @@ use codec::wire::ClipId;
 use crate::store::StoredClip;
 
 /// Magic at the start of a segment file.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"PTTSEG1\n";
+pub const SEGMENT_MAGIC: &[u8; 8] = b"PTTSEG2\n";
+/// Magic of the first version's segments (checksums without the number);
+/// still read.
+pub const SEGMENT_MAGIC_V1: &[u8; 8] = b"PTTSEG1\n";
 /// Magic at the start of an ids file.
 pub const IDS_MAGIC: &[u8; 8] = b"PTTIDS1\n";
 /// Largest record accepted when reading (bigger lengths are damage).
@@ -37,6 +53,19 @@ const PUT: u8 = 1;
 const ADD_COPY: u8 = 2;
 const ACK: u8 = 3;
 const ID: u8 = 4;
+const SEAL: u8 = 5;
+
+/// What a file's checksums cover besides each record: a segment's number,
+/// or nothing (ids files, first-version segments).
+pub type Seed = Option<u64>;
+
+fn hasher(seed: Seed) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    if let Some(n) = seed {
+        h.update(&n.to_le_bytes());
+    }
+    h
+}
 
 /// One decoded record.
 #[derive(Debug)]
@@ -62,20 +91,22 @@ pub enum Record {
         accepted_ms: u64,
         sender: Arc<str>,
     },
+    Seal,
 }
 
 /// Appends records to a buffer (one write per batch).
 pub struct Encoder<'a> {
     out: &'a mut Vec<u8>,
     start: usize,
+    seed: Seed,
 }
 
 impl<'a> Encoder<'a> {
-    fn begin(out: &'a mut Vec<u8>, kind: u8) -> Self {
+    fn begin(out: &'a mut Vec<u8>, seed: Seed, kind: u8) -> Self {
         let start = out.len();
         out.extend_from_slice(&[0; 8]);
         out.push(kind);
-        Encoder { out, start }
+        Encoder { out, start, seed }
     }
 
     fn id(self, id: &ClipId) -> Self {
@@ -104,7 +135,9 @@ impl<'a> Encoder<'a> {
     fn finish(self) -> usize {
         let body = &self.out[self.start + 8..];
         let len = body.len() as u32;
-        let crc = crc32fast::hash(body);
+        let mut h = hasher(self.seed);
+        h.update(body);
+        let crc = h.finalize();
         self.out[self.start..self.start + 4].copy_from_slice(&len.to_le_bytes());
         self.out[self.start + 4..self.start + 8].copy_from_slice(&crc.to_le_bytes());
         self.out.len() - self.start
@@ -114,12 +147,13 @@ impl<'a> Encoder<'a> {
 /// Appends a `Put`; returns the record's size.
 pub fn put(
     out: &mut Vec<u8>,
+    seed: Seed,
     accepted_ms: u64,
     copies: &[(Arc<str>, u64)],
     clip: &StoredClip,
 ) -> usize {
     let mut bodies = Vec::new();
-    let n = put_split(out, &mut bodies, accepted_ms, copies, clip);
+    let n = put_split(out, &mut bodies, seed, accepted_ms, copies, clip);
     for (at, body) in bodies.into_iter().rev() {
         out.splice(at..at, body.iter().copied());
     }
@@ -132,11 +166,12 @@ pub fn put(
 pub fn put_split(
     out: &mut Vec<u8>,
     bodies: &mut Vec<(usize, bytes::Bytes)>,
+    seed: Seed,
     accepted_ms: u64,
     copies: &[(Arc<str>, u64)],
     clip: &StoredClip,
 ) -> usize {
-    let mut e = Encoder::begin(out, PUT)
+    let mut e = Encoder::begin(out, seed, PUT)
         .id(&clip.meta.id)
         .u64(accepted_ms)
         .str(&clip.meta.sender)
@@ -152,7 +187,7 @@ pub fn put_split(
     out.extend_from_slice(&(clip.body.len() as u32).to_be_bytes());
     let at = out.len();
     out.extend_from_slice(&clip.end_bytes);
-    let mut h = crc32fast::Hasher::new();
+    let mut h = hasher(seed);
     h.update(&out[start + 8..at]);
     h.update(&clip.body);
     h.update(&out[at..]);
@@ -163,24 +198,32 @@ pub fn put_split(
     8 + len as usize
 }
 
-pub fn add_copy(out: &mut Vec<u8>, id: &ClipId, order: u64, recipient: &str) -> usize {
-    Encoder::begin(out, ADD_COPY)
+pub fn add_copy(out: &mut Vec<u8>, seed: Seed, id: &ClipId, order: u64, recipient: &str) -> usize {
+    Encoder::begin(out, seed, ADD_COPY)
         .id(id)
         .u64(order)
         .str(recipient)
         .finish()
 }
 
-pub fn ack(out: &mut Vec<u8>, id: &ClipId, recipient: &str) -> usize {
-    Encoder::begin(out, ACK).id(id).str(recipient).finish()
+pub fn ack(out: &mut Vec<u8>, seed: Seed, id: &ClipId, recipient: &str) -> usize {
+    Encoder::begin(out, seed, ACK)
+        .id(id)
+        .str(recipient)
+        .finish()
 }
 
-pub fn id(out: &mut Vec<u8>, id: &ClipId, accepted_ms: u64, sender: &str) -> usize {
-    Encoder::begin(out, ID)
+pub fn id(out: &mut Vec<u8>, seed: Seed, id: &ClipId, accepted_ms: u64, sender: &str) -> usize {
+    Encoder::begin(out, seed, ID)
         .id(id)
         .u64(accepted_ms)
         .str(sender)
         .finish()
+}
+
+/// Appends a `Seal`: the segment ends here.
+pub fn seal(out: &mut Vec<u8>, seed: Seed) -> usize {
+    Encoder::begin(out, seed, SEAL).finish()
 }
 
 /// A cursor over a record's payload.
@@ -252,6 +295,7 @@ fn decode(kind: u8, payload: &[u8]) -> Option<Record> {
             accepted_ms: r.u64()?,
             sender: r.str()?,
         },
+        SEAL => Record::Seal,
         _ => return None,
     };
     r.0.is_empty().then_some(rec)
@@ -265,14 +309,20 @@ pub struct Parsed {
     pub bad_records: u64,
     /// Where the valid prefix ends (bytes), when something after it was
     /// cut short or failed its checksum; `None` when the whole file is
-    /// valid.
+    /// valid or ends with a `Seal`.
     pub valid_until: Option<usize>,
+    /// The file ended with a `Seal` (not included in `records`); bytes
+    /// after it (an earlier life's) were not read.
+    pub sealed: bool,
+    /// Written by the first version (magic `PTTSEG1`).
+    pub v1: bool,
 }
 
-/// Reads a whole file: its magic, then records until the end or the first
-/// torn or damaged one. `None` when the magic is wrong (not our file, or
-/// damaged from its first byte).
-pub fn parse(bytes: &[u8], magic: &[u8; 8]) -> Option<Parsed> {
+/// Reads a whole file: its magic, then records until the end, a `Seal`, or
+/// the first torn or damaged one. `None` when the magic is wrong (not our
+/// file, or damaged from its first byte). `seed` is the file's number for
+/// a segment (ignored for a first-version one), `None` for an ids file.
+pub fn parse(bytes: &[u8], magic: &[u8; 8], seed: Seed) -> Option<Parsed> {
     if bytes.len() < 8 {
         // A file created and cut before its magic reached the disk.
         return Some(Parsed {
@@ -281,10 +331,15 @@ pub fn parse(bytes: &[u8], magic: &[u8; 8]) -> Option<Parsed> {
         })
         .filter(|_| magic.starts_with(bytes));
     }
-    if &bytes[..8] != magic {
-        return None;
-    }
     let mut out = Parsed::default();
+    let seed = if &bytes[..8] == magic {
+        seed
+    } else if magic == SEGMENT_MAGIC && &bytes[..8] == SEGMENT_MAGIC_V1 {
+        out.v1 = true;
+        None
+    } else {
+        return None;
+    };
     let mut at = 8;
     while at < bytes.len() {
         let Some(head) = bytes.get(at..at + 8) else {
@@ -300,11 +355,17 @@ pub fn parse(bytes: &[u8], magic: &[u8; 8]) -> Option<Parsed> {
             out.valid_until = Some(at);
             break;
         };
-        if crc32fast::hash(body) != crc {
+        let mut h = hasher(seed);
+        h.update(body);
+        if h.finalize() != crc {
             out.valid_until = Some(at);
             break;
         }
         match decode(body[0], &body[1..]) {
+            Some(Record::Seal) => {
+                out.sealed = true;
+                break;
+            }
             Some(r) => out.records.push(r),
             None => out.bad_records += 1,
         }
@@ -334,6 +395,9 @@ pub trait LogDir: Send + Sync {
     fn truncate(&self, name: &str, len: u64) -> io::Result<()>;
     fn remove(&self, name: &str) -> io::Result<()>;
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Renames `from` to `to` and opens it to be written again from its
+    /// first byte (overwriting, the file keeping its size and blocks).
+    fn reuse(&self, from: &str, to: &str) -> io::Result<Box<dyn LogFile>>;
     /// Makes creations, removals and renames durable (fsync of the
     /// directory).
     fn sync(&self) -> io::Result<()>;
@@ -409,6 +473,14 @@ impl LogDir for FsDir {
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         std::fs::rename(self.0.join(from), self.0.join(to))
     }
+    fn reuse(&self, from: &str, to: &str) -> io::Result<Box<dyn LogFile>> {
+        self.rename(from, to)?;
+        // Opened without truncation: writes start at offset 0.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.0.join(to))?;
+        Ok(Box::new(FsFile(f)))
+    }
     fn sync(&self) -> io::Result<()> {
         std::fs::File::open(&self.0)?.sync_all()
     }
@@ -439,19 +511,25 @@ mod tests {
         )
     }
 
+    const N: Seed = Some(7);
+
+    fn records(b: &mut Vec<u8>, seed: Seed) {
+        let copies = vec![(Arc::<str>::from("bob"), 7), (Arc::from("carol"), 8)];
+        put(b, seed, 99, &copies, &clip(1));
+        add_copy(b, seed, &ClipId([1; 16]), 9, "dave");
+        ack(b, seed, &ClipId([1; 16]), "bob");
+        id(b, seed, &ClipId([2; 16]), 100, "erin");
+    }
+
     fn file() -> Vec<u8> {
         let mut b = SEGMENT_MAGIC.to_vec();
-        let copies = vec![(Arc::<str>::from("bob"), 7), (Arc::from("carol"), 8)];
-        put(&mut b, 99, &copies, &clip(1));
-        add_copy(&mut b, &ClipId([1; 16]), 9, "dave");
-        ack(&mut b, &ClipId([1; 16]), "bob");
-        id(&mut b, &ClipId([2; 16]), 100, "erin");
+        records(&mut b, N);
         b
     }
 
     #[test]
     fn records_round_trip() {
-        let p = parse(&file(), SEGMENT_MAGIC).unwrap();
+        let p = parse(&file(), SEGMENT_MAGIC, N).unwrap();
         assert_eq!(p.valid_until, None);
         assert_eq!(p.bad_records, 0);
         assert_eq!(p.records.len(), 4);
@@ -485,10 +563,10 @@ mod tests {
     #[test]
     fn a_cut_anywhere_keeps_the_whole_records_before_it() {
         let f = file();
-        let full = parse(&f, SEGMENT_MAGIC).unwrap().records.len();
+        let full = parse(&f, SEGMENT_MAGIC, N).unwrap().records.len();
         let mut last = 0;
         for cut in 8..f.len() {
-            let p = parse(&f[..cut], SEGMENT_MAGIC).unwrap();
+            let p = parse(&f[..cut], SEGMENT_MAGIC, N).unwrap();
             assert!(p.records.len() >= last && p.records.len() < full);
             last = p.records.len();
             assert!(p.valid_until.is_none_or(|v| v < cut));
@@ -501,11 +579,68 @@ mod tests {
         for at in 8..f.len() {
             let mut g = f.clone();
             g[at] ^= 0x40;
-            let p = parse(&g, SEGMENT_MAGIC).unwrap();
+            let p = parse(&g, SEGMENT_MAGIC, N).unwrap();
             assert!(p.valid_until.is_some_and(|v| v <= at), "flip at {at}");
         }
-        assert!(parse(b"PTTIDS1\n", SEGMENT_MAGIC).is_none());
-        assert!(parse(b"garbage!garbage", SEGMENT_MAGIC).is_none());
-        assert_eq!(parse(b"PTT", SEGMENT_MAGIC).unwrap().valid_until, Some(0));
+        assert!(parse(b"PTTIDS1\n", SEGMENT_MAGIC, N).is_none());
+        assert!(parse(b"garbage!garbage", SEGMENT_MAGIC, N).is_none());
+        assert_eq!(
+            parse(b"PTT", SEGMENT_MAGIC, N).unwrap().valid_until,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn records_of_another_segment_number_do_not_read() {
+        let p = parse(&file(), SEGMENT_MAGIC, Some(8)).unwrap();
+        assert_eq!((p.records.len(), p.valid_until), (0, Some(8)));
+    }
+
+    #[test]
+    fn a_recycled_file_reads_up_to_its_new_end() {
+        // Its first life: sealed after the records.
+        let mut old = file();
+        seal(&mut old, N);
+        // Its second life, under number 9: one record over the start.
+        let mut new = SEGMENT_MAGIC.to_vec();
+        ack(&mut new, Some(9), &ClipId([3; 16]), "zed");
+        let mut f = old.clone();
+        f[..new.len()].copy_from_slice(&new);
+        let p = parse(&f, SEGMENT_MAGIC, Some(9)).unwrap();
+        assert_eq!(p.records.len(), 1);
+        assert!(!p.sealed);
+        assert_eq!(p.valid_until, Some(new.len()));
+        // Sealed in its second life: the old bytes after the seal are not
+        // read, and it is whole.
+        seal(&mut new, Some(9));
+        f[..new.len()].copy_from_slice(&new);
+        let p = parse(&f, SEGMENT_MAGIC, Some(9)).unwrap();
+        assert_eq!((p.records.len(), p.sealed, p.valid_until), (1, true, None));
+        // The first life read alone.
+        let p = parse(&old, SEGMENT_MAGIC, N).unwrap();
+        assert_eq!((p.records.len(), p.sealed, p.valid_until), (4, true, None));
+    }
+
+    #[test]
+    fn a_reused_file_is_written_from_its_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = FsDir::open(tmp.path()).unwrap();
+        let mut f = dir.create("a").unwrap();
+        f.append(b"abcdef").unwrap();
+        f.sync().unwrap();
+        let mut f = dir.reuse("a", "b").unwrap();
+        f.append_parts(&[b"X", b"Y"]).unwrap();
+        f.sync().unwrap();
+        assert_eq!(dir.read("b").unwrap(), b"XYcdef");
+        assert_eq!(dir.list().unwrap(), vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn first_version_segments_still_read() {
+        let mut b = SEGMENT_MAGIC_V1.to_vec();
+        records(&mut b, None);
+        let p = parse(&b, SEGMENT_MAGIC, Some(42)).unwrap();
+        assert_eq!((p.records.len(), p.valid_until), (4, None));
+        assert!(parse(&b, IDS_MAGIC, None).is_none());
     }
 }

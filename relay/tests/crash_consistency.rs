@@ -4,7 +4,8 @@
 //! throughout) while "power" is cut at random points; the disk image at
 //! the cut (synced bytes, plus a random part of the unsynced writes, the
 //! last one torn; directory changes not yet synced kept or lost) is
-//! reopened. Every clip the store had acknowledged before the cut must be
+//! reopened (dead segment files are recycled: written again from their
+//! start under a new number, the old bytes after the new ones). Every clip the store had acknowledged before the cut must be
 //! there, byte for byte and in order; no clip whose ack was synced before
 //! the cut may come back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,8 +29,16 @@ struct File {
     now: Vec<u8>,
     /// What survives a power cut for sure: the bytes at the last sync.
     synced: Vec<u8>,
-    /// Appends since the last sync, in order.
-    unsynced: Vec<Vec<u8>>,
+    /// Writes since the last sync, in order: (offset, bytes).
+    unsynced: Vec<(usize, Vec<u8>)>,
+}
+
+/// Writes `data` into `b` at `at` (overwriting, growing as needed).
+fn write_at(b: &mut Vec<u8>, at: usize, data: &[u8]) {
+    if b.len() < at + data.len() {
+        b.resize(at + data.len(), 0);
+    }
+    b[at..at + data.len()].copy_from_slice(data);
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +55,8 @@ struct Dir {
     durable: BTreeMap<String, u64>,
     /// Files removed, ever (the test checks segments were deleted).
     removals: u64,
+    /// Files written again from their start (recycled segments), ever.
+    reuses: u64,
 }
 
 /// A log directory on a simulated disk that keeps what was synced and
@@ -73,7 +84,7 @@ impl SimDir {
     }
 
     /// The disk after a power cut now: each file's synced bytes, then the
-    /// first `k` of its unsynced appends (`k` random), the last of them
+    /// first `k` of its unsynced writes (`k` random), the last of them
     /// torn at a random byte; directory changes since the last directory
     /// sync survive or not, each at random.
     fn cut(&self, rng: &mut impl Rng) -> BTreeMap<String, Vec<u8>> {
@@ -82,13 +93,13 @@ impl SimDir {
             let f = &d.data[&id];
             let mut b = f.synced.clone();
             let k = rng.random_range(0..=f.unsynced.len());
-            for (i, data) in f.unsynced[..k].iter().enumerate() {
+            for (i, (at, data)) in f.unsynced[..k].iter().enumerate() {
                 let data = if i + 1 == k {
                     &data[..rng.random_range(0..=data.len())]
                 } else {
                     &data[..]
                 };
-                b.extend_from_slice(data);
+                write_at(&mut b, *at, data);
             }
             b
         };
@@ -112,14 +123,16 @@ impl SimDir {
     }
 }
 
-struct SimFile(SimDir, u64);
+/// A handle: the directory, the file's number, where the next write goes.
+struct SimFile(SimDir, u64, usize);
 
 impl LogFile for SimFile {
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         let mut d = (self.0).0.lock().unwrap();
         let f = d.data.get_mut(&self.1).ok_or(io::ErrorKind::NotFound)?;
-        f.now.extend_from_slice(data);
-        f.unsynced.push(data.to_vec());
+        write_at(&mut f.now, self.2, data);
+        f.unsynced.push((self.2, data.to_vec()));
+        self.2 += data.len();
         Ok(())
     }
 
@@ -149,7 +162,7 @@ impl LogDir for SimDir {
         let id = d.next;
         d.data.insert(id, File::default());
         d.names.insert(name.to_owned(), id);
-        Ok(Box::new(SimFile(self.clone(), id)))
+        Ok(Box::new(SimFile(self.clone(), id, 0)))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
@@ -174,6 +187,13 @@ impl LogDir for SimDir {
         let id = d.names.remove(from).ok_or(io::ErrorKind::NotFound)?;
         d.names.insert(to.to_owned(), id);
         Ok(())
+    }
+
+    fn reuse(&self, from: &str, to: &str) -> io::Result<Box<dyn LogFile>> {
+        self.rename(from, to)?;
+        let id = self.0.lock().unwrap().names[to];
+        self.0.lock().unwrap().reuses += 1;
+        Ok(Box::new(SimFile(self.clone(), id, 0)))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -215,6 +235,8 @@ fn opts() -> LogOptions {
         segment_bytes: 1500,
         sealed_segments: 2,
         ids_file_bytes: 400,
+        // One spare: some dead segments are recycled, others removed.
+        spare_segments: 1,
         // Commit at once: batches still form from concurrent appends, and
         // a thousand runs do not wait out the interval.
         commit_interval: std::time::Duration::ZERO,
@@ -224,7 +246,7 @@ fn opts() -> LogOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_synced_clip_survives_a_power_cut_anywhere() {
     let recipients: Vec<Arc<str>> = vec!["bob".into(), "carol".into()];
-    let mut removals = 0;
+    let (mut removals, mut reuses) = (0, 0);
     for seed in 0..1000u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let disk = SimDir::default();
@@ -280,6 +302,7 @@ async fn every_synced_clip_survives_a_power_cut_anywhere() {
         }
         store.close().await;
         removals += disk.0.lock().unwrap().removals;
+        reuses += disk.0.lock().unwrap().reuses;
         let (image, accepted_then, synced_then) = image.expect("a cut was taken");
         let (back, rec) =
             DiskStore::open_with(Arc::new(SimDir::from_image(image)), u64::MAX, opts())
@@ -318,7 +341,7 @@ async fn every_synced_clip_survives_a_power_cut_anywhere() {
         back.close().await;
     }
     assert!(
-        removals > 100,
-        "segments were deleted along the way: {removals}"
+        removals > 100 && reuses > 100,
+        "segments were deleted ({removals}) and recycled ({reuses}) along the way"
     );
 }
