@@ -73,11 +73,13 @@ async fn main() -> anyhow::Result<()> {
             let relay = Relay::start(config).await?;
             print_banner(&relay);
             // Under systemd (Type=notify): ready now, stopping on a signal.
-            // Without NOTIFY_SOCKET these do nothing.
+            // Without NOTIFY_SOCKET these do nothing. The handlers go in
+            // first: a SIGTERM right after READY=1 must start the drain.
+            let signals = relay::signal::Signals::install();
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             relay
                 .run_until(async {
-                    relay::signal::shutdown().await;
+                    signals.recv().await;
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 })
                 .await;
