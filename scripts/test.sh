@@ -11,6 +11,7 @@ declare -A need=(
   [opusenc]=opus-tools [opusdec]=opus-tools [opusinfo]=opus-tools
   [espeak-ng]=espeak-ng [sox]=sox
   [promtool]=prometheus [prometheus]=prometheus
+  [nats-server]=nats-server
 )
 missing=()
 for tool in "${!need[@]}"; do

@@ -5,12 +5,14 @@
 //! - [`opus_packet`]: structure checks of one Opus packet (RFC 6716 §3).
 //! - [`ogg_opus`]: Ogg Opus files (RFC 7845), read and written in pure Rust.
 //! - [`code`]: the protocol's error codes.
+//! - [`cluster`]: messages between the relays of a cluster.
 //!
 //! Nothing here does I/O or knows about tokio: the relay and the clients
 //! feed bytes in and get messages and events out.
 
 #[cfg(feature = "audio")]
 pub mod audio;
+pub mod cluster;
 pub mod code;
 pub mod error;
 pub mod framing;

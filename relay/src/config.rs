@@ -138,6 +138,9 @@ settings! {
     max_store_bytes: u64 = 1024 * 1024 * 1024, "PTT_MAX_STORE_BYTES";
     /// Undelivered clips older than this are dropped.
     clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
+    /// NATS servers of the cluster this relay joins (`nats://HOST:PORT`,
+    /// comma-separated); empty: a single relay, no external service.
+    cluster: String = String::new(), "PTT_CLUSTER";
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
     /// Channel clips kept per channel for members who were offline (they

@@ -4,6 +4,7 @@
 //! clip through these modules.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod cursors;
 pub mod disk_store;

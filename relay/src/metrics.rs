@@ -136,6 +136,10 @@ catalogue! {
         "Talkers answered floor_busy (someone else holds the floor).";
     FLOOR_PREEMPTIONS = "ptt_floor_preemptions_total", Counter, Count, [],
         "Floors taken from a talker by a priority talker.";
+    CLUSTER_CONNECTED = "ptt_cluster_connected", Gauge, Count, [],
+        "1 while the relay is connected to its cluster's NATS; 0 when cut off (cross-relay delivery stops, local service goes on) or not clustered.";
+    CLUSTER_CLIPS = "ptt_cluster_clips_total", Counter, Count, ["direction"],
+        "Live clips crossing between relays: out (published once per subject for users on other relays), in (received for users here).";
 }
 
 /// Labelled counters whose values are known in advance.
@@ -153,6 +157,7 @@ const KNOWN_LABELS: &[(&str, &str, &[&str])] = &[
     (CLIPS_CUT, "reason", &["cut_off", "preempted"]),
     (CLIPS_ACCEPTED, "target", &["user", "channel"]),
     (DELIVERIES, "path", &["live", "stored"]),
+    (CLUSTER_CLIPS, "direction", &["out", "in"]),
 ];
 
 /// Latency buckets, seconds: 50 µs to 10 s.
@@ -282,6 +287,12 @@ pub fn render(shared: &Shared) -> Option<String> {
         shared.connections.load(Ordering::SeqCst) as f64,
     );
     g(SESSIONS_OPEN, shared.sessions.len() as f64);
+    g(
+        CLUSTER_CONNECTED,
+        f64::from(u8::from(
+            shared.cluster.as_ref().is_some_and(|c| c.connected()),
+        )),
+    );
     g(
         INFLIGHT_BYTES,
         shared.inflight.load(Ordering::Relaxed) as f64,

@@ -62,6 +62,8 @@ pub struct Shared {
     pub cursors: Option<std::path::PathBuf>,
     /// `history_seen` changed since the cursors were last written.
     pub cursors_dirty: AtomicBool,
+    /// The cluster link (`--cluster`); `None` for a relay on its own.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A channel's recent clips: (sequence number, clip), oldest first. The
@@ -196,7 +198,13 @@ impl Relay {
                 Arc::new(s)
             }
         };
+        let cluster = if config.cluster.is_empty() {
+            None
+        } else {
+            Some(crate::cluster::Cluster::connect(&config.cluster).await?)
+        };
         let shared = Arc::new(Shared {
+            cluster,
             key,
             store,
             sessions: DashMap::new(),
@@ -224,6 +232,9 @@ impl Relay {
             config,
         });
         shared.restore_history();
+        if let Some(c) = &shared.cluster {
+            c.start(&shared);
+        }
         let admin = tokio::net::TcpListener::bind(shared.config.admin)
             .await
             .with_context(|| format!("binding admin TCP {}", shared.config.admin))?;

@@ -15,6 +15,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
@@ -145,6 +146,24 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .or_default()
             .insert(session.id, session.clone());
     }
+    // Other relays' live clips for this user and its channels.
+    let subjects: Vec<String> = match &shared.cluster {
+        Some(c) => {
+            let s: Vec<String> = std::iter::once(cluster::user_subject(&session.user))
+                .chain(
+                    session
+                        .channels
+                        .keys()
+                        .map(|ch| cluster::channel_subject(ch)),
+                )
+                .collect();
+            for subj in &s {
+                c.want(&shared, subj.clone());
+            }
+            s
+        }
+        None => Vec::new(),
+    };
     replay_history(&shared, &session).await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
@@ -166,6 +185,11 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             m.remove(&session.id);
         }
         shared.members.remove_if(ch, |_, m| m.is_empty());
+    }
+    if let Some(c) = &shared.cluster {
+        for subj in &subjects {
+            c.unwant(subj);
+        }
     }
     let why = conn.close_reason();
     info!(user = %session.user, session = session.id, reason = ?why, "session end");
@@ -254,6 +278,9 @@ async fn control_loop(
                 match shared.store.ack(&session.user, &id).await {
                     Ok(_) => metrics::hot().delivered.increment(1),
                     Err(e) => warn!(error = %e, "store ack failed"),
+                }
+                if let Some(c) = &shared.cluster {
+                    c.acked(&id, &session.user).await;
                 }
                 session.finish(&id);
             }
@@ -400,12 +427,23 @@ async fn upload(
     let live = LiveClip::new(meta.clone());
     for r in &recipients {
         let s = shared.sessions.get(r).map(|s| s.clone());
-        if let Some(s) = s
-            && !s.offer_live(live.clone())
-        {
-            metrics::hot().live_fallbacks.increment(1);
-            debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
+        match s {
+            Some(s) if !s.offer_live(live.clone()) => {
+                metrics::hot().live_fallbacks.increment(1);
+                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
+            }
+            Some(_) => {}
+            // Maybe on another relay: published once for it.
+            None => {
+                if let Some(c) = &shared.cluster {
+                    c.forward(shared, live.clone(), cluster::user_subject(r));
+                }
+            }
         }
+    }
+    // Members on other relays: one publication for all of them.
+    if let (Some(c), Some(ch)) = (&shared.cluster, &channel) {
+        c.forward(shared, live.clone(), cluster::channel_subject(ch));
     }
     let mut held = 0u64;
     let result = tokio::select! {
@@ -550,7 +588,7 @@ fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
 /// Keeps a channel clip for members who were offline. Recipients (and the
 /// sender) are marked as having it; members who came online while it was
 /// being sent get a copy now.
-async fn record_history(
+pub(crate) async fn record_history(
     shared: &Shared,
     c: &str,
     clip: &Arc<StoredClip>,
