@@ -56,9 +56,91 @@ struct Sub {
     ready: Arc<AtomicBool>,
 }
 
+/// JetStream stream holding stored direct clips, one message per clip on
+/// `ptt.store.<hex recipient>`.
+pub const STREAM: &str = "PTT_CLIPS";
+
+pub fn store_subject(user: &str) -> String {
+    format!("ptt.store.{}", subject_token(user))
+}
+
+/// JetStream stream of channel floors: subject `ptt.floor.<hex channel>`,
+/// at most one message per subject (the holder, [`FloorHolder`]); taken by
+/// publishing with an expected last subject sequence (0: free; else the
+/// holder's), so two relays cannot both grant one floor. (The
+/// compare-and-set a key-value bucket does; this async-nats cannot create
+/// buckets on Debian's nats-server 2.9.)
+pub const FLOORS: &str = "PTT_FLOORS";
+
+fn floor_subject(channel: &str) -> String {
+    format!("ptt.floor.{}", subject_token(channel))
+}
+
+/// Who holds a channel's floor, as stored in [`FLOORS`]:
+/// `priority(0|1) relay-id(hex) clip-id(hex) user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloorHolder {
+    pub priority: bool,
+    pub relay: u64,
+    pub clip: ClipId,
+    pub user: String,
+}
+
+impl FloorHolder {
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(format!(
+            "{} {:016x} {} {}",
+            u8::from(self.priority),
+            self.relay,
+            self.clip.to_hex(),
+            self.user
+        ))
+    }
+
+    pub fn decode(b: &[u8]) -> Option<FloorHolder> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut it = s.splitn(4, ' ');
+        let priority = match it.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let relay = u64::from_str_radix(it.next()?, 16).ok()?;
+        let hex = it.next()?;
+        let mut id = [0u8; 16];
+        if hex.len() != 32 {
+            return None;
+        }
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(FloorHolder {
+            priority,
+            relay,
+            clip: ClipId(id),
+            user: it.next()?.to_owned(),
+        })
+    }
+}
+
+/// What the cluster said to a talker asking for a channel's floor.
+#[derive(Debug)]
+pub enum FloorAnswer {
+    /// Taken, at this stream sequence (released with it).
+    Granted(u64),
+    /// Held by someone else (this user).
+    Busy(String),
+}
+
 /// The cluster link of one relay.
 pub struct Cluster {
     client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    js: async_nats::jetstream::Context,
+    floors: async_nats::jetstream::stream::Stream,
+    /// Stored direct clips in the stream, by (recipient, clip): their
+    /// stream sequence (deleted when the recipient acks) and when noted.
+    kept: DashMap<(Arc<str>, ClipId), (u64, Instant)>,
     /// This relay's id (random per process).
     pub id: u64,
     /// Subscriptions by subject: (local users needing it, the task
@@ -84,8 +166,10 @@ pub fn relay_subject(id: u64) -> String {
 
 impl Cluster {
     /// Connects to the NATS servers in `urls` (comma-separated), retrying
-    /// in the background if none answers yet.
-    pub async fn connect(urls: &str) -> anyhow::Result<Arc<Cluster>> {
+    /// in the background if none answers yet, and opens (or creates) the
+    /// JetStream stream of stored clips.
+    pub async fn connect(cfg: &crate::Config) -> anyhow::Result<Arc<Cluster>> {
+        let urls = cfg.cluster.as_str();
         let addrs: Vec<async_nats::ServerAddr> = urls
             .split(',')
             .map(|u| {
@@ -125,8 +209,48 @@ impl Cluster {
         if client.connection_state() == async_nats::connection::State::Connected {
             connected.store(true, Ordering::SeqCst);
         }
+        let js = async_nats::jetstream::new(client.clone());
+        use async_nats::jetstream::stream;
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec!["ptt.store.>".into()],
+                storage: stream::StorageType::File,
+                num_replicas: cfg.cluster_replicas,
+                // Undelivered clips expire like the local store's.
+                max_age: cfg.clip_ttl,
+                // A sender's retry through another relay is not kept twice.
+                duplicate_window: cfg.dedupe_window,
+                max_bytes: i64::try_from(cfg.max_store_bytes).unwrap_or(i64::MAX),
+                // Full: new clips are refused, never old ones dropped.
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "opening JetStream stream {STREAM} (is nats-server running with -js?): {e}"
+                )
+            })?;
+        let floors = js
+            .get_or_create_stream(stream::Config {
+                name: FLOORS.into(),
+                subjects: vec!["ptt.floor.>".into()],
+                max_messages_per_subject: 1,
+                // A floor whose relay died goes after the longest clip.
+                max_age: cfg.max_clip_duration + Duration::from_secs(10),
+                storage: stream::StorageType::Memory,
+                num_replicas: cfg.cluster_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("opening JetStream stream {FLOORS}: {e}"))?;
         Ok(Arc::new(Cluster {
+            js,
             client,
+            stream,
+            floors,
+            kept: DashMap::new(),
             id: rand::random(),
             subs: Mutex::new(HashMap::new()),
             remote: DashMap::new(),
@@ -264,9 +388,151 @@ impl Cluster {
             .map_err(|e| debug!(error = %e, "cluster publish failed"))
     }
 
-    /// A local recipient acked `clip`: if it came from another relay as a
-    /// direct clip, that relay drops its stored copy.
+    /// Takes channel `channel`'s floor cluster-wide for `me`: free, held by
+    /// the same user (a retry or a newer clip), or pre-empted by a
+    /// priority talker (the holder's relay is told to cut its clip).
+    pub async fn take_floor(&self, channel: &str, me: FloorHolder) -> anyhow::Result<FloorAnswer> {
+        let subject = floor_subject(channel);
+        for _ in 0..8 {
+            if let Some(seq) = self.put_floor(&subject, &me, 0).await? {
+                return Ok(FloorAnswer::Granted(seq));
+            }
+            let cur = match self.floors.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => m,
+                // Released (or expired) meanwhile: try again.
+                Err(_) => continue,
+            };
+            let held = FloorHolder::decode(&cur.payload);
+            if let Some(h) = &held
+                && h.user != me.user
+                && (!me.priority || h.priority)
+            {
+                return Ok(FloorAnswer::Busy(h.user.clone()));
+            }
+            if let Some(seq) = self.put_floor(&subject, &me, cur.sequence).await? {
+                if let Some(h) = held
+                    && h.user != me.user
+                    && h.relay != self.id
+                {
+                    // Pre-empted on another relay: it cuts the clip there.
+                    let cut = Relayed::Cut {
+                        clip: h.clip,
+                        code: ErrorCode::Preempted,
+                    };
+                    let _ = self.publish(&relay_subject(h.relay), cut).await;
+                }
+                return Ok(FloorAnswer::Granted(seq));
+            }
+        }
+        Err(anyhow::anyhow!("floor of {channel} contended"))
+    }
+
+    /// Publishes `me` as the floor's holder if the subject's last message
+    /// is still `expect` (0: none). `None` when someone else got there
+    /// first.
+    async fn put_floor(
+        &self,
+        subject: &str,
+        me: &FloorHolder,
+        expect: u64,
+    ) -> anyhow::Result<Option<u64>> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(me.encode())
+            .expected_last_subject_sequence(expect);
+        let ack = match self.js.send_publish(subject.to_owned(), msg).await {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(a) => Ok(Some(a.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        }
+    }
+
+    /// Releases a floor taken at stream sequence `seq` (if it was taken
+    /// over since, that message is gone already and this does nothing).
+    pub async fn release_floor(&self, seq: u64) {
+        let _ = self.floors.delete_message(seq).await;
+    }
+
+    /// Keeps an accepted direct clip in JetStream for `recipient`, so any
+    /// relay can deliver it (and it outlives this one). Returns once
+    /// JetStream has it (its publish ack).
+    pub async fn keep(&self, clip: &StoredClip, recipient: &Arc<str>) -> anyhow::Result<()> {
+        let js = &self.js;
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(clip.to_record()))
+            .message_id(clip.meta.id.to_hex());
+        let ack = js
+            .send_publish(store_subject(recipient), msg)
+            .await?
+            .await?;
+        self.kept.insert(
+            (recipient.clone(), clip.meta.id),
+            (ack.sequence, Instant::now()),
+        );
+        Ok(())
+    }
+
+    /// Loads what JetStream holds for `user` into this relay's store (in
+    /// memory: JetStream keeps it durably); returns how many were new here.
+    pub async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let consumer = self
+            .stream
+            .create_consumer(pull::Config {
+                filter_subject: store_subject(user),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await?;
+        let mut left = consumer.cached_info().num_pending;
+        let mut new = 0;
+        while left > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(left.min(256) as usize)
+                .messages()
+                .await?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                got += 1;
+                let seq = m
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
+                let Some(clip) = StoredClip::from_record(&m.payload) else {
+                    warn!(seq, "cluster: unreadable stored clip skipped");
+                    continue;
+                };
+                let id = clip.meta.id;
+                self.kept.insert((user.clone(), id), (seq, Instant::now()));
+                if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
+                    new += 1;
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            left = left.saturating_sub(got);
+        }
+        Ok(new)
+    }
+
+    /// A local recipient acked `clip`: JetStream's copy for it goes; if it
+    /// came live from another relay as a direct clip, that relay drops its
+    /// stored copy too.
     pub async fn acked(&self, clip: &ClipId, recipient: &str) {
+        if let Some((_, (seq, _))) = self.kept.remove(&(Arc::from(recipient), *clip))
+            && let Err(e) = self.stream.delete_message(seq).await
+        {
+            debug!(seq, error = %e, "cluster: stored clip already gone");
+        }
         if let Some((_, (origin, _))) = self.acks_to.remove(clip) {
             let ack = Relayed::Ack {
                 clip: *clip,
@@ -309,15 +575,26 @@ impl Cluster {
                 } else {
                     drop(r);
                     warn!(clip = %clip, "cluster: bad packet records; clip cut");
-                    self.cut(&clip, ErrorCode::CutOff);
+                    let _ = self.cut(&clip, ErrorCode::CutOff);
                 }
             }
             Relayed::End { clip, end } => self.ended(shared, clip, end).await,
-            Relayed::Cut { clip, code } => self.cut(&clip, code),
+            Relayed::Cut { clip, code } => {
+                if !self.cut(&clip, code) && code == ErrorCode::Preempted {
+                    // A talker here lost the floor to a priority talker on
+                    // another relay.
+                    shared.stop_upload(
+                        &clip,
+                        ErrorCode::Preempted,
+                        "a priority talker took the floor",
+                    );
+                }
+            }
             Relayed::Ack { clip, recipient } => {
                 if let Err(e) = shared.store.ack(&recipient, &clip).await {
                     warn!(error = %e, "cluster: store ack failed");
                 }
+                self.acked(&clip, &recipient).await;
             }
         }
     }
@@ -422,10 +699,15 @@ impl Cluster {
         }
     }
 
-    fn cut(&self, clip: &ClipId, code: ErrorCode) {
-        if let Some((_, r)) = self.remote.remove(clip) {
-            r.live.cut(code);
-            self.acks_to.remove(clip);
+    /// Cuts a relayed clip; false if there is none of that id.
+    fn cut(&self, clip: &ClipId, code: ErrorCode) -> bool {
+        match self.remote.remove(clip) {
+            Some((_, r)) => {
+                r.live.cut(code);
+                self.acks_to.remove(clip);
+                true
+            }
+            None => false,
         }
     }
 
@@ -439,8 +721,35 @@ impl Cluster {
             .map(|r| *r.key())
             .collect();
         for c in quiet {
-            self.cut(&c, ErrorCode::CutOff);
+            let _ = self.cut(&c, ErrorCode::CutOff);
         }
         self.acks_to.retain(|_, (_, at)| at.elapsed() < ttl);
+        self.kept.retain(|_, (_, at)| at.elapsed() < ttl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floor_holders_round_trip_and_junk_is_refused() {
+        let h = FloorHolder {
+            priority: true,
+            relay: 0x0123_4567_89ab_cdef,
+            clip: ClipId([0xa5; 16]),
+            user: "dispatch desk 1".into(),
+        };
+        assert_eq!(FloorHolder::decode(&h.encode()), Some(h));
+        for junk in [
+            &b""[..],
+            b"2 00 00 u",
+            b"1 zz a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5 u",
+            b"0 01 a5a5 u",
+            b"0 01 a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(FloorHolder::decode(junk), None, "{junk:?}");
+        }
     }
 }

@@ -141,6 +141,9 @@ settings! {
     /// NATS servers of the cluster this relay joins (`nats://HOST:PORT`,
     /// comma-separated); empty: a single relay, no external service.
     cluster: String = String::new(), "PTT_CLUSTER";
+    /// Cluster: JetStream replicas of stored clips (3 on a 3-node NATS
+    /// cluster: a clip survives the loss of one NATS node).
+    cluster_replicas: usize = 1, "PTT_CLUSTER_REPLICAS";
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
     /// Channel clips kept per channel for members who were offline (they

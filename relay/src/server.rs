@@ -114,6 +114,14 @@ impl Shared {
         Some(mine)
     }
 
+    /// Stops the running upload of `id`, if any (a priority talker on
+    /// another relay took its floor).
+    pub fn stop_upload(&self, id: &ClipId, code: ErrorCode, reason: &str) {
+        if let Some(u) = self.uploads.get(id) {
+            u.stop.stop(code, reason);
+        }
+    }
+
     pub fn end_upload(&self, id: ClipId, number: u64) {
         self.uploads.remove_if(&id, |_, u| u.number == number);
     }
@@ -201,7 +209,7 @@ impl Relay {
         let cluster = if config.cluster.is_empty() {
             None
         } else {
-            Some(crate::cluster::Cluster::connect(&config.cluster).await?)
+            Some(crate::cluster::Cluster::connect(&config).await?)
         };
         let shared = Arc::new(Shared {
             cluster,

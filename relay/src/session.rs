@@ -160,6 +160,16 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             for subj in &s {
                 c.want(&shared, subj.clone());
             }
+            // Clips kept in the cluster for this user (accepted by any
+            // relay) join its queue here.
+            let (c, shared2, session2) = (c.clone(), shared.clone(), session.clone());
+            shared.tracker.spawn(async move {
+                match c.load_kept(&shared2, &session2.user).await {
+                    Ok(0) => {}
+                    Ok(_) => session2.store_changed(),
+                    Err(e) => warn!(error = %e, "cluster: stored clips not loaded"),
+                }
+            });
             s
         }
         None => Vec::new(),
@@ -411,9 +421,38 @@ async fn upload(
         Target::Channel(c) => Some(c.clone()),
         Target::User(_) => None,
     };
+    // In a cluster the floor is taken cluster-wide first (one truth for
+    // every relay), then in this relay's own state (local pre-emption).
+    let mut cluster_floor = None;
+    if let (Some(cl), Some(c)) = (&shared.cluster, &channel) {
+        let me = cluster::FloorHolder {
+            priority: session.channels.get(c) == Some(&Right::Priority),
+            relay: cl.id,
+            clip: id,
+            user: session.user.to_string(),
+        };
+        match cl.take_floor(c, me).await {
+            Ok(cluster::FloorAnswer::Granted(rev)) => cluster_floor = Some(rev),
+            Ok(cluster::FloorAnswer::Busy(holder)) => {
+                metrics::count1(metrics::FLOOR_BUSY);
+                shared.end_upload(id, upload_no);
+                let r = Refused::new(
+                    ErrorCode::FloorBusy,
+                    format!("busy: {holder} holds the floor of {c}"),
+                );
+                return refuse(&mut send, &mut rd, id, r).await;
+            }
+            Err(e) => {
+                warn!(error = %e, channel = %c, "cluster floor unavailable: this relay decides alone");
+            }
+        }
+    }
     if let Some(c) = &channel
         && let Err(r) = take_floor(shared, session, c, upload_no, &stop)
     {
+        if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
+            cl.release_floor(rev).await;
+        }
         shared.end_upload(id, upload_no);
         return refuse(&mut send, &mut rd, id, r).await;
     }
@@ -471,6 +510,20 @@ async fn upload(
                 )),
                 Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
             };
+            // A direct clip is also kept in the cluster before it counts
+            // as accepted: any relay can deliver it, and it outlives this
+            // one.
+            let stored = match (&shared.cluster, &channel, stored) {
+                (Some(c), None, Ok(false)) => {
+                    for r in &recipients {
+                        if let Err(e) = c.keep(&clip, r).await {
+                            warn!(error = %e, "cluster: clip kept on this relay only");
+                        }
+                    }
+                    Ok(false)
+                }
+                (_, _, s) => s,
+            };
             if matches!(stored, Ok(false)) {
                 if let Some(c) = &channel {
                     record_history(shared, c, &clip, &recipients, &session.user).await;
@@ -503,6 +556,9 @@ async fn upload(
     shared.end_upload(id, upload_no);
     if let Some(c) = &channel {
         shared.floors.remove_if(c, |_, f| f.upload == upload_no);
+        if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
+            cl.release_floor(rev).await;
+        }
     }
     // The answer is ready (stored, or refused): what the sender waits for
     // beyond its own upload, without the round trip of the reply itself.

@@ -220,6 +220,11 @@ pub trait ClipStore: Send + Sync + 'static {
 
     fn stats(&self) -> StoreStats;
 
+    /// Queues `clip` for `recipient` in memory only: it is kept durably
+    /// elsewhere (the cluster's JetStream stream). False if the recipient
+    /// already has it queued.
+    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
+
     /// Keeps `clip` as an entry of channel `channel`'s history (one copy
     /// per channel, as safe as this store keeps clips). Returns the entry's
     /// sequence number; numbers rise.
@@ -456,6 +461,10 @@ impl ClipStore for MemoryStore {
             }
         }
         Ok(dropped)
+    }
+
+    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+        self.restore_copy(recipient, clip)
     }
 
     fn stats(&self) -> StoreStats {

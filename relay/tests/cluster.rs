@@ -215,3 +215,138 @@ async fn a_nats_restart_loses_nothing_and_routing_comes_back() {
     .await;
     assert_eq!(again.packets, kept.packets);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
+    let nats = Nats::start();
+    let dir_one = tempfile::tempdir().unwrap();
+    let (mut one, addr) = start_binary(dir_one.path(), &["--cluster", &nats.url]).await;
+    // Relay two shares relay one's keys.
+    let dir_two = tempfile::tempdir().unwrap();
+    for f in ["cert.pem", "key.pem", "token.secret"] {
+        std::fs::copy(dir_one.path().join(f), dir_two.path().join(f)).unwrap();
+    }
+    let url = nats.url.clone();
+    let two = start_in(dir_two.path(), |c| c.cluster = url).await;
+    // Alice, on relay one, leaves Bob (offline everywhere) three clips.
+    let ep = client_sim::net::endpoint(addr, &dir_one.path().join("cert.pem")).unwrap();
+    let (alice, _) = client_sim::Client::connect(
+        &ep,
+        addr,
+        "localhost",
+        &two.token("alice"),
+        client_sim::ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    let sent: Vec<_> = (0..3).map(|i| clip("bob", 3 + i)).collect();
+    for c in &sent {
+        let out = alice.send_clip(c, Pacing::Upload).await.unwrap();
+        assert!(!out.duplicate);
+    }
+    // Relay one dies with them undelivered.
+    one.kill().await.unwrap();
+    drop(alice);
+    // Bob connects to relay two and gets all three, in order, intact.
+    let (bob, mut bob_ev) = two.connect("bob").await;
+    let (mut order, mut got) = (Vec::new(), std::collections::HashMap::new());
+    while got.len() < sent.len() {
+        let ev = next_matching(&mut bob_ev, |e| match e {
+            client_sim::Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
+            client_sim::Event::Complete(c) => Some(Ok(c)),
+            _ => None,
+        })
+        .await;
+        match ev {
+            Err(x) => order.push(x),
+            Ok(c) => {
+                bob.ack(c.id()).await.unwrap();
+                assert!(got.insert(c.id(), c).is_none(), "a clip came twice");
+            }
+        }
+    }
+    order.sort();
+    let order: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        order,
+        sent.iter().map(|c| c.id).collect::<Vec<_>>(),
+        "in order"
+    );
+    for c in &sent {
+        assert_eq!(got[&c.id].delivery.sender, "alice");
+        assert_eq!(got[&c.id].packets, c.packets, "identical packets");
+    }
+    until("the acks", || two.pending() == 0).await;
+    // Once: after his acks, nothing comes again on reconnect.
+    drop(bob);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_bob, mut bob_ev) = two.connect("bob").await;
+    assert_no_clip(&mut bob_ev, Duration::from_millis(700)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_control_holds_across_relays() {
+    use client_sim::{ClientError, Event};
+    use codec::ErrorCode;
+    use codec::token::Right::Priority;
+    let nats = Nats::start();
+    let (one, two, _dir) = pair(&nats).await;
+    let (alice, _) = one.member("alice", &[("ops", Talk)]).await;
+    let (bob, _) = two.member("bob", &[("ops", Talk)]).await;
+    let (chief, _) = two.member("chief", &[("ops", Priority)]).await;
+    let (_carol, mut carol_ev) = two.member("carol", &[("ops", Listen)]).await;
+    until("the channel's subject", || {
+        cluster(&two).is_subscribed(&channel_subject("ops"))
+    })
+    .await;
+    let channel_clip = |n| {
+        let mut c = clip("x", n);
+        c.target = Target::Channel("ops".into());
+        c
+    };
+    // Alice (relay one) talks; Bob (relay two) presses and is told who
+    // holds the floor.
+    let long = channel_clip(50);
+    let talking = {
+        let (alice, c) = (alice.clone(), long.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match bob.send_clip(&channel_clip(3), Pacing::Upload).await {
+        Err(ClientError::Rejected { code, reason, .. }) => {
+            assert_eq!(code, ErrorCode::FloorBusy);
+            assert!(reason.contains("alice"), "{reason}");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    talking.await.unwrap().unwrap();
+    // Released at the end of her clip: Bob talks now.
+    bob.send_clip(&channel_clip(3), Pacing::Upload)
+        .await
+        .unwrap();
+    // The chief (priority, relay two) pre-empts Alice (relay one).
+    let long = channel_clip(100);
+    let talking = {
+        let (alice, c) = (alice.clone(), long.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let urgent = channel_clip(5);
+    chief.send_clip(&urgent, Pacing::Upload).await.unwrap();
+    match talking.await.unwrap() {
+        Err(ClientError::Rejected { code, .. }) => assert_eq!(code, ErrorCode::Preempted),
+        other => panic!("expected pre-emption, got {other:?}"),
+    }
+    let cut = next_matching(&mut carol_ev, |e| match e {
+        Event::Cut { id, code } if id == long.id => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(cut, ErrorCode::Preempted);
+    let got = next_matching(&mut carol_ev, |e| match e {
+        Event::Complete(c) if c.id() == urgent.id => Some(c),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got.delivery.sender, "chief");
+}
