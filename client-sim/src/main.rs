@@ -42,7 +42,8 @@ struct Conn {
 
 #[derive(Args)]
 struct LoadArgs {
-    /// Relay address, HOST:PORT.
+    /// Relay address, HOST:PORT; several, comma-separated, for relays of
+    /// one cluster (users are spread over them round-robin).
     #[arg(long, env = "PTT_RELAY")]
     relay: String,
     /// PEM file of the relay's certificate (or its CA).
@@ -319,10 +320,18 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let w = workload(&a.run.scenario, a.run.workload)?;
     let key = codec::token::TokenKey::from_file(&a.secret, Duration::ZERO)
         .with_context(|| format!("reading the token secret {}", a.secret.display()))?;
-    let (relay, server_name) = net::resolve(&a.relay).await?;
+    let mut relays = Vec::new();
+    let mut server_name = String::new();
+    for r in a.relay.split(',') {
+        let (addr, name) = net::resolve(r.trim()).await?;
+        if server_name.is_empty() {
+            server_name = name;
+        }
+        relays.push(addr);
+    }
     let source = clip_source(&a.run.opus)?;
     let target = LoadTarget {
-        relay,
+        relays,
         server_name,
         ca: a.ca.clone(),
         key,

@@ -16,7 +16,7 @@ async fn relay() -> (Relay, tempfile::TempDir) {
 
 async fn run(relay: &Relay, w: Workload) -> Report {
     let target = LoadTarget {
-        relay: relay.quic_addr(),
+        relays: vec![relay.quic_addr()],
         server_name: "localhost".into(),
         ca: relay.files().cert.clone(),
         key: codec::token::TokenKey::from_file(&relay.files().secret, Duration::ZERO).unwrap(),

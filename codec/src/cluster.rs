@@ -5,7 +5,10 @@
 //! A live clip crosses to the relays whose users need it as a run of
 //! messages on one subject, in order: `Start`, `Data`..., then `End` or
 //! `Cut`. An `Ack` goes back to the relay that accepted a direct clip, so
-//! it can drop its stored copy.
+//! it can drop its stored copy. `Kept` tells the relay a user is connected
+//! to that a clip for them was just stored in the cluster's JetStream
+//! stream (at that sequence), so it is queued even if its live run was
+//! missed.
 //!
 //! Layout (integers big-endian): `kind:u8 | clip_id[16] | rest`, where
 //! `rest` is
@@ -17,6 +20,7 @@
 //! | 3 `End` | `packet_count:u64 final_granule:u64` |
 //! | 4 `Cut` | `code:u64` (protocol error code) |
 //! | 5 `Ack` | the recipient's user id (UTF-8) |
+//! | 6 `Kept` | `seq:u64` (stream sequence) then the recipient's user id (UTF-8) |
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -29,6 +33,7 @@ const DATA: u8 = 2;
 const END: u8 = 3;
 const CUT: u8 = 4;
 const ACK: u8 = 5;
+const KEPT: u8 = 6;
 
 /// One message between relays.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +57,12 @@ pub enum Relayed {
     Cut { clip: ClipId, code: ErrorCode },
     /// `recipient` has the clip.
     Ack { clip: ClipId, recipient: String },
+    /// The clip is stored for `recipient` at stream sequence `seq`.
+    Kept {
+        clip: ClipId,
+        seq: u64,
+        recipient: String,
+    },
 }
 
 /// Why bytes are not a relay message.
@@ -74,7 +85,8 @@ impl Relayed {
             | Relayed::Data { clip, .. }
             | Relayed::End { clip, .. }
             | Relayed::Cut { clip, .. }
-            | Relayed::Ack { clip, .. } => *clip,
+            | Relayed::Ack { clip, .. }
+            | Relayed::Kept { clip, .. } => *clip,
         }
     }
 
@@ -86,6 +98,7 @@ impl Relayed {
             Relayed::End { .. } => (END, 16),
             Relayed::Cut { .. } => (CUT, 8),
             Relayed::Ack { recipient, .. } => (ACK, recipient.len()),
+            Relayed::Kept { recipient, .. } => (KEPT, 8 + recipient.len()),
         };
         let mut b = BytesMut::with_capacity(17 + extra);
         b.put_u8(kind);
@@ -107,6 +120,10 @@ impl Relayed {
             }
             Relayed::Cut { code, .. } => b.put_u64(code.to_u64()),
             Relayed::Ack { recipient, .. } => b.put_slice(recipient.as_bytes()),
+            Relayed::Kept { seq, recipient, .. } => {
+                b.put_u64(*seq);
+                b.put_slice(recipient.as_bytes());
+            }
         }
         b.freeze()
     }
@@ -168,6 +185,13 @@ impl Relayed {
                     .map_err(|_| ClusterError::Utf8)?
                     .to_owned(),
             },
+            KEPT => Relayed::Kept {
+                clip,
+                seq: u64_at(&rest, 0)?,
+                recipient: std::str::from_utf8(&rest[8..])
+                    .map_err(|_| ClusterError::Utf8)?
+                    .to_owned(),
+            },
             k => return Err(ClusterError::Kind(k)),
         })
     }
@@ -220,6 +244,11 @@ mod tests {
             Relayed::Ack {
                 clip: id(5),
                 recipient: "bob.smith@example".into(),
+            },
+            Relayed::Kept {
+                clip: id(6),
+                seq: 77,
+                recipient: "carol".into(),
             },
         ]
     }

@@ -459,8 +459,15 @@ impl Cluster {
 
     /// Keeps an accepted direct clip in JetStream for `recipient`, so any
     /// relay can deliver it (and it outlives this one). Returns once
-    /// JetStream has it (its publish ack).
-    pub async fn keep(&self, clip: &StoredClip, recipient: &Arc<str>) -> anyhow::Result<()> {
+    /// JetStream has it (its publish ack). With `elsewhere` (the recipient
+    /// is not connected here) the relay it is connected to is told, so it
+    /// queues the clip even if it missed the live run.
+    pub async fn keep(
+        &self,
+        clip: &StoredClip,
+        recipient: &Arc<str>,
+        elsewhere: bool,
+    ) -> anyhow::Result<()> {
         let js = &self.js;
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(clip.to_record()))
@@ -473,7 +480,56 @@ impl Cluster {
             (recipient.clone(), clip.meta.id),
             (ack.sequence, Instant::now()),
         );
+        if elsewhere {
+            let kept = Relayed::Kept {
+                clip: clip.meta.id,
+                seq: ack.sequence,
+                recipient: recipient.to_string(),
+            };
+            let _ = self.publish(&user_subject(recipient), kept).await;
+        }
         Ok(())
+    }
+
+    /// A clip was kept for `user`, connected here: queue it from the
+    /// stream, unless it came here live (then this relay has it, and may
+    /// have delivered it already).
+    async fn kept_for(&self, shared: &Shared, user: &str, clip: ClipId, seq: u64) {
+        let Some(session) = shared.sessions.get(user).map(|s| s.clone()) else {
+            return;
+        };
+        if matches!(shared.store.sender_of(&clip).await, Ok(Some(_))) {
+            return;
+        }
+        let m = match self.stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            // Delivered and deleted already.
+            Err(_) => return,
+        };
+        let Some(clip) = StoredClip::from_record(&m.payload) else {
+            warn!(seq, "cluster: unreadable stored clip skipped");
+            return;
+        };
+        self.kept
+            .insert((session.user.clone(), clip.meta.id), (seq, Instant::now()));
+        if shared
+            .store
+            .cache_copy(session.user.clone(), Arc::new(clip))
+        {
+            session.store_changed();
+        }
+    }
+
+    /// Waits (a bounded time) until the server routes `subject` here.
+    pub async fn subscribed(&self, subject: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.is_subscribed(subject) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Loads what JetStream holds for `user` into this relay's store (in
@@ -595,6 +651,13 @@ impl Cluster {
                     warn!(error = %e, "cluster: store ack failed");
                 }
                 self.acked(&clip, &recipient).await;
+            }
+            Relayed::Kept {
+                clip,
+                seq,
+                recipient,
+            } => {
+                self.kept_for(shared, &recipient, clip, seq).await;
             }
         }
     }

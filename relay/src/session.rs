@@ -164,6 +164,15 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             // relay) join its queue here.
             let (c, shared2, session2) = (c.clone(), shared.clone(), session.clone());
             shared.tracker.spawn(async move {
+                // Subscribed first: a clip kept after the read below is
+                // announced on the user's subject (`Kept`).
+                let subject = cluster::user_subject(&session2.user);
+                if !c
+                    .subscribed(&subject, std::time::Duration::from_secs(5))
+                    .await
+                {
+                    warn!(user = %session2.user, "cluster: subscription not confirmed");
+                }
                 match c.load_kept(&shared2, &session2.user).await {
                     Ok(0) => {}
                     Ok(_) => session2.store_changed(),
@@ -516,7 +525,8 @@ async fn upload(
             let stored = match (&shared.cluster, &channel, stored) {
                 (Some(c), None, Ok(false)) => {
                     for r in &recipients {
-                        if let Err(e) = c.keep(&clip, r).await {
+                        let elsewhere = !shared.sessions.contains_key(r);
+                        if let Err(e) = c.keep(&clip, r, elsewhere).await {
                             warn!(error = %e, "cluster: clip kept on this relay only");
                         }
                     }

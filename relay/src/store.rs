@@ -289,15 +289,17 @@ impl MemoryStore {
     /// channel history). False if it already had it.
     pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         let mut mb = self.mailboxes.entry(recipient).or_default();
-        let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        if mb.index.insert(clip.meta.id, cursor).is_none() {
-            self.pending.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
-            mb.clips.insert(cursor, clip);
-            true
-        } else {
-            false
+        // Already queued: it keeps its place (overwriting the index would
+        // orphan the queued copy, which no ack could then release).
+        if mb.index.contains_key(&clip.meta.id) {
+            return false;
         }
+        let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        mb.index.insert(clip.meta.id, cursor);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+        mb.clips.insert(cursor, clip);
+        true
     }
 
     /// Whether `recipients` copies of `clip` fit the budget.
@@ -351,12 +353,16 @@ impl MemoryStore {
         }
         for r in recipients {
             let mut mb = self.mailboxes.entry(r.clone()).or_default();
-            let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-            if mb.index.insert(id, cursor).is_none() {
-                mb.clips.insert(cursor, clip.clone());
-                self.pending.fetch_add(1, Ordering::Relaxed);
-                self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+            // A copy already queued (restored, or cached from the
+            // cluster) keeps its place.
+            if mb.index.contains_key(&id) {
+                continue;
             }
+            let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            mb.index.insert(id, cursor);
+            mb.clips.insert(cursor, clip.clone());
+            self.pending.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
         }
         Ok(Appended::New)
     }
@@ -548,6 +554,24 @@ mod tests {
             1,
             "a reader at an old cursor sees the new clip"
         );
+    }
+
+    /// A copy cached before the clip is appended (the cluster announced it
+    /// before its live run ended) is one copy, and an ack releases it.
+    #[tokio::test]
+    async fn a_cached_copy_then_the_append_is_one_copy() {
+        let s = MemoryStore::new(1 << 20);
+        let c = clip(4, "alice", 0);
+        assert!(s.cache_copy("bob".into(), c.clone()));
+        assert!(!s.cache_copy("bob".into(), c.clone()));
+        assert_eq!(
+            s.append(c.clone(), &users(&["bob"])).await.unwrap(),
+            Appended::New
+        );
+        assert_eq!(s.stats().pending, 1);
+        assert!(s.ack("bob", &c.meta.id).await.unwrap());
+        assert_eq!(s.stats().pending, 0);
+        assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

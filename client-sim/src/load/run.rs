@@ -28,7 +28,9 @@ use crate::net;
 
 /// Where and as whom to load.
 pub struct LoadTarget {
-    pub relay: SocketAddr,
+    /// The relays; users are spread over them round-robin (user `i` on
+    /// relay `i % n`): several relays of one cluster.
+    pub relays: Vec<SocketAddr>,
     pub server_name: String,
     pub ca: PathBuf,
     pub key: TokenKey,
@@ -76,6 +78,8 @@ struct Counters {
 
 struct Shared {
     w: Workload,
+    /// How many relays the users are spread over.
+    relays: usize,
     source: Source,
     ledger: Mutex<Ledger>,
     times: Mutex<HashMap<(ClipId, u32), ClipTimes>>,
@@ -125,6 +129,8 @@ fn channel_name(i: usize) -> String {
 /// Runs a workload; returns the report.
 pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Result<Report> {
     w.validate()?;
+    anyhow::ensure!(!target.relays.is_empty(), "no relay to load");
+    let first = target.relays[0];
     let mut rng = rand::rng();
     let imp = Impairment {
         loss: w.loss_pct / 100.0,
@@ -133,14 +139,14 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         reorder: w.reorder_pct / 100.0,
     };
     let client_cfg = net::client_config(&target.ca)?;
-    let bind: SocketAddr = if target.relay.is_ipv6() {
+    let bind: SocketAddr = if first.is_ipv6() {
         "[::1]:0".parse()?
     } else {
         "127.0.0.1:0".parse()?
     };
-    let bind = if target.relay.ip().is_loopback() {
+    let bind = if first.ip().is_loopback() {
         bind
-    } else if target.relay.is_ipv6() {
+    } else if first.is_ipv6() {
         "[::]:0".parse()?
     } else {
         "0.0.0.0:0".parse()?
@@ -189,6 +195,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         })
         .collect::<anyhow::Result<_>>()?;
     let shared = Arc::new(Shared {
+        relays: target.relays.len(),
         w: w.clone(),
         source,
         ledger: Mutex::new(Ledger::new()),
@@ -357,8 +364,9 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
             event_queue: 64,
             packet_events: false,
         };
+        let relay = t.relays[u.index as usize % t.relays.len()];
         let (client, events) =
-            match Client::connect(&u.endpoint, t.relay, &t.server_name, &u.token, opts).await {
+            match Client::connect(&u.endpoint, relay, &t.server_name, &u.token, opts).await {
                 Ok(x) => x,
                 Err(e) => {
                     s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -586,10 +594,24 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                         .collect::<Vec<u32>>();
                     (Target::Channel(channel_name(ch)), members)
                 } else {
-                    let mut r = rng.random_range(0..users - 1);
-                    if r >= u.index as usize {
-                        r += 1;
-                    }
+                    let n = s.relays;
+                    let r = if w.cross_relay && n > 1 && users > n {
+                        // Someone on another relay: pick among the users
+                        // whose relay differs (user i is on relay i % n).
+                        let me = u.index as usize % n;
+                        loop {
+                            let r = rng.random_range(0..users);
+                            if r % n != me {
+                                break r;
+                            }
+                        }
+                    } else {
+                        let mut r = rng.random_range(0..users - 1);
+                        if r >= u.index as usize {
+                            r += 1;
+                        }
+                        r
+                    };
                     (Target::User(user_name(r)), vec![r as u32])
                 };
             let (packets, samples) = s.source.random_clip(w.clip_min, w.clip_max, &mut rng);

@@ -96,6 +96,10 @@ workload! {
     /// After the run, how long owed clips may take to arrive before they
     /// count as lost.
     grace: Duration = Duration::from_secs(15), parse_duration;
+    /// With several relays (`--relay A,B,...`): one-to-one clips go only
+    /// to users connected to another relay than the sender's, so every
+    /// clip crosses the cluster.
+    cross_relay: bool = false;
     /// Random seed (0: a random one).
     seed: u64 = 0;
 }
