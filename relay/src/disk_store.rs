@@ -1225,7 +1225,7 @@ impl ClipStore for DiskStore {
 
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         // Acks of it find nothing in the log, and write nothing.
-        self.mem.restore_copy(recipient, clip)
+        self.mem.cache(recipient, clip)
     }
 
     fn stats(&self) -> StoreStats {

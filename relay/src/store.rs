@@ -285,6 +285,22 @@ impl MemoryStore {
         }
     }
 
+    /// [`ClipStore::cache_copy`]: queued only if its id is new here, and
+    /// known from now on, so a copy announced again is never queued twice,
+    /// even once delivered and acked.
+    pub(crate) fn cache(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+        match self.ids.entry(clip.meta.id) {
+            dashmap::Entry::Occupied(_) => return false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(clip.meta.sender.clone());
+            }
+        }
+        if let Ok(mut log) = self.id_log.lock() {
+            log.push_back((now_ms(), clip.meta.id));
+        }
+        self.restore_copy(recipient, clip)
+    }
+
     /// Queues `clip` for `recipient` behind what it already has (recovery,
     /// channel history). False if it already had it.
     pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
@@ -470,7 +486,7 @@ impl ClipStore for MemoryStore {
     }
 
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
-        self.restore_copy(recipient, clip)
+        self.cache(recipient, clip)
     }
 
     fn stats(&self) -> StoreStats {
@@ -564,14 +580,24 @@ mod tests {
         let c = clip(4, "alice", 0);
         assert!(s.cache_copy("bob".into(), c.clone()));
         assert!(!s.cache_copy("bob".into(), c.clone()));
+        // The live run's append finds it known: one copy.
         assert_eq!(
             s.append(c.clone(), &users(&["bob"])).await.unwrap(),
-            Appended::New
+            Appended::Duplicate
         );
         assert_eq!(s.stats().pending, 1);
         assert!(s.ack("bob", &c.meta.id).await.unwrap());
         assert_eq!(s.stats().pending, 0);
+        // Announced again after the ack: not queued again.
+        assert!(!s.cache_copy("bob".into(), c.clone()));
         assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
+        // Queued by recovery first, then appended: still one copy.
+        let d = clip(5, "alice", 0);
+        assert!(s.restore_copy("bob".into(), d.clone()));
+        s.append(d.clone(), &users(&["bob"])).await.unwrap();
+        assert_eq!(s.stats().pending, 1);
+        assert!(s.ack("bob", &d.meta.id).await.unwrap());
+        assert_eq!(s.stats().pending, 0);
     }
 
     #[tokio::test]
