@@ -301,6 +301,17 @@ mod tests {
         assert_eq!(file.fill(), Config::default());
     }
 
+    /// The deployment's cluster config reads and asks for a replicated
+    /// 3-node cluster.
+    #[test]
+    fn the_cluster_deploy_file_is_valid() {
+        let text = include_str!("../../deploy/cluster/relay.toml");
+        let c = toml::from_str::<Settings>(text).unwrap().fill();
+        c.validate().unwrap();
+        assert_eq!(c.cluster.split(',').count(), 3);
+        assert_eq!(c.cluster_replicas, 3);
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<Settings>("listne = \"1.2.3.4:5\"").is_err());

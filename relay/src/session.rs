@@ -173,10 +173,26 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 {
                     warn!(user = %session2.user, "cluster: subscription not confirmed");
                 }
-                match c.load_kept(&shared2, &session2.user).await {
-                    Ok(0) => {}
-                    Ok(_) => session2.store_changed(),
-                    Err(e) => warn!(error = %e, "cluster: stored clips not loaded"),
+                // JetStream may be electing a leader (a NATS node just
+                // died): try a few times over ~15 s.
+                for attempt in 1..=10u32 {
+                    match c.load_kept(&shared2, &session2.user).await {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            session2.store_changed();
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, attempt, "cluster: stored clips not loaded yet");
+                            if session2.conn.close_reason().is_some() {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(
+                                300 * u64::from(attempt),
+                            ))
+                            .await;
+                        }
+                    }
                 }
             });
             s

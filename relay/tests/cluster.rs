@@ -400,3 +400,142 @@ async fn load_across_three_relays_loses_and_repeats_nothing() {
         "every accepted clip arrived once"
     );
 }
+
+/// A 3-node NATS cluster started from `deploy/cluster/nats.conf` (the
+/// deployment's file, with loopback ports), killed on drop.
+struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    urls: Vec<String>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl NatsCluster {
+    fn start() -> NatsCluster {
+        let conf =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster/nats.conf");
+        let ports: Vec<u16> = (0..9)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let (mut nodes, mut urls, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cmd = Command::new("nats-server");
+            cmd.arg("--config")
+                .arg(&conf)
+                .env("NATS_NAME", format!("nats-{}", i + 1))
+                .env("NATS_HOST", "127.0.0.1")
+                .env("NATS_CLIENT_PORT", ports[i].to_string())
+                .env("NATS_CLUSTER_PORT", ports[3 + i].to_string())
+                .env("NATS_HTTP", format!("127.0.0.1:{}", ports[6 + i]))
+                .env("NATS_STORE", dir.path());
+            for j in 0..3 {
+                cmd.env(
+                    format!("NATS_ROUTE_{}", j + 1),
+                    format!("nats-route://127.0.0.1:{}", ports[3 + j]),
+                );
+            }
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server must be installed");
+            nodes.push(Some(child));
+            urls.push(format!("nats://127.0.0.1:{}", ports[i]));
+            dirs.push(dir);
+        }
+        // Ready: every node answers /healthz (JetStream included).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in &ports[6..9] {
+            loop {
+                assert!(Instant::now() < deadline, "the NATS cluster did not form");
+                let ok = std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
+                    use std::io::{Read, Write};
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                    let mut r = String::new();
+                    let _ = s.read_to_string(&mut r);
+                    r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
+                });
+                if ok {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        NatsCluster {
+            nodes,
+            urls,
+            _dirs: dirs,
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// The deployment's 3-node NATS configuration with stored clips on all
+/// three (`cluster_replicas = 3`): a clip accepted while every node is up
+/// is delivered by another relay after one NATS node died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nats_nodes_keep_clips_through_the_loss_of_one() {
+    let mut nats = NatsCluster::start();
+    let urls = nats.urls.join(",");
+    // The cluster may still be electing its JetStream leader: retry.
+    let start_clustered = |dir: &std::path::Path| {
+        let urls = urls.clone();
+        let dir = dir.to_owned();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut cfg = relay::Config::for_tests(&dir);
+                cfg.cluster = urls.clone();
+                cfg.cluster_replicas = 3;
+                match relay::Relay::start(cfg).await {
+                    Ok(r) => return r,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "relay did not start: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            }
+        }
+    };
+    let dir_one = tempfile::tempdir().unwrap();
+    let one = start_clustered(dir_one.path()).await;
+    let dir_two = sharing_keys(dir_one.path());
+    let two = start_clustered(dir_two.path()).await;
+    let (one, two) = (wrap(one), wrap(two));
+    let (alice, _) = one.connect("alice").await;
+    let c = clip("bob", 4);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    // One NATS node goes; the stream has the clip on the other two.
+    nats.kill(0);
+    let (bob, mut bob_ev) = two.connect("bob").await;
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match bob_ev.recv().await.expect("bob's events") {
+                client_sim::Event::Complete(g) if g.id() == c.id => return g,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the clip was delivered after a NATS node died");
+    assert_eq!(got.packets, c.packets);
+    bob.ack(got.id()).await.unwrap();
+}

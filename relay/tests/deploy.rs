@@ -46,23 +46,30 @@ fn prometheus_config_rules_and_the_systemd_unit_verify() {
     }
     let unit = std::fs::read_to_string(root.join("deploy/systemd/ptt-relay.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/ptt-relay serve"));
+    verify_unit(
+        "ptt-relay.service",
+        &unit.replace("/usr/local/bin/ptt-relay", env!("CARGO_BIN_EXE_ptt-relay")),
+    );
+    // The cluster's NATS unit (its ExecStart is Debian's nats-server).
+    let nats = std::fs::read_to_string(root.join("deploy/cluster/nats.service")).unwrap();
+    verify_unit("nats.service", &nats);
+}
+
+/// `systemd-analyze verify` on a unit: it exits 0 on settings it
+/// ignores, so any complaint naming the unit fails too.
+fn verify_unit(name: &str, text: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ptt-relay.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/ptt-relay", env!("CARGO_BIN_EXE_ptt-relay")),
-    )
-    .unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // verify exits 0 on settings it ignores: any complaint fails the test.
     assert!(
-        out.status.success() && !stderr.contains("ptt-relay.service"),
-        "systemd-analyze verify: {stderr}"
+        out.status.success() && !stderr.contains(name),
+        "systemd-analyze verify {name}: {stderr}"
     );
 }
 

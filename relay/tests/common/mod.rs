@@ -29,7 +29,11 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestRelay {
 pub async fn start_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestRelay {
     let mut cfg = Config::for_tests(dir);
     tweak(&mut cfg);
-    let relay = Relay::start(cfg).await.unwrap();
+    wrap(Relay::start(cfg).await.unwrap())
+}
+
+/// A running relay with a client endpoint that trusts it.
+pub fn wrap(relay: Relay) -> TestRelay {
     let endpoint = net::endpoint(relay.quic_addr(), &relay.files().cert).unwrap();
     TestRelay {
         relay,
