@@ -1,5 +1,7 @@
 //! The admin HTTP listener: `/healthz` (the process is alive), `/readyz`
-//! (the QUIC endpoint accepts connections; false while draining) and
+//! (the QUIC endpoint accepts connections; false while draining),
+//! `/readyz/cluster` (ready, and linked to the cluster's NATS: ready for
+//! cross-relay work; 404 on a relay that is not clustered) and
 //! `/metrics` (Prometheus text format, `docs/metrics.md`). It is
 //! unauthenticated: bind it to loopback or a private network only (the
 //! trusted plane).
@@ -20,6 +22,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/readyz/cluster", get(readyz_cluster))
         .route("/metrics", get(metrics))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
@@ -35,6 +38,23 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// A relay cut off from NATS still serves its own users (`/readyz` stays
+/// true) but cannot reach users on other relays: a load balancer that
+/// can should send new clients elsewhere.
+async fn readyz_cluster(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    match &shared.cluster {
+        None => (StatusCode::NOT_FOUND, "not clustered\n"),
+        Some(_) if !shared.ready.load(Ordering::SeqCst) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+        Some(c) if c.connected() => (StatusCode::OK, "ready, cluster linked\n"),
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster unreachable: serving local users only\n",
+        ),
     }
 }
 

@@ -468,6 +468,9 @@ impl Cluster {
         recipient: &Arc<str>,
         elsewhere: bool,
     ) -> anyhow::Result<()> {
+        // Cut off: do not hold the sender for JetStream's timeout; this
+        // relay's own store has the clip.
+        anyhow::ensure!(self.connected(), "not connected to NATS");
         let js = &self.js;
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(clip.to_record()))

@@ -55,8 +55,16 @@ impl Nats {
 
     /// Kills the server and starts it again on the same port.
     fn restart(&mut self) {
+        self.stop();
+        self.resume();
+    }
+
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    fn resume(&mut self) {
         self.child = spawn_nats(self.port, self.dir.path());
     }
 }
@@ -526,7 +534,9 @@ async fn three_nats_nodes_keep_clips_through_the_loss_of_one() {
     // One NATS node goes; the stream has the clip on the other two.
     nats.kill(0);
     let (bob, mut bob_ev) = two.connect("bob").await;
-    let got = tokio::time::timeout(Duration::from_secs(30), async {
+    // (A bound, not a measure: electing new JetStream leaders after a
+    // node's death takes seconds, more on a loaded machine.)
+    let got = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match bob_ev.recv().await.expect("bob's events") {
                 client_sim::Event::Complete(g) if g.id() == c.id => return g,
@@ -538,4 +548,54 @@ async fn three_nats_nodes_keep_clips_through_the_loss_of_one() {
     .expect("the clip was delivered after a NATS node died");
     assert_eq!(got.packets, c.packets);
     bob.ack(got.id()).await.unwrap();
+}
+
+/// Cut off from NATS, a relay goes on serving its own users, says it is
+/// not ready for cross-relay work (`/readyz/cluster`, and
+/// `ptt_cluster_connected`), and links up again when NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
+    let mut nats = Nats::start();
+    let url = nats.url.clone();
+    let t = start(|c| c.cluster = url).await;
+    let admin = t.relay.admin_addr();
+    assert_eq!(http_get(admin, "/readyz/cluster").await.0, 200);
+    nats.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/readyz/cluster").await.0 != 503 {
+        assert!(Instant::now() < deadline, "still says linked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        http_get(admin, "/readyz").await.0,
+        200,
+        "local service goes on"
+    );
+    let m = http_get(admin, "/metrics").await.1;
+    assert!(m.contains("ptt_cluster_connected 0"), "{m}");
+    // Alice and Bob, both here, talk live as ever.
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 5);
+    let sent = {
+        let (alice, c) = (alice.clone(), c.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!(got.packets, c.packets);
+    assert!(got.delivery.live);
+    // Accepted once the store has it, though JetStream cannot (logged).
+    sent.await.unwrap().unwrap();
+    nats.resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(admin, "/readyz/cluster").await.0 != 200 {
+        assert!(Instant::now() < deadline, "did not link up again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And a relay that is not clustered has no such endpoint.
+    let solo = start(|_| {}).await;
+    assert_eq!(
+        http_get(solo.relay.admin_addr(), "/readyz/cluster").await.0,
+        404
+    );
 }
