@@ -150,6 +150,8 @@ pub struct Cluster {
     /// Direct clips from other relays: whom to tell of the ack.
     acks_to: DashMap<ClipId, (u64, Instant)>,
     connected: Arc<AtomicBool>,
+    /// Connections made to NATS so far (each one after an outage).
+    links: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn user_subject(user: &str) -> String {
@@ -179,18 +181,21 @@ impl Cluster {
             })
             .collect::<anyhow::Result<_>>()?;
         let connected = Arc::new(AtomicBool::new(false));
+        let links = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let flag = connected.clone();
+        let count = links.clone();
         let client = async_nats::ConnectOptions::new()
             .name("ptt-relay")
             // Our own channel publications do not come back to us.
             .no_echo()
             .retry_on_initial_connect()
             .event_callback(move |e| {
-                let flag = flag.clone();
+                let (flag, count) = (flag.clone(), count.clone());
                 async move {
                     match e {
                         async_nats::Event::Connected => {
                             info!("cluster: connected to NATS");
+                            count.fetch_add(1, Ordering::SeqCst);
                             flag.store(true, Ordering::SeqCst);
                         }
                         async_nats::Event::Disconnected => {
@@ -256,6 +261,7 @@ impl Cluster {
             remote: DashMap::new(),
             acks_to: DashMap::new(),
             connected,
+            links,
         }))
     }
 
@@ -271,12 +277,20 @@ impl Cluster {
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // The link (connection count) whose backfill is done.
+            let mut done = None;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     () = shared.shutdown.cancelled() => return,
                 }
                 me.sweep(shared.config.upload_idle_timeout, shared.config.clip_ttl);
+                // At the first link and after every outage: what this
+                // relay holds undelivered goes (again) to JetStream.
+                let link = me.links.load(Ordering::SeqCst);
+                if me.connected() && done != Some(link) && me.backfill(&shared).await {
+                    done = Some(link);
+                }
             }
         });
     }
@@ -492,6 +506,31 @@ impl Cluster {
             let _ = self.publish(&user_subject(recipient), kept).await;
         }
         Ok(())
+    }
+
+    /// Keeps in JetStream every undelivered direct clip of this relay's
+    /// store that it has not kept there yet: clips accepted while NATS
+    /// was unreachable, and after a restart everything (JetStream's
+    /// message-id window answers a clip it has with its sequence).
+    async fn backfill(&self, shared: &Shared) -> bool {
+        let mut n = 0u64;
+        for (recipient, clip) in shared.store.pending_direct() {
+            if self.kept.contains_key(&(recipient.clone(), clip.meta.id)) {
+                continue;
+            }
+            let elsewhere = !shared.sessions.contains_key(&recipient);
+            match self.keep(&clip, &recipient, elsewhere).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    warn!(error = %e, "cluster: backfill stopped; tried again shortly");
+                    return false;
+                }
+            }
+        }
+        if n > 0 {
+            info!(clips = n, "cluster: undelivered clips kept in JetStream");
+        }
+        true
     }
 
     /// A clip was kept for `user`, connected here: queue it from the

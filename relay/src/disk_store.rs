@@ -1223,6 +1223,10 @@ impl ClipStore for DiskStore {
         Ok(n)
     }
 
+    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
+        self.mem.pending_direct()
+    }
+
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         // Acks of it find nothing in the log, and write nothing.
         self.mem.cache(recipient, clip)

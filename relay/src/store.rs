@@ -225,6 +225,10 @@ pub trait ClipStore: Send + Sync + 'static {
     /// already has it queued.
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
 
+    /// Every undelivered direct clip with its recipient, oldest first per
+    /// recipient (a cluster re-asserts them in JetStream).
+    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)>;
+
     /// Keeps `clip` as an entry of channel `channel`'s history (one copy
     /// per channel, as safe as this store keeps clips). Returns the entry's
     /// sequence number; numbers rise.
@@ -487,6 +491,18 @@ impl ClipStore for MemoryStore {
 
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         self.cache(recipient, clip)
+    }
+
+    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
+        let mut out = Vec::new();
+        for mb in self.mailboxes.iter() {
+            for clip in mb.clips.values() {
+                if matches!(clip.meta.target, Target::User(_)) {
+                    out.push((mb.key().clone(), clip.clone()));
+                }
+            }
+        }
+        out
     }
 
     fn stats(&self) -> StoreStats {

@@ -586,12 +586,32 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     assert!(got.delivery.live);
     // Accepted once the store has it, though JetStream cannot (logged).
     sent.await.unwrap().unwrap();
+    // A clip for Carol, offline everywhere, accepted meanwhile.
+    let for_carol = clip("carol", 3);
+    alice.send_clip(&for_carol, Pacing::Upload).await.unwrap();
     nats.resume();
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(admin, "/readyz/cluster").await.0 != 200 {
         assert!(Instant::now() < deadline, "did not link up again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Linked again, the relay kept it in JetStream: Carol gets it from
+    // another relay.
+    let dir = sharing_keys(data_dir(&t));
+    let url = nats.url.clone();
+    let other = start_in(dir.path(), |c| c.cluster = url).await;
+    let (_carol, mut carol_ev) = other.connect("carol").await;
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match carol_ev.recv().await.expect("carol's events") {
+                client_sim::Event::Complete(g) if g.id() == for_carol.id => return g,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the clip accepted while cut off reached JetStream");
+    assert_eq!(got.packets, for_carol.packets);
     // And a relay that is not clustered has no such endpoint.
     let solo = start(|_| {}).await;
     assert_eq!(
