@@ -107,6 +107,25 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// Clip `id` complete on `events` within `secs` (a bound, not a measure).
+async fn complete_within(
+    events: &mut tokio::sync::mpsc::Receiver<client_sim::Event>,
+    id: codec::wire::ClipId,
+    secs: u64,
+    what: &str,
+) -> client_sim::ReceivedClip {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match events.recv().await.expect("event channel closed") {
+                client_sim::Event::Complete(g) if g.id() == id => return g,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not delivered in {secs} s: {what}"))
+}
+
 fn cluster(t: &TestRelay) -> &relay::cluster::Cluster {
     t.relay.shared().cluster.as_deref().unwrap()
 }
@@ -536,16 +555,7 @@ async fn three_nats_nodes_keep_clips_through_the_loss_of_one() {
     let (bob, mut bob_ev) = two.connect("bob").await;
     // (A bound, not a measure: electing new JetStream leaders after a
     // node's death takes seconds, more on a loaded machine.)
-    let got = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match bob_ev.recv().await.expect("bob's events") {
-                client_sim::Event::Complete(g) if g.id() == c.id => return g,
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the clip was delivered after a NATS node died");
+    let got = complete_within(&mut bob_ev, c.id, 60, "the clip after a NATS node died").await;
     assert_eq!(got.packets, c.packets);
     bob.ack(got.id()).await.unwrap();
 }
@@ -601,16 +611,13 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     let url = nats.url.clone();
     let other = start_in(dir.path(), |c| c.cluster = url).await;
     let (_carol, mut carol_ev) = other.connect("carol").await;
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match carol_ev.recv().await.expect("carol's events") {
-                client_sim::Event::Complete(g) if g.id() == for_carol.id => return g,
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the clip accepted while cut off reached JetStream");
+    let got = complete_within(
+        &mut carol_ev,
+        for_carol.id,
+        20,
+        "the clip accepted while cut off, through JetStream",
+    )
+    .await;
     assert_eq!(got.packets, for_carol.packets);
     // And a relay that is not clustered has no such endpoint.
     let solo = start(|_| {}).await;
