@@ -60,6 +60,15 @@ struct Sub {
 /// `ptt.store.<hex recipient>`.
 pub const STREAM: &str = "PTT_CLIPS";
 
+/// JetStream stream of channel history: the last `channel_history_depth`
+/// clips of each channel on `ptt.hist.<hex channel>`, for members who were
+/// offline (on any relay).
+pub const HISTORY: &str = "PTT_HISTORY";
+
+pub fn history_subject(channel: &str) -> String {
+    format!("ptt.hist.{}", subject_token(channel))
+}
+
 pub fn store_subject(user: &str) -> String {
     format!("ptt.store.{}", subject_token(user))
 }
@@ -138,6 +147,7 @@ pub struct Cluster {
     stream: async_nats::jetstream::stream::Stream,
     js: async_nats::jetstream::Context,
     floors: async_nats::jetstream::stream::Stream,
+    history: async_nats::jetstream::stream::Stream,
     /// Stored direct clips in the stream, by (recipient, clip): their
     /// stream sequence (deleted when the recipient acks) and when noted.
     kept: DashMap<(Arc<str>, ClipId), (u64, Instant)>,
@@ -250,7 +260,22 @@ impl Cluster {
             })
             .await
             .map_err(|e| anyhow::anyhow!("opening JetStream stream {FLOORS}: {e}"))?;
+        let history = js
+            .get_or_create_stream(stream::Config {
+                name: HISTORY.into(),
+                subjects: vec!["ptt.hist.>".into()],
+                max_messages_per_subject: i64::try_from(cfg.channel_history_depth.max(1))
+                    .unwrap_or(i64::MAX),
+                max_age: cfg.channel_history_age,
+                duplicate_window: cfg.dedupe_window.min(cfg.channel_history_age),
+                storage: stream::StorageType::File,
+                num_replicas: cfg.cluster_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("opening JetStream stream {HISTORY}: {e}"))?;
         Ok(Arc::new(Cluster {
+            history,
             js,
             client,
             stream,
@@ -574,14 +599,55 @@ impl Cluster {
         true
     }
 
-    /// Loads what JetStream holds for `user` into this relay's store (in
-    /// memory: JetStream keeps it durably); returns how many were new here.
-    pub async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
+    /// Keeps an accepted channel clip in the cluster's channel history, so
+    /// members who were offline get it from any relay.
+    pub async fn keep_history(&self, channel: &str, clip: &StoredClip) -> anyhow::Result<()> {
+        anyhow::ensure!(self.connected(), "not connected to NATS");
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(clip.to_record()))
+            .message_id(clip.meta.id.to_hex());
+        self.js
+            .send_publish(history_subject(channel), msg)
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Queues for `user` the clips of `channels`' cluster history this
+    /// relay does not know (said on other relays while the user was away),
+    /// oldest first; returns how many.
+    pub async fn load_history(
+        &self,
+        shared: &Shared,
+        user: &Arc<str>,
+        channels: impl Iterator<Item = &String>,
+    ) -> anyhow::Result<usize> {
+        let mut new = 0;
+        for ch in channels {
+            for (_, clip) in self.read_all(&self.history, history_subject(ch)).await? {
+                if clip.meta.sender == *user
+                    || matches!(shared.store.sender_of(&clip.meta.id).await, Ok(Some(_)))
+                {
+                    continue;
+                }
+                if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
+                    new += 1;
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// Every clip on `subject` of `stream`, in order, with its sequence.
+    async fn read_all(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        subject: String,
+    ) -> anyhow::Result<Vec<(u64, StoredClip)>> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-        let consumer = self
-            .stream
+        let consumer = stream
             .create_consumer(pull::Config {
-                filter_subject: store_subject(user),
+                filter_subject: subject,
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::None,
                 inactive_threshold: Duration::from_secs(30),
@@ -589,7 +655,7 @@ impl Cluster {
             })
             .await?;
         let mut left = consumer.cached_info().num_pending;
-        let mut new = 0;
+        let mut out = Vec::new();
         while left > 0 {
             let mut batch = consumer
                 .fetch()
@@ -604,26 +670,35 @@ impl Cluster {
                     .info()
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .stream_sequence;
-                let Some(clip) = StoredClip::from_record(&m.payload) else {
-                    warn!(seq, "cluster: unreadable stored clip skipped");
-                    continue;
-                };
-                let id = clip.meta.id;
-                self.kept.insert((user.clone(), id), (seq, Instant::now()));
-                // Known here (accepted here, relayed here, or cached
-                // before): this relay's own copy, if still owed, delivers
-                // it; queueing it again could repeat a delivered clip.
-                if matches!(shared.store.sender_of(&id).await, Ok(Some(_))) {
-                    continue;
-                }
-                if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
-                    new += 1;
+                match StoredClip::from_record(&m.payload) {
+                    Some(c) => out.push((seq, c)),
+                    None => warn!(seq, "cluster: unreadable stored clip skipped"),
                 }
             }
             if got == 0 {
                 break;
             }
             left = left.saturating_sub(got);
+        }
+        Ok(out)
+    }
+
+    /// Loads what JetStream holds for `user` into this relay's store (in
+    /// memory: JetStream keeps it durably); returns how many were new here.
+    pub async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
+        let mut new = 0;
+        for (seq, clip) in self.read_all(&self.stream, store_subject(user)).await? {
+            let id = clip.meta.id;
+            self.kept.insert((user.clone(), id), (seq, Instant::now()));
+            // Known here (accepted here, relayed here, or cached before):
+            // this relay's own copy, if still owed, delivers it; queueing
+            // it again could repeat a delivered clip.
+            if matches!(shared.store.sender_of(&id).await, Ok(Some(_))) {
+                continue;
+            }
+            if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
+                new += 1;
+            }
         }
         Ok(new)
     }

@@ -176,7 +176,14 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 // JetStream may be electing a leader (a NATS node just
                 // died): try a few times over ~15 s.
                 for attempt in 1..=10u32 {
-                    match c.load_kept(&shared2, &session2.user).await {
+                    let loaded = match c.load_kept(&shared2, &session2.user).await {
+                        Ok(n) => c
+                            .load_history(&shared2, &session2.user, session2.channels.keys())
+                            .await
+                            .map(|h| n + h),
+                        Err(e) => Err(e),
+                    };
+                    match loaded {
                         Ok(0) => break,
                         Ok(_) => {
                             session2.store_changed();
@@ -545,6 +552,13 @@ async fn upload(
                         if let Err(e) = c.keep(&clip, r, elsewhere).await {
                             warn!(error = %e, "cluster: clip kept on this relay only");
                         }
+                    }
+                    Ok(false)
+                }
+                // A channel clip goes into the cluster's channel history.
+                (Some(c), Some(ch), Ok(false)) => {
+                    if let Err(e) = c.keep_history(ch, &clip).await {
+                        warn!(error = %e, "cluster: channel clip in this relay's history only");
                     }
                     Ok(false)
                 }

@@ -250,26 +250,50 @@ async fn a_nats_restart_loses_nothing_and_routing_comes_back() {
     assert_eq!(again.packets, kept.packets);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
-    let nats = Nats::start();
+/// Relay one (the `ptt-relay` binary, to be killed), relay two (sharing
+/// its keys) in the cluster of `nats`, and Alice connected to relay one
+/// with `token(&two)`.
+struct Doomed {
+    one: tokio::process::Child,
+    two: TestRelay,
+    alice: std::sync::Arc<client_sim::Client>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn doomed(nats: &Nats, token: impl Fn(&TestRelay) -> String) -> Doomed {
     let dir_one = tempfile::tempdir().unwrap();
-    let (mut one, addr) = start_binary(dir_one.path(), &["--cluster", &nats.url]).await;
-    // Relay two shares relay one's keys.
+    let (one, addr) = start_binary(dir_one.path(), &["--cluster", &nats.url]).await;
     let dir_two = sharing_keys(dir_one.path());
     let url = nats.url.clone();
     let two = start_in(dir_two.path(), |c| c.cluster = url).await;
-    // Alice, on relay one, leaves Bob (offline everywhere) three clips.
     let ep = client_sim::net::endpoint(addr, &dir_one.path().join("cert.pem")).unwrap();
     let (alice, _) = client_sim::Client::connect(
         &ep,
         addr,
         "localhost",
-        &two.token("alice"),
+        &token(&two),
         client_sim::ClientOptions::default(),
     )
     .await
     .unwrap();
+    Doomed {
+        one,
+        two,
+        alice,
+        _dirs: (dir_one, dir_two),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
+    let nats = Nats::start();
+    // Alice, on relay one, leaves Bob (offline everywhere) three clips.
+    let Doomed {
+        mut one,
+        two,
+        alice,
+        _dirs,
+    } = doomed(&nats, |t| t.token("alice")).await;
     let sent: Vec<_> = (0..3).map(|i| clip("bob", 3 + i)).collect();
     for c in &sent {
         let out = alice.send_clip(c, Pacing::Upload).await.unwrap();
@@ -625,4 +649,30 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
         http_get(solo.relay.admin_addr(), "/readyz/cluster").await.0,
         404
     );
+}
+
+/// A channel clip said on a relay that then dies reaches the members who
+/// were offline everywhere, from another relay, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_history_outlives_the_relay_it_was_said_on() {
+    let nats = Nats::start();
+    let mut d = doomed(&nats, |t| t.token_with("alice", &[("ops", Talk)])).await;
+    let mut c = clip("x", 4);
+    c.target = Target::Channel("ops".into());
+    d.alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    d.one.kill().await.unwrap();
+    // Carol was offline everywhere; she connects to relay two.
+    let (carol, mut carol_ev) = d.two.member("carol", &[("ops", Listen)]).await;
+    let got = complete_within(&mut carol_ev, c.id, 20, "the channel clip from history").await;
+    assert_eq!(got.packets, c.packets);
+    assert_eq!(got.delivery.target, Target::Channel("ops".into()));
+    carol.ack(got.id()).await.unwrap();
+    until("the ack", || d.two.pending() == 0).await;
+    // Once: not again on reconnect; and never to its sender.
+    drop(carol);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_carol, mut carol_ev) = d.two.member("carol", &[("ops", Listen)]).await;
+    assert_no_clip(&mut carol_ev, Duration::from_millis(700)).await;
+    let (_alice, mut alice_ev) = d.two.member("alice", &[("ops", Talk)]).await;
+    assert_no_clip(&mut alice_ev, Duration::from_millis(500)).await;
 }
