@@ -65,6 +65,11 @@ pub const STREAM: &str = "PTT_CLIPS";
 /// offline (on any relay).
 pub const HISTORY: &str = "PTT_HISTORY";
 
+/// Channel clips waiting (in memory) for the cluster history while a
+/// relay is cut off; past this the oldest are only in the relay's own
+/// history.
+pub const UNKEPT_HISTORY_MAX: usize = 10_000;
+
 pub fn history_subject(channel: &str) -> String {
     format!("ptt.hist.{}", subject_token(channel))
 }
@@ -160,6 +165,9 @@ pub struct Cluster {
     /// Direct clips from other relays: whom to tell of the ack.
     acks_to: DashMap<ClipId, (u64, Instant)>,
     connected: Arc<AtomicBool>,
+    /// Channel clips not yet in the cluster history (accepted while cut
+    /// off), oldest first, at most [`UNKEPT_HISTORY_MAX`].
+    unkept_history: Mutex<std::collections::VecDeque<(String, Arc<StoredClip>)>>,
     /// Connections made to NATS so far (each one after an outage).
     links: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -287,6 +295,7 @@ impl Cluster {
             acks_to: DashMap::new(),
             connected,
             links,
+            unkept_history: Mutex::new(std::collections::VecDeque::new()),
         }))
     }
 
@@ -431,6 +440,9 @@ impl Cluster {
     /// the same user (a retry or a newer clip), or pre-empted by a
     /// priority talker (the holder's relay is told to cut its clip).
     pub async fn take_floor(&self, channel: &str, me: FloorHolder) -> anyhow::Result<FloorAnswer> {
+        // Cut off: fail at once (the relay then decides alone) instead of
+        // holding the talker for JetStream's timeout.
+        anyhow::ensure!(self.connected(), "not connected to NATS");
         let subject = floor_subject(channel);
         for _ in 0..8 {
             if let Some(seq) = self.put_floor(&subject, &me, 0).await? {
@@ -493,7 +505,10 @@ impl Cluster {
     /// Releases a floor taken at stream sequence `seq` (if it was taken
     /// over since, that message is gone already and this does nothing).
     pub async fn release_floor(&self, seq: u64) {
-        let _ = self.floors.delete_message(seq).await;
+        // Cut off, the floor expires with the stream's max_age.
+        if self.connected() {
+            let _ = self.floors.delete_message(seq).await;
+        }
     }
 
     /// Keeps an accepted direct clip in JetStream for `recipient`, so any
@@ -534,26 +549,47 @@ impl Cluster {
     }
 
     /// Keeps in JetStream every undelivered direct clip of this relay's
-    /// store that it has not kept there yet: clips accepted while NATS
-    /// was unreachable, and after a restart everything (JetStream's
-    /// message-id window answers a clip it has with its sequence).
+    /// store that it has not kept there yet (clips accepted while NATS
+    /// was unreachable, and after a restart everything: JetStream's
+    /// message-id window answers a clip it has with its sequence), and
+    /// the channel clips accepted while cut off (in memory: after a
+    /// restart those are in this relay's own history only).
     async fn backfill(&self, shared: &Shared) -> bool {
         let mut n = 0u64;
+        // Channel clips first (oldest first): a member who connects
+        // elsewhere during the backfill finds them at its next connect.
+        loop {
+            let next = self
+                .unkept_history
+                .lock()
+                .ok()
+                .and_then(|mut q| q.pop_front());
+            let Some((channel, clip)) = next else { break };
+            if let Err(e) = self.put_history(&channel, &clip).await {
+                if let Ok(mut q) = self.unkept_history.lock() {
+                    q.push_front((channel, clip));
+                }
+                warn!(error = %e, "cluster: backfill stopped; tried again shortly");
+                return false;
+            }
+            n += 1;
+        }
         for (recipient, clip) in shared.store.pending_direct() {
             if self.kept.contains_key(&(recipient.clone(), clip.meta.id)) {
                 continue;
             }
             let elsewhere = !shared.sessions.contains_key(&recipient);
-            match self.keep(&clip, &recipient, elsewhere).await {
-                Ok(()) => n += 1,
-                Err(e) => {
-                    warn!(error = %e, "cluster: backfill stopped; tried again shortly");
-                    return false;
-                }
+            if let Err(e) = self.keep(&clip, &recipient, elsewhere).await {
+                warn!(error = %e, "cluster: backfill stopped; tried again shortly");
+                return false;
             }
+            n += 1;
         }
         if n > 0 {
-            info!(clips = n, "cluster: undelivered clips kept in JetStream");
+            info!(
+                clips = n,
+                "cluster: clips kept in JetStream after the link came back"
+            );
         }
         true
     }
@@ -600,8 +636,22 @@ impl Cluster {
     }
 
     /// Keeps an accepted channel clip in the cluster's channel history, so
-    /// members who were offline get it from any relay.
-    pub async fn keep_history(&self, channel: &str, clip: &StoredClip) -> anyhow::Result<()> {
+    /// members who were offline get it from any relay; cut off, it waits
+    /// for the next link (see [`Cluster::backfill`]).
+    pub async fn keep_history(&self, channel: &str, clip: &Arc<StoredClip>) -> anyhow::Result<()> {
+        let r = self.put_history(channel, clip).await;
+        if r.is_err()
+            && let Ok(mut q) = self.unkept_history.lock()
+        {
+            if q.len() >= UNKEPT_HISTORY_MAX {
+                q.pop_front();
+            }
+            q.push_back((channel.to_owned(), clip.clone()));
+        }
+        r
+    }
+
+    async fn put_history(&self, channel: &str, clip: &StoredClip) -> anyhow::Result<()> {
         anyhow::ensure!(self.connected(), "not connected to NATS");
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(clip.to_record()))

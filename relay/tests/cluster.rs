@@ -620,9 +620,14 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     assert!(got.delivery.live);
     // Accepted once the store has it, though JetStream cannot (logged).
     sent.await.unwrap().unwrap();
-    // A clip for Carol, offline everywhere, accepted meanwhile.
+    // A clip for Carol, offline everywhere, accepted meanwhile; and one
+    // to a channel whose other members are all offline.
     let for_carol = clip("carol", 3);
     alice.send_clip(&for_carol, Pacing::Upload).await.unwrap();
+    let (dan, _) = t.member("dan", &[("ops", Talk)]).await;
+    let mut for_ops = clip("x", 2);
+    for_ops.target = Target::Channel("ops".into());
+    dan.send_clip(&for_ops, Pacing::Upload).await.unwrap();
     nats.resume();
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(admin, "/readyz/cluster").await.0 != 200 {
@@ -643,6 +648,15 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     )
     .await;
     assert_eq!(got.packets, for_carol.packets);
+    let (_erin, mut erin_ev) = other.member("erin", &[("ops", Listen)]).await;
+    let got = complete_within(
+        &mut erin_ev,
+        for_ops.id,
+        20,
+        "the channel clip said while cut off, through the cluster history",
+    )
+    .await;
+    assert_eq!(got.packets, for_ops.packets);
     // And a relay that is not clustered has no such endpoint.
     let solo = start(|_| {}).await;
     assert_eq!(
