@@ -6,7 +6,13 @@
 //!   user is connected to it.
 //! - `ptt.c.<channel>`: live clips of a talk channel; a relay subscribes
 //!   while at least one member is connected to it.
-//! - `ptt.r.<relay id>`: acks for direct clips this relay accepted.
+//! - `ptt.r.<relay id>`: acks for direct clips this relay accepted, and
+//!   pre-emptions of its talkers.
+//!
+//! JetStream streams: `PTT_CLIPS` (`ptt.store.<user>`: direct clips until
+//! their recipient acks), `PTT_HISTORY` (`ptt.hist.<channel>`: channels'
+//! recent clips), `PTT_FLOORS` (`ptt.floor.<channel>`: who holds a floor,
+//! taken by compare-and-set).
 //!
 //! A live clip is forwarded by its origin once per subject (not per
 //! recipient): a reader of the shared [`LiveClip`] publishes `Start`, each
@@ -16,9 +22,11 @@
 //! recipients, and when it ends stores it for them (so a slow or
 //! disconnected recipient still gets it from that relay's store) and keeps
 //! it in the channel's history. When a recipient acks a direct clip, its
-//! relay tells the origin, which drops its stored copy. Core NATS only:
-//! what crosses is live traffic; a relay that is cut off keeps serving its
-//! own users, and every clip stays stored at the relay that accepted it.
+//! relay tells the origin, which drops its stored copy. Accepted clips are
+//! also kept in JetStream before the sender hears `Accepted`, so the relay
+//! a recipient connects to delivers them even after their origin died. A
+//! relay cut off from NATS keeps serving its own users and writes what it
+//! accepted meanwhile to JetStream when the link is back.
 //! `docs/cluster.md` has the design and what each failure loses.
 
 use std::collections::HashMap;
