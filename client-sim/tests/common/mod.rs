@@ -45,7 +45,8 @@ pub async fn speech_wav(dir: &Path, name: &str, text: &str, sox_out: &[&str]) ->
     let raw = dir.join(format!("{name}-espeak.wav"));
     let wav = dir.join(format!("{name}.wav"));
     tool(&["espeak-ng", "-w", raw.to_str().unwrap(), text]).await;
-    let mut sox = vec!["sox", raw.to_str().unwrap()];
+    // -R: repeatable dither, so every run tests the same samples.
+    let mut sox = vec!["sox", "-R", raw.to_str().unwrap()];
     sox.extend_from_slice(sox_out);
     sox.push(wav.to_str().unwrap());
     tool(&sox).await;
