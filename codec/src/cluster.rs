@@ -109,11 +109,10 @@ impl Relayed {
                 b.put_slice(header);
             }
             Relayed::Data {
-                packets, records, ..
-            } => {
-                b.put_u32(*packets);
-                b.put_slice(records);
-            }
+                clip,
+                packets,
+                records,
+            } => return Relayed::encode_data(*clip, *packets, std::slice::from_ref(records)),
             Relayed::End { end, .. } => {
                 b.put_u64(end.packet_count);
                 b.put_u64(end.final_granule);
@@ -124,6 +123,21 @@ impl Relayed {
                 b.put_u64(*seq);
                 b.put_slice(recipient.as_bytes());
             }
+        }
+        b.freeze()
+    }
+
+    /// Encodes a `Data` whose records are the concatenation of `runs`,
+    /// copying each once (a live clip's segments go out without being
+    /// joined first).
+    pub fn encode_data(clip: ClipId, packets: u32, runs: &[Bytes]) -> Bytes {
+        let len: usize = runs.iter().map(Bytes::len).sum();
+        let mut b = BytesMut::with_capacity(21 + len);
+        b.put_u8(DATA);
+        b.put_slice(&clip.0);
+        b.put_u32(packets);
+        for r in runs {
+            b.put_slice(r);
         }
         b.freeze()
     }
@@ -286,6 +300,17 @@ mod tests {
             Relayed::decode(&Bytes::from(bad)),
             Err(ClusterError::Kind(9))
         );
+    }
+
+    #[test]
+    fn data_from_several_runs_is_one_record_run() {
+        let runs = [Bytes::from_static(b"\x02ab"), Bytes::from_static(b"\x01c")];
+        let joined = Relayed::Data {
+            clip: id(7),
+            packets: 2,
+            records: Bytes::from_static(b"\x02ab\x01c"),
+        };
+        assert_eq!(Relayed::encode_data(id(7), 2, &runs), joined.encode());
     }
 
     #[test]

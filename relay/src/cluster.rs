@@ -128,18 +128,11 @@ impl FloorHolder {
             _ => return None,
         };
         let relay = u64::from_str_radix(it.next()?, 16).ok()?;
-        let hex = it.next()?;
-        let mut id = [0u8; 16];
-        if hex.len() != 32 {
-            return None;
-        }
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
+        let clip = ClipId::from_hex(it.next()?)?;
         Some(FloorHolder {
             priority,
             relay,
-            clip: ClipId(id),
+            clip,
             user: it.next()?.to_owned(),
         })
     }
@@ -417,20 +410,13 @@ impl Cluster {
             }
             let mut reader = live.reader();
             loop {
-                let msg = match reader.next().await {
-                    Next::Data(b) => Relayed::Data {
-                        clip,
-                        packets: b.packets as u32,
-                        records: match b.segs.as_slice() {
-                            [one] => one.clone(),
-                            many => Bytes::from(many.concat()),
-                        },
-                    },
-                    Next::Complete(c) => Relayed::End { clip, end: c.end },
-                    Next::Cut(code) => Relayed::Cut { clip, code },
+                let (payload, last) = match reader.next().await {
+                    // Encoded straight from the segments: one copy.
+                    Next::Data(b) => (Relayed::encode_data(clip, b.packets as u32, &b.segs), false),
+                    Next::Complete(c) => (Relayed::End { clip, end: c.end }.encode(), true),
+                    Next::Cut(code) => (Relayed::Cut { clip, code }.encode(), true),
                 };
-                let last = !matches!(msg, Relayed::Data { .. });
-                if me.publish(&subject, msg).await.is_err() || last {
+                if me.publish_bytes(&subject, payload).await.is_err() || last {
                     return;
                 }
             }
@@ -438,8 +424,12 @@ impl Cluster {
     }
 
     async fn publish(&self, subject: &str, msg: Relayed) -> Result<(), ()> {
+        self.publish_bytes(subject, msg.encode()).await
+    }
+
+    async fn publish_bytes(&self, subject: &str, payload: Bytes) -> Result<(), ()> {
         self.client
-            .publish(subject.to_owned(), msg.encode())
+            .publish(subject.to_owned(), payload)
             .await
             .map_err(|e| debug!(error = %e, "cluster publish failed"))
     }
@@ -764,14 +754,14 @@ impl Cluster {
     /// A local recipient acked `clip`: JetStream's copy for it goes; if it
     /// came live from another relay as a direct clip, that relay drops its
     /// stored copy too.
-    pub async fn acked(&self, clip: &ClipId, recipient: &str) {
-        if let Some((_, (seq, _))) = self.kept.remove(&(Arc::from(recipient), *clip)) {
+    pub async fn acked(&self, clip: &ClipId, recipient: &Arc<str>) {
+        if let Some((_, (seq, _))) = self.kept.remove(&(recipient.clone(), *clip)) {
             self.delete_kept(seq).await;
         }
         if let Some((_, (origin, _))) = self.acks_to.remove(clip) {
             let ack = Relayed::Ack {
                 clip: *clip,
-                recipient: recipient.to_owned(),
+                recipient: recipient.to_string(),
             };
             let _ = self.publish(&relay_subject(origin), ack).await;
         }
@@ -860,7 +850,7 @@ impl Cluster {
                     if let Err(e) = shared2.store.ack(&recipient, &clip).await {
                         warn!(error = %e, "cluster: store ack failed");
                     }
-                    me.acked(&clip, &recipient).await;
+                    me.acked(&clip, &Arc::from(recipient)).await;
                 });
             }
             Relayed::Kept {
