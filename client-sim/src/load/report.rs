@@ -83,6 +83,10 @@ pub struct Report {
     pub datagrams_per_voice_s: f64,
     /// QUIC ACK frames per second of voice per leg (both directions).
     pub ack_frames_per_voice_s: f64,
+    /// UDP datagrams the users' connections sent to the relay, in all.
+    pub datagrams_to_relay: u64,
+    /// UDP datagrams the users' connections received from the relay.
+    pub datagrams_from_relay: u64,
     pub relay: Option<RelayReport>,
     pub talking_s: f64,
     pub elapsed_s: f64,
@@ -110,6 +114,7 @@ pub struct Inputs {
     pub delivered_voice_ms: u64,
     pub wire_bytes: u64,
     pub datagrams: u64,
+    pub datagrams_from_relay: u64,
     pub ack_frames: u64,
     pub connects: u64,
     pub connect_failures: u64,
@@ -182,6 +187,8 @@ impl Report {
             } else {
                 0.0
             },
+            datagrams_to_relay: i.datagrams - i.datagrams_from_relay,
+            datagrams_from_relay: i.datagrams_from_relay,
             relay,
             talking_s: i.talking_secs,
             elapsed_s: i.elapsed.as_secs_f64(),

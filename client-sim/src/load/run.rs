@@ -71,6 +71,7 @@ struct Counters {
     delivered_voice_ms: AtomicU64,
     wire_bytes: AtomicU64,
     datagrams: AtomicU64,
+    datagrams_from_relay: AtomicU64,
     ack_frames: AtomicU64,
     connects: AtomicU64,
     connect_failures: AtomicU64,
@@ -312,6 +313,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         delivered_voice_ms: c.delivered_voice_ms.load(Ordering::Relaxed),
         wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
         datagrams: c.datagrams.load(Ordering::Relaxed),
+        datagrams_from_relay: c.datagrams_from_relay.load(Ordering::Relaxed),
         ack_frames: c.ack_frames.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
         connect_failures: c.connect_failures.load(Ordering::Relaxed),
@@ -436,6 +438,8 @@ fn add_wire(s: &Shared, c: &Client) {
         .fetch_add(st.udp_tx.bytes + st.udp_rx.bytes, Ordering::Relaxed);
     s.c.datagrams
         .fetch_add(st.udp_tx.datagrams + st.udp_rx.datagrams, Ordering::Relaxed);
+    s.c.datagrams_from_relay
+        .fetch_add(st.udp_rx.datagrams, Ordering::Relaxed);
     s.c.ack_frames
         .fetch_add(st.frame_tx.acks + st.frame_rx.acks, Ordering::Relaxed);
 }
