@@ -154,7 +154,8 @@ impl LiveReader {
                 };
                 if let Some(first) = g.segments.get(self.next) {
                     let mut b = Batch {
-                        segs: Vec::with_capacity(g.segments.len() - self.next),
+                        // Room for the header the writer may put first.
+                        segs: Vec::with_capacity(g.segments.len() - self.next + 1),
                         packets: 0,
                         bytes: 0,
                         since: first.at,
