@@ -1,0 +1,259 @@
+//! quinn's own fan-out floor on this machine: how long one packet takes to
+//! reach every one of N connections, with nothing of the relay in the way.
+//!
+//! One process, two threads, each pinned to its own core and running its
+//! own single-threaded tokio runtime: the "relay" thread (core 0) holds N
+//! server connections, the "members" thread (core 1) holds the N client
+//! connections (over `--endpoints` UDP sockets, as `client-sim load`
+//! spreads them). Each round the relay thread writes one `--payload`-byte
+//! chunk (one shared `Bytes`) to every member from a single task, in one
+//! pass, and the members' thread notes when each chunk arrived; both read
+//! the same clock. Modes:
+//!
+//! - `stream`: one long-lived uni stream per member, opened before the
+//!   rounds (the cheapest case quinn allows);
+//! - `streams`: a new uni stream per member per round (the relay's one
+//!   stream per delivery), written and finished.
+//!
+//! ```sh
+//! cargo run --release -p benches --example quinn_fanout -- --members 10000 --mode stream
+//! ```
+//!
+//! Prints, per round, the time until the median and the last member had
+//! the chunk, then the medians over the rounds.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+
+struct Args {
+    members: usize,
+    rounds: usize,
+    endpoints: usize,
+    payload: usize,
+    per_stream: bool,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        members: 10_000,
+        rounds: 10,
+        endpoints: 16,
+        payload: 60,
+        per_stream: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--members" => a.members = v.parse()?,
+            "--rounds" => a.rounds = v.parse()?,
+            "--endpoints" => a.endpoints = v.parse()?,
+            "--payload" => a.payload = v.parse()?,
+            "--mode" => {
+                a.per_stream = match v.as_str() {
+                    "stream" => false,
+                    "streams" => true,
+                    _ => bail!("--mode is stream or streams"),
+                }
+            }
+            _ => bail!("unknown flag {k}"),
+        }
+    }
+    Ok(a)
+}
+
+/// Arrival times of the current round, nanoseconds after `base`.
+struct Arrivals {
+    base: Instant,
+    at: Vec<AtomicU64>,
+    count: AtomicUsize,
+}
+
+impl Arrivals {
+    fn note(&self, member: usize) {
+        let ns = self.base.elapsed().as_nanos() as u64;
+        if self.at[member].swap(ns, Ordering::Relaxed) == 0 {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn pin(core: usize) {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    if let Some(id) = ids.get(core) {
+        core_affinity::set_for_current(*id);
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let dir = tempfile::tempdir()?;
+    let (files, _) = relay::tls::ensure_data_dir(dir.path())?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(relay::tls::server_crypto(&files)?));
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(0u32.into());
+    t.mtu_discovery_config(None);
+    let mut af = quinn::AckFrequencyConfig::default();
+    af.ack_eliciting_threshold(4u32.into())
+        .max_ack_delay(Some(Duration::from_millis(25)));
+    t.ack_frequency_config(Some(af));
+    server.transport_config(Arc::new(t));
+    let cert = files.cert.clone();
+
+    let arrivals = Arc::new(Arrivals {
+        base: Instant::now(),
+        at: (0..a.members).map(|_| AtomicU64::new(0)).collect(),
+        count: AtomicUsize::new(0),
+    });
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+
+    // The members: N client connections on core 1.
+    let members = {
+        let arrivals = arrivals.clone();
+        let (n, endpoints, per_stream) = (a.members, a.endpoints, a.per_stream);
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            pin(1);
+            let addr = addr_rx.recv()?;
+            runtime()?.block_on(async move {
+                let eps = (0..endpoints)
+                    .map(|_| client_sim::net::endpoint(addr, &cert))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let mut conns = Vec::with_capacity(n);
+                for i in 0..n {
+                    let c = eps[i % eps.len()].connect(addr, "localhost")?.await?;
+                    conns.push(c);
+                }
+                for (i, c) in conns.into_iter().enumerate() {
+                    let arrivals = arrivals.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        if per_stream {
+                            while let Ok(mut s) = c.accept_uni().await {
+                                if let Ok(Some(_)) = s.read(&mut buf).await {
+                                    arrivals.note(i);
+                                }
+                            }
+                        } else if let Ok(mut s) = c.accept_uni().await {
+                            // The stream's opening byte is not a round.
+                            let _ = s.read_exact(&mut buf[..1]).await;
+                            while let Ok(Some(_)) = s.read(&mut buf).await {
+                                arrivals.note(i);
+                            }
+                        }
+                    });
+                }
+                ready_tx.send(())?;
+                std::future::pending::<()>().await;
+                #[allow(unreachable_code)]
+                Ok::<(), anyhow::Error>(())
+            })
+        })
+    };
+
+    // The relay side: N server connections on core 0.
+    pin(0);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let (sock, _, _) = quic::udp_socket(
+            (Ipv4Addr::LOCALHOST, 0).into(),
+            16 << 20,
+            16 << 20,
+        )?;
+        let ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        addr_tx.send(ep.local_addr()?)?;
+        let started = Instant::now();
+        let mut conns = Vec::with_capacity(a.members);
+        while conns.len() < a.members {
+            let inc = ep.accept().await.context("endpoint closed")?;
+            conns.push(inc.await?);
+        }
+        let mut streams = Vec::new();
+        if !a.per_stream {
+            for c in &conns {
+                let mut s = c.open_uni().await?;
+                s.write_all(&[0]).await?;
+                streams.push(s);
+            }
+        }
+        tokio::task::spawn_blocking(move || ready_rx.recv()).await??;
+        println!(
+            "{} members connected in {:.1} s; mode {}, {} B per member per round",
+            a.members,
+            started.elapsed().as_secs_f64(),
+            if a.per_stream { "streams" } else { "stream" },
+            a.payload
+        );
+        let payload = Bytes::from(vec![0x5a; a.payload]);
+        let (mut lasts, mut medians) = (Vec::new(), Vec::new());
+        for round in 0..a.rounds {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for x in &arrivals.at {
+                x.store(0, Ordering::Relaxed);
+            }
+            arrivals.count.store(0, Ordering::Relaxed);
+            let t0 = arrivals.base.elapsed().as_nanos() as u64;
+            if a.per_stream {
+                for c in &conns {
+                    let mut s = c.open_uni().await?;
+                    s.write_chunk(payload.clone()).await?;
+                    let _ = s.finish();
+                }
+            } else {
+                for s in &mut streams {
+                    s.write_chunk(payload.clone()).await?;
+                }
+            }
+            let written = arrivals.base.elapsed().as_nanos() as u64 - t0;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while arrivals.count.load(Ordering::Relaxed) < a.members && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut d: Vec<u64> = arrivals
+                .at
+                .iter()
+                .map(|x| x.load(Ordering::Relaxed).saturating_sub(t0))
+                .collect();
+            d.sort_unstable();
+            let got = arrivals.count.load(Ordering::Relaxed);
+            let ms = |ns: u64| ns as f64 / 1e6;
+            let (median, last) = (ms(d[d.len() / 2]), ms(d[d.len() - 1]));
+            println!(
+                "round {round}: {got}/{} members; written in {:.1} ms; median member {median:.1} ms, last member {last:.1} ms",
+                a.members,
+                ms(written)
+            );
+            medians.push(median);
+            lasts.push(last);
+        }
+        let mid = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "median over {} rounds: median member {:.1} ms, last member {:.1} ms",
+            a.rounds,
+            mid(&mut medians),
+            mid(&mut lasts)
+        );
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(members);
+    Ok(())
+}
