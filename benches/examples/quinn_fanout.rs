@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Prints, per round, the time until the median and the last member had
-//! the chunk, then the medians over the rounds.
+//! the chunk, then the medians over the rounds and each thread's CPU per
+//! member per round.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -81,6 +82,21 @@ impl Arrivals {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// CPU time of each of this process's threads, nanoseconds
+/// (`/proc/self/task/*/schedstat`; Linux).
+fn thread_cpu() -> Vec<(u32, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+            Some((tid, stat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 fn pin(core: usize) {
@@ -201,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             a.payload
         );
         let payload = Bytes::from(vec![0x5a; a.payload]);
+        let cpu_before = thread_cpu();
         let (mut lasts, mut medians) = (Vec::new(), Vec::new());
         for round in 0..a.rounds {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -252,6 +269,21 @@ fn main() -> anyhow::Result<()> {
             mid(&mut medians),
             mid(&mut lasts)
         );
+        // CPU of each thread over the rounds (pauses and keep-alives
+        // included), per member per round.
+        let per = (a.rounds * a.members) as f64;
+        for (tid, after) in thread_cpu() {
+            let before = cpu_before.iter().find(|(t, _)| *t == tid).map_or(0, |c| c.1);
+            let ns = after.saturating_sub(before);
+            if ns > 0 {
+                let who = if tid == std::process::id() { "relay thread" } else { "other thread" };
+                println!(
+                    "{who} {tid}: {:.0} ms CPU over the rounds, {:.1} µs per member per round",
+                    ns as f64 / 1e6,
+                    ns as f64 / 1e3 / per
+                );
+            }
+        }
         Ok::<(), anyhow::Error>(())
     })?;
     drop(members);
