@@ -52,6 +52,57 @@ async fn live_delivery_starts_before_the_sender_finishes() {
     assert_eq!(got.delivery.format, clip.format);
 }
 
+/// The relay sends a live delivery's header with the first packet (one
+/// QUIC packet per recipient at a clip's start, not two): a recipient sees
+/// nothing while the sender has sent only its header, then both at once.
+#[tokio::test]
+async fn a_live_delivery_header_travels_with_the_first_packet() {
+    let t = start(|_| {}).await;
+    let (_bob, mut bob_events) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let clip = clip("bob", 3);
+    let (mut send, _recv) = alice.connection().open_bi().await.unwrap();
+    send.write_all(&clip.header().to_bytes()).await.unwrap();
+    // The header alone reaches the relay, which offers the clip to bob
+    // but has nothing to send him yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bob_events.recv())
+            .await
+            .is_err(),
+        "bob heard of the clip before any of its audio"
+    );
+    let mut body = bytes::BytesMut::new();
+    codec::framing::put_packet(&mut body, &clip.packets[0]);
+    let sent = Instant::now();
+    send.write_all(&body).await.unwrap();
+    let (delivery, started) = next_matching(&mut bob_events, |e| match e {
+        Event::Started { delivery, at, .. } => Some((delivery, at)),
+        _ => None,
+    })
+    .await;
+    let first = next_matching(&mut bob_events, |e| match e {
+        Event::FirstPacket { at, .. } => Some(at),
+        _ => None,
+    })
+    .await;
+    assert!(delivery.live);
+    assert!(
+        started >= sent,
+        "the header came before the first packet was sent"
+    );
+    assert!(first >= started);
+    // The rest of the clip still completes.
+    let mut rest = bytes::BytesMut::new();
+    for p in &clip.packets[1..] {
+        codec::framing::put_packet(&mut rest, p);
+    }
+    clip.end().encode(&mut rest);
+    send.write_all(&rest).await.unwrap();
+    send.finish().unwrap();
+    let got = next_complete(&mut bob_events).await;
+    assert_eq!(got.packets, clip.packets);
+}
+
 #[tokio::test]
 async fn stored_clips_are_delivered_in_order_on_connect_and_released_on_ack() {
     let t = start(|_| {}).await;
