@@ -28,44 +28,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
+use clap::{Parser, ValueEnum};
 
+#[derive(Parser)]
 struct Args {
+    /// Connections to write to each round.
+    #[arg(long, default_value_t = 10_000)]
     members: usize,
+    #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// UDP sockets the members' connections are spread over.
+    #[arg(long, default_value_t = 16)]
     endpoints: usize,
+    /// Bytes written to each member per round.
+    #[arg(long, default_value_t = 60)]
     payload: usize,
-    per_stream: bool,
+    #[arg(long, value_enum, default_value_t = Mode::Stream)]
+    mode: Mode,
 }
 
-fn args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        members: 10_000,
-        rounds: 10,
-        endpoints: 16,
-        payload: 60,
-        per_stream: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--members" => a.members = v.parse()?,
-            "--rounds" => a.rounds = v.parse()?,
-            "--endpoints" => a.endpoints = v.parse()?,
-            "--payload" => a.payload = v.parse()?,
-            "--mode" => {
-                a.per_stream = match v.as_str() {
-                    "stream" => false,
-                    "streams" => true,
-                    _ => bail!("--mode is stream or streams"),
-                }
-            }
-            _ => bail!("unknown flag {k}"),
-        }
-    }
-    Ok(a)
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// One long-lived stream per member, opened before the rounds.
+    Stream,
+    /// A new stream per member per round.
+    Streams,
 }
 
 /// Arrival times of the current round, nanoseconds after `base`.
@@ -113,17 +102,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let a = args()?;
+    let a = Args::parse();
+    let per_stream = a.mode == Mode::Streams;
     let dir = tempfile::tempdir()?;
     let (files, _) = relay::tls::ensure_data_dir(dir.path())?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(relay::tls::server_crypto(&files)?));
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_uni_streams(0u32.into());
-    t.mtu_discovery_config(None);
-    let mut af = quinn::AckFrequencyConfig::default();
-    af.ack_eliciting_threshold(4u32.into())
-        .max_ack_delay(Some(Duration::from_millis(25)));
-    t.ack_frequency_config(Some(af));
+    // The relay's own transport settings (ACK frequency, no MTU probes).
+    let t = relay::server::transport(&relay::Config::default())?;
     server.transport_config(Arc::new(t));
     let cert = files.cert.clone();
 
@@ -138,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     // The members: N client connections on core 1.
     let members = {
         let arrivals = arrivals.clone();
-        let (n, endpoints, per_stream) = (a.members, a.endpoints, a.per_stream);
+        let (n, endpoints) = (a.members, a.endpoints);
         std::thread::spawn(move || -> anyhow::Result<()> {
             pin(1);
             let addr = addr_rx.recv()?;
@@ -201,7 +186,7 @@ fn main() -> anyhow::Result<()> {
             conns.push(inc.await?);
         }
         let mut streams = Vec::new();
-        if !a.per_stream {
+        if !per_stream {
             for c in &conns {
                 let mut s = c.open_uni().await?;
                 s.write_all(&[0]).await?;
@@ -213,7 +198,7 @@ fn main() -> anyhow::Result<()> {
             "{} members connected in {:.1} s; mode {}, {} B per member per round",
             a.members,
             started.elapsed().as_secs_f64(),
-            if a.per_stream { "streams" } else { "stream" },
+            if per_stream { "streams" } else { "stream" },
             a.payload
         );
         let payload = Bytes::from(vec![0x5a; a.payload]);
@@ -226,7 +211,7 @@ fn main() -> anyhow::Result<()> {
             }
             arrivals.count.store(0, Ordering::Relaxed);
             let t0 = arrivals.base.elapsed().as_nanos() as u64;
-            if a.per_stream {
+            if per_stream {
                 for c in &conns {
                     let mut s = c.open_uni().await?;
                     s.write_chunk(payload.clone()).await?;

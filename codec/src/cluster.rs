@@ -93,8 +93,13 @@ impl Relayed {
     /// Encodes the message (one copy of a `Data`'s records).
     pub fn encode(&self) -> Bytes {
         let (kind, extra) = match self {
+            // Built by `encode_data`, before any buffer here is allocated.
+            Relayed::Data {
+                clip,
+                packets,
+                records,
+            } => return Relayed::encode_data(*clip, *packets, std::slice::from_ref(records)),
             Relayed::Start { header, .. } => (START, 8 + header.len()),
-            Relayed::Data { records, .. } => (DATA, 4 + records.len()),
             Relayed::End { .. } => (END, 16),
             Relayed::Cut { .. } => (CUT, 8),
             Relayed::Ack { recipient, .. } => (ACK, recipient.len()),
@@ -108,11 +113,7 @@ impl Relayed {
                 b.put_u64(*origin);
                 b.put_slice(header);
             }
-            Relayed::Data {
-                clip,
-                packets,
-                records,
-            } => return Relayed::encode_data(*clip, *packets, std::slice::from_ref(records)),
+            Relayed::Data { .. } => {} // returned above
             Relayed::End { end, .. } => {
                 b.put_u64(end.packet_count);
                 b.put_u64(end.final_granule);

@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
 use crate::server::Shared;
+use crate::session::Session;
 use crate::store::{Appended, ClipMeta, StoredClip};
 
 /// A clip arriving from another relay.
@@ -72,11 +73,6 @@ pub const STREAM: &str = "PTT_CLIPS";
 /// clips of each channel on `ptt.hist.<hex channel>`, for members who were
 /// offline (on any relay).
 pub const HISTORY: &str = "PTT_HISTORY";
-
-/// Channel clips waiting (in memory) for the cluster history while a
-/// relay is cut off; past this the oldest are only in the relay's own
-/// history.
-pub const UNKEPT_HISTORY_MAX: usize = 10_000;
 
 pub fn history_subject(channel: &str) -> String {
     format!("ptt.hist.{}", subject_token(channel))
@@ -167,8 +163,9 @@ pub struct Cluster {
     acks_to: DashMap<ClipId, (u64, Instant)>,
     connected: Arc<AtomicBool>,
     /// Channel clips not yet in the cluster history (accepted while cut
-    /// off), oldest first, at most [`UNKEPT_HISTORY_MAX`].
+    /// off), oldest first, at most `backlog_max` (`cluster_backlog_clips`).
     unkept_history: Mutex<std::collections::VecDeque<(String, Arc<StoredClip>)>>,
+    backlog_max: usize,
     /// Connections made to NATS so far (each one after an outage).
     links: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -297,6 +294,7 @@ impl Cluster {
             connected,
             links,
             unkept_history: Mutex::new(std::collections::VecDeque::new()),
+            backlog_max: cfg.cluster_backlog_clips,
         }))
     }
 
@@ -520,17 +518,8 @@ impl Cluster {
         recipient: &Arc<str>,
         elsewhere: bool,
     ) -> anyhow::Result<()> {
-        // Cut off: do not hold the sender for JetStream's timeout; this
-        // relay's own store has the clip.
-        anyhow::ensure!(self.connected(), "not connected to NATS");
-        let js = &self.js;
-        let msg = async_nats::jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(clip.to_record()))
-            .message_id(clip.meta.id.to_hex());
-        let ack = js
-            .send_publish(store_subject(recipient), msg)
-            .await?
-            .await?;
+        // Cut off, this fails at once: this relay's own store has the clip.
+        let ack = self.publish_clip(store_subject(recipient), clip).await?;
         self.kept.insert(
             (recipient.clone(), clip.meta.id),
             (ack.sequence, Instant::now()),
@@ -599,7 +588,7 @@ impl Cluster {
         let Some(session) = shared.sessions.get(user).map(|s| s.clone()) else {
             return;
         };
-        if matches!(shared.store.sender_of(&clip).await, Ok(Some(_))) {
+        if known(shared, &clip).await {
             return;
         }
         let m = match self.stream.get_raw_message(seq).await {
@@ -613,6 +602,7 @@ impl Cluster {
         };
         self.kept
             .insert((session.user.clone(), clip.meta.id), (seq, Instant::now()));
+        // Unknown here (checked above, before the fetch).
         if shared
             .store
             .cache_copy(session.user.clone(), Arc::new(clip))
@@ -621,8 +611,64 @@ impl Cluster {
         }
     }
 
+    /// A session starts here: subscribes to its user's and channels'
+    /// subjects (returned, to be let go when it ends) and, beside it,
+    /// queues for it the clips the cluster keeps for it (accepted by any
+    /// relay) and its channels' history said elsewhere.
+    pub fn join(self: &Arc<Self>, shared: &Arc<Shared>, session: &Arc<Session>) -> Vec<String> {
+        let subjects: Vec<String> = std::iter::once(user_subject(&session.user))
+            .chain(session.channels.keys().map(|ch| channel_subject(ch)))
+            .collect();
+        for subj in &subjects {
+            self.want(shared, subj.clone());
+        }
+        let (me, shared, session) = (self.clone(), shared.clone(), session.clone());
+        shared
+            .tracker
+            .clone()
+            .spawn(async move { me.load_for(&shared, &session).await });
+        subjects
+    }
+
+    async fn load_for(&self, shared: &Shared, session: &Session) {
+        // Subscribed first: a clip kept after the read below is announced
+        // on the user's subject (`Kept`).
+        if !self
+            .subscribed(&user_subject(&session.user), Duration::from_secs(5))
+            .await
+        {
+            warn!(user = %session.user, "cluster: subscription not confirmed");
+        }
+        // JetStream may be electing a leader (a NATS node just died): try
+        // a few times over ~15 s.
+        for attempt in 1..=10u32 {
+            let loaded = match self.load_kept(shared, &session.user).await {
+                Ok(n) => self
+                    .load_history(shared, &session.user, session.channels.keys())
+                    .await
+                    .map(|h| n + h),
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok(n) => {
+                    if n > 0 {
+                        session.store_changed();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, attempt, "cluster: stored clips not loaded yet");
+                    if session.conn.close_reason().is_some() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+
     /// Waits (a bounded time) until the server routes `subject` here.
-    pub async fn subscribed(&self, subject: &str, within: Duration) -> bool {
+    async fn subscribed(&self, subject: &str, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while !self.is_subscribed(subject) {
             if Instant::now() > deadline {
@@ -641,30 +687,36 @@ impl Cluster {
         if r.is_err()
             && let Ok(mut q) = self.unkept_history.lock()
         {
-            if q.len() >= UNKEPT_HISTORY_MAX {
-                q.pop_front();
-            }
-            q.push_back((channel.to_owned(), clip.clone()));
+            push_bounded(&mut q, (channel.to_owned(), clip.clone()), self.backlog_max);
         }
         r
     }
 
     async fn put_history(&self, channel: &str, clip: &StoredClip) -> anyhow::Result<()> {
+        self.publish_clip(history_subject(channel), clip).await?;
+        Ok(())
+    }
+
+    /// Publishes a stored clip to a JetStream subject, its id as the
+    /// message id (a clip JetStream has is not stored twice), and waits for
+    /// JetStream's ack. Cut off, fails at once instead of holding the
+    /// caller for JetStream's timeout.
+    async fn publish_clip(
+        &self,
+        subject: String,
+        clip: &StoredClip,
+    ) -> anyhow::Result<async_nats::jetstream::publish::PublishAck> {
         anyhow::ensure!(self.connected(), "not connected to NATS");
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(clip.to_record()))
             .message_id(clip.meta.id.to_hex());
-        self.js
-            .send_publish(history_subject(channel), msg)
-            .await?
-            .await?;
-        Ok(())
+        Ok(self.js.send_publish(subject, msg).await?.await?)
     }
 
     /// Queues for `user` the clips of `channels`' cluster history this
     /// relay does not know (said on other relays while the user was away),
     /// oldest first; returns how many.
-    pub async fn load_history(
+    async fn load_history(
         &self,
         shared: &Shared,
         user: &Arc<str>,
@@ -673,12 +725,7 @@ impl Cluster {
         let mut new = 0;
         for ch in channels {
             for (_, clip) in self.read_all(&self.history, history_subject(ch)).await? {
-                if clip.meta.sender == *user
-                    || matches!(shared.store.sender_of(&clip.meta.id).await, Ok(Some(_)))
-                {
-                    continue;
-                }
-                if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
+                if clip.meta.sender != *user && queue_if_new(shared, user, clip).await {
                     new += 1;
                 }
             }
@@ -733,18 +780,12 @@ impl Cluster {
 
     /// Loads what JetStream holds for `user` into this relay's store (in
     /// memory: JetStream keeps it durably); returns how many were new here.
-    pub async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
+    async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
         let mut new = 0;
         for (seq, clip) in self.read_all(&self.stream, store_subject(user)).await? {
             let id = clip.meta.id;
             self.kept.insert((user.clone(), id), (seq, Instant::now()));
-            // Known here (accepted here, relayed here, or cached before):
-            // this relay's own copy, if still owed, delivers it; queueing
-            // it again could repeat a delivered clip.
-            if matches!(shared.store.sender_of(&id).await, Ok(Some(_))) {
-                continue;
-            }
-            if shared.store.cache_copy(user.clone(), Arc::new(clip)) {
+            if queue_if_new(shared, user, clip).await {
                 new += 1;
             }
         }
@@ -998,9 +1039,42 @@ impl Cluster {
     }
 }
 
+/// Appends `item`, first dropping the oldest entries past `max` (at least
+/// the newest is kept).
+fn push_bounded<T>(q: &mut std::collections::VecDeque<T>, item: T, max: usize) {
+    while q.len() >= max.max(1) {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+/// Whether this relay knows clip `id` (accepted here, relayed here, or
+/// cached before).
+async fn known(shared: &Shared, id: &ClipId) -> bool {
+    matches!(shared.store.sender_of(id).await, Ok(Some(_)))
+}
+
+/// Queues a clip read from JetStream for `user`, unless this relay knows
+/// it: then its own copy, if still owed, delivers it, and queueing it again
+/// could repeat a delivered clip. True if queued.
+async fn queue_if_new(shared: &Shared, user: &Arc<str>, clip: StoredClip) -> bool {
+    !known(shared, &clip.meta.id).await && shared.store.cache_copy(user.clone(), Arc::new(clip))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_keeps_the_newest_up_to_its_bound() {
+        let mut q = std::collections::VecDeque::new();
+        for i in 0..10 {
+            push_bounded(&mut q, i, 3);
+        }
+        assert_eq!(q, [7, 8, 9]);
+        push_bounded(&mut q, 10, 0);
+        assert_eq!(q, [10]);
+    }
 
     #[test]
     fn floor_holders_round_trip_and_junk_is_refused() {

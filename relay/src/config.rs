@@ -144,6 +144,10 @@ settings! {
     /// Cluster: JetStream replicas of stored clips (3 on a 3-node NATS
     /// cluster: a clip survives the loss of one NATS node).
     cluster_replicas: usize = 1, "PTT_CLUSTER_REPLICAS";
+    /// Cluster: channel clips said while cut off from NATS, held in memory
+    /// for the cluster history until the link is back; past this the
+    /// oldest are in this relay's own history only.
+    cluster_backlog_clips: usize = 10_000, "PTT_CLUSTER_BACKLOG_CLIPS";
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
     /// Channel clips kept per channel for members who were offline (they

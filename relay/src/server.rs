@@ -135,7 +135,8 @@ pub struct Relay {
     files: DataFiles,
 }
 
-fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
+/// The QUIC transport settings the relay serves with.
+pub fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // One control stream plus the clip uploads.
     t.max_concurrent_bidi_streams((cfg.max_clip_streams + 1).into());

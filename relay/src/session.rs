@@ -147,63 +147,8 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .insert(session.id, session.clone());
     }
     // Other relays' live clips for this user and its channels.
-    let subjects: Vec<String> = match &shared.cluster {
-        Some(c) => {
-            let s: Vec<String> = std::iter::once(cluster::user_subject(&session.user))
-                .chain(
-                    session
-                        .channels
-                        .keys()
-                        .map(|ch| cluster::channel_subject(ch)),
-                )
-                .collect();
-            for subj in &s {
-                c.want(&shared, subj.clone());
-            }
-            // Clips kept in the cluster for this user (accepted by any
-            // relay) join its queue here.
-            let (c, shared2, session2) = (c.clone(), shared.clone(), session.clone());
-            shared.tracker.spawn(async move {
-                // Subscribed first: a clip kept after the read below is
-                // announced on the user's subject (`Kept`).
-                let subject = cluster::user_subject(&session2.user);
-                if !c
-                    .subscribed(&subject, std::time::Duration::from_secs(5))
-                    .await
-                {
-                    warn!(user = %session2.user, "cluster: subscription not confirmed");
-                }
-                // JetStream may be electing a leader (a NATS node just
-                // died): try a few times over ~15 s.
-                for attempt in 1..=10u32 {
-                    let loaded = match c.load_kept(&shared2, &session2.user).await {
-                        Ok(n) => c
-                            .load_history(&shared2, &session2.user, session2.channels.keys())
-                            .await
-                            .map(|h| n + h),
-                        Err(e) => Err(e),
-                    };
-                    match loaded {
-                        Ok(0) => break,
-                        Ok(_) => {
-                            session2.store_changed();
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, attempt, "cluster: stored clips not loaded yet");
-                            if session2.conn.close_reason().is_some() {
-                                break;
-                            }
-                            tokio::time::sleep(std::time::Duration::from_millis(
-                                300 * u64::from(attempt),
-                            ))
-                            .await;
-                        }
-                    }
-                }
-            });
-            s
-        }
+    let subjects = match &shared.cluster {
+        Some(c) => c.join(&shared, &session),
         None => Vec::new(),
     };
     replay_history(&shared, &session).await;
@@ -1076,12 +1021,9 @@ async fn write_live(
                 hot.bytes_out.increment(bytes);
             }
             Next::Complete(clip) => {
-                let end = clip.end_bytes.clone();
-                let written = match header.take() {
-                    Some(h) => send.write_all_chunks(&mut [h, end]).await.is_ok(),
-                    None => send.write_chunk(end).await.is_ok(),
-                };
-                if written {
+                // (An empty chunk where the header went out already.)
+                let mut last = [header.take().unwrap_or_default(), clip.end_bytes.clone()];
+                if send.write_all_chunks(&mut last).await.is_ok() {
                     let _ = send.finish();
                 }
                 if fault == Fault::Duplicate {

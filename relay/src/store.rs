@@ -284,9 +284,7 @@ impl MemoryStore {
     /// Recovery: remembers that `sender` sent `id` at `accepted_ms`.
     pub(crate) fn restore_id(&self, id: ClipId, sender: Arc<str>, accepted_ms: u64) {
         self.ids.insert(id, sender);
-        if let Ok(mut log) = self.id_log.lock() {
-            log.push_back((accepted_ms, id));
-        }
+        self.log_id(accepted_ms, id);
     }
 
     /// [`ClipStore::cache_copy`]: queued only if its id is new here, and
@@ -299,10 +297,15 @@ impl MemoryStore {
                 v.insert(clip.meta.sender.clone());
             }
         }
-        if let Ok(mut log) = self.id_log.lock() {
-            log.push_back((now_ms(), clip.meta.id));
-        }
+        self.log_id(now_ms(), clip.meta.id);
         self.restore_copy(recipient, clip)
+    }
+
+    /// Notes when `id` was accepted, for the dedupe window's expiry.
+    fn log_id(&self, at_ms: u64, id: ClipId) {
+        if let Ok(mut log) = self.id_log.lock() {
+            log.push_back((at_ms, id));
+        }
     }
 
     /// Queues `clip` for `recipient` behind what it already has (recovery,
@@ -368,21 +371,11 @@ impl MemoryStore {
                 v.insert(clip.meta.sender.clone());
             }
         }
-        if let Ok(mut log) = self.id_log.lock() {
-            log.push_back((now_ms(), id));
-        }
+        self.log_id(now_ms(), id);
+        // A copy already queued (restored, or cached from the cluster)
+        // keeps its place.
         for r in recipients {
-            let mut mb = self.mailboxes.entry(r.clone()).or_default();
-            // A copy already queued (restored, or cached from the
-            // cluster) keeps its place.
-            if mb.index.contains_key(&id) {
-                continue;
-            }
-            let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-            mb.index.insert(id, cursor);
-            mb.clips.insert(cursor, clip.clone());
-            self.pending.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+            self.restore_copy(r.clone(), clip.clone());
         }
         Ok(Appended::New)
     }

@@ -107,6 +107,16 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// Waits (at most `secs`) until `path` on the admin listener answers
+/// `status`.
+async fn until_answer(admin: std::net::SocketAddr, path: &str, status: u16, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while http_get(admin, path).await.0 != status {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Clip `id` complete on `events` within `secs` (a bound, not a measure).
 async fn complete_within(
     events: &mut tokio::sync::mpsc::Receiver<client_sim::Event>,
@@ -595,11 +605,7 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     let admin = t.relay.admin_addr();
     assert_eq!(http_get(admin, "/readyz/cluster").await.0, 200);
     nats.stop();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_get(admin, "/readyz/cluster").await.0 != 503 {
-        assert!(Instant::now() < deadline, "still says linked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_answer(admin, "/readyz/cluster", 503, 10, "still says linked").await;
     assert_eq!(
         http_get(admin, "/readyz").await.0,
         200,
@@ -629,11 +635,7 @@ async fn cut_off_from_nats_a_relay_serves_its_own_users_and_says_so() {
     for_ops.target = Target::Channel("ops".into());
     dan.send_clip(&for_ops, Pacing::Upload).await.unwrap();
     nats.resume();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(admin, "/readyz/cluster").await.0 != 200 {
-        assert!(Instant::now() < deadline, "did not link up again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_answer(admin, "/readyz/cluster", 200, 20, "did not link up again").await;
     // Linked again, the relay kept it in JetStream: Carol gets it from
     // another relay.
     let dir = sharing_keys(data_dir(&t));

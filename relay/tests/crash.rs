@@ -14,12 +14,8 @@ use std::time::Duration;
 use client_sim::{Client, ClientOptions, Event, Pacing, net};
 use codec::token::TokenKey;
 use codec::wire::ClipId;
-use common::{assert_no_clip, clip, next_matching};
-use tokio::process::{Child, Command};
-
-async fn start(dir: &Path) -> (Child, SocketAddr) {
-    common::start_binary(dir, &[]).await
-}
+use common::{assert_no_clip, clip, next_matching, start_binary};
+use tokio::process::Command;
 
 async fn connect(
     dir: &Path,
@@ -48,7 +44,7 @@ async fn connect(
 async fn sigkill_loses_no_accepted_clip_and_repeats_no_acked_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mut relay, addr) = start(d).await;
+    let (mut relay, addr) = start_binary(d, &[]).await;
 
     // Alice sends 20 clips to bob, who is offline; each is accepted.
     let (alice, _aev, _aep) = connect(d, addr, "alice").await;
@@ -90,7 +86,7 @@ async fn sigkill_loses_no_accepted_clip_and_repeats_no_acked_one() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     relay.kill().await.unwrap(); // SIGKILL: no drain, no flush.
-    let (_relay2, addr2) = start(d).await;
+    let (_relay2, addr2) = start_binary(d, &[]).await;
 
     let (bob, mut bev, _bep) = connect(d, addr2, "bob").await;
     let mut order = Vec::new();
@@ -133,7 +129,7 @@ async fn sigkill_loses_no_accepted_clip_and_repeats_no_acked_one() {
 async fn sigterm_drains_flushes_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mut relay, addr) = start(d).await;
+    let (mut relay, addr) = start_binary(d, &[]).await;
     let (alice, _aev, _aep) = connect(d, addr, "alice").await;
     let c = clip("bob", 10);
     alice.send_clip(&c, Pacing::Upload).await.unwrap();
@@ -150,7 +146,7 @@ async fn sigterm_drains_flushes_and_exits_zero() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
     // What was accepted is there after the restart.
-    let (_relay2, addr2) = start(d).await;
+    let (_relay2, addr2) = start_binary(d, &[]).await;
     let (_bob, mut bev, _bep) = connect(d, addr2, "bob").await;
     let got = common::next_complete(&mut bev).await;
     assert_eq!(got.id(), c.id);
