@@ -41,12 +41,13 @@
 //! an older one it is damage (counted and logged; the rest of that segment
 //! is skipped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use codec::wire::ClipId;
+use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -155,9 +156,47 @@ pub fn history_holder(c: &str) -> Arc<str> {
 
 pub struct DiskStore {
     mem: MemoryStore,
+    /// Clips being committed, with the recipients that acked them before
+    /// the commit ended (live recipients have a clip whole before it is
+    /// on disk: see [`ClipStore::ends_before_append`]).
+    committing: DashMap<ClipId, Committing>,
     ops: mpsc::Sender<Op>,
     /// History entries found on open, until the relay takes them.
     history: std::sync::Mutex<Vec<HistoryEntry>>,
+}
+
+/// A clip id whose `Put` is on its way to disk.
+#[derive(Default)]
+struct Committing {
+    /// Appends of this id in flight (a retry may race the first).
+    appends: usize,
+    /// The clip is on disk and in memory: acks go to memory now.
+    inserted: bool,
+    /// Recipients that acked it before.
+    acked: HashSet<Arc<str>>,
+}
+
+/// Counts an append in its id's [`Committing`] entry while it lives (also
+/// when the append is cancelled), removing the entry after the last.
+struct InFlight<'a> {
+    map: &'a DashMap<ClipId, Committing>,
+    id: ClipId,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(map: &'a DashMap<ClipId, Committing>, id: ClipId) -> Self {
+        map.entry(id).or_default().appends += 1;
+        Self { map, id }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.map.get_mut(&self.id) {
+            c.appends = c.appends.saturating_sub(1);
+        }
+        self.map.remove_if(&self.id, |_, c| c.appends == 0);
+    }
 }
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
@@ -219,6 +258,7 @@ impl DiskStore {
         Ok((
             Self {
                 mem,
+                committing: DashMap::new(),
                 ops: tx,
                 history,
             },
@@ -1159,16 +1199,49 @@ impl ClipStore for DiskStore {
         if let Some(known) = self.mem.check_new(&clip, recipients.len())? {
             return Ok(known);
         }
+        let id = clip.meta.id;
+        let in_flight = InFlight::new(&self.committing, id);
         let put = |reply| Op::Put {
             clip: clip.clone(),
             recipients: recipients.to_vec(),
             reply,
         };
-        match self.call(put).await? {
-            // On disk: now visible in memory.
-            Appended::New => self.mem.insert(clip, recipients, false),
-            other => Ok(other),
+        let outcome = self.call(put).await;
+        // On disk: now visible in memory, without the copies acked during
+        // the commit (under the entry's lock, so no ack slips in between).
+        let (inserted, acked) = {
+            let mut c = self.committing.entry(id).or_default();
+            if matches!(outcome, Ok(Appended::New)) {
+                c.inserted = true;
+                let acked = std::mem::take(&mut c.acked);
+                let inserted = if acked.is_empty() {
+                    self.mem.insert(clip, recipients, false)
+                } else {
+                    let owed: Vec<Arc<str>> = recipients
+                        .iter()
+                        .filter(|r| !acked.contains(&***r))
+                        .cloned()
+                        .collect();
+                    self.mem.insert(clip, &owed, false)
+                };
+                (Some(inserted), acked)
+            } else {
+                (None, HashSet::new())
+            }
+        };
+        drop(in_flight);
+        for recipient in acked {
+            // The `Put` is on disk: the ack record follows it. (If it is
+            // lost, a restart delivers the clip again, dropped by id.)
+            if let Err(e) = self.queue(Op::Ack { recipient, id }).await {
+                warn!(error = %e, "ack during a commit not written");
+            }
         }
+        inserted.unwrap_or(outcome)
+    }
+
+    fn ends_before_append(&self, clip: &StoredClip, recipients: usize) -> bool {
+        matches!(self.mem.check_new(clip, recipients), Ok(None))
     }
 
     async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError> {
@@ -1199,6 +1272,14 @@ impl ClipStore for DiskStore {
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {
+        if let Some(mut c) = self.committing.get_mut(id)
+            && !c.inserted
+        {
+            if !c.acked.contains(recipient) {
+                c.acked.insert(Arc::from(recipient));
+            }
+            return Ok(true);
+        }
         let held = self.mem.ack(recipient, id).await?;
         if held {
             // Written with the next commit; a crash before it redelivers
@@ -1534,5 +1615,43 @@ mod tests {
         s.close().await;
         let (_s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.clips, 4 + 1, "clip 20 left nothing behind");
+    }
+
+    /// An ack that comes while its clip is being committed (the recipient
+    /// had it whole from the live relay) releases the copy: the clip is
+    /// not queued for that recipient once on disk, and not after a reopen.
+    #[tokio::test]
+    async fn an_ack_during_the_commit_releases_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = LogOptions {
+            commit_interval: std::time::Duration::from_secs(1),
+            ..LogOptions::default()
+        };
+        let (bob, carol): (Arc<str>, Arc<str>) = ("bob".into(), "carol".into());
+        {
+            let (s, _) = DiskStore::open(dir.path(), u64::MAX, slow).unwrap();
+            let s = Arc::new(s);
+            // A first commit; the next waits `commit_interval` after it.
+            s.sync().await;
+            let id = ClipId([7; 16]);
+            let appending = tokio::spawn({
+                let (s, to) = (s.clone(), vec![bob.clone(), carol.clone()]);
+                async move { s.append(clip(7, "alice"), &to).await }
+            });
+            while !s.committing.contains_key(&id) {
+                tokio::task::yield_now().await;
+            }
+            assert!(s.ack("bob", &id).await.unwrap());
+            assert!(!appending.is_finished(), "the ack came during the commit");
+            assert_eq!(appending.await.unwrap(), Ok(Appended::New));
+            assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
+            assert_eq!(s.read("carol", 0, 10).await.unwrap().len(), 1);
+            assert!(s.committing.is_empty());
+            s.close().await;
+        }
+        let (s, rec) = DiskStore::open(dir.path(), u64::MAX, slow).unwrap();
+        assert_eq!(rec.copies, 1, "only carol's copy is left");
+        assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
+        s.close().await;
     }
 }

@@ -477,6 +477,15 @@ async fn upload(
     let outcome = match result {
         Ok(end) => {
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
+            // The relay holds the clip whole: its live recipients get the
+            // end now, with the last audio, rather than after the disk
+            // commit that `Accepted` waits for. (Not in a cluster, whose
+            // copies for other relays are kept first.)
+            let ended_early = shared.cluster.is_none()
+                && shared.store.ends_before_append(&clip, recipients.len());
+            if ended_early {
+                live.complete(clip.clone());
+            }
             let stored = match shared.store.append(clip.clone(), &recipients).await {
                 Ok(Appended::New) => Ok(false),
                 Ok(Appended::Duplicate) => Ok(true),
@@ -513,14 +522,16 @@ async fn upload(
                 if let Some(c) = &channel {
                     record_history(shared, c, &clip, &recipients, &session.user).await;
                 }
-                live.complete(clip);
+                if !ended_early {
+                    live.complete(clip);
+                }
                 for r in &recipients {
                     let s = shared.sessions.get(r).map(|s| s.clone());
                     if let Some(s) = s {
                         s.store_changed();
                     }
                 }
-            } else {
+            } else if !ended_early {
                 live.cut(ErrorCode::CutOff);
             }
             stored

@@ -188,6 +188,14 @@ pub trait ClipStore: Send + Sync + 'static {
         recipients: &[Arc<str>],
     ) -> Result<Appended, StoreError>;
 
+    /// True when `clip` is new and fits, and this store takes time to make
+    /// it safe (a disk commit) while keeping the acks that come meanwhile:
+    /// the relay then gives live recipients the clip's end before `append`
+    /// returns.
+    fn ends_before_append(&self, _clip: &StoredClip, _recipients: usize) -> bool {
+        false
+    }
+
     /// The sender of `id` if a clip with that id was stored within the
     /// dedupe window.
     async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError>;

@@ -103,6 +103,54 @@ async fn a_live_delivery_header_travels_with_the_first_packet() {
     assert_eq!(got.packets, clip.packets);
 }
 
+/// With the disk store, a live recipient gets a clip's end as soon as the
+/// relay holds the clip whole, not after the disk commit that the sender's
+/// `Accepted` waits for. Its ack during that commit releases its stored
+/// copy: the clip is not delivered again, nor after a restart.
+#[tokio::test]
+async fn a_live_clip_ends_before_its_commit_and_an_early_ack_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = |c: &mut relay::Config| c.store_commit_interval = Duration::from_secs(2);
+    {
+        let t = start_in(dir.path(), slow).await;
+        let (bob, mut bob_events) = t.connect("bob").await;
+        let (alice, _) = t.connect("alice").await;
+        // A first commit (a clip for carol, offline); the next one waits
+        // two seconds after it.
+        alice
+            .send_clip(&clip("carol", 2), Pacing::Upload)
+            .await
+            .unwrap();
+        let c = clip("bob", 5);
+        let mut sending = tokio::spawn({
+            let (alice, c) = (alice.clone(), c.clone());
+            async move { alice.send_clip(&c, Pacing::Upload).await }
+        });
+        let got = next_complete(&mut bob_events).await;
+        assert_eq!(got.packets, c.packets);
+        bob.ack(got.id()).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut sending)
+                .await
+                .is_err(),
+            "bob had the clip whole only once it was on disk"
+        );
+        assert!(!sending.await.unwrap().unwrap().duplicate);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.pending() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(t.pending(), 1, "only carol's copy waits");
+        assert_no_clip(&mut bob_events, Duration::from_millis(300)).await;
+        bob.close();
+        t.relay.shutdown().await;
+    }
+    let t = start_in(dir.path(), slow).await;
+    assert_eq!(t.pending(), 1);
+    let (_bob, mut bob_events) = t.connect("bob").await;
+    assert_no_clip(&mut bob_events, Duration::from_millis(500)).await;
+}
+
 #[tokio::test]
 async fn stored_clips_are_delivered_in_order_on_connect_and_released_on_ack() {
     let t = start(|_| {}).await;
