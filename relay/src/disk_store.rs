@@ -192,10 +192,10 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(mut c) = self.map.get_mut(&self.id) {
+        self.map.remove_if_mut(&self.id, |_, c| {
             c.appends = c.appends.saturating_sub(1);
-        }
-        self.map.remove_if(&self.id, |_, c| c.appends == 0);
+            c.appends == 0
+        });
     }
 }
 
@@ -1214,17 +1214,16 @@ impl ClipStore for DiskStore {
             if matches!(outcome, Ok(Appended::New)) {
                 c.inserted = true;
                 let acked = std::mem::take(&mut c.acked);
-                let inserted = if acked.is_empty() {
-                    self.mem.insert(clip, recipients, false)
+                let owed: std::borrow::Cow<[Arc<str>]> = if acked.is_empty() {
+                    recipients.into()
                 } else {
-                    let owed: Vec<Arc<str>> = recipients
+                    recipients
                         .iter()
                         .filter(|r| !acked.contains(&***r))
                         .cloned()
-                        .collect();
-                    self.mem.insert(clip, &owed, false)
+                        .collect()
                 };
-                (Some(inserted), acked)
+                (Some(self.mem.insert(clip, &owed, false)), acked)
             } else {
                 (None, HashSet::new())
             }

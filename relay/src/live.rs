@@ -58,13 +58,17 @@ impl LiveClip {
         })
     }
 
+    /// Applies a change while the clip is open; once it has an outcome
+    /// (complete or cut) that outcome is final and later changes are
+    /// ignored, without waking the writers.
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         if let Ok(mut g) = self.inner.lock()
             && matches!(g.outcome, Outcome::Open)
         {
             f(&mut g);
+            drop(g);
+            self.version.send_modify(|v| *v += 1);
         }
-        self.version.send_modify(|v| *v += 1);
     }
 
     /// Appends validated packet records (`packets` of them).
@@ -77,7 +81,8 @@ impl LiveClip {
         self.update(|g| g.segments.push(seg));
     }
 
-    /// The clip is stored: writers send the end record.
+    /// The clip is whole (stored, or being stored by a store that keeps
+    /// early acks): writers send the end record.
     pub fn complete(&self, clip: Arc<StoredClip>) {
         self.update(|g| g.outcome = Outcome::Complete(clip));
     }
@@ -242,6 +247,26 @@ mod tests {
         };
         assert_eq!(d.segs.len(), 3);
         assert!(matches!(late.next().await, Next::Complete(_)));
+    }
+
+    /// The relay may complete a clip before its store append and then
+    /// complete or cut it again by the usual path: the first outcome holds.
+    #[tokio::test]
+    async fn the_first_outcome_holds() {
+        let clip = LiveClip::new(meta());
+        let mut r = clip.reader();
+        let whole = Arc::new(StoredClip::new(
+            clip.meta.clone(),
+            clip.body(),
+            ClipEnd {
+                packet_count: 0,
+                final_granule: 0,
+            },
+        ));
+        clip.complete(whole.clone());
+        clip.cut(ErrorCode::CutOff);
+        clip.complete(whole);
+        assert!(matches!(r.next().await, Next::Complete(_)));
     }
 
     #[tokio::test]

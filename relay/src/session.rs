@@ -480,10 +480,11 @@ async fn upload(
             // The relay holds the clip whole: its live recipients get the
             // end now, with the last audio, rather than after the disk
             // commit that `Accepted` waits for. (Not in a cluster, whose
-            // copies for other relays are kept first.)
-            let ended_early = shared.cluster.is_none()
-                && shared.store.ends_before_append(&clip, recipients.len());
-            if ended_early {
+            // copies for other relays are kept first.) The live clip's
+            // first outcome holds: the `complete` or `cut` below is then
+            // a no-op.
+            if shared.cluster.is_none() && shared.store.ends_before_append(&clip, recipients.len())
+            {
                 live.complete(clip.clone());
             }
             let stored = match shared.store.append(clip.clone(), &recipients).await {
@@ -522,16 +523,14 @@ async fn upload(
                 if let Some(c) = &channel {
                     record_history(shared, c, &clip, &recipients, &session.user).await;
                 }
-                if !ended_early {
-                    live.complete(clip);
-                }
+                live.complete(clip);
                 for r in &recipients {
                     let s = shared.sessions.get(r).map(|s| s.clone());
                     if let Some(s) = s {
                         s.store_changed();
                     }
                 }
-            } else if !ended_early {
+            } else {
                 live.cut(ErrorCode::CutOff);
             }
             stored

@@ -136,11 +136,7 @@ async fn a_live_clip_ends_before_its_commit_and_an_early_ack_releases_it() {
             "bob had the clip whole only once it was on disk"
         );
         assert!(!sending.await.unwrap().unwrap().duplicate);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while t.pending() > 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(t.pending(), 1, "only carol's copy waits");
+        assert_eq!(t.settle_pending(1).await, 1, "only carol's copy waits");
         assert_no_clip(&mut bob_events, Duration::from_millis(300)).await;
         bob.close();
         t.relay.shutdown().await;
@@ -169,11 +165,7 @@ async fn stored_clips_are_delivered_in_order_on_connect_and_released_on_ack() {
         bob.ack(got.id()).await.unwrap();
     }
     // Acks release the stored copies.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while t.pending() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(t.pending(), 0);
+    assert_eq!(t.settle_pending(0).await, 0);
     // Nothing comes again on a new connection.
     bob.close();
     let (_bob2, mut ev2) = t.connect("bob").await;
@@ -263,11 +255,7 @@ async fn lost_recipient_ack_means_redelivery_and_one_copy_at_the_app() {
     assert_eq!(redelivered, c.id);
     // ...the library drops the duplicate and acks it for the app.
     assert_no_clip(&mut ev2, Duration::from_millis(300)).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while t.pending() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(t.pending(), 0);
+    assert_eq!(t.settle_pending(0).await, 0);
 }
 
 #[tokio::test]

@@ -97,6 +97,16 @@ impl TestRelay {
     pub fn pending(&self) -> u64 {
         self.relay.shared().store.stats().pending
     }
+
+    /// Waits (up to 5 s) for the stored copies to drop to `n` (acks in
+    /// flight); returns how many are left.
+    pub async fn settle_pending(&self, n: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.pending() > n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.pending()
+    }
 }
 
 /// A valid 20 ms CELT packet of `len` bytes whose payload encodes `seq`.
