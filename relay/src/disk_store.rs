@@ -158,7 +158,7 @@ pub struct DiskStore {
     mem: MemoryStore,
     /// Clips being committed, with the recipients that acked them before
     /// the commit ended (live recipients have a clip whole before it is
-    /// on disk: see [`ClipStore::ends_before_append`]).
+    /// on disk: see [`ClipStore::append_ending_early`]).
     committing: DashMap<ClipId, Committing>,
     ops: mpsc::Sender<Op>,
     /// History entries found on open, until the relay takes them.
@@ -1187,12 +1187,15 @@ impl Committer {
     }
 }
 
-#[async_trait]
-impl ClipStore for DiskStore {
-    async fn append(
+impl DiskStore {
+    /// [`ClipStore::append`] and [`ClipStore::append_ending_early`]: the
+    /// clip's id is registered as committing (so acks of it are kept)
+    /// before `end_now` lets live recipients have the clip whole.
+    async fn put(
         &self,
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
+        end_now: Option<&(dyn Fn() + Send + Sync)>,
     ) -> Result<Appended, StoreError> {
         // Answered from memory when possible: no disk write for retries or
         // a full store.
@@ -1201,6 +1204,11 @@ impl ClipStore for DiskStore {
         }
         let id = clip.meta.id;
         let in_flight = InFlight::new(&self.committing, id);
+        // From here on an ack of this clip is kept (see `ack`): the
+        // recipients may have its end.
+        if let Some(end_now) = end_now {
+            end_now();
+        }
         let put = |reply| Op::Put {
             clip: clip.clone(),
             recipients: recipients.to_vec(),
@@ -1238,9 +1246,29 @@ impl ClipStore for DiskStore {
         }
         inserted.unwrap_or(outcome)
     }
+}
 
-    fn ends_before_append(&self, clip: &StoredClip, recipients: usize) -> bool {
-        matches!(self.mem.check_new(clip, recipients), Ok(None))
+#[async_trait]
+impl ClipStore for DiskStore {
+    async fn append(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+    ) -> Result<Appended, StoreError> {
+        self.put(clip, recipients, None).await
+    }
+
+    async fn append_ending_early(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+        end_now: &(dyn Fn() + Send + Sync),
+    ) -> Result<Appended, StoreError> {
+        self.put(clip, recipients, Some(end_now)).await
+    }
+
+    fn holds(&self, recipient: &str, id: &ClipId) -> bool {
+        self.mem.holds_copy(recipient, id)
     }
 
     async fn sender_of(&self, id: &ClipId) -> Result<Option<Arc<str>>, StoreError> {
@@ -1614,6 +1642,48 @@ mod tests {
         s.close().await;
         let (_s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.clips, 4 + 1, "clip 20 left nothing behind");
+    }
+
+    /// The earliest ack there can be: one that arrives the moment the store
+    /// lets live recipients have the clip's end (inside `end_now` itself).
+    /// It is kept and releases the copy, so the clip is never queued, or
+    /// delivered, again to whoever acked it live. (When the end went out
+    /// before the store tracked the commit, such an ack found nothing to
+    /// release and the copy was queued after it: a second delivery.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_right_after_the_early_end_is_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bob, carol): (Arc<str>, Arc<str>) = ("bob".into(), "carol".into());
+        let (s, _) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+        let id = ClipId([8; 16]);
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        let end_now = || {
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            let acked = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(s.ack("bob", &id))
+            });
+            assert_eq!(acked, Ok(true), "the ack is kept, not dropped");
+        };
+        let to = [bob.clone(), carol.clone()];
+        assert_eq!(
+            s.append_ending_early(clip(8, "alice"), &to, &end_now).await,
+            Ok(Appended::New)
+        );
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!s.holds("bob", &id), "bob acked it: no copy left for him");
+        assert!(s.holds("carol", &id));
+        assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
+        // A retry or a clip the store already has never ends early.
+        let never = || panic!("a known clip must not end early");
+        assert_eq!(
+            s.append_ending_early(clip(8, "alice"), &to, &never).await,
+            Ok(Appended::Duplicate)
+        );
+        s.close().await;
+        let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+        assert_eq!(rec.copies, 1, "after a reopen only carol's copy is left");
+        assert!(!s.holds("bob", &id));
+        s.close().await;
     }
 
     /// An ack that comes while its clip is being committed (the recipient

@@ -10,7 +10,7 @@ use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welco
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -47,6 +47,36 @@ struct Deliveries {
     stored_open: usize,
 }
 
+impl Deliveries {
+    /// Starts delivering `id` unless it is open already. A stored clip
+    /// starts only if `held` says the store still holds the copy, asked
+    /// after the open check: the pump reads a batch of stored clips and
+    /// starts them one by one, and an ack (the store releases the copy,
+    /// then [`Deliveries::finish`]) may land in between. Checked in this
+    /// order, the clip is either still open (its ack has not finished) or
+    /// no longer held, so an acked clip never starts again.
+    fn begin(&mut self, id: ClipId, stored: bool, held: impl FnOnce() -> bool) -> bool {
+        if self.open.contains_key(&id) || !held() {
+            return false;
+        }
+        self.open.insert(id, stored);
+        if stored {
+            self.stored_open += 1;
+        }
+        true
+    }
+
+    /// `id` is acknowledged, or its delivery was abandoned. True when that
+    /// freed room in the stored-delivery window.
+    fn finish(&mut self, id: &ClipId) -> bool {
+        if self.open.remove(id) == Some(true) {
+            self.stored_open -= 1;
+            return true;
+        }
+        false
+    }
+}
+
 impl Session {
     /// Offers a clip that is starting now. False when the recipient is too
     /// far behind: it will get the clip from the store instead.
@@ -59,28 +89,27 @@ impl Session {
         self.dirty.notify_one();
     }
 
-    /// Marks `id` as being delivered; false if it already is (or was, and
-    /// is not yet acknowledged) on this connection.
-    fn begin(&self, id: ClipId, stored: bool) -> bool {
-        let Ok(mut d) = self.deliveries.lock() else {
-            return false;
-        };
-        if d.open.contains_key(&id) {
-            return false;
-        }
-        d.open.insert(id, stored);
-        if stored {
-            d.stored_open += 1;
-        }
-        true
+    /// Marks live clip `id` as being delivered; false if it already is (or
+    /// was, and is not yet acknowledged) on this connection.
+    fn begin_live(&self, id: ClipId) -> bool {
+        self.deliveries
+            .lock()
+            .is_ok_and(|mut d| d.begin(id, false, || true))
+    }
+
+    /// Marks stored clip `id` as being delivered: false if it already is,
+    /// or if the store no longer holds this user's copy (`held`).
+    fn begin_stored(&self, id: ClipId, held: impl FnOnce() -> bool) -> bool {
+        self.deliveries
+            .lock()
+            .is_ok_and(|mut d| d.begin(id, true, held))
     }
 
     /// `id` is acknowledged, or its delivery was abandoned.
     fn finish(&self, id: &ClipId) {
         if let Ok(mut d) = self.deliveries.lock()
-            && d.open.remove(id) == Some(true)
+            && d.finish(id)
         {
-            d.stored_open -= 1;
             self.window.notify_one();
         }
     }
@@ -477,17 +506,23 @@ async fn upload(
     let outcome = match result {
         Ok(end) => {
             let clip = Arc::new(StoredClip::new(meta, live.body(), end));
-            // The relay holds the clip whole: its live recipients get the
-            // end now, with the last audio, rather than after the disk
-            // commit that `Accepted` waits for. (Not in a cluster, whose
-            // copies for other relays are kept first.) The live clip's
-            // first outcome holds: the `complete` or `cut` below is then
-            // a no-op.
-            if shared.cluster.is_none() && shared.store.ends_before_append(&clip, recipients.len())
-            {
-                live.complete(clip.clone());
-            }
-            let stored = match shared.store.append(clip.clone(), &recipients).await {
+            // The relay holds the clip whole: a store that keeps early
+            // acks lets its live recipients have the end now, with the last
+            // audio, rather than after the disk commit that `Accepted`
+            // waits for, and only once it keeps their acks (so none is
+            // lost). Not in a cluster, whose copies for other relays are
+            // kept first. The live clip's first outcome holds: the
+            // `complete` or `cut` below is then a no-op.
+            let appended = if shared.cluster.is_none() {
+                let end_now = || live.complete(clip.clone());
+                shared
+                    .store
+                    .append_ending_early(clip.clone(), &recipients, &end_now)
+                    .await
+            } else {
+                shared.store.append(clip.clone(), &recipients).await
+            };
+            let stored = match appended {
                 Ok(Appended::New) => Ok(false),
                 Ok(Appended::Duplicate) => Ok(true),
                 Ok(Appended::Conflict) => Err(Refused::conflict()),
@@ -727,28 +762,33 @@ async fn replay_history(shared: &Shared, session: &Arc<Session>) {
     let oldest =
         crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
     let mut any = false;
+    // Every channel's entries together, in acceptance order (history
+    // sequence numbers rise across channels), so the member gets them in
+    // the order they were said.
+    let mut missed: Vec<(u64, &String, Arc<StoredClip>)> = Vec::new();
     for c in session.channels.keys() {
-        let missed: Vec<(u64, Arc<StoredClip>)> =
-            shared.history.get(c).map_or_else(Vec::new, |h| {
+        if let Some(h) = shared.history.get(c) {
+            missed.extend(
                 h.clips
                     .iter()
                     .filter(|(_, clip)| {
                         clip.meta.sender != session.user && clip.meta.created_ms >= oldest
                     })
-                    .cloned()
-                    .collect()
-            });
-        for (seq, clip) in missed {
-            // Whoever claims an entry first gives the copy: once.
-            if !claim_seen(shared, &session.user, c, seq) {
-                continue;
-            }
-            if let Err(e) = shared.store.add_copy(clip, session.user.clone()).await {
-                warn!(error = %e, "channel history replay failed");
-                break;
-            }
-            any = true;
+                    .map(|(seq, clip)| (*seq, c, clip.clone())),
+            );
         }
+    }
+    missed.sort_by_key(|(seq, _, _)| *seq);
+    for (seq, c, clip) in missed {
+        // Whoever claims an entry first gives the copy: once.
+        if !claim_seen(shared, &session.user, c, seq) {
+            continue;
+        }
+        if let Err(e) = shared.store.add_copy(clip, session.user.clone()).await {
+            warn!(error = %e, "channel history replay failed");
+            break;
+        }
+        any = true;
     }
     if any {
         session.store_changed();
@@ -919,6 +959,7 @@ async fn pump(
     let window = shared.config.max_unacked_deliveries;
     let mut cursor = 0;
     let mut scan = true;
+    let mut order = StoredOrder::default();
     loop {
         // Live offers first: an offer always precedes the store's change for
         // the same clip, so draining them here keeps a clip relayed live
@@ -945,8 +986,11 @@ async fn pump(
             }
             for (c, clip) in batch {
                 cursor = c;
-                if session.begin(clip.meta.id, true)
-                    && start_stored(shared, session, clip).await.is_err()
+                let id = clip.meta.id;
+                if session.begin_stored(id, || shared.store.holds(&session.user, &id))
+                    && start_stored(shared, session, clip, &mut order)
+                        .await
+                        .is_err()
                 {
                     return;
                 }
@@ -972,7 +1016,7 @@ async fn start_live(
     live: Arc<LiveClip>,
 ) -> Result<(), ()> {
     let id = live.meta.id;
-    if !session.begin(id, false) {
+    if !session.begin_live(id) {
         return Ok(());
     }
     let send = match session.conn.open_uni().await {
@@ -1037,7 +1081,7 @@ async fn write_live(
                     let _ = send.finish();
                 }
                 if fault == Fault::Duplicate {
-                    let _ = start_stored_copy(shared, session, clip, Fault::None).await;
+                    let _ = start_stored_copy(shared, session, clip, Fault::None, None).await;
                 }
                 return true;
             }
@@ -1049,38 +1093,81 @@ async fn write_live(
     }
 }
 
+/// The order of one connection's stored deliveries. They are opened oldest
+/// first (so stream ids rise with acceptance order), each is written only
+/// after the one before it is wholly handed to QUIC, and each has a lower
+/// send priority than the one before (live deliveries keep quinn's default
+/// 0, above them all): the older clip's bytes leave first, and a live clip
+/// is never held behind a backlog.
+#[derive(Default)]
+struct StoredOrder {
+    /// Stored deliveries started on this connection.
+    started: u32,
+    /// Fires once the previous stored delivery is written (or abandoned).
+    prev: Option<oneshot::Receiver<()>>,
+}
+
+impl StoredOrder {
+    /// The next delivery's send priority, what it waits for before
+    /// writing, and what it fires once written.
+    fn next(&mut self) -> (i32, Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        self.started = self.started.saturating_add(1);
+        let priority = i32::try_from(self.started).map_or(i32::MIN + 1, |n| -n);
+        let (done, next) = oneshot::channel();
+        (priority, self.prev.replace(next), done)
+    }
+}
+
 async fn start_stored(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
+    order: &mut StoredOrder,
 ) -> Result<(), ()> {
     let fault = shared.faults.pick();
     if fault == Fault::Duplicate {
-        start_stored_copy(shared, session, clip.clone(), Fault::None).await?;
+        start_stored_copy(shared, session, clip.clone(), Fault::None, None).await?;
     }
-    start_stored_copy(shared, session, clip, fault).await
+    start_stored_copy(shared, session, clip, fault, Some(order)).await
 }
 
-/// Writes one stored clip on a new stream.
+/// Writes one stored clip on a new stream, in `order` (the deliberate
+/// duplicate of the fault injector takes none).
 async fn start_stored_copy(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     fault: Fault,
+    order: Option<&mut StoredOrder>,
 ) -> Result<(), ()> {
     let mut send = match session.conn.open_uni().await {
         Ok(s) => s,
         Err(_) => return Err(()),
     };
+    let (after, done) = match order {
+        Some(o) => {
+            let (priority, after, done) = o.next();
+            let _ = send.set_priority(priority);
+            (after, Some(done))
+        }
+        None => (None, None),
+    };
     let hot = metrics::hot();
     hot.deliveries_stored.increment(1);
     shared.tracker.spawn(async move {
+        if let Some(after) = after {
+            // Dropped unsent when the one before failed: go on regardless.
+            let _ = after.await;
+        }
         let body = match fault {
             Fault::None | Fault::Duplicate => clip.body.clone(),
             f => faults::mangle(f, clip.body.clone()),
         };
         let mut chunks: [Bytes; 3] = [clip.header.clone(), body, clip.end_bytes.clone()];
-        if send.write_all_chunks(&mut chunks).await.is_ok() {
+        let written = send.write_all_chunks(&mut chunks).await.is_ok();
+        // Handed to QUIC: the next stored delivery may write now.
+        drop(done);
+        if written {
             let _ = send.finish();
             hot.packets_out.increment(clip.end.packet_count);
             hot.bytes_out.increment(clip.body.len() as u64);
@@ -1112,5 +1199,52 @@ impl Stop {
             .cloned()
             .unwrap_or((ErrorCode::CutOff, "stopped".into()));
         Refused::new(code, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: ClipId = ClipId([1; 16]);
+
+    /// The pump read stored clip X (its live delivery is open), then X's
+    /// ack released the copy and finished the live delivery, then the pump
+    /// reached X in its batch: X must not start again.
+    #[test]
+    fn an_acked_clip_read_before_its_ack_does_not_start_again() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, false, || true), "live delivery");
+        // The pump's batch has X. Then the ack: the store releases the
+        // copy (so it no longer holds it), then the delivery ends.
+        let held = false;
+        assert!(!d.finish(&X), "a live delivery holds no window room");
+        assert!(!d.begin(X, true, || held), "acked: not delivered twice");
+        assert_eq!(d.stored_open, 0);
+    }
+
+    /// The same race with the ack not yet finished: X is still open.
+    #[test]
+    fn a_clip_open_live_does_not_start_from_the_store() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, false, || true));
+        assert!(!d.begin(X, true, || true));
+        assert!(!d.begin(X, false, || true));
+    }
+
+    /// A stored clip the store holds starts once and counts in the window
+    /// until acked; after the ack (and the copy released) it is not
+    /// started again, while a redelivery on a later read would need the
+    /// store to hold it again.
+    #[test]
+    fn stored_deliveries_count_in_the_window_until_acked() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, true, || true));
+        assert_eq!(d.stored_open, 1);
+        assert!(!d.begin(X, true, || true), "open already");
+        assert!(d.finish(&X), "the ack frees window room");
+        assert_eq!(d.stored_open, 0);
+        assert!(!d.begin(X, true, || false), "released by the ack");
+        assert!(!d.finish(&X), "a repeated ack changes nothing");
     }
 }

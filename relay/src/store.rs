@@ -188,13 +188,25 @@ pub trait ClipStore: Send + Sync + 'static {
         recipients: &[Arc<str>],
     ) -> Result<Appended, StoreError>;
 
-    /// True when `clip` is new and fits, and this store takes time to make
-    /// it safe (a disk commit) while keeping the acks that come meanwhile:
-    /// the relay then gives live recipients the clip's end before `append`
-    /// returns.
-    fn ends_before_append(&self, _clip: &StoredClip, _recipients: usize) -> bool {
-        false
+    /// [`ClipStore::append`], for a clip whose live recipients are waiting
+    /// for its end. A store that takes time to make a clip safe (a disk
+    /// commit) and keeps the acks that come meanwhile calls `end_now` once,
+    /// after it knows the clip is new and fits and from the moment it keeps
+    /// those acks, so the relay gives live recipients the end before the
+    /// commit: an ack that follows `end_now` is never lost. A store that
+    /// makes a clip safe at once never calls it (the relay ends live
+    /// deliveries after `append` returns).
+    async fn append_ending_early(
+        &self,
+        clip: Arc<StoredClip>,
+        recipients: &[Arc<str>],
+        _end_now: &(dyn Fn() + Send + Sync),
+    ) -> Result<Appended, StoreError> {
+        self.append(clip, recipients).await
     }
+
+    /// Whether `recipient`'s copy of `id` is still waiting for its ack.
+    fn holds(&self, recipient: &str, id: &ClipId) -> bool;
 
     /// The sender of `id` if a clip with that id was stored within the
     /// dedupe window.
@@ -388,6 +400,13 @@ impl MemoryStore {
         Ok(Appended::New)
     }
 
+    /// Whether `recipient`'s copy of `id` is queued.
+    pub(crate) fn holds_copy(&self, recipient: &str, id: &ClipId) -> bool {
+        self.mailboxes
+            .get(recipient)
+            .is_some_and(|mb| mb.index.contains_key(id))
+    }
+
     fn release(&self, clip: &StoredClip) {
         self.pending.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(clip.size(), Ordering::Relaxed);
@@ -492,6 +511,10 @@ impl ClipStore for MemoryStore {
 
     fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         self.cache(recipient, clip)
+    }
+
+    fn holds(&self, recipient: &str, id: &ClipId) -> bool {
+        self.holds_copy(recipient, id)
     }
 
     fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
