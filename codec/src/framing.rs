@@ -80,10 +80,15 @@ pub struct Scan {
     pub end: Option<(ClipEnd, usize)>,
 }
 
+/// The longest an Opus packet plays: 120 ms at 48 kHz (RFC 6716 §3.2.5).
+pub const MAX_PACKET_SAMPLES: u64 = 5760;
+
 /// Scans packet records. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Framer {
     limits: FrameLimits,
+    /// The clip's pre-skip: decoded samples that are dropped, not played.
+    pre_skip: u64,
     packets: u64,
     bytes: u64,
     samples: u64,
@@ -91,14 +96,35 @@ pub struct Framer {
 }
 
 impl Framer {
+    /// A framer for a clip with no pre-skip.
     pub fn new(limits: FrameLimits) -> Self {
+        Self::for_clip(limits, 0)
+    }
+
+    /// A framer for a clip whose format has `pre_skip`. Its duration limit
+    /// counts the audio the clip plays: from the end of the pre-skip to its
+    /// final granule. While packets arrive, their total duration may exceed
+    /// the limit by the pre-skip and one packet (the encoder's padding at
+    /// the end); the end record then must bring the played audio within
+    /// the limit. A 60.000 s recording thus fits a 60 s limit although its
+    /// packets hold 60.02 s of samples.
+    pub fn for_clip(limits: FrameLimits, pre_skip: u16) -> Self {
         Self {
             limits,
+            pre_skip: u64::from(pre_skip),
             packets: 0,
             bytes: 0,
             samples: 0,
             ended: false,
         }
+    }
+
+    /// Most samples the packets may hold while they arrive.
+    fn max_packet_samples(&self) -> u64 {
+        self.limits
+            .max_clip_samples
+            .saturating_add(self.pre_skip)
+            .saturating_add(MAX_PACKET_SAMPLES)
     }
 
     pub fn packets(&self) -> u64 {
@@ -183,7 +209,7 @@ impl Framer {
                 why,
             })?;
             let samples = self.samples + u64::from(info.samples());
-            if samples > self.limits.max_clip_samples {
+            if samples > self.max_packet_samples() {
                 return Err(ClipError::TooLong {
                     max_ms: self.limits.max_clip_samples / 48,
                 });
@@ -215,6 +241,11 @@ impl Framer {
             return Err(ClipError::BadGranule {
                 granule: end.final_granule,
                 max,
+            });
+        }
+        if end.final_granule.saturating_sub(self.pre_skip) > self.limits.max_clip_samples {
+            return Err(ClipError::TooLong {
+                max_ms: self.limits.max_clip_samples / 48,
             });
         }
         Ok(())
@@ -270,6 +301,45 @@ mod tests {
         assert_eq!(seen[1].0, 1 + 40 + 2);
         assert_eq!(f.samples(), 3 * 960);
         assert!(f.scan(&[1]).is_err(), "bytes after the end");
+    }
+
+    /// A 60.000 s recording (opusenc: pre-skip 312, 3,001 packets of
+    /// 20 ms, the last one padded) fits a 60 s limit: the limit counts the
+    /// audio the clip plays, not the samples its packets hold.
+    #[test]
+    fn a_sixty_second_recording_fits_a_sixty_second_limit() {
+        let limits = FrameLimits::new(1275, u64::MAX, 60_000);
+        let packets = vec![pkt(3, 0); 3001];
+        let with_end = |granule: u64| {
+            let mut b = Vec::new();
+            for p in &packets {
+                put_packet(&mut b, p);
+            }
+            ClipEnd {
+                packet_count: 3001,
+                final_granule: granule,
+            }
+            .encode(&mut b);
+            b
+        };
+        let exact = 312 + 60 * 48_000;
+        let s = Framer::for_clip(limits, 312)
+            .scan(&with_end(exact))
+            .unwrap();
+        assert!(s.end.is_some());
+        // One sample more of played audio is over the limit.
+        assert!(matches!(
+            Framer::for_clip(limits, 312).scan(&with_end(exact + 1)),
+            Err(ClipError::TooLong { max_ms: 60_000 })
+        ));
+        // Packets beyond the limit, the pre-skip and one packet of padding
+        // are refused as they arrive, before any end record.
+        let mut f = Framer::for_clip(limits, 312);
+        let mut b = Vec::new();
+        for p in vec![pkt(3, 0); 3000 + 7] {
+            put_packet(&mut b, &p);
+        }
+        assert!(matches!(f.scan(&b), Err(ClipError::TooLong { .. })));
     }
 
     #[test]

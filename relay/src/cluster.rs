@@ -956,6 +956,7 @@ impl Cluster {
             format: d.format,
             created_ms: d.created_ms,
         });
+        let pre_skip = meta.format.pre_skip;
         let live = LiveClip::new(meta);
         for r in &recipients {
             if let Some(s) = shared.sessions.get(r).map(|s| s.clone())
@@ -971,7 +972,7 @@ impl Cluster {
             clip,
             Remote {
                 live,
-                framer: Framer::new(shared.config.frame_limits()),
+                framer: Framer::for_clip(shared.config.frame_limits(), pre_skip),
                 recipients,
                 channel,
                 last: Instant::now(),

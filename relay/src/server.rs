@@ -39,6 +39,8 @@ pub struct Shared {
     next_id: AtomicU64,
     pub connections: AtomicUsize,
     pub ready: AtomicBool,
+    /// Shutting down: new handshakes are refused.
+    pub draining: AtomicBool,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Test-only delivery faults (feature `fault-injection`).
@@ -221,6 +223,7 @@ impl Relay {
             next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             faults: crate::faults::Faults::default(),
@@ -295,8 +298,11 @@ impl Relay {
     pub async fn shutdown(self) {
         let s = &self.shared;
         s.ready.store(false, Ordering::SeqCst);
+        // New handshakes get CONNECTION_REFUSED at once (`accept_loop`)
+        // rather than no answer: their clients try elsewhere without
+        // waiting for a timeout.
+        s.draining.store(true, Ordering::SeqCst);
         info!("shutting down: no new connections");
-        self.endpoint.set_server_config(None);
         // Tell every client to move, spreading their reconnects over a few
         // seconds so the next relay is not hit by all of them at once.
         let sessions: Vec<_> = s.sessions.iter().map(|e| e.value().clone()).collect();
@@ -315,9 +321,12 @@ impl Relay {
         if drained.is_err() {
             warn!(timeout = ?s.config.drain_timeout, "drain timeout: closing with work in flight");
         }
-        s.shutdown.cancel();
+        // Every connection closes with `going_away` before the sessions
+        // stop: a session stopped first drops its connection, which quinn
+        // then closes with code 0 and no reason.
         self.endpoint
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
+        s.shutdown.cancel();
         s.save_cursors().await;
         s.store.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -428,6 +437,12 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iter
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        if shared.draining.load(Ordering::SeqCst) {
+            incoming.refuse();
+            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
+            crate::metrics::count(crate::metrics::CONNECTIONS_REJECTED, "reason", "draining");
+            continue;
+        }
         if !shared.handshake_allowed() {
             // A flood: make unvalidated clients prove their address (a
             // Retry costs us no state), refuse the validated ones.

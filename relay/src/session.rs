@@ -380,21 +380,12 @@ async fn upload(
 ) {
     let cfg = &shared.config;
     let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
-    let header = match timeout(cfg.upload_idle_timeout, rd.next()).await {
-        Ok(Ok(Some(Message::ClipHeader(h)))) => h,
-        Ok(Ok(Some(_))) => {
-            let _ = rd.stream().stop(quic::varint(ErrorCode::ProtocolViolation));
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            debug!(error = %e, "bad clip header");
-            let _ = rd.stream().stop(quic::varint(e.code()));
-            return;
-        }
-        Err(_) => {
-            let _ = rd.stream().stop(quic::varint(ErrorCode::UploadIdleTimeout));
-            return;
+    let header = match read_clip_header(shared, &mut rd).await {
+        Ok(h) => h,
+        Err(r) => {
+            // No clip id could be read: the answer carries the all-zero id.
+            debug!(code = r.code.name(), reason = %r.reason, "bad clip header");
+            return refuse(&mut send, &mut rd, ClipId([0; 16]), r).await;
         }
     };
     let id = header.clip_id;
@@ -885,6 +876,42 @@ async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Adm
     }
 }
 
+/// Reads an upload's first message, its `ClipHeader`, skipping messages
+/// of unknown types before it (as everywhere in ptt/1). Anything else, a
+/// header that breaks its rules, a stream that ends first or nothing for
+/// `upload_idle_timeout` is refused.
+async fn read_clip_header(shared: &Shared, rd: &mut MessageReader) -> Result<ClipHeader, Refused> {
+    let idle = shared.config.upload_idle_timeout;
+    loop {
+        match timeout(idle, rd.next()).await {
+            Ok(Ok(Some(Message::ClipHeader(h)))) => return Ok(h),
+            Ok(Ok(Some(Message::Unknown(_)))) => {}
+            Ok(Ok(Some(other))) => {
+                return Err(Refused::new(
+                    ErrorCode::ProtocolViolation,
+                    format!(
+                        "an upload starts with ClipHeader, not message type 0x{:x}",
+                        other.kind()
+                    ),
+                ));
+            }
+            Ok(Ok(None)) => {
+                return Err(Refused::new(
+                    ErrorCode::ProtocolViolation,
+                    "upload stream finished before its ClipHeader",
+                ));
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(Refused::new(
+                    ErrorCode::UploadIdleTimeout,
+                    format!("no ClipHeader within {idle:?}"),
+                ));
+            }
+        }
+    }
+}
+
 /// Reads packet records until the end record and FIN, pushing each
 /// validated run of records to the live clip as it arrives.
 async fn receive_packets(
@@ -894,7 +921,7 @@ async fn receive_packets(
     held: &mut u64,
 ) -> Result<ClipEnd, Refused> {
     let cfg = &shared.config;
-    let mut framer = Framer::new(cfg.frame_limits());
+    let mut framer = Framer::for_clip(cfg.frame_limits(), live.meta.format.pre_skip);
     let mut end = None;
     let hot = metrics::hot();
     loop {

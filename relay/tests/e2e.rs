@@ -352,12 +352,7 @@ async fn bad_expired_and_missing_tokens_are_refused() {
     assert_eq!(code, ErrorCode::TokenExpired);
     assert!(reason.contains("expired"), "{reason}");
     // No Auth at all: closed after auth_timeout.
-    let conn = t
-        .endpoint
-        .connect(t.relay.quic_addr(), "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = t.raw_connection().await;
     let why = tokio::time::timeout(Duration::from_secs(5), conn.closed())
         .await
         .unwrap();

@@ -170,6 +170,17 @@ pub async fn assert_no_clip(events: &mut mpsc::Receiver<Event>, wait: Duration) 
     }
 }
 
+impl TestRelay {
+    /// A QUIC connection to the relay with nothing said on it yet.
+    pub async fn raw_connection(&self) -> quinn::Connection {
+        self.endpoint
+            .connect(self.relay.quic_addr(), "localhost")
+            .unwrap()
+            .await
+            .unwrap()
+    }
+}
+
 /// Opens a clip stream by hand and writes the header plus `packets`
 /// records, without an end: for partial and malformed uploads.
 pub async fn raw_upload(

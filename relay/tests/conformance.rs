@@ -1,0 +1,298 @@
+//! Conformance: one test per rule of docs/protocol.md that an independent
+//! client found the relay breaking or the spec leaving open. Each speaks
+//! ptt/1 bytes by hand where the reference client would hide the rule.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use client_sim::{ClientError, ClientOptions, Event, Pacing};
+use codec::ErrorCode;
+use codec::varint;
+use codec::wire::{Accepted, AudioFormat, ClipHeader, ClipId, Message, Rejected, Target};
+use common::*;
+
+const ZERO: ClipId = ClipId([0; 16]);
+
+/// Opens an upload stream, writes `bytes` (and FIN when `fin`), and reads
+/// the relay's one answer.
+async fn upload_bytes(client: &client_sim::Client, bytes: &[u8], fin: bool) -> Message {
+    let (mut send, recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if fin {
+        send.finish().unwrap();
+    }
+    answer(recv).await
+}
+
+fn rejected(m: Message) -> Rejected {
+    match m {
+        Message::Rejected(r) => r,
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+fn header(id: ClipId, to: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    Message::ClipHeader(ClipHeader {
+        clip_id: id,
+        target: Target::User(to.into()),
+        format: AudioFormat::default(),
+    })
+    .encode(&mut b);
+    b
+}
+
+/// A whole clip's bytes after its header: `n` packets and the end record.
+fn body(b: &mut BytesMut, n: u32) {
+    for i in 0..n {
+        codec::framing::put_packet(b, &packet(i, 40));
+    }
+    codec::ClipEnd {
+        packet_count: u64::from(n),
+        final_granule: u64::from(n) * 960,
+    }
+    .encode(b);
+}
+
+/// §5: every upload gets exactly one `Accepted` or `Rejected`, also when
+/// its first message is not a valid `ClipHeader`; then the clip id is all
+/// zeros.
+#[tokio::test]
+async fn every_upload_is_answered_even_with_a_bad_header() {
+    let t = start(|c| {
+        c.max_message_bytes = 1_024;
+        c.upload_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (alice, _) = t.connect("alice").await;
+
+    // A header body over max_message_bytes, refused before it is read.
+    let mut b = BytesMut::new();
+    varint::put(&mut b, 0x10);
+    varint::put(&mut b, 5_000);
+    let r = rejected(upload_bytes(&alice, &b, false).await);
+    assert_eq!((r.clip_id, r.code), (ZERO, ErrorCode::ProtocolViolation));
+
+    // An unknown target kind.
+    let mut inner = BytesMut::new();
+    inner.put_slice(&[7; 16]);
+    inner.put_u8(9);
+    varint::put(&mut inner, 3);
+    inner.put_slice(b"bob");
+    inner.put_slice(&[0, 1, 0, 0, 0, 0, 0xbb, 0x80, 0, 0]);
+    let mut b = BytesMut::new();
+    varint::put(&mut b, 0x10);
+    varint::put(&mut b, inner.len() as u64);
+    b.put_slice(&inner);
+    let r = rejected(upload_bytes(&alice, &b, true).await);
+    assert_eq!((r.clip_id, r.code), (ZERO, ErrorCode::ProtocolViolation));
+
+    // Another known message where the header belongs.
+    let mut b = BytesMut::new();
+    Message::Ack(ClipId([3; 16])).encode(&mut b);
+    let r = rejected(upload_bytes(&alice, &b, true).await);
+    assert_eq!((r.clip_id, r.code), (ZERO, ErrorCode::ProtocolViolation));
+
+    // FIN before any header.
+    let r = rejected(upload_bytes(&alice, &[], true).await);
+    assert_eq!((r.clip_id, r.code), (ZERO, ErrorCode::ProtocolViolation));
+
+    // Nothing at all for upload_idle_ms.
+    let (mut send, recv) = alice.connection().open_bi().await.unwrap();
+    // (A stream exists for the relay only once a frame of it arrives.)
+    send.write_all(&[]).await.unwrap();
+    let mut b = BytesMut::new();
+    varint::put(&mut b, 0x3f00); // an unknown type, empty: skipped
+    varint::put(&mut b, 0);
+    send.write_all(&b).await.unwrap();
+    let r = rejected(answer(recv).await);
+    assert_eq!((r.clip_id, r.code), (ZERO, ErrorCode::UploadIdleTimeout));
+}
+
+/// §2: a message of unknown type is skipped everywhere: before an upload's
+/// header, and on the control stream.
+#[tokio::test]
+async fn unknown_messages_are_skipped_on_every_stream() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    let id = ClipId([5; 16]);
+    let mut b = BytesMut::new();
+    varint::put(&mut b, 0x3f00);
+    varint::put(&mut b, 3);
+    b.put_slice(b"new");
+    b.put_slice(&header(id, "bob"));
+    body(&mut b, 3);
+    match upload_bytes(&alice, &b, true).await {
+        Message::Accepted(a) => assert_eq!(a.clip_id, id),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!(got.id(), id);
+
+    // On the control stream too; a known message out of place is not.
+    let (conn, (mut ctl, _rd)) = ctl_conn(&t, "carol").await;
+    let mut b = BytesMut::new();
+    varint::put(&mut b, 0x3f01);
+    varint::put(&mut b, 2);
+    b.put_slice(b"hi");
+    ctl.write_all(&b).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        conn.close_reason().is_none(),
+        "an unknown message is skipped"
+    );
+    let mut b = BytesMut::new();
+    Message::Accepted(Accepted {
+        clip_id: id,
+        duplicate: false,
+    })
+    .encode(&mut b);
+    ctl.write_all(&b).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    assert_eq!(
+        quic::close_reason(&closed).map(|(c, _)| c),
+        Some(ErrorCode::ProtocolViolation)
+    );
+}
+
+/// Connects, sends `Auth` and reads `Welcome`.
+async fn ctl_conn(
+    t: &TestRelay,
+    user: &str,
+) -> (quinn::Connection, (quinn::SendStream, quic::MessageReader)) {
+    let conn = t.raw_connection().await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    quic::write_message(
+        &mut send,
+        &Message::Auth(codec::wire::Auth {
+            token: t.token(user),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut rd = quic::MessageReader::new(recv, 65_536);
+    match rd.next().await.unwrap() {
+        Some(Message::Welcome(_)) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    (conn, (send, rd))
+}
+
+/// §2: the end record's marker is the varint 0 in any encoding.
+#[tokio::test]
+async fn an_end_marker_in_a_longer_varint_encoding_is_accepted() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let id = ClipId([6; 16]);
+    let mut b = header(id, "bob");
+    codec::framing::put_packet(&mut b, &packet(0, 40));
+    b.put_slice(&[0x40, 0x00]); // 0 as a two-byte varint
+    varint::put(&mut b, 1);
+    varint::put(&mut b, 960);
+    match upload_bytes(&alice, &b, true).await {
+        Message::Accepted(a) => assert_eq!(a.clip_id, id),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+}
+
+/// §6: a packet over max_packet_bytes is `packet_too_large`; a frame over
+/// 1275 bytes inside a packet within the limit breaks RFC 6716 §3 (R2):
+/// `bad_packet`.
+#[tokio::test]
+async fn oversized_packets_and_frames_get_their_codes() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    // A code 0 packet: one frame of 1,300 bytes, within 7,657.
+    let mut frame = vec![0u8; 1_301];
+    frame[0] = 31 << 3;
+    let mut b = header(ClipId([7; 16]), "bob");
+    codec::framing::put_packet(&mut b, &frame);
+    let r = rejected(upload_bytes(&alice, &b, false).await);
+    assert_eq!(r.code, ErrorCode::BadPacket);
+    // A packet over max_packet_bytes.
+    let mut b = header(ClipId([8; 16]), "bob");
+    varint::put(&mut b, 8_000);
+    let r = rejected(upload_bytes(&alice, &b, false).await);
+    assert_eq!(r.code, ErrorCode::PacketTooLarge);
+}
+
+/// §5: after `Accepted` with `duplicate = 1` the relay stops the upload
+/// with STOP_SENDING `no_error`.
+#[tokio::test]
+async fn a_duplicate_is_stopped_with_no_error() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 3);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let (send, recv) = raw_upload(&alice, c.id, "bob", &c.packets[..1]).await;
+    match answer(recv).await {
+        Message::Accepted(a) => assert!(a.duplicate),
+        other => panic!("expected Accepted(duplicate), got {other:?}"),
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    assert_eq!(stopped, Some(quic::varint(ErrorCode::NoError)));
+}
+
+/// §7 "Going away": on shutdown every connection closes with
+/// `going_away` (never code 0 with no reason), and a handshake during the
+/// drain is refused at once instead of left unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_every_connection_with_going_away_and_refuses_new_ones() {
+    let t = start(|c| c.drain_timeout = Duration::from_secs(5)).await;
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        clients.push(t.connect(&format!("user{i}")).await);
+    }
+    let (_bob, _) = t.connect("bob").await;
+    let (alice, mut alice_ev) = t.connect("alice").await;
+    // A live clip keeps the drain going for ~1 s.
+    let c = clip("bob", 50);
+    let sending = {
+        let alice = alice.clone();
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let endpoint = t.endpoint.clone();
+    let addr = t.relay.quic_addr();
+    let token = t.token("late");
+    let TestRelay { relay, .. } = t;
+    let stop = tokio::spawn(relay.shutdown());
+    next_matching(&mut alice_ev, |e| match e {
+        Event::GoAway { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    // A new connection now: refused at once (not a 10 s handshake timeout).
+    let started = std::time::Instant::now();
+    let r = client_sim::Client::connect(
+        &endpoint,
+        addr,
+        "localhost",
+        &token,
+        ClientOptions::default(),
+    )
+    .await;
+    assert!(r.is_err(), "a connection during the drain is refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused, not left unanswered ({:?})",
+        started.elapsed()
+    );
+    sending.await.unwrap().unwrap();
+    stop.await.unwrap();
+    for (c, _) in &clients {
+        match tokio::time::timeout(Duration::from_secs(5), c.closed()).await {
+            Ok(ClientError::Closed { code, .. }) => assert_eq!(code, ErrorCode::GoingAway),
+            other => panic!("expected a going_away close, got {other:?}"),
+        }
+    }
+}
