@@ -353,9 +353,14 @@ impl Client {
         let auth = Message::Auth(Auth {
             token: token.to_owned(),
         });
+        // A refused Auth (too large, say) may close the connection while it
+        // is still being written: report the relay's code then.
         quic::write_message(&mut send, &auth)
             .await
-            .map_err(|e| ClientError::Lost(e.to_string()))?;
+            .map_err(|e| match conn.close_reason() {
+                Some(why) => from_conn(why),
+                None => ClientError::Lost(e.to_string()),
+            })?;
         let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
         let welcome = match rd.next().await {
             Ok(Some(Message::Welcome(w))) => w,

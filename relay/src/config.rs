@@ -103,6 +103,12 @@ settings! {
     max_connections: usize = 50_000, "PTT_MAX_CONNECTIONS";
     /// Time a new connection has to send `Auth`.
     auth_timeout: Duration = Duration::from_secs(10), "PTT_AUTH_TIMEOUT", parse_duration;
+    /// Connections that have not authenticated yet (handshaking or waiting
+    /// for `Auth`), at most; more handshakes are refused at once. Until it
+    /// authenticates a connection may open only its control stream and
+    /// have at most `max_message_bytes` (plus framing) unread at the
+    /// relay, so these hold at most this many times that.
+    max_unauthenticated_connections: usize = 1024, "PTT_MAX_UNAUTHENTICATED_CONNECTIONS";
     /// A connection silent this long is closed (clients send keep-alives).
     idle_timeout: Duration = Duration::from_secs(30), "PTT_IDLE_TIMEOUT", parse_duration;
     /// Clock skew tolerated on a token's `exp`.
@@ -119,6 +125,11 @@ settings! {
     /// An upload with no byte for this long is refused with
     /// `upload_idle_timeout` and cut off for live recipients.
     upload_idle_timeout: Duration = Duration::from_secs(10), "PTT_UPLOAD_IDLE_TIMEOUT", parse_duration;
+    /// Most an upload may fall behind real time: its audio so far against
+    /// the time since its header. A slower upload (a trickle holding a
+    /// channel's floor) is refused with `upload_idle_timeout`. So no upload,
+    /// and no floor, lasts longer than `max_clip_duration` plus this.
+    max_upload_lag: Duration = Duration::from_secs(10), "PTT_MAX_UPLOAD_LAG", parse_duration;
     /// Largest message (header, auth) on any stream.
     max_message_bytes: usize = codec::wire::DEFAULT_MAX_MESSAGE_BYTES, "PTT_MAX_MESSAGE_BYTES";
     /// Stored clips delivered to a recipient and not yet acknowledged, at
@@ -164,8 +175,9 @@ settings! {
     /// whose address is not yet validated get a QUIC Retry; validated ones
     /// are refused (they retry after a backoff).
     max_handshakes_per_second: u32 = 2000, "PTT_MAX_HANDSHAKES_PER_SECOND";
-    /// Bytes of clips being uploaded, all connections together; past it new
-    /// uploads get `server_busy` with a retry-after hint.
+    /// Bytes of clips being uploaded, all connections together, counted as
+    /// they arrive; an upload whose bytes would pass it gets `server_busy`
+    /// with a retry-after hint.
     max_inflight_bytes: u64 = 256 * 1024 * 1024, "PTT_MAX_INFLIGHT_BYTES";
     /// Ack-eliciting packets a client may receive before it must send an
     /// ACK (QUIC ACK frequency extension; 1 is plain QUIC). Fewer ACKs

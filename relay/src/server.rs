@@ -38,6 +38,8 @@ pub struct Shared {
     uploads: DashMap<ClipId, Upload>,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
+    /// Connections handshaking or waiting for `Auth`.
+    pub unauthenticated: AtomicUsize,
     pub ready: AtomicBool,
     /// Shutting down: new handshakes are refused.
     pub draining: AtomicBool,
@@ -140,8 +142,12 @@ pub struct Relay {
 /// The QUIC transport settings the relay serves with.
 pub fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // One control stream plus the clip uploads.
-    t.max_concurrent_bidi_streams((cfg.max_clip_streams + 1).into());
+    // Until `Auth` succeeds a peer gets credit for its control stream only,
+    // and for no more bytes than the largest `Auth` message: an
+    // unauthenticated connection cannot make the relay buffer more.
+    // `session::authenticate` then raises both (`open_credit`).
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.receive_window(auth_window(cfg));
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(
         cfg.idle_timeout
@@ -158,6 +164,28 @@ pub fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
         t.ack_frequency_config(Some(af));
     }
     Ok(t)
+}
+
+/// Connection-level receive window before `Auth`: the largest message and
+/// its type and length varints.
+pub fn auth_window(cfg: &Config) -> quinn::VarInt {
+    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16).unwrap_or(quinn::VarInt::MAX)
+}
+
+/// Gives an authenticated connection its full credit: the control stream
+/// plus `max_clip_streams` uploads, and quinn's usual connection window.
+pub fn open_credit(cfg: &Config, conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1).into());
+    conn.set_receive_window(quinn::VarInt::MAX);
+}
+
+/// Counts a connection as not yet authenticated while it lives.
+pub struct Unauthenticated(Arc<Shared>);
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Relay {
@@ -182,7 +210,7 @@ impl Relay {
         crate::metrics::hot();
         let socket = udp_socket(&config)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls::endpoint_config(&files)?,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -222,6 +250,7 @@ impl Relay {
             uploads: DashMap::new(),
             next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
@@ -443,6 +472,18 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             crate::metrics::count(crate::metrics::CONNECTIONS_REJECTED, "reason", "draining");
             continue;
         }
+        let pending = shared.unauthenticated.fetch_add(1, Ordering::SeqCst);
+        let unauthenticated = Unauthenticated(shared.clone());
+        if pending >= shared.config.max_unauthenticated_connections {
+            incoming.refuse();
+            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
+            crate::metrics::count(
+                crate::metrics::CONNECTIONS_REJECTED,
+                "reason",
+                "unauthenticated_limit",
+            );
+            continue;
+        }
         if !shared.handshake_allowed() {
             // A flood: make unvalidated clients prove their address (a
             // Retry costs us no state), refuse the validated ones.
@@ -485,7 +526,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                     );
                 }
             } else {
-                session::run(shared2.clone(), incoming).await;
+                session::run(shared2.clone(), incoming, unauthenticated).await;
             }
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
         });

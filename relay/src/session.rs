@@ -142,7 +142,11 @@ impl Session {
 }
 
 /// Runs one connection from handshake to close.
-pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
+pub async fn run(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    unauthenticated: crate::server::Unauthenticated,
+) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -153,7 +157,9 @@ pub async fn run(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     metrics::count(metrics::HANDSHAKES, "outcome", "completed");
     let remote = conn.remote_address();
-    let (session, mut live_rx, ctl) = match authenticate(&shared, &conn).await {
+    let authenticated = authenticate(&shared, &conn).await;
+    drop(unauthenticated);
+    let (session, mut live_rx, ctl) = match authenticated {
         Ok(x) => {
             metrics::count1(metrics::CONNECTIONS_ACCEPTED);
             x
@@ -247,6 +253,7 @@ async fn authenticate(
         codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
         codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
     })?;
+    crate::server::open_credit(cfg, conn);
     let (live_tx, live_rx) = mpsc::channel(cfg.live_queue);
     let session = Arc::new(Session {
         id: shared.next_session_id(),
@@ -924,7 +931,25 @@ async fn receive_packets(
     let mut framer = Framer::for_clip(cfg.frame_limits(), live.meta.format.pre_skip);
     let mut end = None;
     let hot = metrics::hot();
+    // The upload must keep up with real time: it is refused once the time
+    // since its start passes its audio so far plus `max_upload_lag` (a
+    // trickle cannot hold a floor).
+    let started = Instant::now();
+    let behind = |f: &Framer| {
+        started + std::time::Duration::from_millis(f.samples() / 48) + cfg.max_upload_lag
+    };
     loop {
+        if Instant::now() >= behind(&framer) {
+            return Err(Refused::new(
+                ErrorCode::UploadIdleTimeout,
+                format!(
+                    "upload more than {:?} behind real time ({} ms of audio in {:?})",
+                    cfg.max_upload_lag,
+                    framer.samples() / 48,
+                    started.elapsed()
+                ),
+            ));
+        }
         let buf = rd.buffer();
         let before = framer.packets();
         let scan = framer
@@ -935,17 +960,29 @@ async fn receive_packets(
             let packets = framer.packets() - before;
             hot.packets_in.increment(packets);
             hot.bytes_in.increment(n);
-            shared
+            let inflight = shared
                 .inflight
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+                + n;
             *held += n;
+            if inflight > cfg.max_inflight_bytes {
+                return Err(Refused::new(
+                    ErrorCode::ServerBusy,
+                    format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
+                )
+                .retry_after(std::time::Duration::from_millis(500)));
+            }
             live.push(buf.split_to(scan.records).freeze(), packets);
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);
             end = Some(e);
         }
-        match timeout(cfg.upload_idle_timeout, rd.fill()).await {
+        let idle = Instant::now() + cfg.upload_idle_timeout;
+        let behind = behind(&framer);
+        match timeout_at(idle.min(behind), rd.fill()).await {
+            // Behind real time: refused at the top of the loop.
+            Err(_) if Instant::now() >= behind => {}
             Err(_) => {
                 return Err(Refused::new(
                     ErrorCode::UploadIdleTimeout,

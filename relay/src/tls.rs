@@ -16,6 +16,10 @@ pub struct DataFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub secret: PathBuf,
+    /// The QUIC stateless-reset key (32 random bytes, hex): kept across
+    /// restarts so a restarted relay resets its old connections at their
+    /// first packet and their clients reconnect at once.
+    pub reset_key: PathBuf,
 }
 
 impl DataFiles {
@@ -24,6 +28,7 @@ impl DataFiles {
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
             secret: dir.join("token.secret"),
+            reset_key: dir.join("reset.key"),
         }
     }
 }
@@ -65,13 +70,52 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<(DataFiles, Created)> {
         created.cert = true;
     }
     if !files.secret.exists() {
-        let bytes: [u8; 32] = rand::random();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write_private(&files.secret, format!("{hex}\n").as_bytes())
+        write_private(&files.secret, format!("{}\n", random_hex()).as_bytes())
             .with_context(|| format!("writing {}", files.secret.display()))?;
         created.secret = true;
     }
+    if !files.reset_key.exists() {
+        write_private(&files.reset_key, format!("{}\n", random_hex()).as_bytes())
+            .with_context(|| format!("writing {}", files.reset_key.display()))?;
+    }
     Ok((files, created))
+}
+
+fn random_hex() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The endpoint's QUIC settings with the stateless-reset key read from the
+/// data dir (HMAC-SHA256 over connection ids: the same key makes the same
+/// reset tokens after a restart). The connection-id generator's key comes
+/// from it too: quinn answers a packet for an unknown connection with a
+/// reset only if its connection id carries this generator's checksum, so a
+/// restarted relay must recognise the ids its previous run gave out.
+pub fn endpoint_config(files: &DataFiles) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = &files.reset_key;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = text.trim();
+    let key: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<_>>()
+        .filter(|k: &Vec<u8>| k.len() >= 32)
+        .with_context(|| format!("{}: expected at least 64 hex characters", path.display()))?;
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let tag = ring::hmac::sign(&reset, b"ptt-relay connection id generator");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_be_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(reset));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(cfg)
 }
 
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use client_sim::{Client, ClientOptions, Event, Pacing, net};
 use codec::token::TokenKey;
 use codec::wire::ClipId;
-use common::{assert_no_clip, clip, next_matching, start_binary};
+use common::{assert_no_clip, clip, next_matching, start_binary, start_binary_at};
 use tokio::process::Command;
 
 async fn connect(
@@ -150,4 +150,43 @@ async fn sigterm_drains_flushes_and_exits_zero() {
     let (_bob, mut bev, _bep) = connect(d, addr2, "bob").await;
     let got = common::next_complete(&mut bev).await;
     assert_eq!(got.id(), c.id);
+}
+
+/// After a kill -9 and a restart on the same data dir and address, a
+/// client's old connection is reset at its first packet (the relay keeps
+/// its stateless-reset key in the data dir), not left to the 30 s idle
+/// timeout: the client knows at once and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_resets_old_connections_at_their_first_packet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut relay, addr) = start_binary(d, &[]).await;
+    let (alice, _aev, _aep) = connect(d, addr, "alice").await;
+    relay.kill().await.unwrap();
+    let (_relay2, addr2) = start_binary_at(d, &addr.to_string(), &[]).await;
+    assert_eq!(addr2, addr);
+    // The client's next packets: an upload on the old connection.
+    let sent = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        alice.send_clip(&clip("bob", 3), Pacing::Upload),
+    )
+    .await
+    .expect("the old connection ends within 5 s, not at its idle timeout");
+    assert!(r.is_err(), "the old connection cannot carry a clip");
+    let why = alice.connection().close_reason().expect("closed");
+    assert!(
+        matches!(why, quinn::ConnectionError::Reset),
+        "a stateless reset, got {why:?}"
+    );
+    eprintln!(
+        "old connection reset {:?} after its first packet",
+        sent.elapsed()
+    );
+    // And a new connection works at once.
+    let (alice, _aev, _aep) = connect(d, addr, "alice").await;
+    alice
+        .send_clip(&clip("bob", 3), Pacing::Upload)
+        .await
+        .unwrap();
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use client_sim::{ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
@@ -549,13 +550,22 @@ async fn per_user_rates_and_the_inflight_budget_are_enforced() {
     // charged against the budget.
     let again = alice.send_clip(&first, Pacing::Upload).await.unwrap();
     assert!(again.duplicate);
-    // Another user is not affected; an upload that holds 2,000 bytes in
-    // flight makes the relay refuse new uploads with server_busy.
+    // Another user is not affected by alice's rate. The in-flight budget
+    // (2,000 bytes) counts bytes as they arrive: an upload holding 1,830
+    // leaves room for a small clip but not for one of 305 bytes, and the
+    // held upload is itself refused once its next bytes would pass it.
     let (carol, _) = t.connect("carol").await;
-    let big: Vec<bytes::Bytes> = (0..40).map(|i| packet(i, 60)).collect();
-    let (_held, _recv) = raw_upload(&carol, ClipId([9; 16]), "bob", &big).await;
+    let big: Vec<bytes::Bytes> = (0..30).map(|i| packet(i, 60)).collect();
+    let (mut held, held_answer) = raw_upload(&carol, ClipId([9; 16]), "bob", &big).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    match carol.send_clip(&clip("bob", 2), Pacing::Upload).await {
+    assert_eq!(t.relay.shared().inflight.load(Ordering::Relaxed), 30 * 61);
+    carol
+        .send_clip(&clip("bob", 2), Pacing::Upload)
+        .await
+        .expect("82 bytes fit beside 1,830");
+    let mut larger = clip("bob", 5);
+    larger.packets = (0..5).map(|i| packet(i, 60)).collect();
+    match carol.send_clip(&larger, Pacing::Upload).await {
         Err(ClientError::Rejected {
             code: ErrorCode::ServerBusy,
             retry_after_ms,
@@ -563,6 +573,16 @@ async fn per_user_rates_and_the_inflight_budget_are_enforced() {
         }) => assert!(retry_after_ms > 0),
         other => panic!("expected server_busy, got {other:?}"),
     }
+    let mut more = bytes::BytesMut::new();
+    for i in 30..40 {
+        codec::framing::put_packet(&mut more, &packet(i, 60));
+    }
+    held.write_all(&more).await.unwrap();
+    match answer(held_answer).await {
+        Message::Rejected(r) => assert_eq!(r.code, ErrorCode::ServerBusy),
+        other => panic!("expected the held upload refused, got {other:?}"),
+    }
+    assert_eq!(t.settle_inflight().await, 0, "refused uploads hold nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

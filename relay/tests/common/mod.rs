@@ -171,6 +171,22 @@ pub async fn assert_no_clip(events: &mut mpsc::Receiver<Event>, wait: Duration) 
 }
 
 impl TestRelay {
+    /// Waits (up to 5 s) for the bytes of uploads in flight to drop to 0;
+    /// returns what is left.
+    pub async fn settle_inflight(&self) -> u64 {
+        let inflight = || {
+            self.relay
+                .shared()
+                .inflight
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while inflight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        inflight()
+    }
+
     /// A QUIC connection to the relay with nothing said on it yet.
     pub async fn raw_connection(&self) -> quinn::Connection {
         self.endpoint
@@ -242,9 +258,18 @@ pub async fn start_binary(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> (tokio::process::Child, std::net::SocketAddr) {
+    start_binary_at(dir, "127.0.0.1:0", extra).await
+}
+
+/// [`start_binary`] with QUIC on `listen` (a restart on the same address).
+pub async fn start_binary_at(
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+) -> (tokio::process::Child, std::net::SocketAddr) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ptt-relay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["serve", "--listen", listen, "--admin", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir)
         .args(extra)
