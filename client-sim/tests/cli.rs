@@ -222,3 +222,57 @@ async fn a_second_talker_in_a_channel_is_told_busy() {
     let line = stdout(&got);
     assert!(line.contains("from alice in #ops"), "{line}");
 }
+
+/// A recording of exactly 60.000 s fits the default 60 s limit: opusenc's
+/// file has 3,001 packets (60.02 s of samples, with the pre-skip and the
+/// last packet's padding) but plays 60.000 s, which is what the limit
+/// counts. A recording 100 ms longer is refused with `clip_too_long`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixty_second_recording_fits_the_sixty_second_limit() {
+    let env = Env::new().await;
+    assert_eq!(
+        env.relay.shared().config.max_clip_duration,
+        Duration::from_secs(60)
+    );
+    let d = env.dir.path();
+    for (secs, fits) in [("60", true), ("60.1", false)] {
+        let wav = d.join(format!("{secs}.wav"));
+        let opus = d.join(format!("{secs}.opus"));
+        tool(&[
+            "sox",
+            "-R",
+            "-n",
+            "-r",
+            "48000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            wav.to_str().unwrap(),
+            "synth",
+            secs,
+            "sine",
+            "440",
+        ])
+        .await;
+        tool(&[
+            "opusenc",
+            "--quiet",
+            "--bitrate",
+            "16",
+            wav.to_str().unwrap(),
+            opus.to_str().unwrap(),
+        ])
+        .await;
+        let out =
+            run(env
+                .cmd("alice")
+                .args(["send", "--to", "bob", "--opus", opus.to_str().unwrap()]))
+            .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), fits, "{secs} s: {err}");
+        if !fits {
+            assert!(err.contains("clip_too_long"), "{err}");
+        }
+    }
+}
