@@ -111,6 +111,17 @@ settings! {
     max_unauthenticated_connections: usize = 1024, "PTT_MAX_UNAUTHENTICATED_CONNECTIONS";
     /// A connection silent this long is closed (clients send keep-alives).
     idle_timeout: Duration = Duration::from_secs(30), "PTT_IDLE_TIMEOUT", parse_duration;
+    /// Public keys for EdDSA (Ed25519) and ES256 tokens: a JWKS file, or a
+    /// directory of `*.json` JWKS files, each key with a `kid`. Re-read
+    /// every `token_keys_reload`, so keys rotate without a restart. Empty:
+    /// none (HS256 tokens only).
+    token_keys: String = String::new(), "PTT_TOKEN_KEYS";
+    /// How often `token_keys` is re-read.
+    token_keys_reload: Duration = Duration::from_secs(10), "PTT_TOKEN_KEYS_RELOAD", parse_duration;
+    /// Accept HS256 tokens signed with DATA_DIR/token.secret (development;
+    /// turn off once the app backend mints EdDSA or ES256 tokens, so no
+    /// relay holds a key that mints tokens).
+    token_hs256: bool = true, "PTT_TOKEN_HS256";
     /// Clock skew tolerated on a token's `exp`.
     token_leeway: Duration = Duration::from_secs(30), "PTT_TOKEN_LEEWAY", parse_duration;
     /// Longest clip (sum of its packets' durations).
@@ -237,6 +248,18 @@ impl Config {
             "max_connections must be at least 1"
         );
         anyhow::ensure!(self.live_queue >= 1, "live_queue must be at least 1");
+        anyhow::ensure!(
+            self.token_keys_reload >= Duration::from_millis(100),
+            "token_keys_reload must be at least 100ms"
+        );
+        anyhow::ensure!(
+            self.token_hs256 || !self.token_keys.is_empty(),
+            "token_hs256 = false needs token_keys (no token could be accepted)"
+        );
+        anyhow::ensure!(
+            self.max_unauthenticated_connections >= 1,
+            "max_unauthenticated_connections must be at least 1"
+        );
         anyhow::ensure!(
             (1..=1000).contains(&self.ack_threshold),
             "ack_threshold must be 1..=1000"

@@ -69,7 +69,7 @@ catalogue! {
     READY = "ptt_ready", Gauge, Count, [],
         "1 while the relay accepts connections, 0 while starting or draining.";
     HANDSHAKES = "ptt_handshakes_total", Counter, Count, ["outcome"],
-        "QUIC handshakes by outcome: completed, failed, retry (address validation asked for under a handshake flood), refused (over the handshake rate after validation).";
+        "QUIC handshakes by outcome: completed, failed, retry (address validation asked for under a handshake flood), refused (over the handshake rate after validation, past max_unauthenticated_connections, or while draining).";
     CONNECTIONS_OPEN = "ptt_connections_open", Gauge, Count, [],
         "QUIC connections open now (authenticated or not).";
     SESSIONS_OPEN = "ptt_sessions_open", Gauge, Count, [],
@@ -77,7 +77,7 @@ catalogue! {
     CONNECTIONS_ACCEPTED = "ptt_connections_accepted_total", Counter, Count, [],
         "Connections that authenticated and became a session.";
     CONNECTIONS_REJECTED = "ptt_connections_rejected_total", Counter, Count, ["reason"],
-        "Connections closed before becoming a session: max_connections, handshake_rate or auth.";
+        "Connections closed or refused before becoming a session: max_connections, handshake_rate, auth, unauthenticated_limit (past max_unauthenticated_connections) or draining (a handshake while the relay shuts down).";
     AUTH_FAILURES = "ptt_auth_failures_total", Counter, Count, ["reason"],
         "Failed authentications by error code: unauthenticated, token_invalid, token_expired, protocol_violation.";
     GOAWAYS = "ptt_goaways_total", Counter, Count, [],
@@ -106,6 +106,10 @@ catalogue! {
         "Opus packets written to recipients' delivery streams.";
     BYTES_OUT = "ptt_bytes_out_total", Counter, Bytes, [],
         "Bytes of packet records written to recipients' delivery streams.";
+    TOKEN_KEYS = "ptt_token_keys", Gauge, Count, [],
+        "Public keys (token_keys, a JWKS) EdDSA and ES256 tokens are checked against; 0 when none are configured.";
+    TOKEN_KEYS_RELOAD_FAILURES = "ptt_token_keys_reload_failures_total", Counter, Count, [],
+        "Reloads of token_keys that failed (unreadable or invalid); the relay keeps the keys it had.";
     INFLIGHT_BYTES = "ptt_inflight_bytes", Gauge, Bytes, [],
         "Bytes of clips being uploaded now (bounded by max_inflight_bytes).";
     INFLIGHT_LIMIT = "ptt_inflight_limit_bytes", Gauge, Bytes, [],
@@ -298,6 +302,7 @@ pub fn render(shared: &Shared) -> Option<String> {
         shared.inflight.load(Ordering::Relaxed) as f64,
     );
     g(INFLIGHT_LIMIT, shared.config.max_inflight_bytes as f64);
+    g(TOKEN_KEYS, shared.public_keys().len() as f64);
     let st = shared.store.stats();
     g(STORE_PENDING, st.pending as f64);
     g(STORE_BYTES, st.bytes as f64);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use codec::ErrorCode;
-use codec::token::TokenKey;
+use codec::token::{Claims, PublicKeys, TokenError, TokenKey, Verifier};
 use codec::wire::ClipId;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,8 @@ pub struct Upload {
 pub struct Shared {
     pub config: Config,
     pub key: TokenKey,
+    /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
+    public_keys: std::sync::RwLock<Arc<PublicKeys>>,
     pub store: Arc<dyn ClipStore>,
     /// The live session of each connected user (the newest connection wins).
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
@@ -86,6 +88,25 @@ pub struct Floor {
 }
 
 impl Shared {
+    /// The public keys tokens are checked against now.
+    pub fn public_keys(&self) -> Arc<PublicKeys> {
+        self.public_keys
+            .read()
+            .map_or_else(|_| Arc::new(PublicKeys::default()), |k| k.clone())
+    }
+
+    /// Checks a token: HS256 with the secret (unless `token_hs256` is
+    /// off), EdDSA or ES256 with the public key its `kid` names.
+    pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
+        let public = self.public_keys();
+        Verifier {
+            secret: self.config.token_hs256.then_some(&self.key),
+            public: &public,
+            leeway: self.config.token_leeway,
+        }
+        .verify(token)
+    }
+
     pub fn next_session_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -202,6 +223,14 @@ impl Relay {
         }
         let key = TokenKey::from_file(&files.secret, config.token_leeway)
             .with_context(|| format!("reading token secret {}", files.secret.display()))?;
+        let public_keys = match token_keys_path(&config) {
+            Some(p) => PublicKeys::from_path(&p)
+                .with_context(|| format!("reading token_keys {}", p.display()))?,
+            None => PublicKeys::default(),
+        };
+        if !public_keys.is_empty() {
+            info!(kids = ?public_keys.kids(), "token keys loaded");
+        }
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&files)?));
         server.transport_config(Arc::new(transport(&config)?));
         if config.metrics {
@@ -245,6 +274,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             cluster,
             key,
+            public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
             store,
             sessions: DashMap::new(),
             uploads: DashMap::new(),
@@ -285,6 +315,7 @@ impl Relay {
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.clone()));
         tokio::spawn(cursor_loop(shared.clone()));
+        tokio::spawn(token_keys_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
             shared,
@@ -352,7 +383,13 @@ impl Relay {
         }
         // Every connection closes with `going_away` before the sessions
         // stop: a session stopped first drops its connection, which quinn
-        // then closes with code 0 and no reason.
+        // then closes with code 0 and no reason. `Endpoint::close` only
+        // queues a close for each connection's driver, so the sessions'
+        // connections are closed here directly, at once; the endpoint
+        // closes the rest (still authenticating).
+        for sess in s.sessions.iter() {
+            quic::close(&sess.conn, ErrorCode::GoingAway, "relay shutting down");
+        }
         self.endpoint
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
         s.shutdown.cancel();
@@ -551,6 +588,45 @@ async fn trim_history(shared: &Shared, now: u64) {
     }
     for (c, id) in gone {
         let _ = shared.store.drop_history(&c, &id).await;
+    }
+}
+
+/// `token_keys` as a path, when set.
+fn token_keys_path(cfg: &Config) -> Option<std::path::PathBuf> {
+    (!cfg.token_keys.is_empty()).then(|| std::path::PathBuf::from(&cfg.token_keys))
+}
+
+/// Re-reads `token_keys` every `token_keys_reload`: keys added, rotated or
+/// retired take effect without a restart. A file that cannot be read or
+/// parsed keeps the keys the relay had (and is counted and logged).
+async fn token_keys_loop(shared: Arc<Shared>) {
+    let Some(path) = token_keys_path(&shared.config) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(shared.config.token_keys_reload);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || PublicKeys::from_path(&p)).await {
+            Ok(Ok(keys)) => {
+                let now = keys.kids();
+                if now != shared.public_keys().kids() {
+                    info!(kids = ?now, "token keys reloaded");
+                }
+                if let Ok(mut k) = shared.public_keys.write() {
+                    *k = Arc::new(keys);
+                }
+            }
+            Ok(Err(e)) => {
+                crate::metrics::count1(crate::metrics::TOKEN_KEYS_RELOAD_FAILURES);
+                warn!(error = %e, "token_keys not reloaded: keeping the keys loaded before");
+            }
+            Err(e) => warn!(error = %e, "token_keys reload task failed"),
+        }
     }
 }
 

@@ -249,7 +249,7 @@ async fn authenticate(
             ));
         }
     };
-    let claims = shared.key.verify(&token).map_err(|e| match e {
+    let claims = shared.verify_token(&token).map_err(|e| match e {
         codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
         codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
     })?;

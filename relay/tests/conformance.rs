@@ -291,7 +291,9 @@ async fn shutdown_closes_every_connection_with_going_away_and_refuses_new_ones()
     stop.await.unwrap();
     for (c, _) in &clients {
         match tokio::time::timeout(Duration::from_secs(5), c.closed()).await {
-            Ok(ClientError::Closed { code, .. }) => assert_eq!(code, ErrorCode::GoingAway),
+            Ok(ClientError::Closed { code, reason }) => {
+                assert_eq!(code, ErrorCode::GoingAway, "closed with {code}: {reason}")
+            }
             other => panic!("expected a going_away close, got {other:?}"),
         }
     }

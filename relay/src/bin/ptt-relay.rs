@@ -1,4 +1,5 @@
-//! `ptt-relay serve` runs the relay; `ptt-relay token` mints access tokens.
+//! `ptt-relay serve` runs the relay; `ptt-relay token` mints access tokens;
+//! `ptt-relay keygen` makes a key pair for public-key tokens.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,8 +31,8 @@ enum Cmd {
     /// Run the relay (embedded defaults: memory store, self-signed
     /// certificate and token secret created in the data dir).
     Serve(Box<Settings>),
-    /// Print a token (JWT, HS256) for a user, signed with the data dir's
-    /// token secret.
+    /// Print a token (JWT) for a user: HS256 with the data dir's token
+    /// secret, or EdDSA / ES256 with `--private-key` and `--kid`.
     Token {
         /// Data dir holding token.secret.
         #[arg(long, env = "PTT_DATA_DIR", default_value = "ptt-data")]
@@ -49,6 +50,30 @@ enum Cmd {
         /// NAME:listen|talk|priority. Repeatable.
         #[arg(long = "channel", value_parser = codec::token::parse_grant)]
         channels: Vec<(String, codec::token::Right)>,
+        /// Sign with this private key (PKCS#8 PEM, Ed25519 or P-256, as
+        /// `ptt-relay keygen` writes) instead of the HS256 secret.
+        #[arg(long, requires = "kid")]
+        private_key: Option<PathBuf>,
+        /// The key id the relay knows the public key by (its JWKS `kid`).
+        #[arg(long, requires = "private_key")]
+        kid: Option<String>,
+    },
+    /// Make a key pair for public-key tokens: the private key (PKCS#8 PEM,
+    /// for the app backend that mints tokens) and its public key added to
+    /// a JWKS file (for the relay's `token_keys`).
+    Keygen {
+        /// ed25519 (EdDSA tokens) or es256 (P-256).
+        #[arg(long, default_value = "ed25519")]
+        alg: codec::token::KeyAlg,
+        /// Key id: names the key in the JWKS and in tokens' `kid`.
+        #[arg(long)]
+        kid: String,
+        /// Where to write the private key (must not exist).
+        #[arg(long)]
+        private_key: PathBuf,
+        /// JWKS file the public key is added to (created if missing).
+        #[arg(long)]
+        jwks: PathBuf,
     },
 }
 
@@ -91,7 +116,18 @@ async fn main() -> anyhow::Result<()> {
             user,
             ttl,
             channels,
+            private_key,
+            kid,
         } => {
+            let channels = channels.into_iter().collect();
+            if let (Some(pk), Some(kid)) = (private_key, kid) {
+                let pem =
+                    std::fs::read(&pk).with_context(|| format!("reading {}", pk.display()))?;
+                let key = codec::token::SigningKey::from_pem(&pem, &kid)
+                    .with_context(|| format!("{}", pk.display()))?;
+                println!("{}", key.mint_with_channels(&user, ttl, channels)?);
+                return Ok(());
+            }
             let path = secret.unwrap_or_else(|| data_dir.join("token.secret"));
             let key =
                 codec::token::TokenKey::from_file(&path, Duration::ZERO).with_context(|| {
@@ -100,13 +136,56 @@ async fn main() -> anyhow::Result<()> {
                         path.display()
                     )
                 })?;
-            println!(
-                "{}",
-                key.mint_with_channels(&user, ttl, channels.into_iter().collect())?
-            );
+            println!("{}", key.mint_with_channels(&user, ttl, channels)?);
             Ok(())
         }
+        Cmd::Keygen {
+            alg,
+            kid,
+            private_key,
+            jwks,
+        } => keygen(alg, &kid, &private_key, &jwks),
     }
+}
+
+/// `ptt-relay keygen`: a new key pair, the private key written (mode 0600,
+/// never over an existing file), the public key added to the JWKS.
+fn keygen(
+    alg: codec::token::KeyAlg,
+    kid: &str,
+    private_key: &std::path::Path,
+    jwks: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut set: serde_json::Value = match std::fs::read_to_string(jwks) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", jwks.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({ "keys": [] }),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", jwks.display())),
+    };
+    let keys = set
+        .get_mut("keys")
+        .and_then(|k| k.as_array_mut())
+        .with_context(|| format!("{} has no \"keys\" array", jwks.display()))?;
+    anyhow::ensure!(
+        !keys.iter().any(|k| k["kid"] == kid),
+        "{} already has a key `{kid}`",
+        jwks.display()
+    );
+    let (pem, jwk) = codec::token::generate_key(alg, kid)?;
+    relay::tls::write_private(private_key, pem.as_bytes())
+        .with_context(|| format!("writing {}", private_key.display()))?;
+    keys.push(jwk);
+    // Written whole, then renamed: a relay reloading it never reads half.
+    let tmp = jwks.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&set)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, jwks).with_context(|| format!("writing {}", jwks.display()))?;
+    eprintln!(
+        "wrote {} (private: for the token minter) and added `{kid}` to {} (public: the relay's token_keys)",
+        private_key.display(),
+        jwks.display()
+    );
+    Ok(())
 }
 
 fn print_banner(relay: &Relay) {
