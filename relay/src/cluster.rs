@@ -565,7 +565,7 @@ impl Cluster {
             if self.kept.contains_key(&(recipient.clone(), clip.meta.id)) {
                 continue;
             }
-            let elsewhere = !shared.sessions.contains_key(&recipient);
+            let elsewhere = !shared.router.is_online(&recipient);
             if let Err(e) = self.keep(&clip, &recipient, elsewhere).await {
                 warn!(error = %e, "cluster: backfill stopped; tried again shortly");
                 return false;
@@ -585,7 +585,7 @@ impl Cluster {
     /// stream, unless it came here live (then this relay has it, and may
     /// have delivered it already).
     async fn kept_for(&self, shared: &Shared, user: &str, clip: ClipId, seq: u64) {
-        let Some(session) = shared.sessions.get(user).map(|s| s.clone()) else {
+        let Some(session) = shared.router.session(user) else {
             return;
         };
         if known(shared, &clip).await {
@@ -924,26 +924,10 @@ impl Cluster {
             }
         };
         let sender: Arc<str> = Arc::from(d.sender.as_str());
-        let (recipients, channel): (Vec<Arc<str>>, Option<String>) = match &d.target {
-            Target::User(u) => (
-                shared
-                    .sessions
-                    .get(u.as_str())
-                    .map(|s| vec![s.user.clone()])
-                    .unwrap_or_default(),
-                None,
-            ),
-            Target::Channel(c) => {
-                let mut v: Vec<Arc<str>> = shared.members.get(c).map_or_else(Vec::new, |m| {
-                    m.iter()
-                        .map(|e| e.value().user.clone())
-                        .filter(|u| *u != sender)
-                        .collect()
-                });
-                v.sort();
-                v.dedup();
-                (v, Some(c.clone()))
-            }
+        let recipients = shared.router.local_recipients(&d.target, &sender);
+        let channel = match &d.target {
+            Target::Channel(c) => Some(c.clone()),
+            Target::User(_) => None,
         };
         if recipients.is_empty() {
             return;
@@ -959,7 +943,7 @@ impl Cluster {
         let pre_skip = meta.format.pre_skip;
         let live = LiveClip::new(meta);
         for r in &recipients {
-            if let Some(s) = shared.sessions.get(r).map(|s| s.clone())
+            if let Some(s) = shared.router.session(r)
                 && !s.offer_live(live.clone())
             {
                 metrics::hot().live_fallbacks.increment(1);
@@ -985,22 +969,8 @@ impl Cluster {
         let stored = Arc::new(StoredClip::new(r.live.meta.clone(), r.live.body(), end));
         match shared.store.append(stored.clone(), &r.recipients).await {
             Ok(Appended::New) => {
-                if let Some(c) = &r.channel {
-                    crate::session::record_history(
-                        shared,
-                        c,
-                        &stored,
-                        &r.recipients,
-                        &stored.meta.sender,
-                    )
-                    .await;
-                }
-                r.live.complete(stored);
-                for u in &r.recipients {
-                    if let Some(s) = shared.sessions.get(u).map(|s| s.clone()) {
-                        s.store_changed();
-                    }
-                }
+                let channel = r.channel.as_deref();
+                crate::session::stored_new(shared, &r.live, stored, &r.recipients, channel).await;
             }
             Ok(Appended::Duplicate) => r.live.complete(stored),
             Ok(Appended::Conflict) | Err(_) => {

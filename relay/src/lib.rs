@@ -12,6 +12,7 @@ pub mod faults;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod router;
 pub mod segment_log;
 pub mod server;
 pub mod session;

@@ -290,7 +290,7 @@ pub fn render(shared: &Shared) -> Option<String> {
         CONNECTIONS_OPEN,
         shared.connections.load(Ordering::SeqCst) as f64,
     );
-    g(SESSIONS_OPEN, shared.sessions.len() as f64);
+    g(SESSIONS_OPEN, shared.router.online() as f64);
     g(
         CLUSTER_CONNECTED,
         f64::from(u8::from(
@@ -309,11 +309,11 @@ pub fn render(shared: &Shared) -> Option<String> {
     g(STORE_LIMIT, shared.config.max_store_bytes as f64);
     g(STORE_IDS, st.remembered_ids as f64);
     let (mut max, mut total) = (0usize, 0usize);
-    for s in &shared.sessions {
-        let d = s.value().queue_depth();
+    shared.router.for_each_session(|s| {
+        let d = s.queue_depth();
         max = max.max(d);
         total += d;
-    }
+    });
     g(QUEUE_DEPTH_MAX, max as f64);
     g(QUEUE_DEPTH_TOTAL, total as f64);
     if let Some(p) = PROCESS.get() {

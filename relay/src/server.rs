@@ -35,8 +35,8 @@ pub struct Shared {
     /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
     public_keys: std::sync::RwLock<Arc<PublicKeys>>,
     pub store: Arc<dyn ClipStore>,
-    /// The live session of each connected user (the newest connection wins).
-    pub sessions: DashMap<Arc<str>, Arc<Session>>,
+    /// Sessions by user, channel members and floors (`router.rs`).
+    pub router: Router,
     uploads: DashMap<ClipId, Upload>,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
@@ -55,10 +55,6 @@ pub struct Shared {
     handshakes: std::sync::Mutex<crate::limits::Bucket>,
     /// Bytes of clips being uploaded now.
     pub inflight: AtomicU64,
-    /// Online members of each talk channel, by session id.
-    pub members: DashMap<String, DashMap<u64, Arc<Session>>>,
-    /// Who holds each channel's floor.
-    pub floors: DashMap<String, Floor>,
     /// Recent clips of each channel, for members who were offline.
     pub history: DashMap<String, History>,
     /// The history entries each (user, channel) has been given (recent
@@ -79,12 +75,18 @@ pub struct History {
     pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
 }
 
-/// A channel's floor: the talker whose clip is going out.
-pub struct Floor {
-    pub user: Arc<str>,
-    pub upload: u64,
-    pub priority: bool,
-    pub stop: session::Stop,
+/// The relay's router: sessions are `Arc<Session>`, a floor holder is
+/// stopped through its upload's `Stop`.
+pub type Router = crate::router::Router<Arc<Session>, session::Stop>;
+
+impl crate::router::Member for Arc<Session> {
+    fn session_id(&self) -> u64 {
+        self.id
+    }
+
+    fn user(&self) -> &Arc<str> {
+        &self.user
+    }
 }
 
 impl Shared {
@@ -276,7 +278,7 @@ impl Relay {
             key,
             public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
             store,
-            sessions: DashMap::new(),
+            router: Router::default(),
             uploads: DashMap::new(),
             next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -293,8 +295,6 @@ impl Relay {
                 std::time::Instant::now(),
             )),
             inflight: AtomicU64::new(0),
-            members: DashMap::new(),
-            floors: DashMap::new(),
             history: DashMap::new(),
             history_seen: DashMap::new(),
             cursors: (config.store == StoreKind::Disk)
@@ -365,7 +365,7 @@ impl Relay {
         info!("shutting down: no new connections");
         // Tell every client to move, spreading their reconnects over a few
         // seconds so the next relay is not hit by all of them at once.
-        let sessions: Vec<_> = s.sessions.iter().map(|e| e.value().clone()).collect();
+        let sessions = s.router.sessions();
         let goodbyes = sessions.into_iter().map(|sess| async move {
             crate::metrics::count1(crate::metrics::GOAWAYS);
             let jitter = rand::random::<u64>() % 5_000;
@@ -387,7 +387,7 @@ impl Relay {
         // queues a close for each connection's driver, so the sessions'
         // connections are closed here directly, at once; the endpoint
         // closes the rest (still authenticating).
-        for sess in s.sessions.iter() {
+        for sess in s.router.sessions() {
             quic::close(&sess.conn, ErrorCode::GoingAway, "relay shutting down");
         }
         self.endpoint

@@ -174,13 +174,7 @@ pub async fn run(
             return;
         }
     };
-    for ch in session.channels.keys() {
-        shared
-            .members
-            .entry(ch.clone())
-            .or_default()
-            .insert(session.id, session.clone());
-    }
+    shared.router.join(&session, session.channels.keys());
     // Other relays' live clips for this user and its channels.
     let subjects = match &shared.cluster {
         Some(c) => c.join(&shared, &session),
@@ -199,15 +193,7 @@ pub async fn run(
         () = pump(&shared, &session, &mut live_rx) => {}
         () = cancel.cancelled() => {}
     }
-    shared
-        .sessions
-        .remove_if(&session.user, |_, s| s.id == session.id);
-    for ch in session.channels.keys() {
-        if let Some(m) = shared.members.get(ch) {
-            m.remove(&session.id);
-        }
-        shared.members.remove_if(ch, |_, m| m.is_empty());
-    }
+    shared.router.leave(&session, session.channels.keys());
     if let Some(c) = &shared.cluster {
         for subj in &subjects {
             c.unwant(subj);
@@ -276,10 +262,7 @@ async fn authenticate(
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
     // Kept open for a later `GoAway`.
     *session.control.lock().await = Some(send);
-    if let Some(old) = shared
-        .sessions
-        .insert(session.user.clone(), session.clone())
-    {
+    if let Some(old) = shared.router.register(session.clone()) {
         quic::close(
             &old.conn,
             ErrorCode::SessionReplaced,
@@ -469,7 +452,7 @@ async fn upload(
     });
     let live = LiveClip::new(meta.clone());
     for r in &recipients {
-        let s = shared.sessions.get(r).map(|s| s.clone());
+        let s = shared.router.session(r);
         match s {
             Some(s) if !s.offer_live(live.clone()) => {
                 metrics::hot().live_fallbacks.increment(1);
@@ -536,7 +519,7 @@ async fn upload(
             let stored = match (&shared.cluster, &channel, stored) {
                 (Some(c), None, Ok(false)) => {
                     for r in &recipients {
-                        let elsewhere = !shared.sessions.contains_key(r);
+                        let elsewhere = !shared.router.is_online(r);
                         if let Err(e) = c.keep(&clip, r, elsewhere).await {
                             warn!(error = %e, "cluster: clip kept on this relay only");
                         }
@@ -553,16 +536,7 @@ async fn upload(
                 (_, _, s) => s,
             };
             if matches!(stored, Ok(false)) {
-                if let Some(c) = &channel {
-                    record_history(shared, c, &clip, &recipients, &session.user).await;
-                }
-                live.complete(clip);
-                for r in &recipients {
-                    let s = shared.sessions.get(r).map(|s| s.clone());
-                    if let Some(s) = s {
-                        s.store_changed();
-                    }
-                }
+                stored_new(shared, &live, clip, &recipients, channel.as_deref()).await;
             } else {
                 live.cut(ErrorCode::CutOff);
             }
@@ -583,7 +557,7 @@ async fn upload(
     };
     shared.end_upload(id, upload_no);
     if let Some(c) = &channel {
-        shared.floors.remove_if(c, |_, f| f.upload == upload_no);
+        shared.router.release_floor(c, upload_no);
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
             cl.release_floor(rev).await;
         }
@@ -669,6 +643,28 @@ fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
     })
 }
 
+/// What follows the store append of a new clip, whoever received it (an
+/// upload here, or a clip relayed from another relay): a channel clip
+/// enters the channel's history, live recipients get its end, and the
+/// recipients' delivery pumps look at the store again.
+pub(crate) async fn stored_new(
+    shared: &Shared,
+    live: &LiveClip,
+    clip: Arc<StoredClip>,
+    recipients: &[Arc<str>],
+    channel: Option<&str>,
+) {
+    if let Some(c) = channel {
+        record_history(shared, c, &clip, recipients, &clip.meta.sender).await;
+    }
+    live.complete(clip);
+    for r in recipients {
+        if let Some(s) = shared.router.session(r) {
+            s.store_changed();
+        }
+    }
+}
+
 /// Keeps a channel clip for members who were offline. Recipients (and the
 /// sender) are marked as having it; members who came online while it was
 /// being sent get a copy now.
@@ -714,11 +710,7 @@ pub(crate) async fn record_history(
     }
     // Members online now that were not recipients (they connected while the
     // clip was being sent): the only ones whose claim is still open.
-    let online: Vec<Arc<Session>> = shared
-        .members
-        .get(c)
-        .map_or_else(Vec::new, |m| m.iter().map(|e| e.value().clone()).collect());
-    for s in online {
+    for s in shared.router.channel_members(c) {
         // Claim the entry first: a replay at connect may race with this.
         if !claim_seen(shared, &s.user, c, seq) {
             continue;
@@ -803,45 +795,34 @@ fn take_floor(
     upload: u64,
     stop: &Stop,
 ) -> Result<(), Refused> {
-    let priority = session.channels.get(c) == Some(&Right::Priority);
-    let mine = crate::server::Floor {
+    use crate::router::{FloorClaim, FloorDecision};
+    let claim = FloorClaim {
         user: session.user.clone(),
         upload,
-        priority,
+        priority: session.channels.get(c) == Some(&Right::Priority),
         stop: stop.clone(),
     };
-    match shared.floors.entry(c.to_owned()) {
-        dashmap::Entry::Vacant(v) => {
-            v.insert(mine);
-            metrics::count1(metrics::FLOOR_GRANTS);
-            Ok(())
+    // The holder's clip, when displaced, is cut for its listeners.
+    match shared.router.take_floor(c, claim) {
+        FloorDecision::Granted => {}
+        FloorDecision::Superseded(old) => old.stop(ErrorCode::CutOff, "superseded by a newer clip"),
+        FloorDecision::Preempted { stop: old, .. } => {
+            old.stop(
+                ErrorCode::Preempted,
+                format!("{} (priority) took the floor of {c}", session.user),
+            );
+            metrics::count1(metrics::FLOOR_PREEMPTIONS);
         }
-        dashmap::Entry::Occupied(mut o) => {
-            let held = o.get();
-            if held.user == session.user || (priority && !held.priority) {
-                // The holder's clip is cut for its listeners.
-                if held.user == session.user {
-                    held.stop
-                        .stop(ErrorCode::CutOff, "superseded by a newer clip");
-                } else {
-                    held.stop.stop(
-                        ErrorCode::Preempted,
-                        format!("{} (priority) took the floor of {c}", session.user),
-                    );
-                    metrics::count1(metrics::FLOOR_PREEMPTIONS);
-                }
-                o.insert(mine);
-                metrics::count1(metrics::FLOOR_GRANTS);
-                Ok(())
-            } else {
-                metrics::count1(metrics::FLOOR_BUSY);
-                Err(Refused::new(
-                    ErrorCode::FloorBusy,
-                    format!("busy: {} holds the floor of {c}", held.user),
-                ))
-            }
+        FloorDecision::Busy { holder } => {
+            metrics::count1(metrics::FLOOR_BUSY);
+            return Err(Refused::new(
+                ErrorCode::FloorBusy,
+                format!("busy: {holder} holds the floor of {c}"),
+            ));
         }
     }
+    metrics::count1(metrics::FLOOR_GRANTS);
+    Ok(())
 }
 
 enum Admit {
@@ -851,28 +832,16 @@ enum Admit {
 
 /// Checks the header: target, and whether this id was seen.
 async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
-    let recipients = match &h.target {
-        Target::User(u) => vec![Arc::from(u.as_str())],
-        Target::Channel(c) => {
-            if session.channels.get(c).is_none_or(|r| *r < Right::Talk) {
-                return Err(Refused::new(
-                    ErrorCode::NotAllowed,
-                    format!("no talk right in channel {c}"),
-                ));
-            }
-            // Every other online member (each has at least listen).
-            shared.members.get(c).map_or_else(Vec::new, |m| {
-                let mut v: Vec<Arc<str>> = m
-                    .iter()
-                    .map(|e| e.value().user.clone())
-                    .filter(|u| *u != session.user)
-                    .collect();
-                v.sort();
-                v.dedup();
-                v
-            })
-        }
-    };
+    if let Target::Channel(c) = &h.target
+        && session.channels.get(c).is_none_or(|r| *r < Right::Talk)
+    {
+        return Err(Refused::new(
+            ErrorCode::NotAllowed,
+            format!("no talk right in channel {c}"),
+        ));
+    }
+    // The user, or every other online member (each has at least listen).
+    let recipients = shared.router.recipients(&h.target, &session.user);
     match shared.store.sender_of(&h.clip_id).await {
         Ok(Some(s)) => match Appended::for_known(&s, &session.user) {
             Appended::Duplicate => Ok(Admit::Duplicate),

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Two relay builds side by side on core 0 (this build and an earlier one),
+# the same `client-sim load` against each in turn on core 1, builds
+# alternating round by round: the upload clip rate and the relay's CPU per
+# delivered packet (live), with lost/duplicated/corrupted for every run.
+#
+#   scripts/bench-vs-build.sh ROUNDS OTHER_PTT_RELAY_BINARY
+#
+# Needs `cargo build --release -p relay -p client-sim` first, and taskset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+other=${2:?the other build\'s ptt-relay binary}
+load=target/release/client-sim
+flags=(--max-clips-per-minute 0 --max-clip-bytes-per-minute 0 --max-handshakes-per-second 0)
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+taskset -c 0 target/release/ptt-relay serve --data-dir "$work/this" --listen 127.0.0.1:4441 \
+  --admin 127.0.0.1:9481 "${flags[@]}" 2>"$work/this.log" >/dev/null &
+pid_this=$!
+taskset -c 0 "$other" serve --data-dir "$work/other" --listen 127.0.0.1:4442 \
+  --admin 127.0.0.1:9482 "${flags[@]}" 2>"$work/other.log" >/dev/null &
+pid_other=$!
+sleep 2
+cat >"$work/show.py" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[3]:7} {sys.argv[2]:6} clips/s {r['clips_per_s']:9.1f}  relay us/packet "
+      f"{r['relay']['cpu_us_per_packet']:6.2f}  lost {r['lost']} dup {r['duplicated']} "
+      f"corrupt {r['corrupted']}")
+PY
+run() { # name port pid label load-args...
+  local name=$1 port=$2 pid=$3 label=$4
+  shift 4
+  rm -f "$work/r.json"
+  taskset -c 1 "$load" load --relay "127.0.0.1:$port" --ca "$work/$name/cert.pem" \
+    --secret "$work/$name/token.secret" --relay-pid "$pid" "$@" \
+    --report-json "$work/r.json" >/dev/null 2>&1 || true
+  python3 "$work/show.py" "$work/r.json" "$name" "$label"
+}
+for round in $(seq "$rounds"); do
+  echo "round $round"
+  for b in this other; do
+    if [ $b = this ]; then port=4441 pid=$pid_this; else port=4442 pid=$pid_other; fi
+    run $b $port "$pid" upload --users 200 --duration 8s --clip-min 1s --clip-max 1s \
+      --mode upload --talk-interval 1ms
+    run $b $port "$pid" live --users 1000 --duration 15s --talk-interval 2s \
+      --clip-min 1s --clip-max 3s
+  done
+done
