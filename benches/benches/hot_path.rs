@@ -164,7 +164,7 @@ fn routing(c: &mut Criterion) {
             let live = LiveClip::new(clip(0).meta.clone());
             let mut readers: Vec<_> = (0..n).map(|_| live.reader()).collect();
             b.iter(|| {
-                live.push(packet.clone(), 1);
+                live.push(packet.clone(), 1).expect("an unpoisoned clip");
                 rt.block_on(async {
                     for r in &mut readers {
                         match r.next().await {

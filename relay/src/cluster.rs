@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use codec::cluster::{Relayed, subject_token};
 use codec::wire::{ClipId, Target};
@@ -182,20 +181,65 @@ pub fn relay_subject(id: u64) -> String {
     format!("ptt.r.{id:016x}")
 }
 
+/// A boxed source error (NATS's errors come in many types).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a cluster operation failed. None of them stops the relay: it serves
+/// on its own and the cluster work is redone when the link is back.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A `cluster` URL does not parse: fix the setting.
+    #[error("cluster URL {url:?}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Cut off from NATS right now: the caller goes on alone (this relay
+    /// keeps the clip; the floor is decided here).
+    #[error("not connected to NATS")]
+    NotConnected,
+    /// NATS or JetStream failed a request (`what`): retried later.
+    #[error("{what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Other relays changed the channel's floor at the same moment on every
+    /// try: the relay decides alone this time.
+    #[error("floor of {0} contended")]
+    Contended(String),
+}
+
+/// Maps a NATS error to [`ClusterError::Nats`] saying what was being done.
+fn nats<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> ClusterError {
+    let what = what.into();
+    move |e| ClusterError::Nats {
+        what,
+        source: Box::new(e),
+    }
+}
+
 impl Cluster {
     /// Connects to the NATS servers in `urls` (comma-separated), retrying
     /// in the background if none answers yet, and opens (or creates) the
     /// JetStream stream of stored clips.
-    pub async fn connect(cfg: &crate::Config) -> anyhow::Result<Arc<Cluster>> {
+    pub async fn connect(cfg: &crate::Config) -> Result<Arc<Cluster>, ClusterError> {
         let urls = cfg.cluster.as_str();
         let addrs: Vec<async_nats::ServerAddr> = urls
             .split(',')
             .map(|u| {
                 u.trim()
                     .parse()
-                    .with_context(|| format!("cluster URL {u:?}"))
+                    .map_err(|e: std::io::Error| ClusterError::Url {
+                        url: u.to_owned(),
+                        source: Box::new(e),
+                    })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, _>>()?;
         let connected = Arc::new(AtomicBool::new(false));
         let links = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let flag = connected.clone();
@@ -226,7 +270,7 @@ impl Cluster {
             })
             .connect(addrs)
             .await
-            .context("connecting to the cluster's NATS")?;
+            .map_err(nats("connecting to the cluster's NATS"))?;
         if client.connection_state() == async_nats::connection::State::Connected {
             connected.store(true, Ordering::SeqCst);
         }
@@ -248,24 +292,22 @@ impl Cluster {
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "opening JetStream stream {STREAM} (is nats-server running with -js?): {e}"
-                )
-            })?;
+            .map_err(nats(format!(
+                "opening JetStream stream {STREAM} (is nats-server running with -js?)"
+            )))?;
         let floors = js
             .get_or_create_stream(stream::Config {
                 name: FLOORS.into(),
                 subjects: vec!["ptt.floor.>".into()],
                 max_messages_per_subject: 1,
                 // A floor whose relay died goes after the longest clip.
-                max_age: cfg.max_clip_duration + Duration::from_secs(10),
+                max_age: cfg.max_clip_duration + cfg.max_upload_lag + Duration::from_secs(10),
                 storage: stream::StorageType::Memory,
                 num_replicas: cfg.cluster_replicas,
                 ..Default::default()
             })
             .await
-            .map_err(|e| anyhow::anyhow!("opening JetStream stream {FLOORS}: {e}"))?;
+            .map_err(nats(format!("opening JetStream stream {FLOORS}")))?;
         let history = js
             .get_or_create_stream(stream::Config {
                 name: HISTORY.into(),
@@ -279,7 +321,7 @@ impl Cluster {
                 ..Default::default()
             })
             .await
-            .map_err(|e| anyhow::anyhow!("opening JetStream stream {HISTORY}: {e}"))?;
+            .map_err(nats(format!("opening JetStream stream {HISTORY}")))?;
         Ok(Arc::new(Cluster {
             history,
             js,
@@ -421,24 +463,35 @@ impl Cluster {
         });
     }
 
-    async fn publish(&self, subject: &str, msg: Relayed) -> Result<(), ()> {
+    async fn publish(&self, subject: &str, msg: Relayed) -> Result<(), ClusterError> {
         self.publish_bytes(subject, msg.encode()).await
     }
 
-    async fn publish_bytes(&self, subject: &str, payload: Bytes) -> Result<(), ()> {
-        self.client
+    async fn publish_bytes(&self, subject: &str, payload: Bytes) -> Result<(), ClusterError> {
+        let r = self
+            .client
             .publish(subject.to_owned(), payload)
             .await
-            .map_err(|e| debug!(error = %e, "cluster publish failed"))
+            .map_err(nats("publishing"));
+        if let Err(e) = &r {
+            debug!(error = %e, "cluster publish failed");
+        }
+        r
     }
 
     /// Takes channel `channel`'s floor cluster-wide for `me`: free, held by
     /// the same user (a retry or a newer clip), or pre-empted by a
     /// priority talker (the holder's relay is told to cut its clip).
-    pub async fn take_floor(&self, channel: &str, me: FloorHolder) -> anyhow::Result<FloorAnswer> {
+    pub async fn take_floor(
+        &self,
+        channel: &str,
+        me: FloorHolder,
+    ) -> Result<FloorAnswer, ClusterError> {
         // Cut off: fail at once (the relay then decides alone) instead of
         // holding the talker for JetStream's timeout.
-        anyhow::ensure!(self.connected(), "not connected to NATS");
+        if !self.connected() {
+            return Err(ClusterError::NotConnected);
+        }
         let subject = floor_subject(channel);
         for _ in 0..8 {
             if let Some(seq) = self.put_floor(&subject, &me, 0).await? {
@@ -471,7 +524,7 @@ impl Cluster {
                 return Ok(FloorAnswer::Granted(seq));
             }
         }
-        Err(anyhow::anyhow!("floor of {channel} contended"))
+        Err(ClusterError::Contended(channel.to_owned()))
     }
 
     /// Publishes `me` as the floor's holder if the subject's last message
@@ -482,7 +535,7 @@ impl Cluster {
         subject: &str,
         me: &FloorHolder,
         expect: u64,
-    ) -> anyhow::Result<Option<u64>> {
+    ) -> Result<Option<u64>, ClusterError> {
         use async_nats::jetstream::context::PublishErrorKind;
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(me.encode())
@@ -494,7 +547,7 @@ impl Cluster {
         match ack {
             Ok(a) => Ok(Some(a.sequence)),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
-            Err(e) => Err(anyhow::anyhow!("{e}")),
+            Err(e) => Err(nats("taking a floor")(e)),
         }
     }
 
@@ -517,7 +570,7 @@ impl Cluster {
         clip: &StoredClip,
         recipient: &Arc<str>,
         elsewhere: bool,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ClusterError> {
         // Cut off, this fails at once: this relay's own store has the clip.
         let ack = self.publish_clip(store_subject(recipient), clip).await?;
         self.kept.insert(
@@ -561,7 +614,7 @@ impl Cluster {
             }
             n += 1;
         }
-        for (recipient, clip) in shared.store.pending_direct() {
+        for (recipient, clip) in shared.cache.pending_direct() {
             if self.kept.contains_key(&(recipient.clone(), clip.meta.id)) {
                 continue;
             }
@@ -604,7 +657,7 @@ impl Cluster {
             .insert((session.user.clone(), clip.meta.id), (seq, Instant::now()));
         // Unknown here (checked above, before the fetch).
         if shared
-            .store
+            .cache
             .cache_copy(session.user.clone(), Arc::new(clip))
         {
             session.store_changed();
@@ -682,7 +735,11 @@ impl Cluster {
     /// Keeps an accepted channel clip in the cluster's channel history, so
     /// members who were offline get it from any relay; cut off, it waits
     /// for the next link (see [`Cluster::backfill`]).
-    pub async fn keep_history(&self, channel: &str, clip: &Arc<StoredClip>) -> anyhow::Result<()> {
+    pub async fn keep_history(
+        &self,
+        channel: &str,
+        clip: &Arc<StoredClip>,
+    ) -> Result<(), ClusterError> {
         let r = self.put_history(channel, clip).await;
         if r.is_err()
             && let Ok(mut q) = self.unkept_history.lock()
@@ -692,7 +749,7 @@ impl Cluster {
         r
     }
 
-    async fn put_history(&self, channel: &str, clip: &StoredClip) -> anyhow::Result<()> {
+    async fn put_history(&self, channel: &str, clip: &StoredClip) -> Result<(), ClusterError> {
         self.publish_clip(history_subject(channel), clip).await?;
         Ok(())
     }
@@ -705,12 +762,19 @@ impl Cluster {
         &self,
         subject: String,
         clip: &StoredClip,
-    ) -> anyhow::Result<async_nats::jetstream::publish::PublishAck> {
-        anyhow::ensure!(self.connected(), "not connected to NATS");
+    ) -> Result<async_nats::jetstream::publish::PublishAck, ClusterError> {
+        if !self.connected() {
+            return Err(ClusterError::NotConnected);
+        }
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(Bytes::from(clip.to_record()))
             .message_id(clip.meta.id.to_hex());
-        Ok(self.js.send_publish(subject, msg).await?.await?)
+        self.js
+            .send_publish(subject, msg)
+            .await
+            .map_err(nats("publishing a clip to JetStream"))?
+            .await
+            .map_err(nats("JetStream's ack of a clip"))
     }
 
     /// Queues for `user` the clips of `channels`' cluster history this
@@ -721,7 +785,7 @@ impl Cluster {
         shared: &Shared,
         user: &Arc<str>,
         channels: impl Iterator<Item = &String>,
-    ) -> anyhow::Result<usize> {
+    ) -> Result<usize, ClusterError> {
         let mut new = 0;
         for ch in channels {
             for (_, clip) in self.read_all(&self.history, history_subject(ch)).await? {
@@ -738,7 +802,7 @@ impl Cluster {
         &self,
         stream: &async_nats::jetstream::stream::Stream,
         subject: String,
-    ) -> anyhow::Result<Vec<(u64, StoredClip)>> {
+    ) -> Result<Vec<(u64, StoredClip)>, ClusterError> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
         let consumer = stream
             .create_consumer(pull::Config {
@@ -748,7 +812,8 @@ impl Cluster {
                 inactive_threshold: Duration::from_secs(30),
                 ..Default::default()
             })
-            .await?;
+            .await
+            .map_err(nats("reading a JetStream stream"))?;
         let mut left = consumer.cached_info().num_pending;
         let mut out = Vec::new();
         while left > 0 {
@@ -756,14 +821,21 @@ impl Cluster {
                 .fetch()
                 .max_messages(left.min(256) as usize)
                 .messages()
-                .await?;
+                .await
+                .map_err(nats("fetching from JetStream"))?;
             let mut got = 0;
             while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let m = m.map_err(|e| ClusterError::Nats {
+                    what: "fetching from JetStream".into(),
+                    source: e,
+                })?;
                 got += 1;
                 let seq = m
                     .info()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .map_err(|e| ClusterError::Nats {
+                        what: "a JetStream message's info".into(),
+                        source: e,
+                    })?
                     .stream_sequence;
                 match StoredClip::from_record(&m.payload) {
                     Some(c) => out.push((seq, c)),
@@ -780,7 +852,7 @@ impl Cluster {
 
     /// Loads what JetStream holds for `user` into this relay's store (in
     /// memory: JetStream keeps it durably); returns how many were new here.
-    async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> anyhow::Result<usize> {
+    async fn load_kept(&self, shared: &Shared, user: &Arc<str>) -> Result<usize, ClusterError> {
         let mut new = 0;
         for (seq, clip) in self.read_all(&self.stream, store_subject(user)).await? {
             let id = clip.meta.id;
@@ -857,7 +929,10 @@ impl Cluster {
                     .scan(&records)
                     .is_ok_and(|s| s.records == records.len() && s.end.is_none());
                 if ok {
-                    r.live.push(records, u64::from(packets));
+                    if let Err(e) = r.live.push(records, u64::from(packets)) {
+                        warn!(clip = %clip, error = %e, "cluster: relayed clip lost");
+                        r.live.cut(ErrorCode::Internal);
+                    }
                 } else {
                     drop(r);
                     warn!(clip = %clip, "cluster: bad packet records; clip cut");
@@ -966,7 +1041,14 @@ impl Cluster {
 
     async fn ended(&self, shared: &Arc<Shared>, r: Remote, end: codec::ClipEnd) {
         let clip = r.live.meta.id;
-        let stored = Arc::new(StoredClip::new(r.live.meta.clone(), r.live.body(), end));
+        let body = match r.live.body() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(clip = %clip, error = %e, "cluster: relayed clip lost");
+                return r.live.cut(ErrorCode::Internal);
+            }
+        };
+        let stored = Arc::new(StoredClip::new(r.live.meta.clone(), body, end));
         match shared.store.append(stored.clone(), &r.recipients).await {
             Ok(Appended::New) => {
                 let channel = r.channel.as_deref();
@@ -1029,7 +1111,7 @@ async fn known(shared: &Shared, id: &ClipId) -> bool {
 /// it: then its own copy, if still owed, delivers it, and queueing it again
 /// could repeat a delivered clip. True if queued.
 async fn queue_if_new(shared: &Shared, user: &Arc<str>, clip: StoredClip) -> bool {
-    !known(shared, &clip.meta.id).await && shared.store.cache_copy(user.clone(), Arc::new(clip))
+    !known(shared, &clip.meta.id).await && shared.cache.cache_copy(user.clone(), Arc::new(clip))
 }
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ use tracing::{error, info, warn};
 
 use crate::segment_log::{self as log, IDS_MAGIC, LogDir, LogFile, Record, SEGMENT_MAGIC};
 use crate::store::{
-    Appended, ClipStore, Cursor, HistoryEntry, MemoryStore, StoreError, StoreStats, StoredClip,
+    Appended, ClipStore, ClusterCache, Cursor, HistoryEntry, MemoryStore, StoreError, StoreStats,
+    StoredClip,
 };
 
 /// Most operations one commit takes.
@@ -199,8 +200,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Failed(e.to_string())
+fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Io {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
 }
 
 fn seg_name(n: u64) -> String {
@@ -236,8 +240,10 @@ impl DiskStore {
                  deliver its clips with that version before upgrading, or remove it"
             );
         }
-        let fs = log::FsDir::open(&dir.join("log"))
-            .map_err(|e| failed(format!("opening {}: {e}", dir.join("log").display())))?;
+        let fs = log::FsDir::open(&dir.join("log")).map_err(|e| StoreError::Io {
+            kind: e.kind(),
+            message: format!("opening {}: {e}", dir.join("log").display()),
+        })?;
         Self::open_with(Arc::new(fs), max_bytes, opts)
     }
 
@@ -253,7 +259,7 @@ impl DiskStore {
         std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || committer.run(rx))
-            .map_err(failed)?;
+            .map_err(io_error)?;
         let history = std::sync::Mutex::new(history);
         Ok((
             Self {
@@ -279,17 +285,14 @@ impl DiskStore {
 
     /// Queues an operation for the committer.
     async fn queue(&self, op: Op) -> Result<(), StoreError> {
-        self.ops
-            .send(op)
-            .await
-            .map_err(|_| failed("store committer stopped"))
+        self.ops.send(op).await.map_err(|_| StoreError::Stopped)
     }
 
     /// Queues an operation and waits for the committer's answer.
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.queue(op(tx)).await?;
-        rx.await.map_err(|_| failed("store committer stopped"))?
+        rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
 
@@ -425,7 +428,7 @@ struct Committer {
     bodies: Vec<(usize, bytes::Bytes)>,
     /// Set after a failed write or sync: what is on disk is unknown, so
     /// nothing more is acknowledged.
-    poisoned: Option<String>,
+    poisoned: Option<StoreError>,
 }
 
 /// Replays the log into `mem` and sets up the committer.
@@ -435,7 +438,7 @@ fn recover(
     opts: LogOptions,
 ) -> Result<(Committer, Recovered, Vec<HistoryEntry>), StoreError> {
     let mut rec = Recovered::default();
-    let names = dir.list().map_err(failed)?;
+    let names = dir.list().map_err(io_error)?;
     let mut seg_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "seg-")).collect();
     let mut ids_nums: Vec<u64> = names.iter().filter_map(|n| number(n, "ids-")).collect();
     let mut free: Vec<u64> = names.iter().filter_map(|n| number(n, "free-")).collect();
@@ -645,8 +648,8 @@ fn recover(
     // Spare files beyond the configured number go.
     while free.len() > opts.spare_segments {
         if let Some(n) = free.pop() {
-            dir.remove(&free_name(n)).map_err(failed)?;
-            dir.sync().map_err(failed)?;
+            dir.remove(&free_name(n)).map_err(io_error)?;
+            dir.sync().map_err(io_error)?;
         }
     }
     // New writes go to a new segment, numbered above every file that ever
@@ -703,19 +706,19 @@ fn open_segment(
     let Some(k) = free.pop() else {
         return new_file(dir, &seg_name(n), SEGMENT_MAGIC);
     };
-    let mut f = dir.reuse(&free_name(k), &seg_name(n)).map_err(failed)?;
-    f.append(SEGMENT_MAGIC).map_err(failed)?;
-    f.sync().map_err(failed)?;
-    dir.sync().map_err(failed)?;
+    let mut f = dir.reuse(&free_name(k), &seg_name(n)).map_err(io_error)?;
+    f.append(SEGMENT_MAGIC).map_err(io_error)?;
+    f.sync().map_err(io_error)?;
+    dir.sync().map_err(io_error)?;
     Ok(f)
 }
 
 /// Creates a file with its magic, durable (file and directory synced).
 fn new_file(dir: &dyn LogDir, name: &str, magic: &[u8; 8]) -> Result<Box<dyn LogFile>, StoreError> {
-    let mut f = dir.create(name).map_err(failed)?;
-    f.append(magic).map_err(failed)?;
-    f.sync().map_err(failed)?;
-    dir.sync().map_err(failed)?;
+    let mut f = dir.create(name).map_err(io_error)?;
+    f.append(magic).map_err(io_error)?;
+    f.sync().map_err(io_error)?;
+    dir.sync().map_err(io_error)?;
     Ok(f)
 }
 
@@ -851,16 +854,14 @@ impl Committer {
     fn poison(&mut self, e: &StoreError) {
         if self.poisoned.is_none() {
             error!(error = %e, "store write failed: no more clips are accepted until restart");
-            self.poisoned = Some(e.to_string());
+            self.poisoned = Some(e.clone());
         }
     }
 
     /// Appends the batch's records and syncs them.
     fn write_batch(&mut self) -> Result<(), StoreError> {
-        if let Some(why) = &self.poisoned {
-            return Err(failed(format!(
-                "store unavailable after a write failure: {why}"
-            )));
+        if let Some(first) = &self.poisoned {
+            return Err(StoreError::Unavailable(Box::new(first.clone())));
         }
         if self.buf.is_empty() {
             return Ok(());
@@ -879,7 +880,7 @@ impl Committer {
             .cur
             .append_parts(&parts)
             .and_then(|()| self.cur.sync())
-            .map_err(failed);
+            .map_err(io_error);
         match r {
             Ok(()) => {
                 if let Some(s) = self.segs.get_mut(&self.cur_seq) {
@@ -1157,7 +1158,7 @@ impl Committer {
                 self.ids_files.insert(n, 0);
             }
             if let Some((f, n, len)) = self.ids_file.as_mut() {
-                f.append(&carry).and_then(|()| f.sync()).map_err(failed)?;
+                f.append(&carry).and_then(|()| f.sync()).map_err(io_error)?;
                 *len += carry.len() as u64;
                 let e = self.ids_files.entry(*n).or_default();
                 *e = (*e).max(newest);
@@ -1175,12 +1176,12 @@ impl Committer {
             if recycle {
                 self.dir
                     .rename(&seg_name(*n), &free_name(*n))
-                    .map_err(failed)?;
+                    .map_err(io_error)?;
                 self.free.insert(0, *n);
             } else {
-                self.dir.remove(&seg_name(*n)).map_err(failed)?;
+                self.dir.remove(&seg_name(*n)).map_err(io_error)?;
             }
-            self.dir.sync().map_err(failed)?;
+            self.dir.sync().map_err(io_error)?;
             self.segs.remove(n);
         }
         Ok(())
@@ -1331,15 +1332,6 @@ impl ClipStore for DiskStore {
         Ok(n)
     }
 
-    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
-        self.mem.pending_direct()
-    }
-
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
-        // Acks of it find nothing in the log, and write nothing.
-        self.mem.cache(recipient, clip)
-    }
-
     fn stats(&self) -> StoreStats {
         self.mem.stats()
     }
@@ -1370,6 +1362,17 @@ impl ClipStore for DiskStore {
 
     async fn close(&self) {
         DiskStore::close(self).await;
+    }
+}
+
+impl ClusterCache for DiskStore {
+    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
+        self.mem.pending_direct()
+    }
+
+    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+        // Acks of it find nothing in the log, and write nothing.
+        self.mem.cache(recipient, clip)
     }
 }
 

@@ -12,6 +12,13 @@ use tokio::sync::watch;
 
 use crate::store::{ClipMeta, StoredClip};
 
+/// A live clip's lock was poisoned (a thread panicked while holding it):
+/// its bytes cannot be trusted whole, so the clip is refused rather than
+/// stored short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("live clip state lost (a thread panicked while holding its lock)")]
+pub struct Poisoned;
+
 /// How a live clip ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -61,43 +68,43 @@ impl LiveClip {
     /// Applies a change while the clip is open; once it has an outcome
     /// (complete or cut) that outcome is final and later changes are
     /// ignored, without waking the writers.
-    fn update(&self, f: impl FnOnce(&mut Inner)) {
-        if let Ok(mut g) = self.inner.lock()
-            && matches!(g.outcome, Outcome::Open)
-        {
+    fn update(&self, f: impl FnOnce(&mut Inner)) -> Result<(), Poisoned> {
+        let mut g = self.inner.lock().map_err(|_| Poisoned)?;
+        if matches!(g.outcome, Outcome::Open) {
             f(&mut g);
             drop(g);
             self.version.send_modify(|v| *v += 1);
         }
+        Ok(())
     }
 
-    /// Appends validated packet records (`packets` of them).
-    pub fn push(&self, segment: Bytes, packets: u64) {
+    /// Appends validated packet records (`packets` of them). An error
+    /// means the clip is lost: refuse its upload (its readers see a cut).
+    pub fn push(&self, segment: Bytes, packets: u64) -> Result<(), Poisoned> {
         let seg = Segment {
             bytes: segment,
             packets,
             at: std::time::Instant::now(),
         };
-        self.update(|g| g.segments.push(seg));
+        self.update(|g| g.segments.push(seg))
     }
 
     /// The clip is whole (stored, or being stored by a store that keeps
     /// early acks): writers send the end record.
+    /// (With a poisoned lock the readers already see a cut.)
     pub fn complete(&self, clip: Arc<StoredClip>) {
-        self.update(|g| g.outcome = Outcome::Complete(clip));
+        let _ = self.update(|g| g.outcome = Outcome::Complete(clip));
     }
 
     /// The clip will not complete.
     pub fn cut(&self, code: ErrorCode) {
-        self.update(|g| g.outcome = Outcome::Cut(code));
+        let _ = self.update(|g| g.outcome = Outcome::Cut(code));
     }
 
     /// All packet records so far, concatenated (one copy, at store time).
-    pub fn body(&self) -> Bytes {
-        let Ok(g) = self.inner.lock() else {
-            return Bytes::new();
-        };
-        match g.segments.as_slice() {
+    pub fn body(&self) -> Result<Bytes, Poisoned> {
+        let g = self.inner.lock().map_err(|_| Poisoned)?;
+        Ok(match g.segments.as_slice() {
             [] => Bytes::new(),
             [one] => one.bytes.clone(),
             many => {
@@ -108,7 +115,7 @@ impl LiveClip {
                 }
                 b.freeze()
             }
-        }
+        })
     }
 
     /// A reader positioned at the first segment.
@@ -207,8 +214,8 @@ mod tests {
     async fn readers_see_every_segment_then_the_end() {
         let clip = LiveClip::new(meta());
         let mut early = clip.reader();
-        clip.push(Bytes::from_static(b"a"), 1);
-        clip.push(Bytes::from_static(b"b"), 2);
+        clip.push(Bytes::from_static(b"a"), 1).unwrap();
+        clip.push(Bytes::from_static(b"b"), 2).unwrap();
         let Next::Data(d) = early.next().await else {
             panic!()
         };
@@ -226,10 +233,10 @@ mod tests {
             }
         });
         tokio::task::yield_now().await;
-        clip.push(Bytes::from_static(b"c"), 1);
+        clip.push(Bytes::from_static(b"c"), 1).unwrap();
         let stored = Arc::new(StoredClip::new(
             clip.meta.clone(),
-            clip.body(),
+            clip.body().unwrap(),
             ClipEnd {
                 packet_count: 0,
                 final_granule: 0,
@@ -257,7 +264,7 @@ mod tests {
         let mut r = clip.reader();
         let whole = Arc::new(StoredClip::new(
             clip.meta.clone(),
-            clip.body(),
+            clip.body().unwrap(),
             ClipEnd {
                 packet_count: 0,
                 final_granule: 0,
@@ -274,7 +281,27 @@ mod tests {
         let clip = LiveClip::new(meta());
         let mut r = clip.reader();
         clip.cut(ErrorCode::CutOff);
-        clip.push(Bytes::from_static(b"late"), 1);
+        clip.push(Bytes::from_static(b"late"), 1).unwrap();
         assert!(matches!(r.next().await, Next::Cut(ErrorCode::CutOff)));
+    }
+
+    /// A lock poisoned by a panicking thread: the clip's bytes are an
+    /// error, never an empty or short clip; readers see a cut.
+    #[tokio::test]
+    async fn a_poisoned_clip_is_an_error_not_an_empty_clip() {
+        let clip = LiveClip::new(meta());
+        clip.push(Bytes::from_static(b"a"), 1).unwrap();
+        let c = clip.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = c.inner.lock().unwrap();
+            panic!("poison the lock");
+        })
+        .join();
+        assert_eq!(clip.body(), Err(Poisoned));
+        assert_eq!(clip.push(Bytes::from_static(b"b"), 1), Err(Poisoned));
+        assert!(matches!(
+            clip.reader().next().await,
+            Next::Cut(ErrorCode::Internal)
+        ));
     }
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, StoreKind};
 use crate::session::{self, Session};
-use crate::store::{ClipStore, MemoryStore};
+use crate::store::{ClipStore, ClusterCache, MemoryStore};
 use crate::tls::{self, DataFiles};
 
 /// An upload in progress, so a retry of the same clip id can take over.
@@ -35,6 +35,8 @@ pub struct Shared {
     /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
     public_keys: std::sync::RwLock<Arc<PublicKeys>>,
     pub store: Arc<dyn ClipStore>,
+    /// The same store, as the cluster uses it.
+    pub cache: Arc<dyn ClusterCache>,
     /// Sessions by user, channel members and floors (`router.rs`).
     pub router: Router,
     uploads: DashMap<ClipId, Upload>,
@@ -247,8 +249,11 @@ impl Relay {
             Arc::new(quinn::TokioRuntime),
         )
         .with_context(|| format!("starting QUIC on UDP {}", config.listen))?;
-        let store: Arc<dyn ClipStore> = match config.store {
-            StoreKind::Memory => Arc::new(MemoryStore::new(config.max_store_bytes)),
+        let (store, cache): (Arc<dyn ClipStore>, Arc<dyn ClusterCache>) = match config.store {
+            StoreKind::Memory => {
+                let s = Arc::new(MemoryStore::new(config.max_store_bytes));
+                (s.clone(), s)
+            }
             StoreKind::Disk => {
                 let (s, rec) = crate::disk_store::DiskStore::open(
                     &config.data_dir,
@@ -265,7 +270,8 @@ impl Relay {
                         "the store held damaged records; they were skipped"
                     );
                 }
-                Arc::new(s)
+                let s = Arc::new(s);
+                (s.clone(), s)
             }
         };
         let cluster = if config.cluster.is_empty() {
@@ -278,6 +284,7 @@ impl Relay {
             key,
             public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
             store,
+            cache,
             router: Router::default(),
             uploads: DashMap::new(),
             next_id: AtomicU64::new(0),

@@ -484,9 +484,13 @@ async fn upload(
     }
     // Ok(duplicate?) once stored; the live clip completes only if new.
     let ended = std::time::Instant::now();
+    let result = result.and_then(|end| match live.body() {
+        Ok(body) => Ok((body, end)),
+        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+    });
     let outcome = match result {
-        Ok(end) => {
-            let clip = Arc::new(StoredClip::new(meta, live.body(), end));
+        Ok((body, end)) => {
+            let clip = Arc::new(StoredClip::new(meta, body, end));
             // The relay holds the clip whole: a store that keeps early
             // acks lets its live recipients have the end now, with the last
             // audio, rather than after the disk commit that `Accepted`
@@ -941,7 +945,8 @@ async fn receive_packets(
                 )
                 .retry_after(std::time::Duration::from_millis(500)));
             }
-            live.push(buf.split_to(scan.records).freeze(), packets);
+            live.push(buf.split_to(scan.records).freeze(), packets)
+                .map_err(|e| Refused::new(ErrorCode::Internal, e.to_string()))?;
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);

@@ -135,9 +135,20 @@ pub enum StoreError {
     /// The store is at its size budget: tell the sender to retry later.
     #[error("store full ({limit} bytes)")]
     Full { limit: u64 },
-    /// The engine failed; the clip was not stored.
-    #[error("store failure: {0}")]
-    Failed(String),
+    /// A disk operation failed; what was asked was not done.
+    #[error("store I/O error ({kind}): {message}")]
+    Io {
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+    /// The store's committer has stopped (the store was closed): nothing
+    /// more is stored.
+    #[error("store stopped")]
+    Stopped,
+    /// An earlier write failed, so the store refuses every change until the
+    /// relay restarts (and recovers from what is on disk).
+    #[error("store unavailable after a write failure: {0}")]
+    Unavailable(Box<StoreError>),
 }
 
 /// Outcome of [`ClipStore::append`].
@@ -240,15 +251,6 @@ pub trait ClipStore: Send + Sync + 'static {
 
     fn stats(&self) -> StoreStats;
 
-    /// Queues `clip` for `recipient` in memory only: it is kept durably
-    /// elsewhere (the cluster's JetStream stream). False if the recipient
-    /// already has it queued.
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
-
-    /// Every undelivered direct clip with its recipient, oldest first per
-    /// recipient (a cluster re-asserts them in JetStream).
-    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)>;
-
     /// Keeps `clip` as an entry of channel `channel`'s history (one copy
     /// per channel, as safe as this store keeps clips). Returns the entry's
     /// sequence number; numbers rise.
@@ -265,6 +267,20 @@ pub trait ClipStore: Send + Sync + 'static {
 
     /// Writes out what is pending and releases the store (shutdown).
     async fn close(&self) {}
+}
+
+/// What only a cluster asks of the store: copies kept durably elsewhere
+/// (JetStream) and queued here for delivery, and the direct clips this
+/// relay still owes, to re-assert them in JetStream.
+pub trait ClusterCache: Send + Sync + 'static {
+    /// Queues `clip` for `recipient` in memory only: it is kept durably
+    /// elsewhere (the cluster's JetStream stream). False if the recipient
+    /// already has it queued, or this relay knew the clip already.
+    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
+
+    /// Every undelivered direct clip with its recipient, oldest first per
+    /// recipient (a cluster re-asserts them in JetStream).
+    fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)>;
 }
 
 #[derive(Default)]
@@ -509,12 +525,22 @@ impl ClipStore for MemoryStore {
         Ok(dropped)
     }
 
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
-        self.cache(recipient, clip)
-    }
-
     fn holds(&self, recipient: &str, id: &ClipId) -> bool {
         self.holds_copy(recipient, id)
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            pending: self.pending.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            remembered_ids: self.ids.len() as u64,
+        }
+    }
+}
+
+impl ClusterCache for MemoryStore {
+    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+        self.cache(recipient, clip)
     }
 
     fn pending_direct(&self) -> Vec<(Arc<str>, Arc<StoredClip>)> {
@@ -527,14 +553,6 @@ impl ClipStore for MemoryStore {
             }
         }
         out
-    }
-
-    fn stats(&self) -> StoreStats {
-        StoreStats {
-            pending: self.pending.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            remembered_ids: self.ids.len() as u64,
-        }
     }
 }
 
