@@ -29,7 +29,7 @@
 //! clips in older ones, so deletion goes oldest first). A long-undelivered
 //! clip would pin its segment and everything after it: when more than
 //! [`LogOptions::sealed_segments`] segments are closed and the log is more
-//! than twice the live data, the oldest segment's live clips are written
+//! than twice the owed data, the oldest segment's owed clips are written
 //! again at the head (with their remaining recipients) and it is deleted.
 //!
 //! Crash safety: a segment is created, its magic synced and the directory
@@ -67,7 +67,7 @@ const QUEUE: usize = 4096;
 pub struct LogOptions {
     /// A new segment is started once the current one holds this many bytes.
     pub segment_bytes: u64,
-    /// Closed segments kept before the oldest one's live clips are
+    /// Closed segments kept before the oldest one's owed clips are
     /// rewritten so it can be deleted.
     pub sealed_segments: usize,
     /// An ids file is closed at this size.
@@ -375,7 +375,7 @@ impl Copies {
 }
 
 /// A clip some recipient is still owed, as the committer tracks it.
-struct Live {
+struct Owed {
     /// The segment holding its latest `Put`.
     seg: u64,
     clip: Arc<StoredClip>,
@@ -389,7 +389,7 @@ struct Live {
 #[derive(Default)]
 struct Seg {
     /// Clips whose latest `Put` is here and that someone is still owed.
-    live: u64,
+    owed: u64,
     /// File size.
     bytes: u64,
     /// Ids first put here: carried to an ids file when it is deleted.
@@ -399,7 +399,7 @@ struct Seg {
     v1: bool,
 }
 
-/// The write side: owns the files and the index of what is live where.
+/// The write side: owns the files and the index of what is owed where.
 struct Committer {
     dir: Arc<dyn LogDir>,
     opts: LogOptions,
@@ -411,8 +411,8 @@ struct Committer {
     /// `opts.spare_segments`.
     free: Vec<u64>,
     segs: BTreeMap<u64, Seg>,
-    live: HashMap<ClipId, Live>,
-    live_bytes: u64,
+    owed: HashMap<ClipId, Owed>,
+    owed_bytes: u64,
     /// Ids put in segments not yet deleted: (accepted_ms, sender).
     /// Retries of an id racing its first commit are answered from here.
     recent: HashMap<ClipId, (u64, Arc<str>)>,
@@ -602,8 +602,8 @@ fn recover(
     }
     let mut copies: Vec<(u64, Arc<str>, Arc<StoredClip>)> = Vec::new();
     let mut history = Vec::new();
-    let mut live = HashMap::with_capacity(state.len());
-    let mut live_bytes = 0;
+    let mut owed = HashMap::with_capacity(state.len());
+    let mut owed_bytes = 0;
     for (id, s) in state {
         rec.clips += 1;
         for (r, o) in s.copies.iter() {
@@ -613,12 +613,12 @@ fn recover(
             }
         }
         if let Some(seg) = segs.get_mut(&s.seg) {
-            seg.live += 1;
+            seg.owed += 1;
         }
-        live_bytes += s.bytes;
-        live.insert(
+        owed_bytes += s.bytes;
+        owed.insert(
             id,
-            Live {
+            Owed {
                 seg: s.seg,
                 clip: s.clip,
                 accepted_ms: s.accepted_ms,
@@ -664,8 +664,8 @@ fn recover(
         sealed: false,
         free,
         segs,
-        live,
-        live_bytes,
+        owed,
+        owed_bytes,
         recent,
         ids_file: None,
         next_ids_seq: ids_nums.last().map_or(1, |n| n + 1),
@@ -935,13 +935,13 @@ impl Committer {
     /// Starts tracking a clip put in the current segment.
     fn track(&mut self, id: ClipId, clip: Arc<StoredClip>, accepted_ms: u64, copies: Copies) {
         let bytes = clip.size();
-        self.live_bytes += bytes;
+        self.owed_bytes += bytes;
         if let Some(s) = self.segs.get_mut(&self.cur_seq) {
-            s.live += 1;
+            s.owed += 1;
         }
-        if let Some(old) = self.live.insert(
+        if let Some(old) = self.owed.insert(
             id,
-            Live {
+            Owed {
                 seg: self.cur_seq,
                 clip,
                 accepted_ms,
@@ -953,10 +953,10 @@ impl Committer {
         }
     }
 
-    fn untrack(&mut self, l: &Live) {
-        self.live_bytes -= l.bytes;
+    fn untrack(&mut self, l: &Owed) {
+        self.owed_bytes -= l.bytes;
         if let Some(s) = self.segs.get_mut(&l.seg) {
-            s.live -= 1;
+            s.owed -= 1;
         }
     }
 
@@ -965,7 +965,7 @@ impl Committer {
         let id = clip.meta.id;
         self.order += 1;
         let order = self.order;
-        match self.live.get_mut(&id) {
+        match self.owed.get_mut(&id) {
             Some(l) => match l.copies.get(&recipient) {
                 Some(o) => return o,
                 None => {
@@ -987,7 +987,7 @@ impl Committer {
     }
 
     fn ack(&mut self, id: &ClipId, recipient: &str) {
-        let Some(l) = self.live.get_mut(id) else {
+        let Some(l) = self.owed.get_mut(id) else {
             return;
         };
         if !l.copies.remove(recipient) {
@@ -995,7 +995,7 @@ impl Committer {
         }
         log::ack(&mut self.buf, Some(self.cur_seq), id, recipient);
         if l.copies.is_empty()
-            && let Some(l) = self.live.remove(id)
+            && let Some(l) = self.owed.remove(id)
         {
             self.untrack(&l);
         }
@@ -1004,14 +1004,14 @@ impl Committer {
     /// Drops copies of clips created before `before_ms`; returns how many.
     fn expire(&mut self, before_ms: u64) -> u64 {
         let old: Vec<ClipId> = self
-            .live
+            .owed
             .iter()
             .filter(|(_, l)| l.clip.meta.created_ms < before_ms)
             .map(|(id, _)| *id)
             .collect();
         let mut n = 0;
         for id in old {
-            if let Some(l) = self.live.remove(&id) {
+            if let Some(l) = self.owed.remove(&id) {
                 for (r, _) in l.copies.iter() {
                     log::ack(&mut self.buf, Some(self.cur_seq), &id, r);
                     n += 1;
@@ -1055,13 +1055,13 @@ impl Committer {
     }
 
     /// Deletes the oldest segments no clip needs any more; rewrites the
-    /// oldest one's live clips first when too many segments are closed.
+    /// oldest one's owed clips first when too many segments are closed.
     fn collect_garbage(&mut self) {
         loop {
             let dead: Vec<u64> = self
                 .segs
                 .iter()
-                .take_while(|(n, s)| **n != self.cur_seq && s.live == 0)
+                .take_while(|(n, s)| **n != self.cur_seq && s.owed == 0)
                 .map(|(n, _)| *n)
                 .collect();
             if !dead.is_empty() {
@@ -1073,7 +1073,7 @@ impl Committer {
             }
             let sealed = self.segs.len().saturating_sub(1);
             let total: u64 = self.segs.values().map(|s| s.bytes).sum();
-            if sealed <= self.opts.sealed_segments || total <= 2 * self.live_bytes {
+            if sealed <= self.opts.sealed_segments || total <= 2 * self.owed_bytes {
                 return;
             }
             let Some(&head) = self.segs.keys().next() else {
@@ -1086,18 +1086,18 @@ impl Committer {
         }
     }
 
-    /// Writes segment `head`'s live clips again in the current segment.
+    /// Writes segment `head`'s owed clips again in the current segment.
     fn rewrite(&mut self, head: u64) -> Result<(), StoreError> {
         self.buf.clear();
         self.bodies.clear();
         let ids: Vec<ClipId> = self
-            .live
+            .owed
             .iter()
             .filter(|(_, l)| l.seg == head)
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            if let Some(l) = self.live.get(id) {
+            if let Some(l) = self.owed.get(id) {
                 log::put_split(
                     &mut self.buf,
                     &mut self.bodies,
@@ -1110,16 +1110,16 @@ impl Committer {
         }
         self.write_batch()?;
         for id in &ids {
-            if let Some(l) = self.live.get_mut(id) {
+            if let Some(l) = self.owed.get_mut(id) {
                 l.seg = self.cur_seq;
             }
         }
         let n = ids.len() as u64;
         if let Some(s) = self.segs.get_mut(&head) {
-            s.live -= n;
+            s.owed -= n;
         }
         if let Some(s) = self.segs.get_mut(&self.cur_seq) {
-            s.live += n;
+            s.owed += n;
         }
         info!(
             segment = head,

@@ -408,41 +408,16 @@ async fn upload(
         Target::Channel(c) => Some(c.clone()),
         Target::User(_) => None,
     };
-    // In a cluster the floor is taken cluster-wide first (one truth for
-    // every relay), then in this relay's own state (local pre-emption).
-    let mut cluster_floor = None;
-    if let (Some(cl), Some(c)) = (&shared.cluster, &channel) {
-        let me = cluster::FloorHolder {
-            priority: session.channels.get(c) == Some(&Right::Priority),
-            relay: cl.id,
-            clip: id,
-            user: session.user.to_string(),
-        };
-        match cl.take_floor(c, me).await {
-            Ok(cluster::FloorAnswer::Granted(rev)) => cluster_floor = Some(rev),
-            Ok(cluster::FloorAnswer::Busy(holder)) => {
-                metrics::count1(metrics::FLOOR_BUSY);
+    let cluster_floor = match &channel {
+        Some(c) => match take_floors(shared, session, c, id, upload_no, &stop).await {
+            Ok(rev) => rev,
+            Err(r) => {
                 shared.end_upload(id, upload_no);
-                let r = Refused::new(
-                    ErrorCode::FloorBusy,
-                    format!("busy: {holder} holds the floor of {c}"),
-                );
                 return refuse(&mut send, &mut rd, id, r).await;
             }
-            Err(e) => {
-                warn!(error = %e, channel = %c, "cluster floor unavailable: this relay decides alone");
-            }
-        }
-    }
-    if let Some(c) = &channel
-        && let Err(r) = take_floor(shared, session, c, upload_no, &stop)
-    {
-        if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
-            cl.release_floor(rev).await;
-        }
-        shared.end_upload(id, upload_no);
-        return refuse(&mut send, &mut rd, id, r).await;
-    }
+        },
+        None => None,
+    };
     let meta = Arc::new(ClipMeta {
         id,
         sender: session.user.clone(),
@@ -451,26 +426,7 @@ async fn upload(
         created_ms: crate::now_ms(),
     });
     let live = LiveClip::new(meta.clone());
-    for r in &recipients {
-        let s = shared.router.session(r);
-        match s {
-            Some(s) if !s.offer_live(live.clone()) => {
-                metrics::hot().live_fallbacks.increment(1);
-                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
-            }
-            Some(_) => {}
-            // Maybe on another relay: published once for it.
-            None => {
-                if let Some(c) = &shared.cluster {
-                    c.forward(shared, live.clone(), cluster::user_subject(r));
-                }
-            }
-        }
-    }
-    // Members on other relays: one publication for all of them.
-    if let (Some(c), Some(ch)) = (&shared.cluster, &channel) {
-        c.forward(shared, live.clone(), cluster::channel_subject(ch));
-    }
+    fan_out(shared, &live, &recipients, channel.as_deref());
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
@@ -491,60 +447,7 @@ async fn upload(
     let outcome = match result {
         Ok((body, end)) => {
             let clip = Arc::new(StoredClip::new(meta, body, end));
-            // The relay holds the clip whole: a store that keeps early
-            // acks lets its live recipients have the end now, with the last
-            // audio, rather than after the disk commit that `Accepted`
-            // waits for, and only once it keeps their acks (so none is
-            // lost). Not in a cluster, whose copies for other relays are
-            // kept first. The live clip's first outcome holds: the
-            // `complete` or `cut` below is then a no-op.
-            let appended = if shared.cluster.is_none() {
-                let end_now = || live.complete(clip.clone());
-                shared
-                    .store
-                    .append_ending_early(clip.clone(), &recipients, &end_now)
-                    .await
-            } else {
-                shared.store.append(clip.clone(), &recipients).await
-            };
-            let stored = match appended {
-                Ok(Appended::New) => Ok(false),
-                Ok(Appended::Duplicate) => Ok(true),
-                Ok(Appended::Conflict) => Err(Refused::conflict()),
-                Err(StoreError::Full { limit }) => Err(Refused::new(
-                    ErrorCode::StorageFull,
-                    format!("relay store full ({limit} bytes)"),
-                )),
-                Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
-            };
-            // A direct clip is also kept in the cluster before it counts
-            // as accepted: any relay can deliver it, and it outlives this
-            // one.
-            let stored = match (&shared.cluster, &channel, stored) {
-                (Some(c), None, Ok(false)) => {
-                    for r in &recipients {
-                        let elsewhere = !shared.router.is_online(r);
-                        if let Err(e) = c.keep(&clip, r, elsewhere).await {
-                            warn!(error = %e, "cluster: clip kept on this relay only");
-                        }
-                    }
-                    Ok(false)
-                }
-                // A channel clip goes into the cluster's channel history.
-                (Some(c), Some(ch), Ok(false)) => {
-                    if let Err(e) = c.keep_history(ch, &clip).await {
-                        warn!(error = %e, "cluster: channel clip in this relay's history only");
-                    }
-                    Ok(false)
-                }
-                (_, _, s) => s,
-            };
-            if matches!(stored, Ok(false)) {
-                stored_new(shared, &live, clip, &recipients, channel.as_deref()).await;
-            } else {
-                live.cut(ErrorCode::CutOff);
-            }
-            stored
+            store_clip(shared, &live, clip, &recipients, channel.as_deref()).await
         }
         Err(r) => {
             // Listeners learn a pre-emption as such; anything else is a cut.
@@ -569,16 +472,155 @@ async fn upload(
     // The answer is ready (stored, or refused): what the sender waits for
     // beyond its own upload, without the round trip of the reply itself.
     metrics::hot().sender_ack.record(ended.elapsed());
+    answer(&mut send, id, outcome, channel.is_some()).await;
+}
+
+/// Takes channel `c`'s floor for upload `upload_no`: in a cluster
+/// cluster-wide first (one truth for every relay; its JetStream revision is
+/// returned, to release it), then in this relay's router (local
+/// pre-emption). A cluster that cannot answer leaves the decision to this
+/// relay alone.
+async fn take_floors(
+    shared: &Shared,
+    session: &Session,
+    c: &str,
+    id: ClipId,
+    upload_no: u64,
+    stop: &Stop,
+) -> Result<Option<u64>, Refused> {
+    let mut cluster_floor = None;
+    if let Some(cl) = &shared.cluster {
+        let me = cluster::FloorHolder {
+            priority: session.channels.get(c) == Some(&Right::Priority),
+            relay: cl.id,
+            clip: id,
+            user: session.user.to_string(),
+        };
+        match cl.take_floor(c, me).await {
+            Ok(cluster::FloorAnswer::Granted(rev)) => cluster_floor = Some(rev),
+            Ok(cluster::FloorAnswer::Busy(holder)) => {
+                metrics::count1(metrics::FLOOR_BUSY);
+                return Err(Refused::new(
+                    ErrorCode::FloorBusy,
+                    format!("busy: {holder} holds the floor of {c}"),
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, channel = %c, "cluster floor unavailable: this relay decides alone");
+            }
+        }
+    }
+    if let Err(r) = take_floor(shared, session, c, upload_no, stop) {
+        if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
+            cl.release_floor(rev).await;
+        }
+        return Err(r);
+    }
+    Ok(cluster_floor)
+}
+
+/// Offers a starting clip to its recipients online here, and publishes it
+/// once for those on other relays (each user not online here; a channel's
+/// members elsewhere, once for all).
+fn fan_out(
+    shared: &Arc<Shared>,
+    live: &Arc<LiveClip>,
+    recipients: &[Arc<str>],
+    channel: Option<&str>,
+) {
+    for r in recipients {
+        match shared.router.session(r) {
+            Some(s) if !s.offer_live(live.clone()) => {
+                metrics::hot().live_fallbacks.increment(1);
+                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
+            }
+            Some(_) => {}
+            // Maybe on another relay: published once for it.
+            None => {
+                if let Some(c) = &shared.cluster {
+                    c.forward(shared, live.clone(), cluster::user_subject(r));
+                }
+            }
+        }
+    }
+    if let (Some(c), Some(ch)) = (&shared.cluster, channel) {
+        c.forward(shared, live.clone(), cluster::channel_subject(ch));
+    }
+}
+
+/// Stores a whole clip for its recipients; `Ok(duplicate)` once it counts
+/// as accepted. The relay holds the clip whole: a store that keeps early
+/// acks lets the live recipients have the end now, with the last audio,
+/// rather than after the disk commit that `Accepted` waits for, and only
+/// once it keeps their acks (so none is lost). Not in a cluster, whose
+/// copies for other relays are kept first. The live clip's first outcome
+/// holds: a later `complete` or `cut` is a no-op.
+async fn store_clip(
+    shared: &Shared,
+    live: &LiveClip,
+    clip: Arc<StoredClip>,
+    recipients: &[Arc<str>],
+    channel: Option<&str>,
+) -> Result<bool, Refused> {
+    let appended = if shared.cluster.is_none() {
+        let end_now = || live.complete(clip.clone());
+        shared
+            .store
+            .append_ending_early(clip.clone(), recipients, &end_now)
+            .await
+    } else {
+        shared.store.append(clip.clone(), recipients).await
+    };
+    let stored = match appended {
+        Ok(Appended::New) => Ok(false),
+        Ok(Appended::Duplicate) => Ok(true),
+        Ok(Appended::Conflict) => Err(Refused::conflict()),
+        Err(StoreError::Full { limit }) => Err(Refused::new(
+            ErrorCode::StorageFull,
+            format!("relay store full ({limit} bytes)"),
+        )),
+        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+    };
+    // A direct clip is also kept in the cluster before it counts as
+    // accepted: any relay can deliver it, and it outlives this one. A
+    // channel clip goes into the cluster's channel history.
+    if let (Some(c), Ok(false)) = (&shared.cluster, &stored) {
+        match channel {
+            None => {
+                for r in recipients {
+                    let elsewhere = !shared.router.is_online(r);
+                    if let Err(e) = c.keep(&clip, r, elsewhere).await {
+                        warn!(error = %e, "cluster: clip kept on this relay only");
+                    }
+                }
+            }
+            Some(ch) => {
+                if let Err(e) = c.keep_history(ch, &clip).await {
+                    warn!(error = %e, "cluster: channel clip in this relay's history only");
+                }
+            }
+        }
+    }
+    if matches!(stored, Ok(false)) {
+        stored_new(shared, live, clip, recipients, channel).await;
+    } else {
+        live.cut(ErrorCode::CutOff);
+    }
+    stored
+}
+
+/// Counts and sends an upload's one answer.
+async fn answer(send: &mut SendStream, id: ClipId, outcome: Result<bool, Refused>, channel: bool) {
     match outcome {
         Ok(duplicate) => {
             let hot = metrics::hot();
-            match (duplicate, &channel) {
+            match (duplicate, channel) {
                 (true, _) => hot.duplicate.increment(1),
-                (false, None) => hot.accepted_user.increment(1),
-                (false, Some(_)) => hot.accepted_channel.increment(1),
+                (false, false) => hot.accepted_user.increment(1),
+                (false, true) => hot.accepted_channel.increment(1),
             }
             reply(
-                &mut send,
+                send,
                 Message::Accepted(Accepted {
                     clip_id: id,
                     duplicate,
@@ -589,7 +631,7 @@ async fn upload(
         Err(r) => {
             debug!(clip = %id, code = r.code.name(), reason = %r.reason, "clip refused");
             metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
-            reply(&mut send, rejected(id, r)).await;
+            reply(send, rejected(id, r)).await;
         }
     }
 }
@@ -1023,6 +1065,13 @@ async fn pump(
                 scan = false;
             }
             for (c, clip) in batch {
+                // A live clip that starts meanwhile is not held behind
+                // the batch (it goes out at a higher send priority).
+                while let Ok(live) = live_rx.try_recv() {
+                    if start_live(shared, session, live).await.is_err() {
+                        return;
+                    }
+                }
                 cursor = c;
                 let id = clip.meta.id;
                 if session.begin_stored(id, || shared.store.holds(&session.user, &id))
