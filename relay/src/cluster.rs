@@ -658,7 +658,7 @@ impl Cluster {
         // Unknown here (checked above, before the fetch).
         if shared
             .cache
-            .cache_copy(session.user.clone(), Arc::new(clip))
+            .queue_cached(session.user.clone(), Arc::new(clip))
         {
             session.store_changed();
         }
@@ -1111,7 +1111,7 @@ async fn known(shared: &Shared, id: &ClipId) -> bool {
 /// it: then its own copy, if still owed, delivers it, and queueing it again
 /// could repeat a delivered clip. True if queued.
 async fn queue_if_new(shared: &Shared, user: &Arc<str>, clip: StoredClip) -> bool {
-    !known(shared, &clip.meta.id).await && shared.cache.cache_copy(user.clone(), Arc::new(clip))
+    !known(shared, &clip.meta.id).await && shared.cache.queue_cached(user.clone(), Arc::new(clip))
 }
 
 #[cfg(test)]

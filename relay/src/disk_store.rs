@@ -284,14 +284,14 @@ impl DiskStore {
     }
 
     /// Queues an operation for the committer.
-    async fn queue(&self, op: Op) -> Result<(), StoreError> {
+    async fn send_op(&self, op: Op) -> Result<(), StoreError> {
         self.ops.send(op).await.map_err(|_| StoreError::Stopped)
     }
 
     /// Queues an operation and waits for the committer's answer.
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.queue(op(tx)).await?;
+        self.send_op(op(tx)).await?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
@@ -629,7 +629,7 @@ fn recover(
     }
     copies.sort_by_key(|(order, _, _)| *order);
     for (_, r, c) in copies {
-        mem.restore_copy(r, c);
+        mem.queue(r, c);
         rec.copies += 1;
     }
     rec.history = history.len() as u64;
@@ -774,7 +774,7 @@ impl Committer {
                     recipient,
                     reply,
                 } => {
-                    self.add_copy(clip, recipient);
+                    self.queue_copy(clip, recipient);
                     replies.push((reply, Appended::New));
                 }
                 Op::History {
@@ -782,7 +782,7 @@ impl Committer {
                     holder,
                     reply,
                 } => {
-                    let order = self.add_copy(clip, holder);
+                    let order = self.queue_copy(clip, holder);
                     expiries.push((reply, order));
                 }
                 Op::Ack { recipient, id } => self.ack(&id, &recipient),
@@ -961,7 +961,7 @@ impl Committer {
     }
 
     /// Returns the copy's order number.
-    fn add_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) -> u64 {
+    fn queue_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) -> u64 {
         let id = clip.meta.id;
         self.order += 1;
         let order = self.order;
@@ -1241,7 +1241,7 @@ impl DiskStore {
         for recipient in acked {
             // The `Put` is on disk: the ack record follows it. (If it is
             // lost, a restart delivers the clip again, dropped by id.)
-            if let Err(e) = self.queue(Op::Ack { recipient, id }).await {
+            if let Err(e) = self.send_op(Op::Ack { recipient, id }).await {
                 warn!(error = %e, "ack during a commit not written");
             }
         }
@@ -1285,7 +1285,7 @@ impl ClipStore for DiskStore {
         self.mem.read(recipient, after, limit).await
     }
 
-    async fn add_copy(
+    async fn queue_copy(
         &self,
         clip: Arc<StoredClip>,
         recipient: Arc<str>,
@@ -1296,7 +1296,7 @@ impl ClipStore for DiskStore {
             reply,
         })
         .await?;
-        Ok(self.mem.restore_copy(recipient, clip))
+        Ok(self.mem.queue(recipient, clip))
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {
@@ -1312,7 +1312,7 @@ impl ClipStore for DiskStore {
         if held {
             // Written with the next commit; a crash before it redelivers
             // the clip, which the recipient drops by id.
-            self.queue(Op::Ack {
+            self.send_op(Op::Ack {
                 recipient: Arc::from(recipient),
                 id: *id,
             })
@@ -1346,7 +1346,7 @@ impl ClipStore for DiskStore {
     }
 
     async fn drop_history(&self, channel: &str, id: &ClipId) -> Result<(), StoreError> {
-        self.queue(Op::Ack {
+        self.send_op(Op::Ack {
             recipient: history_holder(channel),
             id: *id,
         })
@@ -1370,7 +1370,7 @@ impl ClusterCache for DiskStore {
         self.mem.pending_direct()
     }
 
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+    fn queue_cached(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         // Acks of it find nothing in the log, and write nothing.
         self.mem.cache(recipient, clip)
     }
@@ -1628,7 +1628,7 @@ mod tests {
         // A clip with no recipient leaves no record; a copy added later is
         // released by its ack like any other.
         assert_eq!(s.append(clip(20, "alice"), &[]).await, Ok(Appended::New));
-        assert!(s.add_copy(clip(20, "alice"), bob.clone()).await.unwrap());
+        assert!(s.queue_copy(clip(20, "alice"), bob.clone()).await.unwrap());
         assert!(s.ack("bob", &ClipId([20; 16])).await.unwrap());
         // Retries of acked clips are still recognised after the restart.
         assert_eq!(

@@ -763,7 +763,7 @@ pub(crate) async fn record_history(
         }
         if shared
             .store
-            .add_copy(clip.clone(), s.user.clone())
+            .queue_copy(clip.clone(), s.user.clone())
             .await
             .is_ok()
         {
@@ -820,7 +820,7 @@ async fn replay_history(shared: &Shared, session: &Arc<Session>) {
         if !claim_seen(shared, &session.user, c, seq) {
             continue;
         }
-        if let Err(e) = shared.store.add_copy(clip, session.user.clone()).await {
+        if let Err(e) = shared.store.queue_copy(clip, session.user.clone()).await {
             warn!(error = %e, "channel history replay failed");
             break;
         }

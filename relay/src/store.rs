@@ -234,7 +234,7 @@ pub trait ClipStore: Send + Sync + 'static {
 
     /// Gives `recipient` a copy of an already accepted clip (channel
     /// history for a member who was offline). False if it already has one.
-    async fn add_copy(
+    async fn queue_copy(
         &self,
         clip: Arc<StoredClip>,
         recipient: Arc<str>,
@@ -276,7 +276,7 @@ pub trait ClusterCache: Send + Sync + 'static {
     /// Queues `clip` for `recipient` in memory only: it is kept durably
     /// elsewhere (the cluster's JetStream stream). False if the recipient
     /// already has it queued, or this relay knew the clip already.
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
+    fn queue_cached(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool;
 
     /// Every undelivered direct clip with its recipient, oldest first per
     /// recipient (a cluster re-asserts them in JetStream).
@@ -323,7 +323,7 @@ impl MemoryStore {
         self.log_id(accepted_ms, id);
     }
 
-    /// [`ClipStore::cache_copy`]: queued only if its id is new here, and
+    /// [`ClipStore::queue_cached`]: queued only if its id is new here, and
     /// known from now on, so a copy announced again is never queued twice,
     /// even once delivered and acked.
     pub(crate) fn cache(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
@@ -334,7 +334,7 @@ impl MemoryStore {
             }
         }
         self.log_id(now_ms(), clip.meta.id);
-        self.restore_copy(recipient, clip)
+        self.queue(recipient, clip)
     }
 
     /// Notes when `id` was accepted, for the dedupe window's expiry.
@@ -346,7 +346,7 @@ impl MemoryStore {
 
     /// Queues `clip` for `recipient` behind what it already has (recovery,
     /// channel history). False if it already had it.
-    pub(crate) fn restore_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+    pub(crate) fn queue(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         let mut mb = self.mailboxes.entry(recipient).or_default();
         // Already queued: it keeps its place (overwriting the index would
         // orphan the queued copy, which no ack could then release).
@@ -411,7 +411,7 @@ impl MemoryStore {
         // A copy already queued (restored, or cached from the cluster)
         // keeps its place.
         for r in recipients {
-            self.restore_copy(r.clone(), clip.clone());
+            self.queue(r.clone(), clip.clone());
         }
         Ok(Appended::New)
     }
@@ -462,12 +462,12 @@ impl ClipStore for MemoryStore {
         }))
     }
 
-    async fn add_copy(
+    async fn queue_copy(
         &self,
         clip: Arc<StoredClip>,
         recipient: Arc<str>,
     ) -> Result<bool, StoreError> {
-        Ok(self.restore_copy(recipient, clip))
+        Ok(self.queue(recipient, clip))
     }
 
     async fn add_history(&self, _channel: &str, _clip: Arc<StoredClip>) -> Result<u64, StoreError> {
@@ -539,7 +539,7 @@ impl ClipStore for MemoryStore {
 }
 
 impl ClusterCache for MemoryStore {
-    fn cache_copy(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
+    fn queue_cached(&self, recipient: Arc<str>, clip: Arc<StoredClip>) -> bool {
         self.cache(recipient, clip)
     }
 
@@ -636,8 +636,8 @@ mod tests {
     async fn a_cached_copy_then_the_append_is_one_copy() {
         let s = MemoryStore::new(1 << 20);
         let c = clip(4, "alice", 0);
-        assert!(s.cache_copy("bob".into(), c.clone()));
-        assert!(!s.cache_copy("bob".into(), c.clone()));
+        assert!(s.queue_cached("bob".into(), c.clone()));
+        assert!(!s.queue_cached("bob".into(), c.clone()));
         // The live run's append finds it known: one copy.
         assert_eq!(
             s.append(c.clone(), &users(&["bob"])).await.unwrap(),
@@ -647,11 +647,11 @@ mod tests {
         assert!(s.ack("bob", &c.meta.id).await.unwrap());
         assert_eq!(s.stats().pending, 0);
         // Announced again after the ack: not queued again.
-        assert!(!s.cache_copy("bob".into(), c.clone()));
+        assert!(!s.queue_cached("bob".into(), c.clone()));
         assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
         // Queued by recovery first, then appended: still one copy.
         let d = clip(5, "alice", 0);
-        assert!(s.restore_copy("bob".into(), d.clone()));
+        assert!(s.queue("bob".into(), d.clone()));
         s.append(d.clone(), &users(&["bob"])).await.unwrap();
         assert_eq!(s.stats().pending, 1);
         assert!(s.ack("bob", &d.meta.id).await.unwrap());
