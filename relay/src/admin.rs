@@ -7,7 +7,6 @@
 //! trusted plane).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,10 +14,26 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tracing::warn;
 
-use crate::server::Shared;
+/// What the admin listener asks of the relay.
+pub trait AdminState: Send + Sync + 'static {
+    /// The QUIC endpoint accepts connections (false while starting or
+    /// draining).
+    fn ready(&self) -> bool;
+    /// `None` for a relay that is not clustered; else whether it is linked
+    /// to the cluster's NATS.
+    fn cluster_linked(&self) -> Option<bool>;
+    /// The Prometheus text, `None` when metrics are off.
+    fn metrics_text(&self) -> Option<String>;
+}
 
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    let stop = shared.shutdown.clone();
+type Shared = dyn AdminState;
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -34,7 +49,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.ready.load(Ordering::SeqCst) {
+    if shared.ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -45,12 +60,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 /// true) but cannot reach users on other relays: a load balancer that
 /// can should send new clients elsewhere.
 async fn readyz_cluster(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    match &shared.cluster {
+    match shared.cluster_linked() {
         None => (StatusCode::NOT_FOUND, "not clustered\n"),
-        Some(_) if !shared.ready.load(Ordering::SeqCst) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-        }
-        Some(c) if c.connected() => (StatusCode::OK, "ready, cluster linked\n"),
+        Some(_) if !shared.ready() => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        Some(true) => (StatusCode::OK, "ready, cluster linked\n"),
         Some(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "cluster unreachable: serving local users only\n",
@@ -60,7 +73,7 @@ async fn readyz_cluster(State(shared): State<Arc<Shared>>) -> (StatusCode, &'sta
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match crate::metrics::render(&shared) {
+    match shared.metrics_text() {
         Some(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -11,14 +11,11 @@
 //! `metrics = false` installs no recorder: every handle is then a no-op and
 //! `/metrics` answers 404.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::server::Shared;
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,45 +274,40 @@ pub fn count1(name: &'static str) {
     metrics::counter!(name).increment(1);
 }
 
-/// Brings the state gauges up to date and renders the text exposition
-/// format. `None` when metrics are off.
-pub fn render(shared: &Shared) -> Option<String> {
+/// The relay's state as the gauges show it, taken at each scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub ready: bool,
+    pub connections: usize,
+    pub sessions: usize,
+    pub cluster_connected: bool,
+    pub inflight_bytes: u64,
+    pub inflight_limit: u64,
+    pub token_keys: usize,
+    pub store: crate::store::StoreStats,
+    pub store_limit: u64,
+    pub queue_depth_max: usize,
+    pub queue_depth_total: usize,
+}
+
+/// Sets the state gauges from `s` and renders the text exposition format.
+/// `None` when metrics are off.
+pub fn render(s: &Gauges) -> Option<String> {
     let handle = handle()?;
     let g = |name: &'static str, v: f64| metrics::gauge!(name).set(v);
-    g(
-        READY,
-        f64::from(u8::from(shared.ready.load(Ordering::SeqCst))),
-    );
-    g(
-        CONNECTIONS_OPEN,
-        shared.connections.load(Ordering::SeqCst) as f64,
-    );
-    g(SESSIONS_OPEN, shared.router.online() as f64);
-    g(
-        CLUSTER_CONNECTED,
-        f64::from(u8::from(
-            shared.cluster.as_ref().is_some_and(|c| c.connected()),
-        )),
-    );
-    g(
-        INFLIGHT_BYTES,
-        shared.inflight.load(Ordering::Relaxed) as f64,
-    );
-    g(INFLIGHT_LIMIT, shared.config.max_inflight_bytes as f64);
-    g(TOKEN_KEYS, shared.public_keys().len() as f64);
-    let st = shared.store.stats();
-    g(STORE_PENDING, st.pending as f64);
-    g(STORE_BYTES, st.bytes as f64);
-    g(STORE_LIMIT, shared.config.max_store_bytes as f64);
-    g(STORE_IDS, st.remembered_ids as f64);
-    let (mut max, mut total) = (0usize, 0usize);
-    shared.router.for_each_session(|s| {
-        let d = s.queue_depth();
-        max = max.max(d);
-        total += d;
-    });
-    g(QUEUE_DEPTH_MAX, max as f64);
-    g(QUEUE_DEPTH_TOTAL, total as f64);
+    g(READY, f64::from(u8::from(s.ready)));
+    g(CONNECTIONS_OPEN, s.connections as f64);
+    g(SESSIONS_OPEN, s.sessions as f64);
+    g(CLUSTER_CONNECTED, f64::from(u8::from(s.cluster_connected)));
+    g(INFLIGHT_BYTES, s.inflight_bytes as f64);
+    g(INFLIGHT_LIMIT, s.inflight_limit as f64);
+    g(TOKEN_KEYS, s.token_keys as f64);
+    g(STORE_PENDING, s.store.pending as f64);
+    g(STORE_BYTES, s.store.bytes as f64);
+    g(STORE_LIMIT, s.store_limit as f64);
+    g(STORE_IDS, s.store.remembered_ids as f64);
+    g(QUEUE_DEPTH_MAX, s.queue_depth_max as f64);
+    g(QUEUE_DEPTH_TOTAL, s.queue_depth_total as f64);
     if let Some(p) = PROCESS.get() {
         p.collect();
     }
@@ -323,14 +315,14 @@ pub fn render(shared: &Shared) -> Option<String> {
 }
 
 /// Drains histogram samples into their buckets now and then, so memory
-/// between scrapes stays small. Ends with the relay.
-pub async fn upkeep(shared: Arc<Shared>) {
+/// between scrapes stays small. Ends when `stop` is cancelled.
+pub async fn upkeep(stop: tokio_util::sync::CancellationToken) {
     let Some(handle) = handle() else { return };
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => handle.run_upkeep(),
-            () = shared.shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         }
     }
 }

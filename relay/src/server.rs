@@ -91,6 +91,38 @@ impl crate::router::Member for Arc<Session> {
     }
 }
 
+impl crate::admin::AdminState for Shared {
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn cluster_linked(&self) -> Option<bool> {
+        self.cluster.as_ref().map(|c| c.connected())
+    }
+
+    fn metrics_text(&self) -> Option<String> {
+        let (mut max, mut total) = (0usize, 0usize);
+        self.router.for_each_session(|s| {
+            let d = s.queue_depth();
+            max = max.max(d);
+            total += d;
+        });
+        crate::metrics::render(&crate::metrics::Gauges {
+            ready: self.ready.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
+            sessions: self.router.online(),
+            cluster_connected: self.cluster.as_ref().is_some_and(|c| c.connected()),
+            inflight_bytes: self.inflight.load(Ordering::Relaxed),
+            inflight_limit: self.config.max_inflight_bytes,
+            token_keys: self.public_keys().len(),
+            store: self.store.stats(),
+            store_limit: self.config.max_store_bytes,
+            queue_depth_max: max,
+            queue_depth_total: total,
+        })
+    }
+}
+
 impl Shared {
     /// The public keys tokens are checked against now.
     pub fn public_keys(&self) -> Arc<PublicKeys> {
@@ -317,10 +349,14 @@ impl Relay {
             .await
             .with_context(|| format!("binding admin TCP {}", shared.config.admin))?;
         let admin_addr = admin.local_addr()?;
-        tokio::spawn(crate::admin::serve(admin, shared.clone()));
+        tokio::spawn(crate::admin::serve(
+            admin,
+            shared.clone(),
+            shared.shutdown.clone(),
+        ));
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
-        tokio::spawn(crate::metrics::upkeep(shared.clone()));
+        tokio::spawn(crate::metrics::upkeep(shared.shutdown.clone()));
         tokio::spawn(cursor_loop(shared.clone()));
         tokio::spawn(token_keys_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
