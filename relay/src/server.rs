@@ -126,9 +126,12 @@ impl crate::admin::AdminState for Shared {
 impl Shared {
     /// The public keys tokens are checked against now.
     pub fn public_keys(&self) -> Arc<PublicKeys> {
+        // The lock only guards swapping one `Arc` for another, which cannot
+        // be left half done: a poisoned lock still holds a whole key set.
         self.public_keys
             .read()
-            .map_or_else(|_| Arc::new(PublicKeys::default()), |k| k.clone())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Checks a token: HS256 with the secret (unless `token_hs256` is
@@ -660,9 +663,10 @@ async fn token_keys_loop(shared: Arc<Shared>) {
                 if now != shared.public_keys().kids() {
                     info!(kids = ?now, "token keys reloaded");
                 }
-                if let Ok(mut k) = shared.public_keys.write() {
-                    *k = Arc::new(keys);
-                }
+                *shared
+                    .public_keys
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
             }
             Ok(Err(e)) => {
                 crate::metrics::count1(crate::metrics::TOKEN_KEYS_RELOAD_FAILURES);
