@@ -211,13 +211,17 @@ settings! {
 impl Settings {
     /// Reads the `--config` file when one is named and merges: flags and
     /// environment (already in `self`) over the file over defaults.
-    pub fn resolve(self) -> anyhow::Result<Config> {
+    pub fn resolve(self) -> Result<Config, crate::error::StartError> {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-                toml::from_str::<Settings>(&text)
-                    .map_err(|e| anyhow::anyhow!("in {}: {e}", path.display()))?
+                    .map_err(crate::error::StartError::file("reading", path))?;
+                toml::from_str::<Settings>(&text).map_err(|e| {
+                    crate::error::StartError::BadFile {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    }
+                })?
             }
             None => Settings::default(),
         };
@@ -238,49 +242,57 @@ impl Config {
         }
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
+    /// Checks every setting's range; the first one out of it is the error.
+    pub fn validate(&self) -> Result<(), crate::error::StartError> {
+        let ensure = |ok: bool, why: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(crate::error::StartError::Config(why.to_owned()))
+            }
+        };
+        ensure(
             self.max_clip_streams >= 1,
-            "max_clip_streams must be at least 1"
-        );
-        anyhow::ensure!(
+            "max_clip_streams must be at least 1",
+        )?;
+        ensure(
             self.max_connections >= 1,
-            "max_connections must be at least 1"
-        );
-        anyhow::ensure!(self.live_queue >= 1, "live_queue must be at least 1");
-        anyhow::ensure!(
+            "max_connections must be at least 1",
+        )?;
+        ensure(self.live_queue >= 1, "live_queue must be at least 1")?;
+        ensure(
             self.token_keys_reload >= Duration::from_millis(100),
-            "token_keys_reload must be at least 100ms"
-        );
-        anyhow::ensure!(
+            "token_keys_reload must be at least 100ms",
+        )?;
+        ensure(
             self.token_hs256 || !self.token_keys.is_empty(),
-            "token_hs256 = false needs token_keys (no token could be accepted)"
-        );
-        anyhow::ensure!(
+            "token_hs256 = false needs token_keys (no token could be accepted)",
+        )?;
+        ensure(
             self.max_unauthenticated_connections >= 1,
-            "max_unauthenticated_connections must be at least 1"
-        );
-        anyhow::ensure!(
+            "max_unauthenticated_connections must be at least 1",
+        )?;
+        ensure(
             (1..=1000).contains(&self.ack_threshold),
-            "ack_threshold must be 1..=1000"
-        );
-        anyhow::ensure!(
+            "ack_threshold must be 1..=1000",
+        )?;
+        ensure(
             self.ack_delay >= Duration::from_millis(1)
                 && self.ack_delay <= Duration::from_millis(200),
-            "ack_delay must be 1ms..=200ms"
-        );
-        anyhow::ensure!(
+            "ack_delay must be 1ms..=200ms",
+        )?;
+        ensure(
             self.max_unacked_deliveries >= 1,
-            "max_unacked_deliveries must be at least 1"
-        );
-        anyhow::ensure!(
+            "max_unacked_deliveries must be at least 1",
+        )?;
+        ensure(
             self.max_packet_bytes >= 1 && self.max_clip_bytes >= 1,
-            "size limits must be at least 1"
-        );
-        anyhow::ensure!(
+            "size limits must be at least 1",
+        )?;
+        ensure(
             self.max_message_bytes >= 1024,
-            "max_message_bytes must be at least 1024"
-        );
+            "max_message_bytes must be at least 1024",
+        )?;
         Ok(())
     }
 

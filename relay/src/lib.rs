@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod cursors;
 pub mod disk_store;
+pub mod error;
 pub mod faults;
 pub mod limits;
 pub mod live;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use crate::error::StartError;
 use codec::ErrorCode;
 use codec::token::{Claims, PublicKeys, TokenError, TokenKey, Verifier};
 use codec::wire::ClipId;
@@ -200,7 +200,7 @@ pub struct Relay {
 }
 
 /// The QUIC transport settings the relay serves with.
-pub fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
+pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     let mut t = quinn::TransportConfig::default();
     // Until `Auth` succeeds a peer gets credit for its control stream only,
     // and for no more bytes than the largest `Auth` message: an
@@ -212,7 +212,7 @@ pub fn transport(cfg: &Config) -> anyhow::Result<quinn::TransportConfig> {
     t.max_idle_timeout(Some(
         cfg.idle_timeout
             .try_into()
-            .context("idle_timeout too large")?,
+            .map_err(|_| StartError::Config("idle_timeout too large".into()))?,
     ));
     // Voice packets stay far below QUIC's 1200-byte minimum MTU; path MTU
     // probes (padded datagrams of ~1450 bytes) would only cost phones data.
@@ -251,7 +251,7 @@ impl Drop for Unauthenticated {
 impl Relay {
     /// Prepares the data dir, binds the QUIC endpoint and the admin
     /// listener, and starts serving.
-    pub async fn start(config: Config) -> anyhow::Result<Relay> {
+    pub async fn start(config: Config) -> Result<Relay, StartError> {
         config.validate()?;
         let (files, created) = tls::ensure_data_dir(&config.data_dir)?;
         if created.cert {
@@ -261,10 +261,11 @@ impl Relay {
             info!(path = %files.secret.display(), "created a random token secret");
         }
         let key = TokenKey::from_file(&files.secret, config.token_leeway)
-            .with_context(|| format!("reading token secret {}", files.secret.display()))?;
+            .map_err(StartError::file("reading the token secret", &files.secret))?;
         let public_keys = match token_keys_path(&config) {
-            Some(p) => PublicKeys::from_path(&p)
-                .with_context(|| format!("reading token_keys {}", p.display()))?,
+            Some(p) => {
+                PublicKeys::from_path(&p).map_err(StartError::file("reading token_keys", &p))?
+            }
             None => PublicKeys::default(),
         };
         if !public_keys.is_empty() {
@@ -283,7 +284,11 @@ impl Relay {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .with_context(|| format!("starting QUIC on UDP {}", config.listen))?;
+        .map_err(|source| StartError::Bind {
+            what: "QUIC on UDP",
+            addr: config.listen,
+            source,
+        })?;
         let (store, cache): (Arc<dyn ClipStore>, Arc<dyn ClusterCache>) = match config.store {
             StoreKind::Memory => {
                 let s = Arc::new(MemoryStore::new(config.max_store_bytes));
@@ -297,8 +302,7 @@ impl Relay {
                         commit_interval: config.store_commit_interval,
                         ..Default::default()
                     },
-                )
-                .context("opening the clip store")?;
+                )?;
                 if rec.damaged > 0 {
                     warn!(
                         damaged = rec.damaged,
@@ -350,8 +354,16 @@ impl Relay {
         }
         let admin = tokio::net::TcpListener::bind(shared.config.admin)
             .await
-            .with_context(|| format!("binding admin TCP {}", shared.config.admin))?;
-        let admin_addr = admin.local_addr()?;
+            .map_err(|source| StartError::Bind {
+                what: "admin TCP",
+                addr: shared.config.admin,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            what: "admin TCP",
+            addr: shared.config.admin,
+            source,
+        })?;
         tokio::spawn(crate::admin::serve(
             admin,
             shared.clone(),
@@ -518,9 +530,13 @@ impl Shared {
 
 /// The endpoint's UDP socket, with the buffers `udp_recv_buffer` and
 /// `udp_send_buffer` asked for; a warning when the kernel gives less.
-fn udp_socket(cfg: &Config) -> anyhow::Result<std::net::UdpSocket> {
+fn udp_socket(cfg: &Config) -> Result<std::net::UdpSocket, StartError> {
     let (sock, recv, send) = quic::udp_socket(cfg.listen, cfg.udp_recv_buffer, cfg.udp_send_buffer)
-        .with_context(|| format!("binding UDP {}", cfg.listen))?;
+        .map_err(|source| StartError::Bind {
+            what: "UDP",
+            addr: cfg.listen,
+            source,
+        })?;
     for (what, want, got, sysctl) in [
         ("receive", cfg.udp_recv_buffer, recv, "net.core.rmem_max"),
         ("send", cfg.udp_send_buffer, send, "net.core.wmem_max"),

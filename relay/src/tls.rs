@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
+use crate::error::StartError;
 use quinn::crypto::rustls::QuicServerConfig;
 
 /// Names the generated certificate is valid for.
@@ -57,27 +57,27 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 /// Creates the data dir, a self-signed certificate and a random token
 /// secret when they are missing. Existing files are never overwritten.
-pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<(DataFiles, Created)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+pub fn ensure_data_dir(dir: &Path) -> Result<(DataFiles, Created), StartError> {
+    std::fs::create_dir_all(dir).map_err(StartError::file("creating", dir))?;
     let files = DataFiles::new(dir);
     let mut created = Created::default();
     if !files.cert.exists() && !files.key.exists() {
         let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|s| s.to_string()).collect();
-        let ck = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
+        let ck = rcgen::generate_simple_self_signed(names)?;
         write_private(&files.key, ck.signing_key.serialize_pem().as_bytes())
-            .with_context(|| format!("writing {}", files.key.display()))?;
+            .map_err(StartError::file("writing", &files.key))?;
         std::fs::write(&files.cert, ck.cert.pem())
-            .with_context(|| format!("writing {}", files.cert.display()))?;
+            .map_err(StartError::file("writing", &files.cert))?;
         created.cert = true;
     }
     if !files.secret.exists() {
         write_private(&files.secret, format!("{}\n", random_hex()).as_bytes())
-            .with_context(|| format!("writing {}", files.secret.display()))?;
+            .map_err(StartError::file("writing", &files.secret))?;
         created.secret = true;
     }
     if !files.reset_key.exists() {
         write_private(&files.reset_key, format!("{}\n", random_hex()).as_bytes())
-            .with_context(|| format!("writing {}", files.reset_key.display()))?;
+            .map_err(StartError::file("writing", &files.reset_key))?;
     }
     Ok((files, created))
 }
@@ -93,10 +93,9 @@ fn random_hex() -> String {
 /// from it too: quinn answers a packet for an unknown connection with a
 /// reset only if its connection id carries this generator's checksum, so a
 /// restarted relay must recognise the ids its previous run gave out.
-pub fn endpoint_config(files: &DataFiles) -> anyhow::Result<quinn::EndpointConfig> {
+pub fn endpoint_config(files: &DataFiles) -> Result<quinn::EndpointConfig, StartError> {
     let path = &files.reset_key;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(StartError::file("reading", path))?;
     let text = text.trim();
     let key: Vec<u8> = (0..text.len())
         .step_by(2)
@@ -106,7 +105,10 @@ pub fn endpoint_config(files: &DataFiles) -> anyhow::Result<quinn::EndpointConfi
         })
         .collect::<Option<_>>()
         .filter(|k: &Vec<u8>| k.len() >= 32)
-        .with_context(|| format!("{}: expected at least 64 hex characters", path.display()))?;
+        .ok_or_else(|| StartError::BadFile {
+            path: path.clone(),
+            why: "expected at least 64 hex characters".into(),
+        })?;
     let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
     let tag = ring::hmac::sign(&reset, b"ptt-relay connection id generator");
     let mut cid_key = [0u8; 8];
@@ -124,6 +126,6 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// TLS 1.3 server config for QUIC with our ALPN.
-pub fn server_crypto(files: &DataFiles) -> anyhow::Result<QuicServerConfig> {
+pub fn server_crypto(files: &DataFiles) -> Result<QuicServerConfig, StartError> {
     Ok(quic::server_crypto(&files.cert, &files.key)?)
 }

@@ -1,0 +1,61 @@
+//! Why the relay could not start. Each variant says what to fix; the
+//! binary prints it and exits non-zero.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::cluster::ClusterError;
+use crate::store::StoreError;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// A setting is out of its range, or settings contradict each other:
+    /// fix the configuration (flag, `PTT_*` variable or TOML key).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A file (the configuration, a key, the token secret, the token keys)
+    /// could not be read or written: check the path and its permissions.
+    #[error("{what} {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file was read but its content is wrong: fix or replace it.
+    #[error("{}: {why}", path.display())]
+    BadFile { path: PathBuf, why: String },
+    /// The self-signed development certificate could not be made.
+    #[error("generating the self-signed certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// The certificate and key cannot be used for TLS: replace them.
+    #[error("TLS certificate or key: {0}")]
+    Tls(#[from] quic::TlsError),
+    /// A listener could not bind its address (in use, or not allowed).
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The clip store could not be opened (its directory, or recovery).
+    #[error("opening the clip store: {0}")]
+    Store(#[from] StoreError),
+    /// The cluster's NATS could not be joined.
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] ClusterError),
+}
+
+impl StartError {
+    /// A file operation `what` on `path` failed.
+    pub fn file(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| StartError::File { what, path, source }
+    }
+}
