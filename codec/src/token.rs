@@ -166,7 +166,7 @@ impl TokenKey {
         ttl: Duration,
         channels: BTreeMap<String, Right>,
     ) -> Result<String, TokenError> {
-        self.mint_claims(&new_claims(user, ttl, channels)?)
+        self.mint_claims(&Claims::new(user, ttl, channels)?)
     }
 
     /// Signs arbitrary claims (e.g. a chosen `exp`).
@@ -416,16 +416,6 @@ impl SigningKey {
         jsonwebtoken::encode(&h, claims, &self.encoding)
             .map_err(|e| TokenError::Invalid(e.to_string()))
     }
-
-    /// Mints a token for `user`, valid for `ttl`, with channel grants.
-    pub fn mint_with_channels(
-        &self,
-        user: &str,
-        ttl: Duration,
-        channels: BTreeMap<String, Right>,
-    ) -> Result<String, TokenError> {
-        self.mint_claims(&new_claims(user, ttl, channels)?)
-    }
 }
 
 /// A new key pair: the private key as PKCS#8 PEM and the public key as a
@@ -471,21 +461,25 @@ pub fn generate_key(alg: KeyAlg, kid: &str) -> Result<(String, serde_json::Value
     Ok((pem, jwk))
 }
 
-fn new_claims(
-    user: &str,
-    ttl: Duration,
-    channels: BTreeMap<String, Right>,
-) -> Result<Claims, TokenError> {
-    check_name("user", user).map_err(|e| TokenError::Invalid(e.to_string()))?;
-    let now = now_secs();
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp: now + ttl.as_secs(),
-        iat: Some(now),
-        channels,
-    };
-    check_channels(&claims)?;
-    Ok(claims)
+impl Claims {
+    /// Claims for `user`, valid for `ttl` from now, with channel grants;
+    /// the user id and the grants are checked.
+    pub fn new(
+        user: &str,
+        ttl: Duration,
+        channels: BTreeMap<String, Right>,
+    ) -> Result<Claims, TokenError> {
+        check_name("user", user).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let now = now_secs();
+        let claims = Claims {
+            sub: user.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+            channels,
+        };
+        check_channels(&claims)?;
+        Ok(claims)
+    }
 }
 
 #[cfg(test)]
@@ -606,7 +600,7 @@ mod tests {
             let k = SigningKey::from_pem(pem.as_bytes(), kid).unwrap();
             assert_eq!(k.alg(), alg);
             let t = k
-                .mint_with_channels("alice", Duration::from_secs(60), ch.clone())
+                .mint_claims(&Claims::new("alice", Duration::from_secs(60), ch.clone()).unwrap())
                 .unwrap();
             let c = v.verify(&t).unwrap();
             assert_eq!((c.sub.as_str(), &c.channels), ("alice", &ch));
@@ -642,7 +636,7 @@ mod tests {
         };
         let k1 = SigningKey::from_pem(pem1.as_bytes(), "k1").unwrap();
         let t1 = k1
-            .mint_with_channels("a", Duration::from_secs(60), BTreeMap::new())
+            .mint_claims(&Claims::new("a", Duration::from_secs(60), BTreeMap::new()).unwrap())
             .unwrap();
         assert!(verifier(&before).verify(&t1).is_ok());
         // k1 retired (rotated to k2): its tokens are refused.
@@ -654,25 +648,25 @@ mod tests {
         // A kid nobody published.
         let k9 = SigningKey::from_pem(pem2.as_bytes(), "k9").unwrap();
         let t9 = k9
-            .mint_with_channels("a", Duration::from_secs(60), BTreeMap::new())
+            .mint_claims(&Claims::new("a", Duration::from_secs(60), BTreeMap::new()).unwrap())
             .unwrap();
         assert!(verifier(&after).verify(&t9).is_err());
         // k1's id on another Ed25519 key: a forgery.
         let forged = SigningKey::from_pem(pem2.as_bytes(), "k1").unwrap();
         let tf = forged
-            .mint_with_channels("a", Duration::from_secs(60), BTreeMap::new())
+            .mint_claims(&Claims::new("a", Duration::from_secs(60), BTreeMap::new()).unwrap())
             .unwrap();
         assert!(verifier(&before).verify(&tf).is_err());
         // k1's id with another algorithm.
         let wrong = SigningKey::from_pem(es_pem.as_bytes(), "k1").unwrap();
         let tw = wrong
-            .mint_with_channels("a", Duration::from_secs(60), BTreeMap::new())
+            .mint_claims(&Claims::new("a", Duration::from_secs(60), BTreeMap::new()).unwrap())
             .unwrap();
         assert!(verifier(&before).verify(&tw).is_err());
         // A signed token without a kid.
         let mut h = Header::new(Algorithm::EdDSA);
         h.kid = None;
-        let claims = new_claims("a", Duration::from_secs(60), BTreeMap::new()).unwrap();
+        let claims = Claims::new("a", Duration::from_secs(60), BTreeMap::new()).unwrap();
         let tn = jsonwebtoken::encode(&h, &claims, &k1.encoding).unwrap();
         assert!(verifier(&before).verify(&tn).is_err());
         // Bad key sets are refused whole.

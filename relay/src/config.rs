@@ -340,6 +340,38 @@ mod tests {
         assert_eq!(c.max_clip_streams, 8, "default where nobody set it");
     }
 
+    /// Limits added with their checks: each refused out of range.
+    #[test]
+    fn new_limits_are_checked() {
+        let ok = Config::for_tests("/tmp/x");
+        ok.validate().unwrap();
+        let bad = [
+            Config {
+                token_keys_reload: Duration::from_millis(50),
+                ..ok.clone()
+            },
+            Config {
+                token_hs256: false,
+                ..ok.clone()
+            },
+            Config {
+                max_unauthenticated_connections: 0,
+                ..ok.clone()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        // HS256 off is fine once public keys are configured.
+        Config {
+            token_hs256: false,
+            token_keys: "/etc/ptt/jwks.json".into(),
+            ..ok
+        }
+        .validate()
+        .unwrap();
+    }
+
     /// `relay.toml.example` names every setting, with its true default.
     #[test]
     fn the_example_file_is_complete_and_true() {

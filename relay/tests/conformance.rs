@@ -152,13 +152,7 @@ async fn unknown_messages_are_skipped_on_every_stream() {
     })
     .encode(&mut b);
     ctl.write_all(&b).await.unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-        .await
-        .expect("closed");
-    assert_eq!(
-        quic::close_reason(&closed).map(|(c, _)| c),
-        Some(ErrorCode::ProtocolViolation)
-    );
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
 }
 
 /// Connects, sends `Auth` and reads `Welcome`.

@@ -125,7 +125,8 @@ async fn main() -> anyhow::Result<()> {
                     std::fs::read(&pk).with_context(|| format!("reading {}", pk.display()))?;
                 let key = codec::token::SigningKey::from_pem(&pem, &kid)
                     .with_context(|| format!("{}", pk.display()))?;
-                println!("{}", key.mint_with_channels(&user, ttl, channels)?);
+                let claims = codec::token::Claims::new(&user, ttl, channels)?;
+                println!("{}", key.mint_claims(&claims)?);
                 return Ok(());
             }
             let path = secret.unwrap_or_else(|| data_dir.join("token.secret"));

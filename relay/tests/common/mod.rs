@@ -197,6 +197,15 @@ impl TestRelay {
     }
 }
 
+/// Waits (up to 5 s) for `conn` to close; the relay's close code, if it
+/// closed with one.
+pub async fn close_code(conn: &quinn::Connection) -> Option<codec::ErrorCode> {
+    let why = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed within 5 s");
+    quic::close_reason(&why).map(|(c, _)| c)
+}
+
 /// Opens a clip stream by hand and writes the header plus `packets`
 /// records, without an end: for partial and malformed uploads.
 pub async fn raw_upload(
