@@ -44,8 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::live::{LiveClip, Next};
 use crate::metrics;
-use crate::server::Shared;
-use crate::session::Session;
+use crate::state::{Session, Shared};
 use crate::store::{Appended, ClipMeta, StoredClip};
 
 /// A clip arriving from another relay.
@@ -181,36 +180,7 @@ pub fn relay_subject(id: u64) -> String {
     format!("ptt.r.{id:016x}")
 }
 
-/// A boxed source error (NATS's errors come in many types).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a cluster operation failed. None of them stops the relay: it serves
-/// on its own and the cluster work is redone when the link is back.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    /// A `cluster` URL does not parse: fix the setting.
-    #[error("cluster URL {url:?}: {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: BoxError,
-    },
-    /// Cut off from NATS right now: the caller goes on alone (this relay
-    /// keeps the clip; the floor is decided here).
-    #[error("not connected to NATS")]
-    NotConnected,
-    /// NATS or JetStream failed a request (`what`): retried later.
-    #[error("{what}: {source}")]
-    Nats {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
-    /// Other relays changed the channel's floor at the same moment on every
-    /// try: the relay decides alone this time.
-    #[error("floor of {0} contended")]
-    Contended(String),
-}
+pub use crate::error::{BoxError, ClusterError};
 
 /// Maps a NATS error to [`ClusterError::Nats`] saying what was being done.
 fn nats<E: std::error::Error + Send + Sync + 'static>(
@@ -1052,7 +1022,7 @@ impl Cluster {
         match shared.store.append(stored.clone(), &r.recipients).await {
             Ok(Appended::New) => {
                 let channel = r.channel.as_deref();
-                crate::session::stored_new(shared, &r.live, stored, &r.recipients, channel).await;
+                crate::state::stored_new(shared, &r.live, stored, &r.recipients, channel).await;
             }
             Ok(Appended::Duplicate) => r.live.complete(stored),
             Ok(Appended::Conflict) | Err(_) => {

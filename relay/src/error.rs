@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::cluster::ClusterError;
 use crate::store::StoreError;
 
 #[derive(Debug, Error)]
@@ -58,4 +57,35 @@ impl StartError {
         let path = path.into();
         move |source| StartError::File { what, path, source }
     }
+}
+
+/// A boxed source error (NATS's errors come in many types).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a cluster operation failed. None of them stops the relay: it serves
+/// on its own and the cluster work is redone when the link is back.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A `cluster` URL does not parse: fix the setting.
+    #[error("cluster URL {url:?}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Cut off from NATS right now: the caller goes on alone (this relay
+    /// keeps the clip; the floor is decided here).
+    #[error("not connected to NATS")]
+    NotConnected,
+    /// NATS or JetStream failed a request (`what`): retried later.
+    #[error("{what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Other relays changed the channel's floor at the same moment on every
+    /// try: the relay decides alone this time.
+    #[error("floor of {0} contended")]
+    Contended(String),
 }

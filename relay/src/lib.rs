@@ -18,6 +18,7 @@ pub mod segment_log;
 pub mod server;
 pub mod session;
 pub mod signal;
+pub mod state;
 pub mod store;
 pub mod tls;
 

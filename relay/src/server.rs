@@ -4,94 +4,21 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::error::StartError;
 use codec::ErrorCode;
-use codec::token::{Claims, PublicKeys, TokenError, TokenKey, Verifier};
-use codec::wire::ClipId;
-use dashmap::DashMap;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use codec::token::{PublicKeys, TokenKey};
 use tracing::{info, warn};
 
 use crate::config::{Config, StoreKind};
-use crate::session::{self, Session};
+use crate::session::{self, Node};
+use crate::state::{Shared, Unauthenticated, auth_window};
 use crate::store::{ClipStore, ClusterCache, MemoryStore};
 use crate::tls::{self, DataFiles};
 
-/// An upload in progress, so a retry of the same clip id can take over.
-pub struct Upload {
-    pub sender: Arc<str>,
-    pub number: u64,
-    pub stop: session::Stop,
-}
-
-/// State every connection task shares.
-pub struct Shared {
-    pub config: Config,
-    pub key: TokenKey,
-    /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
-    public_keys: std::sync::RwLock<Arc<PublicKeys>>,
-    pub store: Arc<dyn ClipStore>,
-    /// The same store, as the cluster uses it.
-    pub cache: Arc<dyn ClusterCache>,
-    /// Sessions by user, channel members and floors (`router.rs`).
-    pub router: Router,
-    uploads: DashMap<ClipId, Upload>,
-    next_id: AtomicU64,
-    pub connections: AtomicUsize,
-    /// Connections handshaking or waiting for `Auth`.
-    pub unauthenticated: AtomicUsize,
-    pub ready: AtomicBool,
-    /// Shutting down: new handshakes are refused.
-    pub draining: AtomicBool,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    /// Test-only delivery faults (feature `fault-injection`).
-    pub faults: crate::faults::Faults,
-    /// Per-user clip budgets (`max_clips_per_minute`, bytes per minute).
-    pub budgets: DashMap<Arc<str>, crate::limits::UserBudget>,
-    /// New handshakes per second.
-    handshakes: std::sync::Mutex<crate::limits::Bucket>,
-    /// Bytes of clips being uploaded now.
-    pub inflight: AtomicU64,
-    /// Recent clips of each channel, for members who were offline.
-    pub history: DashMap<String, History>,
-    /// The history entries each (user, channel) has been given (recent
-    /// ones; bounded by the history depth).
-    pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
-    /// Where members' history cursors are kept (disk store only).
-    pub cursors: Option<std::path::PathBuf>,
-    /// `history_seen` changed since the cursors were last written.
-    pub cursors_dirty: AtomicBool,
-    /// The cluster link (`--cluster`); `None` for a relay on its own.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-}
-
-/// A channel's recent clips: (sequence number, clip), oldest first. The
-/// store numbers the entries (and keeps them, with the disk store).
-#[derive(Default)]
-pub struct History {
-    pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
-}
-
-/// The relay's router: sessions are `Arc<Session>`, a floor holder is
-/// stopped through its upload's `Stop`.
-pub type Router = crate::router::Router<Arc<Session>, session::Stop>;
-
-impl crate::router::Member for Arc<Session> {
-    fn session_id(&self) -> u64 {
-        self.id
-    }
-
-    fn user(&self) -> &Arc<str> {
-        &self.user
-    }
-}
-
-impl crate::admin::AdminState for Shared {
+impl crate::admin::AdminState for Node {
     fn ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
@@ -123,77 +50,9 @@ impl crate::admin::AdminState for Shared {
     }
 }
 
-impl Shared {
-    /// The public keys tokens are checked against now.
-    pub fn public_keys(&self) -> Arc<PublicKeys> {
-        // The lock only guards swapping one `Arc` for another, which cannot
-        // be left half done: a poisoned lock still holds a whole key set.
-        self.public_keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Checks a token: HS256 with the secret (unless `token_hs256` is
-    /// off), EdDSA or ES256 with the public key its `kid` names.
-    pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
-        let public = self.public_keys();
-        Verifier {
-            secret: self.config.token_hs256.then_some(&self.key),
-            public: &public,
-            leeway: self.config.token_leeway,
-        }
-        .verify(token)
-    }
-
-    pub fn next_session_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Registers an upload of `id` by `sender`. A running upload of the same
-    /// id by the same sender is a stale attempt (its connection is dying):
-    /// it is stopped and this one takes over. `None` if another sender
-    /// holds the id.
-    pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, session::Stop)> {
-        let entry = Upload {
-            sender: sender.clone(),
-            number: self.next_session_id(),
-            stop: session::Stop::default(),
-        };
-        let mine = (entry.number, entry.stop.clone());
-        match self.uploads.entry(id) {
-            dashmap::Entry::Occupied(mut e) => {
-                if e.get().sender != *sender {
-                    return None;
-                }
-                e.get()
-                    .stop
-                    .stop(ErrorCode::CutOff, "superseded by a retry of the same clip");
-                e.insert(entry);
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(entry);
-            }
-        }
-        Some(mine)
-    }
-
-    /// Stops the running upload of `id`, if any (a priority talker on
-    /// another relay took its floor).
-    pub fn stop_upload(&self, id: &ClipId, code: ErrorCode, reason: &str) {
-        if let Some(u) = self.uploads.get(id) {
-            u.stop.stop(code, reason);
-        }
-    }
-
-    pub fn end_upload(&self, id: ClipId, number: u64) {
-        self.uploads.remove_if(&id, |_, u| u.number == number);
-    }
-}
-
 /// A running relay.
 pub struct Relay {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     endpoint: quinn::Endpoint,
     admin_addr: SocketAddr,
     files: DataFiles,
@@ -224,28 +83,6 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
         t.ack_frequency_config(Some(af));
     }
     Ok(t)
-}
-
-/// Connection-level receive window before `Auth`: the largest message and
-/// its type and length varints.
-pub fn auth_window(cfg: &Config) -> quinn::VarInt {
-    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16).unwrap_or(quinn::VarInt::MAX)
-}
-
-/// Gives an authenticated connection its full credit: the control stream
-/// plus `max_clip_streams` uploads, and quinn's usual connection window.
-pub fn open_credit(cfg: &Config, conn: &quinn::Connection) {
-    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1).into());
-    conn.set_receive_window(quinn::VarInt::MAX);
-}
-
-/// Counts a connection as not yet authenticated while it lives.
-pub struct Unauthenticated(Arc<Shared>);
-
-impl Drop for Unauthenticated {
-    fn drop(&mut self) {
-        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl Relay {
@@ -318,38 +155,13 @@ impl Relay {
         } else {
             Some(crate::cluster::Cluster::connect(&config).await?)
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(config, key, public_keys, store, cache));
+        let node = Arc::new(Node {
+            state: shared.clone(),
             cluster,
-            key,
-            public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
-            store,
-            cache,
-            router: Router::default(),
-            uploads: DashMap::new(),
-            next_id: AtomicU64::new(0),
-            connections: AtomicUsize::new(0),
-            unauthenticated: AtomicUsize::new(0),
-            ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            faults: crate::faults::Faults::default(),
-            budgets: DashMap::new(),
-            handshakes: std::sync::Mutex::new(crate::limits::Bucket::new(
-                f64::from(config.max_handshakes_per_second.max(1)),
-                Duration::from_secs(1),
-                std::time::Instant::now(),
-            )),
-            inflight: AtomicU64::new(0),
-            history: DashMap::new(),
-            history_seen: DashMap::new(),
-            cursors: (config.store == StoreKind::Disk)
-                .then(|| crate::cursors::path(&config.data_dir)),
-            cursors_dirty: AtomicBool::new(false),
-            config,
         });
         shared.restore_history();
-        if let Some(c) = &shared.cluster {
+        if let Some(c) = &node.cluster {
             c.start(&shared);
         }
         let admin = tokio::net::TcpListener::bind(shared.config.admin)
@@ -366,17 +178,17 @@ impl Relay {
         })?;
         tokio::spawn(crate::admin::serve(
             admin,
-            shared.clone(),
+            node.clone(),
             shared.shutdown.clone(),
         ));
-        tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tokio::spawn(accept_loop(endpoint.clone(), node.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.shutdown.clone()));
         tokio::spawn(cursor_loop(shared.clone()));
         tokio::spawn(token_keys_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
-            shared,
+            node,
             endpoint,
             admin_addr,
             files,
@@ -386,7 +198,7 @@ impl Relay {
     pub fn quic_addr(&self) -> SocketAddr {
         self.endpoint
             .local_addr()
-            .unwrap_or(self.shared.config.listen)
+            .unwrap_or(self.node.config.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -398,11 +210,16 @@ impl Relay {
     }
 
     pub fn token_key(&self) -> &TokenKey {
-        &self.shared.key
+        &self.node.key
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+        &self.node.state
+    }
+
+    /// The cluster link, in a cluster.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.node.cluster.as_ref()
     }
 
     /// Serves until `signal` resolves, then shuts down.
@@ -414,7 +231,7 @@ impl Relay {
     /// Stops accepting, gives uploads in flight `drain_timeout` to finish,
     /// then closes every connection with `going_away`.
     pub async fn shutdown(self) {
-        let s = &self.shared;
+        let s = &self.node;
         s.ready.store(false, Ordering::SeqCst);
         // New handshakes get CONNECTION_REFUSED at once (`accept_loop`)
         // rather than no answer: their clients try elsewhere without
@@ -515,17 +332,6 @@ impl Shared {
             warn!("writing history cursors failed; will retry");
         }
     }
-
-    /// Whether a new handshake fits the rate.
-    fn handshake_allowed(&self) -> bool {
-        if self.config.max_handshakes_per_second == 0 {
-            return true;
-        }
-        self.handshakes
-            .lock()
-            .map(|mut b| b.take(1.0, std::time::Instant::now()).is_ok())
-            .unwrap_or(true)
-    }
 }
 
 /// The endpoint's UDP socket, with the buffers `udp_recv_buffer` and
@@ -563,7 +369,7 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iter
     while set.join_next().await.is_some() {}
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
     while let Some(incoming) = endpoint.accept().await {
         if shared.draining.load(Ordering::SeqCst) {
             incoming.refuse();
@@ -572,7 +378,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             continue;
         }
         let pending = shared.unauthenticated.fetch_add(1, Ordering::SeqCst);
-        let unauthenticated = Unauthenticated(shared.clone());
+        let unauthenticated = Unauthenticated(shared.state.clone());
         if pending >= shared.config.max_unauthenticated_connections {
             incoming.refuse();
             crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
@@ -679,10 +485,7 @@ async fn token_keys_loop(shared: Arc<Shared>) {
                 if now != shared.public_keys().kids() {
                     info!(kids = ?now, "token keys reloaded");
                 }
-                *shared
-                    .public_keys
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+                shared.set_public_keys(keys);
             }
             Ok(Err(e)) => {
                 crate::metrics::count1(crate::metrics::TOKEN_KEYS_RELOAD_FAILURES);

@@ -1,8 +1,7 @@
 //! One authenticated connection: its control stream (auth, acks), its clip
 //! uploads and the delivery of clips to it, live and stored.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use codec::token::Right;
@@ -10,142 +9,38 @@ use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welco
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
-use crate::server::Shared;
+use crate::state::{Session, Shared, Stop, claim_seen, stored_new};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
 
-/// A connected user, as the router sees it.
-pub struct Session {
-    pub id: u64,
-    pub user: Arc<str>,
-    pub conn: Connection,
-    live_tx: mpsc::Sender<Arc<LiveClip>>,
-    /// The store has new clips for this user.
-    dirty: Notify,
-    /// An ack freed room in the delivery window.
-    window: Notify,
-    deliveries: Mutex<Deliveries>,
-    /// The relay's side of the control stream, for `GoAway`.
-    control: tokio::sync::Mutex<Option<SendStream>>,
-    /// Talk channels from the token, with the right in each.
-    pub channels: std::collections::BTreeMap<String, Right>,
+/// This relay as a connection sees it: the state every connection shares
+/// and, in a cluster, the link to the other relays.
+pub struct Node {
+    pub state: Arc<Shared>,
+    /// The cluster link (`--cluster`); `None` for a relay on its own.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
-#[derive(Default)]
-struct Deliveries {
-    /// Clips started on this connection and not yet acknowledged; the value
-    /// says whether it came from the store (and counts in the window).
-    open: HashMap<ClipId, bool>,
-    stored_open: usize,
-}
+impl std::ops::Deref for Node {
+    type Target = Shared;
 
-impl Deliveries {
-    /// Starts delivering `id` unless it is open already. A stored clip
-    /// starts only if `held` says the store still holds the copy, asked
-    /// after the open check: the pump reads a batch of stored clips and
-    /// starts them one by one, and an ack (the store releases the copy,
-    /// then [`Deliveries::finish`]) may land in between. Checked in this
-    /// order, the clip is either still open (its ack has not finished) or
-    /// no longer held, so an acked clip never starts again.
-    fn begin(&mut self, id: ClipId, stored: bool, held: impl FnOnce() -> bool) -> bool {
-        if self.open.contains_key(&id) || !held() {
-            return false;
-        }
-        self.open.insert(id, stored);
-        if stored {
-            self.stored_open += 1;
-        }
-        true
-    }
-
-    /// `id` is acknowledged, or its delivery was abandoned. True when that
-    /// freed room in the stored-delivery window.
-    fn finish(&mut self, id: &ClipId) -> bool {
-        if self.open.remove(id) == Some(true) {
-            self.stored_open -= 1;
-            return true;
-        }
-        false
-    }
-}
-
-impl Session {
-    /// Offers a clip that is starting now. False when the recipient is too
-    /// far behind: it will get the clip from the store instead.
-    pub fn offer_live(&self, clip: Arc<LiveClip>) -> bool {
-        self.live_tx.try_send(clip).is_ok()
-    }
-
-    /// Tells the delivery pump that the store has something new.
-    pub fn store_changed(&self) {
-        self.dirty.notify_one();
-    }
-
-    /// Marks live clip `id` as being delivered; false if it already is (or
-    /// was, and is not yet acknowledged) on this connection.
-    fn begin_live(&self, id: ClipId) -> bool {
-        self.deliveries
-            .lock()
-            .is_ok_and(|mut d| d.begin(id, false, || true))
-    }
-
-    /// Marks stored clip `id` as being delivered: false if it already is,
-    /// or if the store no longer holds this user's copy (`held`).
-    fn begin_stored(&self, id: ClipId, held: impl FnOnce() -> bool) -> bool {
-        self.deliveries
-            .lock()
-            .is_ok_and(|mut d| d.begin(id, true, held))
-    }
-
-    /// `id` is acknowledged, or its delivery was abandoned.
-    fn finish(&self, id: &ClipId) {
-        if let Ok(mut d) = self.deliveries.lock()
-            && d.finish(id)
-        {
-            self.window.notify_one();
-        }
-    }
-
-    /// Tells the client to reconnect (elsewhere) after `retry_after_ms`:
-    /// `GoAway` on the control stream, which then ends.
-    pub async fn go_away(&self, code: ErrorCode, retry_after_ms: u64, reason: &str) {
-        let taken = self.control.lock().await.take();
-        if let Some(mut send) = taken {
-            let msg = Message::GoAway(codec::wire::GoAway {
-                code,
-                retry_after_ms,
-                reason: reason.to_owned(),
-            });
-            if quic::write_message(&mut send, &msg).await.is_ok() {
-                let _ = send.finish();
-            }
-        }
-    }
-
-    /// Live clips waiting to start plus deliveries not yet acknowledged.
-    pub fn queue_depth(&self) -> usize {
-        let waiting = self.live_tx.max_capacity() - self.live_tx.capacity();
-        waiting + self.deliveries.lock().map_or(0, |d| d.open.len())
-    }
-
-    fn stored_open(&self) -> usize {
-        self.deliveries.lock().map_or(usize::MAX, |d| d.stored_open)
+    fn deref(&self) -> &Shared {
+        &self.state
     }
 }
 
 /// Runs one connection from handshake to close.
 pub async fn run(
-    shared: Arc<Shared>,
+    shared: Arc<Node>,
     incoming: quinn::Incoming,
-    unauthenticated: crate::server::Unauthenticated,
+    unauthenticated: crate::state::Unauthenticated,
 ) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -177,7 +72,7 @@ pub async fn run(
     shared.router.join(&session, session.channels.keys());
     // Other relays' live clips for this user and its channels.
     let subjects = match &shared.cluster {
-        Some(c) => c.join(&shared, &session),
+        Some(c) => c.join(&shared.state, &session),
         None => Vec::new(),
     };
     replay_history(&shared, &session).await;
@@ -206,7 +101,7 @@ pub async fn run(
 type Refusal = (ErrorCode, String);
 
 async fn authenticate(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     conn: &Connection,
 ) -> Result<(Arc<Session>, mpsc::Receiver<Arc<LiveClip>>, MessageReader), Refusal> {
     let cfg = &shared.config;
@@ -239,29 +134,26 @@ async fn authenticate(
         codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
         codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
     })?;
-    crate::server::open_credit(cfg, conn);
-    let (live_tx, live_rx) = mpsc::channel(cfg.live_queue);
-    let session = Arc::new(Session {
-        id: shared.next_session_id(),
-        user: Arc::from(claims.sub.as_str()),
-        conn: conn.clone(),
-        live_tx,
-        dirty: Notify::new(),
-        window: Notify::new(),
-        deliveries: Mutex::new(Deliveries::default()),
-        control: tokio::sync::Mutex::new(None),
-        channels: claims.channels.clone(),
-    });
+    crate::state::open_credit(cfg, conn);
+    let id = shared.next_session_id();
     let welcome = Message::Welcome(Welcome {
-        user: claims.sub,
-        session_id: session.id,
+        user: claims.sub.clone(),
+        session_id: id,
         limits: cfg.limits(),
     });
     quic::write_message(&mut send, &welcome)
         .await
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
-    // Kept open for a later `GoAway`.
-    *session.control.lock().await = Some(send);
+    let (live_tx, live_rx) = mpsc::channel(cfg.live_queue);
+    // The control stream's send side is kept open for a later `GoAway`.
+    let session = Arc::new(Session::new(
+        id,
+        Arc::from(claims.sub.as_str()),
+        conn.clone(),
+        live_tx,
+        send,
+        claims.channels,
+    ));
     if let Some(old) = shared.router.register(session.clone()) {
         quic::close(
             &old.conn,
@@ -274,7 +166,7 @@ async fn authenticate(
 
 /// Reads acks until the control stream ends.
 async fn control_loop(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     mut ctl: MessageReader,
 ) -> Result<(), Refusal> {
@@ -307,7 +199,7 @@ async fn control_loop(
     }
 }
 
-async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>) {
+async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
     while let Ok((send, recv)) = session.conn.accept_bi().await {
         let shared = shared.clone();
         let session = session.clone();
@@ -363,7 +255,7 @@ async fn reply(send: &mut SendStream, msg: Message) {
 /// One clip upload: header, packets relayed live as they arrive, stored,
 /// then "accepted".
 async fn upload(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     mut send: SendStream,
     recv: RecvStream,
@@ -430,7 +322,7 @@ async fn upload(
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
-        r = stop.stopped() => Err(r),
+        (code, reason) = stop.stopped() => Err(Refused::new(code, reason)),
     };
     shared
         .inflight
@@ -481,7 +373,7 @@ async fn upload(
 /// pre-emption). A cluster that cannot answer leaves the decision to this
 /// relay alone.
 async fn take_floors(
-    shared: &Shared,
+    shared: &Node,
     session: &Session,
     c: &str,
     id: ClipId,
@@ -523,7 +415,7 @@ async fn take_floors(
 /// once for those on other relays (each user not online here; a channel's
 /// members elsewhere, once for all).
 fn fan_out(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     live: &Arc<LiveClip>,
     recipients: &[Arc<str>],
     channel: Option<&str>,
@@ -538,13 +430,13 @@ fn fan_out(
             // Maybe on another relay: published once for it.
             None => {
                 if let Some(c) = &shared.cluster {
-                    c.forward(shared, live.clone(), cluster::user_subject(r));
+                    c.forward(&shared.state, live.clone(), cluster::user_subject(r));
                 }
             }
         }
     }
     if let (Some(c), Some(ch)) = (&shared.cluster, channel) {
-        c.forward(shared, live.clone(), cluster::channel_subject(ch));
+        c.forward(&shared.state, live.clone(), cluster::channel_subject(ch));
     }
 }
 
@@ -556,7 +448,7 @@ fn fan_out(
 /// copies for other relays are kept first. The live clip's first outcome
 /// holds: a later `complete` or `cut` is a no-op.
 async fn store_clip(
-    shared: &Shared,
+    shared: &Node,
     live: &LiveClip,
     clip: Arc<StoredClip>,
     recipients: &[Arc<str>],
@@ -653,7 +545,7 @@ async fn refuse(send: &mut SendStream, rd: &mut MessageReader, id: ClipId, r: Re
 }
 
 /// The user's clip budget and the relay's in-flight memory budget.
-fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
+fn budget(shared: &Node, session: &Session) -> Result<(), Refused> {
     let cfg = &shared.config;
     let inflight = shared.inflight.load(std::sync::atomic::Ordering::Relaxed);
     if inflight >= cfg.max_inflight_bytes {
@@ -689,112 +581,9 @@ fn budget(shared: &Shared, session: &Session) -> Result<(), Refused> {
     })
 }
 
-/// What follows the store append of a new clip, whoever received it (an
-/// upload here, or a clip relayed from another relay): a channel clip
-/// enters the channel's history, live recipients get its end, and the
-/// recipients' delivery pumps look at the store again.
-pub(crate) async fn stored_new(
-    shared: &Shared,
-    live: &LiveClip,
-    clip: Arc<StoredClip>,
-    recipients: &[Arc<str>],
-    channel: Option<&str>,
-) {
-    if let Some(c) = channel {
-        record_history(shared, c, &clip, recipients, &clip.meta.sender).await;
-    }
-    live.complete(clip);
-    for r in recipients {
-        if let Some(s) = shared.router.session(r) {
-            s.store_changed();
-        }
-    }
-}
-
-/// Keeps a channel clip for members who were offline. Recipients (and the
-/// sender) are marked as having it; members who came online while it was
-/// being sent get a copy now.
-pub(crate) async fn record_history(
-    shared: &Shared,
-    c: &str,
-    clip: &Arc<StoredClip>,
-    recipients: &[Arc<str>],
-    sender: &Arc<str>,
-) {
-    let cfg = &shared.config;
-    // One copy per channel, kept by the store (on disk with the disk store).
-    let seq = match shared.store.add_history(c, clip.clone()).await {
-        Ok(seq) => seq,
-        Err(e) => {
-            warn!(error = %e, channel = c, "channel history not kept");
-            return;
-        }
-    };
-    let gone = {
-        let mut h = shared.history.entry(c.to_owned()).or_default();
-        // In sequence order (entries of one channel rarely race).
-        let at = h.clips.partition_point(|(s, _)| *s < seq);
-        h.clips.insert(at, (seq, clip.clone()));
-        let oldest = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
-        let mut gone = Vec::new();
-        while h.clips.len() > cfg.channel_history_depth
-            || h.clips
-                .front()
-                .is_some_and(|(_, c)| c.meta.created_ms < oldest)
-        {
-            if let Some((_, old)) = h.clips.pop_front() {
-                gone.push(old.meta.id);
-            }
-        }
-        gone
-    };
-    for id in gone {
-        let _ = shared.store.drop_history(c, &id).await;
-    }
-    for u in recipients.iter().chain(std::iter::once(sender)) {
-        claim_seen(shared, u, c, seq);
-    }
-    // Members online now that were not recipients (they connected while the
-    // clip was being sent): the only ones whose claim is still open.
-    for s in shared.router.channel_members(c) {
-        // Claim the entry first: a replay at connect may race with this.
-        if !claim_seen(shared, &s.user, c, seq) {
-            continue;
-        }
-        if shared
-            .store
-            .queue_copy(clip.clone(), s.user.clone())
-            .await
-            .is_ok()
-        {
-            s.store_changed();
-        }
-    }
-}
-
-/// Marks history entry `seq` of channel `c` as given to `user`; false if
-/// it already was.
-fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) -> bool {
-    let mut e = shared
-        .history_seen
-        .entry((user.clone(), c.to_owned()))
-        .or_default();
-    let new = e.insert(seq);
-    if new {
-        shared
-            .cursors_dirty
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    // Entries older than the history are never offered again.
-    while e.len() > shared.config.channel_history_depth.max(1) * 2 {
-        e.pop_first();
-    }
-    new
-}
-
 /// Gives a member who connects what its channels said while it was away
 /// (within the history's depth and age), in order, once.
-async fn replay_history(shared: &Shared, session: &Arc<Session>) {
+async fn replay_history(shared: &Node, session: &Arc<Session>) {
     let oldest =
         crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
     let mut any = false;
@@ -835,7 +624,7 @@ async fn replay_history(shared: &Shared, session: &Arc<Session>) {
 /// user (a retry), or pre-empted by a priority talker. Otherwise
 /// `floor_busy` naming the holder.
 fn take_floor(
-    shared: &Shared,
+    shared: &Node,
     session: &Session,
     c: &str,
     upload: u64,
@@ -877,7 +666,7 @@ enum Admit {
 }
 
 /// Checks the header: target, and whether this id was seen.
-async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
+async fn admit(shared: &Node, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
     if let Target::Channel(c) = &h.target
         && session.channels.get(c).is_none_or(|r| *r < Right::Talk)
     {
@@ -902,7 +691,7 @@ async fn admit(shared: &Shared, session: &Session, h: &ClipHeader) -> Result<Adm
 /// of unknown types before it (as everywhere in ptt/1). Anything else, a
 /// header that breaks its rules, a stream that ends first or nothing for
 /// `upload_idle_timeout` is refused.
-async fn read_clip_header(shared: &Shared, rd: &mut MessageReader) -> Result<ClipHeader, Refused> {
+async fn read_clip_header(shared: &Node, rd: &mut MessageReader) -> Result<ClipHeader, Refused> {
     let idle = shared.config.upload_idle_timeout;
     loop {
         match timeout(idle, rd.next()).await {
@@ -937,7 +726,7 @@ async fn read_clip_header(shared: &Shared, rd: &mut MessageReader) -> Result<Cli
 /// Reads packet records until the end record and FIN, pushing each
 /// validated run of records to the live clip as it arrives.
 async fn receive_packets(
-    shared: &Shared,
+    shared: &Node,
     rd: &mut MessageReader,
     live: &LiveClip,
     held: &mut u64,
@@ -1032,7 +821,7 @@ async fn receive_packets(
 /// Starts deliveries: live clips as they are offered, stored clips from the
 /// store within the window. Returns when the connection closes.
 async fn pump(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     live_rx: &mut mpsc::Receiver<Arc<LiveClip>>,
 ) {
@@ -1098,7 +887,7 @@ async fn pump(
 }
 
 async fn start_live(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     live: Arc<LiveClip>,
 ) -> Result<(), ()> {
@@ -1128,7 +917,7 @@ async fn write_live(
     mut send: SendStream,
     live: Arc<LiveClip>,
     mut fault: Fault,
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
 ) -> bool {
     let mut reader = live.reader();
@@ -1206,7 +995,7 @@ impl StoredOrder {
 }
 
 async fn start_stored(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     order: &mut StoredOrder,
@@ -1221,7 +1010,7 @@ async fn start_stored(
 /// Writes one stored clip on a new stream, in `order` (the deliberate
 /// duplicate of the fault injector takes none).
 async fn start_stored_copy(
-    shared: &Arc<Shared>,
+    shared: &Arc<Node>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     fault: Fault,
@@ -1261,77 +1050,4 @@ async fn start_stored_copy(
         }
     });
     Ok(())
-}
-
-/// Stops an upload from outside (a retry took over, a priority talker took
-/// the floor), saying why.
-#[derive(Clone, Default)]
-pub struct Stop {
-    token: CancellationToken,
-    why: Arc<std::sync::OnceLock<(ErrorCode, String)>>,
-}
-
-impl Stop {
-    pub fn stop(&self, code: ErrorCode, reason: impl Into<String>) {
-        let _ = self.why.set((code, reason.into()));
-        self.token.cancel();
-    }
-
-    /// Resolves once stopped, with the refusal to give.
-    async fn stopped(&self) -> Refused {
-        self.token.cancelled().await;
-        let (code, reason) = self
-            .why
-            .get()
-            .cloned()
-            .unwrap_or((ErrorCode::CutOff, "stopped".into()));
-        Refused::new(code, reason)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const X: ClipId = ClipId([1; 16]);
-
-    /// The pump read stored clip X (its live delivery is open), then X's
-    /// ack released the copy and finished the live delivery, then the pump
-    /// reached X in its batch: X must not start again.
-    #[test]
-    fn an_acked_clip_read_before_its_ack_does_not_start_again() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, false, || true), "live delivery");
-        // The pump's batch has X. Then the ack: the store releases the
-        // copy (so it no longer holds it), then the delivery ends.
-        let held = false;
-        assert!(!d.finish(&X), "a live delivery holds no window room");
-        assert!(!d.begin(X, true, || held), "acked: not delivered twice");
-        assert_eq!(d.stored_open, 0);
-    }
-
-    /// The same race with the ack not yet finished: X is still open.
-    #[test]
-    fn a_clip_open_live_does_not_start_from_the_store() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, false, || true));
-        assert!(!d.begin(X, true, || true));
-        assert!(!d.begin(X, false, || true));
-    }
-
-    /// A stored clip the store holds starts once and counts in the window
-    /// until acked; after the ack (and the copy released) it is not
-    /// started again, while a redelivery on a later read would need the
-    /// store to hold it again.
-    #[test]
-    fn stored_deliveries_count_in_the_window_until_acked() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, true, || true));
-        assert_eq!(d.stored_open, 1);
-        assert!(!d.begin(X, true, || true), "open already");
-        assert!(d.finish(&X), "the ack frees window room");
-        assert_eq!(d.stored_open, 0);
-        assert!(!d.begin(X, true, || false), "released by the ack");
-        assert!(!d.finish(&X), "a repeated ack changes nothing");
-    }
 }

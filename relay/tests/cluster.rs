@@ -137,7 +137,7 @@ async fn complete_within(
 }
 
 fn cluster(t: &TestRelay) -> &relay::cluster::Cluster {
-    t.relay.shared().cluster.as_deref().unwrap()
+    t.relay.cluster().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

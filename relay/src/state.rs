@@ -1,0 +1,557 @@
+//! What every connection task shares: the sessions (`Session`), uploads
+//! in progress, channel history, and the step that follows storing a new
+//! clip. The connection logic (`session.rs`) and the cluster link
+//! (`cluster.rs`) both build on this module; it depends on neither.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use codec::ErrorCode;
+use codec::token::{Claims, PublicKeys, Right, TokenError, TokenKey, Verifier};
+use codec::wire::{ClipId, Message};
+use dashmap::DashMap;
+use quinn::{Connection, SendStream};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use std::time::Duration;
+
+use crate::config::{Config, StoreKind};
+use crate::live::LiveClip;
+use crate::store::{ClipStore, ClusterCache, StoredClip};
+
+/// An upload in progress, so a retry of the same clip id can take over.
+pub struct Upload {
+    pub sender: Arc<str>,
+    pub number: u64,
+    pub stop: Stop,
+}
+
+/// State every connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub key: TokenKey,
+    /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
+    public_keys: std::sync::RwLock<Arc<PublicKeys>>,
+    pub store: Arc<dyn ClipStore>,
+    /// The same store, as the cluster uses it.
+    pub cache: Arc<dyn ClusterCache>,
+    /// Sessions by user, channel members and floors (`router.rs`).
+    pub router: Router,
+    uploads: DashMap<ClipId, Upload>,
+    next_id: AtomicU64,
+    pub connections: AtomicUsize,
+    /// Connections handshaking or waiting for `Auth`.
+    pub unauthenticated: AtomicUsize,
+    pub ready: AtomicBool,
+    /// Shutting down: new handshakes are refused.
+    pub draining: AtomicBool,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    /// Test-only delivery faults (feature `fault-injection`).
+    pub faults: crate::faults::Faults,
+    /// Per-user clip budgets (`max_clips_per_minute`, bytes per minute).
+    pub budgets: DashMap<Arc<str>, crate::limits::UserBudget>,
+    /// New handshakes per second.
+    handshakes: std::sync::Mutex<crate::limits::Bucket>,
+    /// Bytes of clips being uploaded now.
+    pub inflight: AtomicU64,
+    /// Recent clips of each channel, for members who were offline.
+    pub history: DashMap<String, History>,
+    /// The history entries each (user, channel) has been given (recent
+    /// ones; bounded by the history depth).
+    pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
+    /// Where members' history cursors are kept (disk store only).
+    pub cursors: Option<std::path::PathBuf>,
+    /// `history_seen` changed since the cursors were last written.
+    pub cursors_dirty: AtomicBool,
+}
+
+/// A channel's recent clips: (sequence number, clip), oldest first. The
+/// store numbers the entries (and keeps them, with the disk store).
+#[derive(Default)]
+pub struct History {
+    pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
+}
+
+/// The relay's router: sessions are `Arc<Session>`, a floor holder is
+/// stopped through its upload's `Stop`.
+pub type Router = crate::router::Router<Arc<Session>, Stop>;
+
+impl crate::router::Member for Arc<Session> {
+    fn session_id(&self) -> u64 {
+        self.id
+    }
+
+    fn user(&self) -> &Arc<str> {
+        &self.user
+    }
+}
+
+impl Shared {
+    /// The state of a relay starting with `config`, its token secret and
+    /// public keys, and its store (as the sessions and the cluster use it).
+    pub fn new(
+        config: Config,
+        key: TokenKey,
+        public_keys: PublicKeys,
+        store: Arc<dyn ClipStore>,
+        cache: Arc<dyn ClusterCache>,
+    ) -> Shared {
+        Shared {
+            key,
+            public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
+            store,
+            cache,
+            router: Router::default(),
+            uploads: DashMap::new(),
+            next_id: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            faults: crate::faults::Faults::default(),
+            budgets: DashMap::new(),
+            handshakes: std::sync::Mutex::new(crate::limits::Bucket::new(
+                f64::from(config.max_handshakes_per_second.max(1)),
+                Duration::from_secs(1),
+                std::time::Instant::now(),
+            )),
+            inflight: AtomicU64::new(0),
+            history: DashMap::new(),
+            history_seen: DashMap::new(),
+            cursors: (config.store == StoreKind::Disk)
+                .then(|| crate::cursors::path(&config.data_dir)),
+            cursors_dirty: AtomicBool::new(false),
+            config,
+        }
+    }
+
+    /// Replaces the public keys tokens are checked against.
+    pub fn set_public_keys(&self, keys: PublicKeys) {
+        *self
+            .public_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+    }
+
+    /// Whether a new handshake fits the rate.
+    pub fn handshake_allowed(&self) -> bool {
+        if self.config.max_handshakes_per_second == 0 {
+            return true;
+        }
+        self.handshakes
+            .lock()
+            .map(|mut b| b.take(1.0, std::time::Instant::now()).is_ok())
+            .unwrap_or(true)
+    }
+
+    /// The public keys tokens are checked against now.
+    pub fn public_keys(&self) -> Arc<PublicKeys> {
+        // The lock only guards swapping one `Arc` for another, which cannot
+        // be left half done: a poisoned lock still holds a whole key set.
+        self.public_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Checks a token: HS256 with the secret (unless `token_hs256` is
+    /// off), EdDSA or ES256 with the public key its `kid` names.
+    pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
+        let public = self.public_keys();
+        Verifier {
+            secret: self.config.token_hs256.then_some(&self.key),
+            public: &public,
+            leeway: self.config.token_leeway,
+        }
+        .verify(token)
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers an upload of `id` by `sender`. A running upload of the same
+    /// id by the same sender is a stale attempt (its connection is dying):
+    /// it is stopped and this one takes over. `None` if another sender
+    /// holds the id.
+    pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, Stop)> {
+        let entry = Upload {
+            sender: sender.clone(),
+            number: self.next_session_id(),
+            stop: Stop::default(),
+        };
+        let mine = (entry.number, entry.stop.clone());
+        match self.uploads.entry(id) {
+            dashmap::Entry::Occupied(mut e) => {
+                if e.get().sender != *sender {
+                    return None;
+                }
+                e.get()
+                    .stop
+                    .stop(ErrorCode::CutOff, "superseded by a retry of the same clip");
+                e.insert(entry);
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(entry);
+            }
+        }
+        Some(mine)
+    }
+
+    /// Stops the running upload of `id`, if any (a priority talker on
+    /// another relay took its floor).
+    pub fn stop_upload(&self, id: &ClipId, code: ErrorCode, reason: &str) {
+        if let Some(u) = self.uploads.get(id) {
+            u.stop.stop(code, reason);
+        }
+    }
+
+    pub fn end_upload(&self, id: ClipId, number: u64) {
+        self.uploads.remove_if(&id, |_, u| u.number == number);
+    }
+}
+
+/// Connection-level receive window before `Auth`: the largest message and
+/// its type and length varints.
+pub fn auth_window(cfg: &Config) -> quinn::VarInt {
+    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16).unwrap_or(quinn::VarInt::MAX)
+}
+
+/// Gives an authenticated connection its full credit: the control stream
+/// plus `max_clip_streams` uploads, and quinn's usual connection window.
+pub fn open_credit(cfg: &Config, conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1).into());
+    conn.set_receive_window(quinn::VarInt::MAX);
+}
+
+/// Counts a connection as not yet authenticated while it lives.
+pub struct Unauthenticated(pub Arc<Shared>);
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connected user, as the router sees it.
+pub struct Session {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub conn: Connection,
+    live_tx: mpsc::Sender<Arc<LiveClip>>,
+    /// The store has new clips for this user.
+    pub(crate) dirty: Notify,
+    /// An ack freed room in the delivery window.
+    pub(crate) window: Notify,
+    deliveries: Mutex<Deliveries>,
+    /// The relay's side of the control stream, for `GoAway`.
+    control: tokio::sync::Mutex<Option<SendStream>>,
+    /// Talk channels from the token, with the right in each.
+    pub channels: std::collections::BTreeMap<String, Right>,
+}
+
+#[derive(Default)]
+struct Deliveries {
+    /// Clips started on this connection and not yet acknowledged; the value
+    /// says whether it came from the store (and counts in the window).
+    open: HashMap<ClipId, bool>,
+    stored_open: usize,
+}
+
+impl Deliveries {
+    /// Starts delivering `id` unless it is open already. A stored clip
+    /// starts only if `held` says the store still holds the copy, asked
+    /// after the open check: the pump reads a batch of stored clips and
+    /// starts them one by one, and an ack (the store releases the copy,
+    /// then [`Deliveries::finish`]) may land in between. Checked in this
+    /// order, the clip is either still open (its ack has not finished) or
+    /// no longer held, so an acked clip never starts again.
+    fn begin(&mut self, id: ClipId, stored: bool, held: impl FnOnce() -> bool) -> bool {
+        if self.open.contains_key(&id) || !held() {
+            return false;
+        }
+        self.open.insert(id, stored);
+        if stored {
+            self.stored_open += 1;
+        }
+        true
+    }
+
+    /// `id` is acknowledged, or its delivery was abandoned. True when that
+    /// freed room in the stored-delivery window.
+    fn finish(&mut self, id: &ClipId) -> bool {
+        if self.open.remove(id) == Some(true) {
+            self.stored_open -= 1;
+            return true;
+        }
+        false
+    }
+}
+
+impl Session {
+    /// A session for `user` on `conn`, with its queue of live clips to
+    /// start and the control stream's send side (kept for `GoAway`).
+    pub fn new(
+        id: u64,
+        user: Arc<str>,
+        conn: Connection,
+        live_tx: mpsc::Sender<Arc<LiveClip>>,
+        control: SendStream,
+        channels: std::collections::BTreeMap<String, Right>,
+    ) -> Session {
+        Session {
+            id,
+            user,
+            conn,
+            live_tx,
+            dirty: Notify::new(),
+            window: Notify::new(),
+            deliveries: Mutex::new(Deliveries::default()),
+            control: tokio::sync::Mutex::new(Some(control)),
+            channels,
+        }
+    }
+
+    /// Offers a clip that is starting now. False when the recipient is too
+    /// far behind: it will get the clip from the store instead.
+    pub fn offer_live(&self, clip: Arc<LiveClip>) -> bool {
+        self.live_tx.try_send(clip).is_ok()
+    }
+
+    /// Tells the delivery pump that the store has something new.
+    pub fn store_changed(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Marks live clip `id` as being delivered; false if it already is (or
+    /// was, and is not yet acknowledged) on this connection.
+    pub(crate) fn begin_live(&self, id: ClipId) -> bool {
+        self.deliveries
+            .lock()
+            .is_ok_and(|mut d| d.begin(id, false, || true))
+    }
+
+    /// Marks stored clip `id` as being delivered: false if it already is,
+    /// or if the store no longer holds this user's copy (`held`).
+    pub(crate) fn begin_stored(&self, id: ClipId, held: impl FnOnce() -> bool) -> bool {
+        self.deliveries
+            .lock()
+            .is_ok_and(|mut d| d.begin(id, true, held))
+    }
+
+    /// `id` is acknowledged, or its delivery was abandoned.
+    pub(crate) fn finish(&self, id: &ClipId) {
+        if let Ok(mut d) = self.deliveries.lock()
+            && d.finish(id)
+        {
+            self.window.notify_one();
+        }
+    }
+
+    /// Tells the client to reconnect (elsewhere) after `retry_after_ms`:
+    /// `GoAway` on the control stream, which then ends.
+    pub async fn go_away(&self, code: ErrorCode, retry_after_ms: u64, reason: &str) {
+        let taken = self.control.lock().await.take();
+        if let Some(mut send) = taken {
+            let msg = Message::GoAway(codec::wire::GoAway {
+                code,
+                retry_after_ms,
+                reason: reason.to_owned(),
+            });
+            if quic::write_message(&mut send, &msg).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+    }
+
+    /// Live clips waiting to start plus deliveries not yet acknowledged.
+    pub fn queue_depth(&self) -> usize {
+        let waiting = self.live_tx.max_capacity() - self.live_tx.capacity();
+        waiting + self.deliveries.lock().map_or(0, |d| d.open.len())
+    }
+
+    pub(crate) fn stored_open(&self) -> usize {
+        self.deliveries.lock().map_or(usize::MAX, |d| d.stored_open)
+    }
+}
+
+/// What follows the store append of a new clip, whoever received it (an
+/// upload here, or a clip relayed from another relay): a channel clip
+/// enters the channel's history, live recipients get its end, and the
+/// recipients' delivery pumps look at the store again.
+pub(crate) async fn stored_new(
+    shared: &Shared,
+    live: &LiveClip,
+    clip: Arc<StoredClip>,
+    recipients: &[Arc<str>],
+    channel: Option<&str>,
+) {
+    if let Some(c) = channel {
+        record_history(shared, c, &clip, recipients, &clip.meta.sender).await;
+    }
+    live.complete(clip);
+    for r in recipients {
+        if let Some(s) = shared.router.session(r) {
+            s.store_changed();
+        }
+    }
+}
+
+/// Keeps a channel clip for members who were offline. Recipients (and the
+/// sender) are marked as having it; members who came online while it was
+/// being sent get a copy now.
+pub(crate) async fn record_history(
+    shared: &Shared,
+    c: &str,
+    clip: &Arc<StoredClip>,
+    recipients: &[Arc<str>],
+    sender: &Arc<str>,
+) {
+    let cfg = &shared.config;
+    // One copy per channel, kept by the store (on disk with the disk store).
+    let seq = match shared.store.add_history(c, clip.clone()).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            warn!(error = %e, channel = c, "channel history not kept");
+            return;
+        }
+    };
+    let gone = {
+        let mut h = shared.history.entry(c.to_owned()).or_default();
+        // In sequence order (entries of one channel rarely race).
+        let at = h.clips.partition_point(|(s, _)| *s < seq);
+        h.clips.insert(at, (seq, clip.clone()));
+        let oldest = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
+        let mut gone = Vec::new();
+        while h.clips.len() > cfg.channel_history_depth
+            || h.clips
+                .front()
+                .is_some_and(|(_, c)| c.meta.created_ms < oldest)
+        {
+            if let Some((_, old)) = h.clips.pop_front() {
+                gone.push(old.meta.id);
+            }
+        }
+        gone
+    };
+    for id in gone {
+        let _ = shared.store.drop_history(c, &id).await;
+    }
+    for u in recipients.iter().chain(std::iter::once(sender)) {
+        claim_seen(shared, u, c, seq);
+    }
+    // Members online now that were not recipients (they connected while the
+    // clip was being sent): the only ones whose claim is still open.
+    for s in shared.router.channel_members(c) {
+        // Claim the entry first: a replay at connect may race with this.
+        if !claim_seen(shared, &s.user, c, seq) {
+            continue;
+        }
+        if shared
+            .store
+            .queue_copy(clip.clone(), s.user.clone())
+            .await
+            .is_ok()
+        {
+            s.store_changed();
+        }
+    }
+}
+
+/// Marks history entry `seq` of channel `c` as given to `user`; false if
+/// it already was.
+pub(crate) fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) -> bool {
+    let mut e = shared
+        .history_seen
+        .entry((user.clone(), c.to_owned()))
+        .or_default();
+    let new = e.insert(seq);
+    if new {
+        shared
+            .cursors_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // Entries older than the history are never offered again.
+    while e.len() > shared.config.channel_history_depth.max(1) * 2 {
+        e.pop_first();
+    }
+    new
+}
+
+/// Stops an upload from outside (a retry took over, a priority talker took
+/// the floor), saying why.
+#[derive(Clone, Default)]
+pub struct Stop {
+    token: CancellationToken,
+    why: Arc<std::sync::OnceLock<(ErrorCode, String)>>,
+}
+
+impl Stop {
+    pub fn stop(&self, code: ErrorCode, reason: impl Into<String>) {
+        let _ = self.why.set((code, reason.into()));
+        self.token.cancel();
+    }
+
+    /// Resolves once stopped, with the code and reason to refuse with.
+    pub async fn stopped(&self) -> (ErrorCode, String) {
+        self.token.cancelled().await;
+        self.why
+            .get()
+            .cloned()
+            .unwrap_or((ErrorCode::CutOff, "stopped".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: ClipId = ClipId([1; 16]);
+
+    /// The pump read stored clip X (its live delivery is open), then X's
+    /// ack released the copy and finished the live delivery, then the pump
+    /// reached X in its batch: X must not start again.
+    #[test]
+    fn an_acked_clip_read_before_its_ack_does_not_start_again() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, false, || true), "live delivery");
+        // The pump's batch has X. Then the ack: the store releases the
+        // copy (so it no longer holds it), then the delivery ends.
+        let held = false;
+        assert!(!d.finish(&X), "a live delivery holds no window room");
+        assert!(!d.begin(X, true, || held), "acked: not delivered twice");
+        assert_eq!(d.stored_open, 0);
+    }
+
+    /// The same race with the ack not yet finished: X is still open.
+    #[test]
+    fn a_clip_open_live_does_not_start_from_the_store() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, false, || true));
+        assert!(!d.begin(X, true, || true));
+        assert!(!d.begin(X, false, || true));
+    }
+
+    /// A stored clip the store holds starts once and counts in the window
+    /// until acked; after the ack (and the copy released) it is not
+    /// started again, while a redelivery on a later read would need the
+    /// store to hold it again.
+    #[test]
+    fn stored_deliveries_count_in_the_window_until_acked() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, true, || true));
+        assert_eq!(d.stored_open, 1);
+        assert!(!d.begin(X, true, || true), "open already");
+        assert!(d.finish(&X), "the ack frees window room");
+        assert_eq!(d.stored_open, 0);
+        assert!(!d.begin(X, true, || false), "released by the ack");
+        assert!(!d.finish(&X), "a repeated ack changes nothing");
+    }
+}
