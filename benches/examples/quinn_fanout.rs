@@ -129,8 +129,8 @@ fn main() -> anyhow::Result<()> {
             let addr = addr_rx.recv()?;
             runtime()?.block_on(async move {
                 let eps = (0..endpoints)
-                    .map(|_| client_sim::net::endpoint(addr, &cert))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                    .map(|_| ptt_client::net::endpoint(addr, &cert))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mut conns = Vec::with_capacity(n);
                 for i in 0..n {
                     let c = eps[i % eps.len()].connect(addr, "localhost")?.await?;

@@ -17,10 +17,10 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use clap::Parser;
-use client_sim::client::{Client, ClientOptions, Event, OutgoingClip, Pacing};
-use client_sim::net;
 use codec::token::TokenKey;
 use codec::wire::{AudioFormat, ClipId, Target};
+use ptt_client::client::{Client, ClientOptions, Event, OutgoingClip, Pacing};
+use ptt_client::net;
 
 #[derive(Parser)]
 struct Args {

@@ -1,11 +1,4 @@
-//! Client library for the push-to-talk relay, and the `client-sim` tool
-//! built on it: a person's `send` and `listen`.
+//! The `client-sim` tool: a person's `send` and `listen`, and operators'
+//! `load` generator and its reports. The client itself is `ptt_client`.
 
-pub mod client;
 pub mod load;
-pub mod net;
-
-pub use client::{
-    Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip, SeenIds,
-    SendOutcome,
-};

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use client_sim::net;
-use client_sim::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing};
 use codec::ogg_opus::OggOpus;
 use codec::wire::{ClipId, Target};
+use ptt_client::net;
+use ptt_client::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing};
 use tokio::time::Instant;
 
 #[derive(Parser)]

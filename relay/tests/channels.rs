@@ -6,11 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use client_sim::{ClientError, Event, OutgoingClip, Pacing};
 use codec::ErrorCode;
 use codec::token::Right::{Listen, Priority, Talk};
 use codec::wire::Target;
 use common::*;
+use ptt_client::{ClientError, Event, OutgoingClip, Pacing};
 
 fn channel_clip(ch: &str, packets: u32) -> OutgoingClip {
     let mut c = clip("x", packets);
@@ -19,7 +19,7 @@ fn channel_clip(ch: &str, packets: u32) -> OutgoingClip {
 }
 
 /// Four channel clips from `talker` to "ops", one after the other.
-async fn say_four(talker: &client_sim::Client) -> Vec<OutgoingClip> {
+async fn say_four(talker: &ptt_client::Client) -> Vec<OutgoingClip> {
     let mut said = Vec::new();
     for i in 0..4 {
         let c = channel_clip("ops", 3 + i);
@@ -29,7 +29,7 @@ async fn say_four(talker: &client_sim::Client) -> Vec<OutgoingClip> {
     said
 }
 
-fn rejected(r: Result<client_sim::SendOutcome, ClientError>) -> (ErrorCode, String) {
+fn rejected(r: Result<ptt_client::SendOutcome, ClientError>) -> (ErrorCode, String) {
     match r {
         Err(ClientError::Rejected { code, reason, .. }) => (code, reason),
         other => panic!("expected a rejection, got {other:?}"),

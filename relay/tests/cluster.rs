@@ -7,10 +7,10 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use client_sim::Pacing;
 use codec::token::Right::{Listen, Talk};
 use codec::wire::Target;
 use common::*;
+use ptt_client::Pacing;
 use relay::cluster::{channel_subject, user_subject};
 
 /// A `nats-server` on loopback, killed on drop.
@@ -119,15 +119,15 @@ async fn until_answer(admin: std::net::SocketAddr, path: &str, status: u16, secs
 
 /// Clip `id` complete on `events` within `secs` (a bound, not a measure).
 async fn complete_within(
-    events: &mut tokio::sync::mpsc::Receiver<client_sim::Event>,
+    events: &mut tokio::sync::mpsc::Receiver<ptt_client::Event>,
     id: codec::wire::ClipId,
     secs: u64,
     what: &str,
-) -> client_sim::ReceivedClip {
+) -> ptt_client::ReceivedClip {
     tokio::time::timeout(Duration::from_secs(secs), async {
         loop {
             match events.recv().await.expect("event channel closed") {
-                client_sim::Event::Complete(g) if g.id() == id => return g,
+                ptt_client::Event::Complete(g) if g.id() == id => return g,
                 _ => {}
             }
         }
@@ -231,7 +231,7 @@ async fn a_nats_restart_loses_nothing_and_routing_comes_back() {
         if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(200), async {
             loop {
                 match bob_ev.recv().await {
-                    Some(client_sim::Event::Complete(got)) if got.id() == c.id => {
+                    Some(ptt_client::Event::Complete(got)) if got.id() == c.id => {
                         return Some(got);
                     }
                     Some(_) => {}
@@ -253,7 +253,7 @@ async fn a_nats_restart_loses_nothing_and_routing_comes_back() {
     drop(bob);
     let (_bob, mut bob_ev) = one.connect("bob").await;
     let again = next_matching(&mut bob_ev, |e| match e {
-        client_sim::Event::Complete(c) if c.id() == kept.id => Some(c),
+        ptt_client::Event::Complete(c) if c.id() == kept.id => Some(c),
         _ => None,
     })
     .await;
@@ -266,7 +266,7 @@ async fn a_nats_restart_loses_nothing_and_routing_comes_back() {
 struct Doomed {
     one: tokio::process::Child,
     two: TestRelay,
-    alice: std::sync::Arc<client_sim::Client>,
+    alice: std::sync::Arc<ptt_client::Client>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -276,13 +276,13 @@ async fn doomed(nats: &Nats, token: impl Fn(&TestRelay) -> String) -> Doomed {
     let dir_two = sharing_keys(dir_one.path());
     let url = nats.url.clone();
     let two = start_in(dir_two.path(), |c| c.cluster = url).await;
-    let ep = client_sim::net::endpoint(addr, &dir_one.path().join("cert.pem")).unwrap();
-    let (alice, _) = client_sim::Client::connect(
+    let ep = ptt_client::net::endpoint(addr, &dir_one.path().join("cert.pem")).unwrap();
+    let (alice, _) = ptt_client::Client::connect(
         &ep,
         addr,
         "localhost",
         &token(&two),
-        client_sim::ClientOptions::default(),
+        ptt_client::ClientOptions::default(),
     )
     .await
     .unwrap();
@@ -317,8 +317,8 @@ async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
     let (mut order, mut got) = (Vec::new(), std::collections::HashMap::new());
     while got.len() < sent.len() {
         let ev = next_matching(&mut bob_ev, |e| match e {
-            client_sim::Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
-            client_sim::Event::Complete(c) => Some(Ok(c)),
+            ptt_client::Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
+            ptt_client::Event::Complete(c) => Some(Ok(c)),
             _ => None,
         })
         .await;
@@ -351,9 +351,9 @@ async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floor_control_holds_across_relays() {
-    use client_sim::{ClientError, Event};
     use codec::ErrorCode;
     use codec::token::Right::Priority;
+    use ptt_client::{ClientError, Event};
     let nats = Nats::start();
     let (one, two, _dir) = pair(&nats).await;
     let (alice, _) = one.member("alice", &[("ops", Talk)]).await;

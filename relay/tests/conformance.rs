@@ -8,17 +8,17 @@ mod common;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use client_sim::{ClientError, ClientOptions, Event, Pacing};
 use codec::ErrorCode;
 use codec::varint;
 use codec::wire::{Accepted, AudioFormat, ClipHeader, ClipId, Message, Rejected, Target};
 use common::*;
+use ptt_client::{ClientError, ClientOptions, Event, Pacing};
 
 const ZERO: ClipId = ClipId([0; 16]);
 
 /// Opens an upload stream, writes `bytes` (and FIN when `fin`), and reads
 /// the relay's one answer.
-async fn upload_bytes(client: &client_sim::Client, bytes: &[u8], fin: bool) -> Message {
+async fn upload_bytes(client: &ptt_client::Client, bytes: &[u8], fin: bool) -> Message {
     let (mut send, recv) = client.connection().open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     if fin {
@@ -267,7 +267,7 @@ async fn shutdown_closes_every_connection_with_going_away_and_refuses_new_ones()
     .await;
     // A new connection now: refused at once (not a 10 s handshake timeout).
     let started = std::time::Instant::now();
-    let r = client_sim::Client::connect(
+    let r = ptt_client::Client::connect(
         &endpoint,
         addr,
         "localhost",

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client_sim::{Client, ClientOptions, Event, Pacing, net};
 use codec::token::TokenKey;
 use codec::wire::ClipId;
 use common::{assert_no_clip, clip, next_matching, start_binary, start_binary_at};
+use ptt_client::{Client, ClientOptions, Event, Pacing, net};
 use tokio::process::Command;
 
 async fn connect(

@@ -6,11 +6,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use client_sim::{ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
 use codec::ErrorCode;
 use codec::token::{Claims, TokenKey, now_secs};
 use codec::wire::{ClipId, Message};
 use common::*;
+use ptt_client::{ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
 use tokio::time::Instant;
 
 #[tokio::test]
@@ -387,7 +387,7 @@ async fn a_user_cannot_receive_or_release_anothers_clips() {
     assert_eq!(got.delivery.sender, "alice");
 }
 
-fn rejected(r: Result<client_sim::SendOutcome, ClientError>) -> ErrorCode {
+fn rejected(r: Result<ptt_client::SendOutcome, ClientError>) -> ErrorCode {
     match r {
         Err(ClientError::Rejected { code, .. }) => code,
         other => panic!("expected a rejection, got {other:?}"),

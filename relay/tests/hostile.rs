@@ -7,12 +7,12 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use client_sim::Pacing;
 use codec::ErrorCode;
 use codec::token::Right;
 use codec::varint;
 use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use common::*;
+use ptt_client::Pacing;
 
 /// Before `Auth` a connection gets credit for its control stream only, and
 /// for no more bytes than the largest message: it cannot make the relay
@@ -121,7 +121,7 @@ async fn a_trickle_cannot_hold_a_channels_floor() {
     let mut c = clip("", 2);
     c.target = Target::Channel("ops".into());
     match bob.send_clip(&c, Pacing::Upload).await {
-        Err(client_sim::ClientError::Rejected { code, .. }) => {
+        Err(ptt_client::ClientError::Rejected { code, .. }) => {
             assert_eq!(code, ErrorCode::FloorBusy)
         }
         other => panic!("expected floor_busy, got {other:?}"),
@@ -137,7 +137,7 @@ async fn a_trickle_cannot_hold_a_channels_floor() {
     );
     trickle.abort();
     let cut = next_matching(&mut carol_ev, |e| match e {
-        client_sim::Event::Cut { code, .. } => Some(code),
+        ptt_client::Event::Cut { code, .. } => Some(code),
         _ => None,
     })
     .await;

@@ -15,10 +15,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use client_sim::{ClientError, ClientOptions, Pacing};
 use codec::ErrorCode;
 use codec::wire::Target;
 use common::*;
+use ptt_client::{ClientError, ClientOptions, Pacing};
 use relay::metrics::CATALOGUE;
 
 fn repo() -> &'static Path {

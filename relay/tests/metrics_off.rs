@@ -4,8 +4,8 @@
 
 mod common;
 
-use client_sim::Pacing;
 use common::*;
+use ptt_client::Pacing;
 
 #[tokio::test]
 async fn metrics_off_means_404_and_nothing_else_changes() {

@@ -8,9 +8,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use client_sim::{ClientError, ClientOptions};
 use codec::ErrorCode;
 use common::*;
+use ptt_client::{ClientError, ClientOptions};
 
 fn ptt_relay(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ptt-relay"))

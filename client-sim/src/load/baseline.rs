@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use super::source::Source;
 use super::stats::{Latency, Percentiles};
 use super::workload::Workload;
-use crate::client::OutgoingClip;
-use crate::net;
+use ptt_client::client::OutgoingClip;
+use ptt_client::net;
 
 /// Largest clip a sink reads (bounds its memory per stream).
 const MAX_CLIP_BYTES: usize = 4 * 1024 * 1024;

@@ -121,8 +121,8 @@ impl Drop for ImpairedSocket {
 pub fn socket(bind: SocketAddr, imp: Impairment) -> io::Result<Arc<dyn AsyncUdpSocket>> {
     let (std, _, _) = quic::udp_socket(
         bind,
-        crate::net::CLIENT_UDP_BUFFER,
-        crate::net::CLIENT_UDP_BUFFER,
+        ptt_client::net::CLIENT_UDP_BUFFER,
+        ptt_client::net::CLIENT_UDP_BUFFER,
     )?;
     let inner = quinn::TokioRuntime.wrap_udp_socket(std)?;
     if imp.is_none() {

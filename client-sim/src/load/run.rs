@@ -23,8 +23,10 @@ use super::source::Source;
 use super::stats::Latency;
 use super::verify::{self, Ledger, Verdict};
 use super::workload::{Mode, Workload};
-use crate::client::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds};
-use crate::net;
+use ptt_client::client::{
+    Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds,
+};
+use ptt_client::net;
 
 /// Where and as whom to load.
 pub struct LoadTarget {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use client_sim::{Client, ClientError, ClientOptions, Event, OutgoingClip, net};
 use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
+use ptt_client::{Client, ClientError, ClientOptions, Event, OutgoingClip, net};
 use relay::{Config, Relay};
 use tokio::sync::mpsc;
 
@@ -145,7 +145,7 @@ pub async fn next_matching<T>(
     .expect("timed out waiting for an event")
 }
 
-pub async fn next_complete(events: &mut mpsc::Receiver<Event>) -> client_sim::ReceivedClip {
+pub async fn next_complete(events: &mut mpsc::Receiver<Event>) -> ptt_client::ReceivedClip {
     next_matching(events, |e| match e {
         Event::Complete(c) => Some(c),
         _ => None,

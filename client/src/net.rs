@@ -6,36 +6,61 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+
+/// Why a client endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The CA file could not be read or holds no usable certificate.
+    #[error("{path}: {why}")]
+    Ca { path: String, why: String },
+    /// TLS or QUIC refused the configuration.
+    #[error("client TLS/QUIC configuration: {0}")]
+    Config(String),
+    /// The UDP socket or the endpoint could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--relay` is not `HOST:PORT`, or does not resolve.
+    #[error("relay address {addr}: {why}")]
+    Address { addr: String, why: String },
+}
 
 /// Concurrent deliveries a client accepts (QUIC uni stream limit).
 pub const MAX_DELIVERY_STREAMS: u32 = 256;
 
 /// A quinn client config that trusts the certificates in `ca_pem`.
-pub fn client_config(ca_pem: &Path) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, NetError> {
+    let ca = |why: String| NetError::Ca {
+        path: ca_pem.display().to_string(),
+        why,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_pem)
-        .with_context(|| format!("reading {}", ca_pem.display()))?;
+    let certs = CertificateDer::pem_file_iter(ca_pem).map_err(|e| ca(format!("reading: {e}")))?;
     for c in certs {
+        let c = c.map_err(|e| ca(format!("parsing: {e}")))?;
         roots
-            .add(c.with_context(|| format!("parsing {}", ca_pem.display()))?)
-            .with_context(|| format!("adding {} as trusted", ca_pem.display()))?;
+            .add(c)
+            .map_err(|e| ca(format!("adding as trusted: {e}")))?;
     }
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "{} holds no certificate",
-        ca_pem.display()
-    );
+    if roots.is_empty() {
+        return Err(ca("holds no certificate".into()));
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = |e: &dyn std::fmt::Display| NetError::Config(e.to_string());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| config(&e))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
-    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| config(&e))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(MAX_DELIVERY_STREAMS.into());
     t.max_concurrent_bidi_streams(0u32.into());
@@ -49,7 +74,9 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<quinn::ClientConfig> {
     // Voice packets are far below the 1200-byte QUIC minimum MTU: path MTU
     // probes (padded to ~1450 bytes) would only cost the user data.
     t.mtu_discovery_config(None);
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30).try_into().map_err(|e| config(&e))?,
+    ));
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }
@@ -60,39 +87,51 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<quinn::ClientConfig> {
 pub const CLIENT_UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 /// A client endpoint on an ephemeral port of the right address family.
-pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> anyhow::Result<quinn::Endpoint> {
+pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> Result<quinn::Endpoint, NetError> {
     let bind: SocketAddr = if relay.is_ipv6() {
-        "[::]:0".parse()?
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
-        "0.0.0.0:0".parse()?
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let (sock, _, _) = quic::udp_socket(bind, CLIENT_UDP_BUFFER, CLIENT_UDP_BUFFER)
-        .context("binding a UDP socket")?;
+    let (sock, _, _) =
+        quic::udp_socket(bind, CLIENT_UDP_BUFFER, CLIENT_UDP_BUFFER).map_err(|source| {
+            NetError::Io {
+                what: "binding a UDP socket",
+                source,
+            }
+        })?;
     let mut ep = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
         sock,
         Arc::new(quinn::TokioRuntime),
     )
-    .context("starting a QUIC endpoint")?;
+    .map_err(|source| NetError::Io {
+        what: "starting a QUIC endpoint",
+        source,
+    })?;
     ep.set_default_client_config(client_config(ca_pem)?);
     Ok(ep)
 }
 
 /// Resolves `HOST:PORT` to an address and the name to check in the
 /// relay's certificate.
-pub async fn resolve(relay: &str) -> anyhow::Result<(SocketAddr, String)> {
+pub async fn resolve(relay: &str) -> Result<(SocketAddr, String), NetError> {
+    let bad = |why: String| NetError::Address {
+        addr: relay.to_owned(),
+        why,
+    };
     let (host, _) = relay
         .rsplit_once(':')
-        .with_context(|| format!("--relay {relay}: expected HOST:PORT"))?;
+        .ok_or_else(|| bad("expected HOST:PORT".into()))?;
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
     let addr = tokio::net::lookup_host(relay)
         .await
-        .with_context(|| format!("resolving {relay}"))?
+        .map_err(|e| bad(format!("resolving: {e}")))?
         .next()
-        .with_context(|| format!("{relay} resolves to no address"))?;
+        .ok_or_else(|| bad("resolves to no address".into()))?;
     Ok((addr, host))
 }

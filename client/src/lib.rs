@@ -1,0 +1,14 @@
+//! The client side of ptt/1, the push-to-talk relay's protocol
+//! (`docs/protocol.md`): connect and authenticate, send clips (live or
+//! recorded), receive deliveries in order and acknowledge each one once
+//! it is kept. `client-sim` (send, listen, load) and the relay's tests are
+//! built on it; byte formats come from `codec`, which is sans-IO.
+
+pub mod client;
+pub mod net;
+
+pub use client::{
+    Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip, SeenIds,
+    SendOutcome,
+};
+pub use net::NetError;
