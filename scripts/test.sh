@@ -19,8 +19,8 @@ for tool in "${!need[@]}"; do
 done
 # build dependencies of the audio path (libopus is built with cmake;
 # webrtc-audio-processing binds Debian's library with bindgen); python3-venv
-# for the Kubernetes manifest check
-for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev python3-venv; do
+# for the Kubernetes manifest check; python3 for the SDK's Python bindings
+for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev python3 python3-venv; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -39,6 +39,14 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> cargo clippy: the SDK's uniffi interface and bindings generator"
+cargo clippy -p ptt-client --all-targets --features bindgen --locked -- -D warnings
+
+echo "==> SDK bindings for Kotlin and Swift (Python is built by its tests)"
+SDK_OUT=target/sdk-ci scripts/sdk.sh kotlin swift
+test -s target/sdk-ci/kotlin/uniffi/ptt_client/ptt_client.kt
+test -s target/sdk-ci/swift/ptt_client.swift
 
 echo "==> the relay links no audio library"
 if cargo tree -p relay --locked -e normal,build --prefix none | grep -E '^(opus|webrtc|hound|rubato)'; then

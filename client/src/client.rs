@@ -18,7 +18,7 @@ use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 /// Why a client operation failed, and what to do about it.
@@ -272,6 +272,16 @@ impl SeenIds {
         self.0.lock().map(|mut s| s.insert(id)).unwrap_or(true)
     }
 
+    /// Forgets `id` (the application did not keep it after all), so its
+    /// redelivery is passed on again.
+    pub fn forget(&self, id: &ClipId) {
+        if let Ok(mut s) = self.0.lock()
+            && s.set.remove(id)
+        {
+            s.order.retain(|x| x != id);
+        }
+    }
+
     pub fn contains(&self, id: &ClipId) -> bool {
         self.0.lock().map(|s| s.set.contains(id)).unwrap_or(false)
     }
@@ -308,6 +318,12 @@ pub struct ClientOptions {
     /// Report every run of packets as it arrives ([`Event::Packets`]), for
     /// per-packet latency measurements.
     pub packet_events: bool,
+    /// Pass clips on ([`Event::Complete`]) in the order the relay started
+    /// their deliveries (stream order: stored clips in acceptance order),
+    /// holding a clip that finished early until the ones before it have
+    /// finished or been cut. Off for load generators, which measure each
+    /// clip's own timing.
+    pub in_order: bool,
 }
 
 impl Default for ClientOptions {
@@ -316,6 +332,7 @@ impl Default for ClientOptions {
             event_queue: 256,
             seen: None,
             packet_events: false,
+            in_order: false,
         }
     }
 }
@@ -329,6 +346,7 @@ pub struct Client {
     control: tokio::sync::Mutex<SendStream>,
     seen: SeenIds,
     packet_events: bool,
+    in_order: bool,
 }
 
 impl Client {
@@ -383,6 +401,7 @@ impl Client {
             control: tokio::sync::Mutex::new(send),
             seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
             packet_events: opts.packet_events,
+            in_order: opts.in_order,
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
         tokio::spawn(read_control(rd, tx.clone()));
@@ -528,17 +547,69 @@ async fn read_control(mut rd: MessageReader, events: mpsc::Sender<Event>) {
 }
 
 async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {
+    let mut prev: Option<oneshot::Receiver<()>> = None;
     while let Ok(recv) = client.conn.accept_uni().await {
         let client = client.clone();
         let events = events.clone();
+        let turn = if client.in_order {
+            let (tx, rx) = oneshot::channel();
+            Turn {
+                prev: prev.replace(rx),
+                next: Some(tx),
+            }
+        } else {
+            Turn::default()
+        };
         tokio::spawn(async move {
-            receive(client, recv, events).await;
+            receive(client, recv, events, turn).await;
         });
     }
 }
 
+/// A delivery's place in the order clips are passed on
+/// ([`ClientOptions::in_order`]): it waits for the delivery before it,
+/// and lets the next one go when it is done, however it ends.
+#[derive(Default)]
+struct Turn {
+    prev: Option<oneshot::Receiver<()>>,
+    next: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// Waits until every earlier delivery has been passed on (or cut).
+    async fn wait(&mut self) {
+        if let Some(p) = self.prev.take() {
+            let _ = p.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let Some(next) = self.next.take() else { return };
+        match self.prev.take() {
+            // Ended without waiting (a delivery that never started): the
+            // next one still waits for the one before this.
+            Some(p) => {
+                tokio::spawn(async move {
+                    let _ = p.await;
+                    let _ = next.send(());
+                });
+            }
+            None => {
+                let _ = next.send(());
+            }
+        }
+    }
+}
+
 /// Reads one delivery stream into a clip.
-async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Event>) {
+async fn receive(
+    client: Arc<Client>,
+    recv: RecvStream,
+    events: mpsc::Sender<Event>,
+    mut turn: Turn,
+) {
     let seq = recv.id().index();
     let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
     let delivery = match rd.next().await {
@@ -610,6 +681,7 @@ async fn receive(client: Arc<Client>, recv: RecvStream, events: mpsc::Sender<Eve
             .await;
         return;
     };
+    turn.wait().await;
     if !client.seen.insert(id) {
         // A redelivery of a clip we already have (our ack was lost): ack
         // again, and do not pass it on as a new clip.

@@ -5,10 +5,18 @@
 //! built on it; byte formats come from `codec`, which is sans-IO.
 
 pub mod client;
+#[cfg(feature = "ffi")]
+pub mod ffi;
+pub mod inbox;
 pub mod net;
+pub mod outbox;
+pub mod sdk;
 
 pub use client::{
     Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip, SeenIds,
     SendOutcome,
 };
 pub use net::NetError;
+
+#[cfg(feature = "ffi")]
+uniffi::setup_scaffolding!();

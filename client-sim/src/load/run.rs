@@ -367,6 +367,8 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
             seen: Some(u.seen.clone()),
             event_queue: 64,
             packet_events: false,
+            // Each clip's own latency is measured: none waits for another.
+            in_order: false,
         };
         let relay = t.relays[u.index as usize % t.relays.len()];
         let (client, events) =

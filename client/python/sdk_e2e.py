@@ -1,0 +1,118 @@
+"""End-to-end client runs through the generated Python bindings of
+ptt_client (scripts/sdk.sh), driven by client/tests/python_sdk.rs against a
+real relay. Each command is one app process:
+
+  send    RELAY CA DATA TOKEN KIND TO FILE [--wait]
+          record FILE into the outbox; with --wait, until the relay
+          accepted it, else only until it is safely in the outbox
+  flush   RELAY CA DATA TOKEN        send what an earlier run left behind
+  receive RELAY CA DATA TOKEN N OUT  keep N clips (written to OUT), then
+          watch a little longer for repeats
+
+Prints one JSON line with what happened; exits non-zero on any surprise.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+
+import ptt_client as ptt
+
+
+class Listener(ptt.ClipListener):
+    def __init__(self, out_dir=None):
+        self.lock = threading.Lock()
+        self.clips = []
+        self.sent = []
+        self.statuses = []
+        self.out_dir = out_dir
+
+    def on_clip(self, clip):
+        with self.lock:
+            n = len(self.clips)
+            if self.out_dir:
+                path = os.path.join(self.out_dir, f"{n:03}-{clip.id}.opus")
+                with open(path, "wb") as f:
+                    f.write(clip.ogg)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.clips.append(
+                {
+                    "id": clip.id,
+                    "sender": clip.sender,
+                    "target": clip.target,
+                    "channel": clip.target_kind == ptt.TargetKind.CHANNEL,
+                    "live": clip.live,
+                    "duration_ms": clip.duration_ms,
+                }
+            )
+        return True
+
+    def on_sent(self, id, result):
+        with self.lock:
+            if result.is_ACCEPTED():
+                self.sent.append({"id": id, "accepted": True, "duplicate": result.duplicate})
+            else:
+                self.sent.append({"id": id, "accepted": False, "code": result.code})
+
+    def on_status(self, status):
+        print(f"status: {status}", file=sys.stderr, flush=True)
+        with self.lock:
+            # "LinkStatus.OFFLINE(why=..., ...)" -> "OFFLINE"
+            self.statuses.append(str(status).split("(")[0].split(".")[-1])
+
+    def fresh_token(self):
+        return None
+
+
+def wait_for(cond, secs, what):
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"timed out after {secs} s waiting for {what}")
+
+
+async def main(argv):
+    cmd, relay, ca, data, token = argv[:5]
+    rest = argv[5:]
+    out_dir = rest[1] if cmd == "receive" else None
+    listener = Listener(out_dir)
+    config = ptt.ClientConfig(relay=relay, ca_pem=ca, data_dir=data, token=token)
+    client = ptt.PttClient(config, listener)
+    result = {}
+    if cmd == "send":
+        kind = ptt.TargetKind.CHANNEL if rest[0] == "channel" else ptt.TargetKind.USER
+        with open(rest[2], "rb") as f:
+            ogg = f.read()
+        clip_id = client.send_file(kind, rest[1], ogg)
+        result["id"] = clip_id
+        if "--wait" in rest:
+            wait_for(lambda: listener.sent, 30, "the relay's answer")
+        else:
+            # The relay is down: the clip is on disk, waiting, once
+            # send_file has returned.
+            result["pending"] = client.pending()
+    elif cmd == "flush":
+        wait_for(lambda: client.pending() == 0 and listener.sent, 30, "the outbox to empty")
+    elif cmd == "receive":
+        want = int(rest[0])
+        wait_for(lambda: "CONNECTED" in listener.statuses, 30, "a connection")
+        wait_for(lambda: len(listener.clips) >= want, 30, f"{want} clips")
+        time.sleep(1.5)  # repeats, if any, would arrive now
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+    await client.stop()
+    with listener.lock:
+        result["sent"] = listener.sent
+        result["clips"] = listener.clips
+        result["statuses"] = listener.statuses
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

@@ -1,0 +1,269 @@
+//! The interface the Kotlin, Swift and Python bindings are generated from
+//! (uniffi, proc-macro): [`PttClient`] over [`crate::sdk::Sdk`], with its
+//! own tokio runtime, and the app's [`ClipListener`] for events. Async
+//! calls become coroutines (Kotlin), async/await (Swift) and asyncio
+//! (Python).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use codec::wire::{ClipId, Target};
+
+use crate::sdk::{self, Sdk, SdkError};
+
+/// What the client needs to run.
+#[derive(uniffi::Record)]
+pub struct ClientConfig {
+    /// The relay, `HOST:PORT`.
+    pub relay: String,
+    /// PEM file of the relay's certificate (or its CA).
+    pub ca_pem: String,
+    /// App-private directory that survives restarts: the outbox and the
+    /// inbox's ids live here.
+    pub data_dir: String,
+    /// The access token to sign in with.
+    pub token: String,
+}
+
+/// Whom a clip is for.
+#[derive(uniffi::Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// One person, by user id.
+    User,
+    /// Every member of a talk channel.
+    Channel,
+}
+
+fn target(kind: TargetKind, name: String) -> Target {
+    match kind {
+        TargetKind::User => Target::User(name),
+        TargetKind::Channel => Target::Channel(name),
+    }
+}
+
+/// A clip received whole.
+#[derive(uniffi::Record)]
+pub struct Clip {
+    /// Clip id, 32 hex digits.
+    pub id: String,
+    pub sender: String,
+    pub target_kind: TargetKind,
+    /// This user's id, or the channel's name.
+    pub target: String,
+    /// When the relay accepted it, Unix ms.
+    pub created_ms: u64,
+    /// Relayed while the sender talked (else from the relay's store).
+    pub live: bool,
+    pub duration_ms: u64,
+    /// The clip as an Ogg Opus file.
+    pub ogg: Vec<u8>,
+}
+
+/// Where the link to the relay stands.
+#[derive(uniffi::Enum, Debug)]
+pub enum LinkStatus {
+    Connecting,
+    Connected {
+        user: String,
+    },
+    Offline {
+        why: String,
+        retry_in_ms: u64,
+    },
+    /// The token was refused and `fresh_token` gave none: call
+    /// `set_token`.
+    SignedOut {
+        why: String,
+    },
+}
+
+/// The relay's final answer to a clip from the outbox.
+#[derive(uniffi::Enum, Debug)]
+pub enum SendResult {
+    /// Stored by the relay; `duplicate` when an earlier try had already
+    /// reached it (nobody gets it twice).
+    Accepted { duplicate: bool },
+    /// Refused for good; `code` is the protocol's error name
+    /// (`unknown_recipient`, `forbidden`, ...).
+    Refused { code: String, reason: String },
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum PttError {
+    #[error("storage: {msg}")]
+    Storage { msg: String },
+    #[error("outbox full: {msg}")]
+    OutboxFull { msg: String },
+    #[error("bad clip: {msg}")]
+    BadClip { msg: String },
+    #[error("setup: {msg}")]
+    Setup { msg: String },
+}
+
+impl From<SdkError> for PttError {
+    fn from(e: SdkError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SdkError::Storage(_) => PttError::Storage { msg },
+            SdkError::OutboxFull(_) => PttError::OutboxFull { msg },
+            SdkError::BadClip(_) => PttError::BadClip { msg },
+            SdkError::Setup(_) => PttError::Setup { msg },
+        }
+    }
+}
+
+/// The app's side, implemented in Kotlin, Swift or Python. Called on the
+/// SDK's threads: return quickly, hand work to the app's own threads.
+#[uniffi::export(with_foreign)]
+pub trait ClipListener: Send + Sync {
+    /// A clip arrived whole, in order. Return true once it is kept: only
+    /// then is it acknowledged (the relay forgets it); false, and it comes
+    /// again on the next connection.
+    fn on_clip(&self, clip: Clip) -> bool;
+    /// The relay answered a clip sent from the outbox (`id` from
+    /// `send_file`).
+    fn on_sent(&self, id: String, result: SendResult);
+    fn on_status(&self, status: LinkStatus);
+    /// The token was refused (expired): a fresh one, or None.
+    fn fresh_token(&self) -> Option<String>;
+}
+
+struct Bridge(Arc<dyn ClipListener>);
+
+impl sdk::Listener for Bridge {
+    fn clip(&self, c: sdk::IncomingClip) -> bool {
+        let (target_kind, target) = match c.target {
+            Target::User(n) => (TargetKind::User, n),
+            Target::Channel(n) => (TargetKind::Channel, n),
+        };
+        self.0.on_clip(Clip {
+            id: c.id.to_string(),
+            sender: c.sender,
+            target_kind,
+            target,
+            created_ms: c.created_ms,
+            live: c.live,
+            duration_ms: c.duration_ms,
+            ogg: c.ogg,
+        })
+    }
+
+    fn sent(&self, id: ClipId, outcome: sdk::Sent) {
+        let result = match outcome {
+            sdk::Sent::Accepted { duplicate } => SendResult::Accepted { duplicate },
+            sdk::Sent::Refused { code, reason } => SendResult::Refused {
+                code: code.name().to_owned(),
+                reason,
+            },
+        };
+        self.0.on_sent(id.to_string(), result);
+    }
+
+    fn status(&self, s: sdk::Status) {
+        self.0.on_status(match s {
+            sdk::Status::Connecting => LinkStatus::Connecting,
+            sdk::Status::Connected { user } => LinkStatus::Connected { user },
+            sdk::Status::Offline { why, retry_in_ms } => LinkStatus::Offline { why, retry_in_ms },
+            sdk::Status::SignedOut { why } => LinkStatus::SignedOut { why },
+        });
+    }
+
+    fn fresh_token(&self) -> Option<String> {
+        self.0.fresh_token()
+    }
+}
+
+/// One signed-in user's client. It connects at once and stays connected
+/// (reconnecting by itself) until `stop`.
+#[derive(uniffi::Object)]
+pub struct PttClient {
+    rt: Option<tokio::runtime::Runtime>,
+    sdk: Sdk,
+}
+
+impl PttClient {
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        // Only `drop` takes the runtime.
+        self.rt.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+#[uniffi::export]
+impl PttClient {
+    /// Opens the outbox and inbox in `config.data_dir` and starts
+    /// connecting; clips an earlier run left in the outbox are sent once
+    /// connected.
+    #[uniffi::constructor]
+    pub fn new(
+        config: ClientConfig,
+        listener: Arc<dyn ClipListener>,
+    ) -> Result<Arc<Self>, PttError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ptt-client")
+            .enable_all()
+            .build()
+            .map_err(|e| PttError::Setup { msg: e.to_string() })?;
+        let cfg = sdk::Config::new(
+            &config.relay,
+            PathBuf::from(config.ca_pem),
+            PathBuf::from(config.data_dir),
+            &config.token,
+        );
+        let sdk = {
+            let _guard = rt.enter();
+            Sdk::start(cfg, Arc::new(Bridge(listener)))?
+        };
+        Ok(Arc::new(PttClient { rt: Some(rt), sdk }))
+    }
+
+    /// Keeps a recorded clip (an Ogg Opus file) in the outbox, durably, and
+    /// sends it when the relay is reachable. Returns its clip id; the
+    /// outcome arrives through `on_sent`.
+    pub fn send_file(
+        &self,
+        kind: TargetKind,
+        to: String,
+        ogg: Vec<u8>,
+    ) -> Result<String, PttError> {
+        let _guard = self.rt().enter();
+        Ok(self.sdk.send_file(target(kind, to), &ogg)?.to_string())
+    }
+
+    /// Clips waiting in the outbox.
+    pub fn pending(&self) -> u32 {
+        self.sdk.pending() as u32
+    }
+
+    /// A new token, used from the next connection.
+    pub fn set_token(&self, token: String) {
+        self.sdk.set_token(&token);
+    }
+
+    /// Call when the phone changed networks: the connection moves to a new
+    /// socket at once.
+    pub fn network_changed(&self) -> Result<(), PttError> {
+        let _guard = self.rt().enter();
+        Ok(self.sdk.network_changed()?)
+    }
+
+    /// Signs out cleanly: acks sent reach the relay, then the connection
+    /// closes. Unsent clips stay in the outbox for the next start.
+    pub async fn stop(&self) {
+        let sdk = self.sdk.clone();
+        let _ = self.rt().spawn(async move { sdk.stop().await }).await;
+    }
+}
+
+impl Drop for PttClient {
+    /// Stops the runtime and waits for its tasks to be dropped, so the
+    /// app's listener is released here, on the app's thread, and never
+    /// from an SDK thread while the app (a Python interpreter, say) is
+    /// shutting down.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The client as an app uses it: sign in once, and the SDK stays
+//! connected (reconnecting with backoff, following `GoAway`, surviving a
+//! network change), sends recorded clips through a durable outbox and
+//! hands incoming clips to the app in order, acking each one only after
+//! the app says it is kept. `docs/sdk.md` describes it for app teams; the
+//! uniffi bindings (`ffi.rs`) wrap this module.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use codec::ErrorCode;
+use codec::ogg_opus::OggOpus;
+use codec::wire::{ClipId, Target};
+use quinn::Endpoint;
+use tokio::sync::{Notify, mpsc};
+
+use crate::inbox::Inbox;
+use crate::outbox::{Outbox, OutboxError};
+use crate::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip};
+
+/// What the SDK needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The relay, `HOST:PORT`.
+    pub relay: String,
+    /// PEM file of the certificate (or CA) the relay's certificate is
+    /// checked against.
+    pub ca_pem: PathBuf,
+    /// Where the outbox and the inbox's ids live: app-private storage that
+    /// survives restarts.
+    pub data_dir: PathBuf,
+    /// The access token to sign in with.
+    pub token: String,
+    /// Most bytes of recordings the outbox holds (`send_file` refuses
+    /// beyond): 64 MiB by default, about nine hours of 16 kbit/s voice.
+    pub outbox_max_bytes: u64,
+    /// Clip ids the inbox remembers, to drop redeliveries: 4096.
+    pub inbox_ids: usize,
+    /// First wait before reconnecting; doubled after each failure up to
+    /// `reconnect_max` (with jitter): 250 ms and 30 s.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// A connection attempt that has not completed its handshake and
+    /// sign-in by then counts as failed (the relay is unreachable): 5 s.
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(relay: &str, ca_pem: PathBuf, data_dir: PathBuf, token: &str) -> Config {
+        Config {
+            relay: relay.to_owned(),
+            ca_pem,
+            data_dir,
+            token: token.to_owned(),
+            outbox_max_bytes: 64 << 20,
+            inbox_ids: 4096,
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why an SDK call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    /// The data dir (outbox, inbox) could not be used.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The outbox is full: wait until clips are sent.
+    #[error("{0}")]
+    OutboxFull(String),
+    /// The recording is not an Ogg Opus file the relay would take.
+    #[error("not a usable Ogg Opus recording: {0}")]
+    BadClip(String),
+    /// The relay address or its certificate file is wrong.
+    #[error("setup: {0}")]
+    Setup(String),
+}
+
+impl From<OutboxError> for SdkError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Full { .. } => SdkError::OutboxFull(e.to_string()),
+            OutboxError::Io { .. } => SdkError::Storage(e.to_string()),
+        }
+    }
+}
+
+/// A clip received whole.
+#[derive(Debug, Clone)]
+pub struct IncomingClip {
+    pub id: ClipId,
+    /// Who sent it (from the sender's token).
+    pub sender: String,
+    /// To whom: this user, or a channel this user is a member of.
+    pub target: Target,
+    /// When the relay accepted it, Unix ms.
+    pub created_ms: u64,
+    /// Relayed while the sender was talking (else from the relay's store).
+    pub live: bool,
+    pub duration_ms: u64,
+    /// The clip as an Ogg Opus file.
+    pub ogg: Vec<u8>,
+}
+
+impl IncomingClip {
+    fn from_received(c: &ReceivedClip) -> IncomingClip {
+        let file = c.to_ogg();
+        IncomingClip {
+            id: c.id(),
+            sender: c.delivery.sender.clone(),
+            target: c.delivery.target.clone(),
+            created_ms: c.delivery.created_ms,
+            live: c.delivery.live,
+            duration_ms: file.duration_ms(),
+            ogg: file.to_vec(u32::from_be_bytes([
+                c.id().0[0],
+                c.id().0[1],
+                c.id().0[2],
+                1,
+            ])),
+        }
+    }
+}
+
+/// Where the SDK's link to the relay stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Connecting,
+    /// Signed in as `user`.
+    Connected {
+        user: String,
+    },
+    /// Not connected; the next try is in `retry_in_ms`.
+    Offline {
+        why: String,
+        retry_in_ms: u64,
+    },
+    /// The token was refused and no fresh one came: call
+    /// [`Sdk::set_token`] to go on.
+    SignedOut {
+        why: String,
+    },
+}
+
+/// The relay's final answer to a clip from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Stored by the relay (`duplicate`: it had it already from an earlier
+    /// try; nobody gets it twice).
+    Accepted { duplicate: bool },
+    /// Refused for good (unknown recipient, not allowed, too long...): the
+    /// clip was moved to the outbox's `failed/` directory.
+    Refused { code: ErrorCode, reason: String },
+}
+
+/// The app's side: the SDK calls these from its own threads; each should
+/// return quickly.
+pub trait Listener: Send + Sync + 'static {
+    /// A clip arrived whole, in order. Return true once it is kept (on
+    /// disk, or played if the app keeps nothing): only then is it acked,
+    /// and the relay forgets it. False: the relay delivers it again on the
+    /// next connection.
+    fn clip(&self, clip: IncomingClip) -> bool;
+    /// The relay answered a clip sent from the outbox.
+    fn sent(&self, id: ClipId, outcome: Sent);
+    fn status(&self, status: Status);
+    /// The relay refused the token (expired, revoked): a fresh one, if the
+    /// app can get one now.
+    fn fresh_token(&self) -> Option<String> {
+        None
+    }
+}
+
+struct Inner {
+    cfg: Config,
+    listener: Arc<dyn Listener>,
+    outbox: Mutex<Outbox>,
+    inbox: Mutex<Inbox>,
+    token: Mutex<String>,
+    /// Something changed: a new clip in the outbox, a new token, stop.
+    wake: Notify,
+    stopping: AtomicBool,
+    stopped: Notify,
+    endpoint: Mutex<Option<Endpoint>>,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data whole.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running SDK: one signed-in user.
+#[derive(Clone)]
+pub struct Sdk {
+    inner: Arc<Inner>,
+}
+
+impl Sdk {
+    /// Opens the outbox and inbox in `cfg.data_dir` and starts connecting
+    /// (in the current tokio runtime). Clips left in the outbox by an
+    /// earlier run are sent once connected.
+    pub fn start(cfg: Config, listener: Arc<dyn Listener>) -> Result<Sdk, SdkError> {
+        let outbox = Outbox::open(&cfg.data_dir.join("outbox"), cfg.outbox_max_bytes)?;
+        let inbox = Inbox::open(&cfg.data_dir.join("inbox.ids"), cfg.inbox_ids)
+            .map_err(|e| SdkError::Storage(format!("inbox: {e}")))?;
+        let inner = Arc::new(Inner {
+            token: Mutex::new(cfg.token.clone()),
+            cfg,
+            listener,
+            outbox: Mutex::new(outbox),
+            inbox: Mutex::new(inbox),
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            stopped: Notify::new(),
+            endpoint: Mutex::new(None),
+            client: Mutex::new(None),
+        });
+        tokio::spawn(drive(inner.clone()));
+        Ok(Sdk { inner })
+    }
+
+    /// Keeps a recorded clip (an Ogg Opus file) in the outbox and sends it
+    /// as soon as the relay is reachable. Returns its clip id; the outcome
+    /// comes through [`Listener::sent`].
+    pub fn send_file(&self, target: Target, ogg: &[u8]) -> Result<ClipId, SdkError> {
+        let file = OggOpus::read(ogg).map_err(|e| SdkError::BadClip(e.to_string()))?;
+        if file.packets.is_empty() {
+            return Err(SdkError::BadClip("no audio packets".into()));
+        }
+        let id = ClipId(rand::random());
+        lock(&self.inner.outbox).put(id, &target, ogg)?;
+        self.inner.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Clips waiting in the outbox.
+    pub fn pending(&self) -> usize {
+        lock(&self.inner.outbox).entries().map_or(0, |e| e.len())
+    }
+
+    /// A new token (after [`Status::SignedOut`], or ahead of expiry: used
+    /// from the next connection).
+    pub fn set_token(&self, token: &str) {
+        *lock(&self.inner.token) = token.to_owned();
+        self.inner.wake.notify_one();
+    }
+
+    /// The phone moved to another network (Wi-Fi to cellular): the
+    /// connection moves to a new local socket at once instead of waiting
+    /// for the old path to time out. QUIC keeps it alive across the new
+    /// address; nothing in flight is lost.
+    pub fn network_changed(&self) -> Result<(), SdkError> {
+        let ep = lock(&self.inner.endpoint).clone();
+        let Some(ep) = ep else { return Ok(()) };
+        let bind = match ep.local_addr() {
+            Ok(a) if a.is_ipv6() => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            _ => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        };
+        let (sock, _, _) = quic::udp_socket(
+            bind,
+            crate::net::CLIENT_UDP_BUFFER,
+            crate::net::CLIENT_UDP_BUFFER,
+        )
+        .map_err(|e| SdkError::Setup(format!("new socket: {e}")))?;
+        ep.rebind(sock)
+            .map_err(|e| SdkError::Setup(format!("rebinding: {e}")))
+    }
+
+    /// Leaves: acks already sent reach the relay, the connection closes,
+    /// the driver stops. The outbox keeps what was not sent.
+    pub async fn stop(&self) {
+        let done = self.inner.stopped.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        let client = lock(&self.inner.client).clone();
+        if let Some(c) = client {
+            c.shutdown().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+    }
+}
+
+/// The connection loop: connect, serve, and on any loss wait and connect
+/// again.
+async fn drive(inner: Arc<Inner>) {
+    let mut backoff = inner.cfg.reconnect_min;
+    while !inner.stopping.load(Ordering::SeqCst) {
+        inner.listener.status(Status::Connecting);
+        let wait = match connect(&inner).await {
+            Ok((client, events)) => {
+                backoff = inner.cfg.reconnect_min;
+                inner.listener.status(Status::Connected {
+                    user: client.user().to_owned(),
+                });
+                *lock(&inner.client) = Some(client.clone());
+                let why = serve(&inner, &client, events).await;
+                *lock(&inner.client) = None;
+                client.close();
+                why
+            }
+            Err(e) => {
+                let refused = matches!(
+                    &e,
+                    ClientError::Closed { code, .. }
+                        if matches!(code, ErrorCode::TokenExpired | ErrorCode::TokenInvalid)
+                );
+                if refused {
+                    let listener = inner.listener.clone();
+                    let fresh = tokio::task::spawn_blocking(move || listener.fresh_token())
+                        .await
+                        .ok()
+                        .flatten();
+                    match fresh {
+                        Some(t) => {
+                            *lock(&inner.token) = t;
+                            continue;
+                        }
+                        None => {
+                            inner
+                                .listener
+                                .status(Status::SignedOut { why: e.to_string() });
+                            // Wait for `set_token` (or stop).
+                            inner.wake.notified().await;
+                            continue;
+                        }
+                    }
+                }
+                let retry_after = match &e {
+                    ClientError::Rejected { retry_after_ms, .. } => {
+                        Duration::from_millis(*retry_after_ms)
+                    }
+                    _ => Duration::ZERO,
+                };
+                let w = jitter(backoff).max(retry_after);
+                backoff = (backoff * 2).min(inner.cfg.reconnect_max);
+                inner.listener.status(Status::Offline {
+                    why: e.to_string(),
+                    retry_in_ms: w.as_millis() as u64,
+                });
+                w
+            }
+        };
+        if inner.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = inner.wake.notified() => {}
+        }
+    }
+    inner.stopped.notify_waiters();
+}
+
+/// `d` give or take a quarter, so clients that lost the relay together
+/// do not come back together.
+fn jitter(d: Duration) -> Duration {
+    let f = 0.75 + rand::random::<f64>() * 0.5;
+    d.mul_f64(f)
+}
+
+async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
+    let (addr, name) = crate::net::resolve(&inner.cfg.relay)
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let ep = {
+        let mut ep = lock(&inner.endpoint);
+        match &*ep {
+            Some(e) => e.clone(),
+            None => {
+                let e = crate::net::endpoint(addr, &inner.cfg.ca_pem)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                *ep = Some(e.clone());
+                e
+            }
+        }
+    };
+    let token = lock(&inner.token).clone();
+    let seen = lock(&inner.inbox).seen();
+    let opts = ClientOptions {
+        seen: Some(seen),
+        in_order: true,
+        ..ClientOptions::default()
+    };
+    let limit = inner.cfg.connect_timeout;
+    tokio::time::timeout(limit, Client::connect(&ep, addr, &name, &token, opts))
+        .await
+        .map_err(|_| ClientError::Connect(format!("no answer within {limit:?}")))?
+}
+
+/// Serves one connection until it ends; returns how long to wait before
+/// the next (a `GoAway`'s hint, else nothing).
+async fn serve(
+    inner: &Arc<Inner>,
+    client: &Arc<Client>,
+    mut events: mpsc::Receiver<Event>,
+) -> Duration {
+    let sender = tokio::spawn(send_outbox(inner.clone(), client.clone()));
+    let mut wait = Duration::ZERO;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Complete(c) => keep(inner, client, &c).await,
+            Event::GoAway { retry_after_ms, .. } => {
+                // Clips being sent may finish; the relay closes soon.
+                wait = jitter(Duration::from_millis(retry_after_ms));
+            }
+            _ => {}
+        }
+        if inner.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    sender.abort();
+    wait
+}
+
+/// Hands a clip to the app; acks it once the app kept it and its id is on
+/// disk, so a redelivery after a crash is dropped.
+async fn keep(inner: &Arc<Inner>, client: &Client, c: &ReceivedClip) {
+    let clip = IncomingClip::from_received(c);
+    let id = clip.id;
+    let listener = inner.listener.clone();
+    let kept = tokio::task::spawn_blocking(move || listener.clip(clip))
+        .await
+        .unwrap_or(false);
+    if !kept {
+        // Not acked: the relay delivers it again on the next connection.
+        lock(&inner.inbox).seen().forget(&id);
+        return;
+    }
+    let stored = lock(&inner.inbox).keep(id);
+    if stored.is_ok() {
+        let _ = client.ack(id).await;
+    }
+}
+
+/// Sends the outbox's clips, oldest first, whenever there are any.
+async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
+    loop {
+        let entries = lock(&inner.outbox).entries().unwrap_or_default();
+        for e in entries {
+            let Ok(file) = OggOpus::read(&e.ogg) else {
+                lock(&inner.outbox).set_aside(&e.id);
+                continue;
+            };
+            let mut clip = OutgoingClip::from_ogg(&file, e.target.clone());
+            clip.id = e.id;
+            match client.send_clip(&clip, Pacing::Upload).await {
+                Ok(o) => {
+                    lock(&inner.outbox).remove(&e.id);
+                    inner.listener.sent(
+                        e.id,
+                        Sent::Accepted {
+                            duplicate: o.duplicate,
+                        },
+                    );
+                }
+                Err(err) if err.is_retryable() => {
+                    // The connection is failing or the relay is busy: the
+                    // clip stays; a later connection (or wake) sends it.
+                    let pause = match &err {
+                        ClientError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+                        _ => 1000,
+                    };
+                    tokio::time::sleep(Duration::from_millis(pause.max(100))).await;
+                    break;
+                }
+                Err(ClientError::Rejected { code, reason, .. }) => {
+                    lock(&inner.outbox).set_aside(&e.id);
+                    inner.listener.sent(e.id, Sent::Refused { code, reason });
+                }
+                Err(_) => return,
+            }
+        }
+        if lock(&inner.outbox).entries().is_ok_and(|e| e.is_empty()) {
+            inner.wake.notified().await;
+        }
+    }
+}
