@@ -86,9 +86,11 @@ pub fn client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, NetError> {
 /// channel's fan-out reaches every member at once).
 pub const CLIENT_UDP_BUFFER: usize = 4 * 1024 * 1024;
 
-/// A client endpoint on an ephemeral port of the right address family.
-pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> Result<quinn::Endpoint, NetError> {
-    let bind: SocketAddr = if relay.is_ipv6() {
+/// A UDP socket on an ephemeral port of the same address family as
+/// `peer`, with [`CLIENT_UDP_BUFFER`] buffers: for a new endpoint, or to
+/// move an endpoint to a new network (`Endpoint::rebind`).
+pub fn client_socket(peer: SocketAddr) -> Result<std::net::UdpSocket, NetError> {
+    let bind: SocketAddr = if peer.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -100,6 +102,12 @@ pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> Result<quinn::Endpoint, Net
                 source,
             }
         })?;
+    Ok(sock)
+}
+
+/// A client endpoint on an ephemeral port of the right address family.
+pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> Result<quinn::Endpoint, NetError> {
+    let sock = client_socket(relay)?;
     let mut ep = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,

@@ -8,6 +8,7 @@
 //! name, synced and renamed: a crash leaves either the whole entry or
 //! none. `order` keeps clips in the order they were recorded.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,12 +43,15 @@ pub struct Entry {
     order: u64,
 }
 
-/// The outbox directory.
+/// The outbox directory, and an index of it (read once at open; this
+/// process is the directory's only writer).
 #[derive(Debug)]
 pub struct Outbox {
     dir: PathBuf,
     max_bytes: u64,
     next: u64,
+    /// Entries by order: clip id and file size.
+    index: BTreeMap<u64, (ClipId, u64)>,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> OutboxError + 'a {
@@ -61,59 +65,59 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 impl Outbox {
     /// Opens (creating) the outbox in `dir`, holding at most `max_bytes`.
     /// Temporary files of an interrupted write are removed; entries that
-    /// do not parse are moved to `dir/damaged/`.
+    /// do not parse are moved to `dir/damaged/` when read.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Outbox, OutboxError> {
         fs::create_dir_all(dir).map_err(io("creating", dir))?;
-        let mut next = 0;
+        let mut index = BTreeMap::new();
         for e in fs::read_dir(dir).map_err(io("reading", dir))? {
-            let path = e.map_err(io("reading", dir))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let e = e.map_err(io("reading", dir))?;
+            let name = e.file_name();
+            let name = name.to_str().unwrap_or("");
             if name.ends_with(".tmp") {
-                let _ = fs::remove_file(&path);
-            } else if let Some((order, _)) = parse_name(name) {
-                next = next.max(order + 1);
+                let _ = fs::remove_file(e.path());
+            } else if let Some((order, id)) = parse_name(name) {
+                let size = e.metadata().map_or(0, |m| m.len());
+                index.insert(order, (id, size));
             }
         }
         Ok(Outbox {
             dir: dir.to_owned(),
             max_bytes,
-            next,
+            next: index.last_key_value().map_or(0, |(o, _)| o + 1),
+            index,
         })
     }
 
     /// Keeps a clip (synced to disk before this returns).
     pub fn put(&mut self, id: ClipId, target: &Target, ogg: &[u8]) -> Result<(), OutboxError> {
         let used = self.bytes();
-        let size = ogg.len() as u64 + 64;
-        if used + size > self.max_bytes {
+        let bytes = encode(target, ogg);
+        if used + bytes.len() as u64 > self.max_bytes {
             return Err(OutboxError::Full {
                 used,
                 limit: self.max_bytes,
             });
         }
         let order = self.next;
-        self.next += 1;
-        let name = format!("{order:020}-{id}{SUFFIX}");
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let path = self.dir.join(&name);
+        let path = self.path(order, &id);
+        let tmp = path.with_extension("clip.tmp");
         let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&encode(target, ogg))
+        f.write_all(&bytes)
             .and_then(|()| f.sync_all())
             .map_err(io("writing", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
         sync_dir(&self.dir);
+        self.next += 1;
+        self.index.insert(order, (id, bytes.len() as u64));
         Ok(())
     }
 
     /// The clips waiting, oldest first.
-    pub fn entries(&self) -> Result<Vec<Entry>, OutboxError> {
-        let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir).map_err(io("reading", &self.dir))? {
-            let path = e.map_err(io("reading", &self.dir))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let Some((order, id)) = parse_name(name) else {
-                continue;
-            };
+    pub fn entries(&mut self) -> Result<Vec<Entry>, OutboxError> {
+        let mut out = Vec::with_capacity(self.index.len());
+        let mut damaged = Vec::new();
+        for (&order, &(id, _)) in &self.index {
+            let path = self.path(order, &id);
             let bytes = fs::read(&path).map_err(io("reading", &path))?;
             match decode(&bytes) {
                 Some((target, ogg)) => out.push(Entry {
@@ -122,65 +126,75 @@ impl Outbox {
                     ogg: ogg.to_vec(),
                     order,
                 }),
-                None => self.move_aside(&path, "damaged"),
+                None => damaged.push(order),
             }
         }
-        out.sort_by_key(|e| e.order);
+        for order in damaged {
+            self.take(order, Some("damaged"));
+        }
         Ok(out)
     }
 
+    /// Clips waiting.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     /// The relay has the clip: forget it.
-    pub fn remove(&self, id: &ClipId) {
-        for path in self.paths_of(id) {
-            let _ = fs::remove_file(path);
+    pub fn remove(&mut self, id: &ClipId) {
+        if let Some(order) = self.order_of(id) {
+            self.take(order, None);
         }
-        sync_dir(&self.dir);
     }
 
     /// The relay refused the clip for good (an unknown recipient, a clip
     /// too long): keep it out of the way in `failed/`, for the app to show.
-    pub fn set_aside(&self, id: &ClipId) {
-        for path in self.paths_of(id) {
-            self.move_aside(&path, "failed");
+    pub fn set_aside(&mut self, id: &ClipId) {
+        if let Some(order) = self.order_of(id) {
+            self.take(order, Some("failed"));
         }
     }
 
     /// Bytes of the clips waiting.
     pub fn bytes(&self) -> u64 {
-        fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(SUFFIX)))
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.index.values().map(|(_, n)| n).sum()
     }
 
-    fn paths_of(&self, id: &ClipId) -> Vec<PathBuf> {
-        let tail = format!("-{id}{SUFFIX}");
-        fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.ends_with(&tail))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+    fn order_of(&self, id: &ClipId) -> Option<u64> {
+        self.index
+            .iter()
+            .find_map(|(o, (x, _))| (x == id).then_some(*o))
     }
 
-    fn move_aside(&self, path: &Path, sub: &str) {
-        let dir = self.dir.join(sub);
-        if fs::create_dir_all(&dir).is_ok()
-            && let Some(name) = path.file_name()
-        {
-            let _ = fs::rename(path, dir.join(name));
+    fn path(&self, order: u64, id: &ClipId) -> PathBuf {
+        self.dir.join(format!("{order:020}-{id}{SUFFIX}"))
+    }
+
+    /// Takes entry `order` out: deleted, or moved to the subdirectory
+    /// `aside`.
+    fn take(&mut self, order: u64, aside: Option<&str>) {
+        let Some((id, _)) = self.index.remove(&order) else {
+            return;
+        };
+        let path = self.path(order, &id);
+        match aside {
+            None => {
+                let _ = fs::remove_file(&path);
+            }
+            Some(sub) => {
+                let dir = self.dir.join(sub);
+                if fs::create_dir_all(&dir).is_ok()
+                    && let Some(name) = path.file_name()
+                {
+                    let _ = fs::rename(&path, dir.join(name));
+                }
+            }
         }
+        sync_dir(&self.dir);
     }
 }
 
@@ -245,6 +259,7 @@ mod tests {
         fs::write(dir.path().join("00000000000000000009-x.clip.tmp"), b"junk").unwrap();
         drop(o);
         let mut o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(o.len(), 2);
         let e = o.entries().unwrap();
         assert_eq!(
             e.iter().map(|e| e.id).collect::<Vec<_>>(),
@@ -278,6 +293,7 @@ mod tests {
             b"not an entry",
         )
         .unwrap();
+        let mut o = Outbox::open(dir.path(), 200).unwrap();
         assert_eq!(o.entries().unwrap().len(), 1);
         assert_eq!(fs::read_dir(dir.path().join("damaged")).unwrap().count(), 1);
     }

@@ -117,12 +117,7 @@ impl IncomingClip {
             created_ms: c.delivery.created_ms,
             live: c.delivery.live,
             duration_ms: file.duration_ms(),
-            ogg: file.to_vec(u32::from_be_bytes([
-                c.id().0[0],
-                c.id().0[1],
-                c.id().0[2],
-                1,
-            ])),
+            ogg: file.to_vec(rand::random()),
         }
     }
 }
@@ -241,7 +236,7 @@ impl Sdk {
 
     /// Clips waiting in the outbox.
     pub fn pending(&self) -> usize {
-        lock(&self.inner.outbox).entries().map_or(0, |e| e.len())
+        lock(&self.inner.outbox).len()
     }
 
     /// A new token (after [`Status::SignedOut`], or ahead of expiry: used
@@ -258,16 +253,11 @@ impl Sdk {
     pub fn network_changed(&self) -> Result<(), SdkError> {
         let ep = lock(&self.inner.endpoint).clone();
         let Some(ep) = ep else { return Ok(()) };
-        let bind = match ep.local_addr() {
-            Ok(a) if a.is_ipv6() => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-            _ => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-        };
-        let (sock, _, _) = quic::udp_socket(
-            bind,
-            crate::net::CLIENT_UDP_BUFFER,
-            crate::net::CLIENT_UDP_BUFFER,
-        )
-        .map_err(|e| SdkError::Setup(format!("new socket: {e}")))?;
+        let family = ep
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)));
+        let sock = crate::net::client_socket(family)
+            .map_err(|e| SdkError::Setup(format!("new socket: {e}")))?;
         ep.rebind(sock)
             .map_err(|e| SdkError::Setup(format!("rebinding: {e}")))
     }
@@ -291,12 +281,12 @@ impl Sdk {
 /// The connection loop: connect, serve, and on any loss wait and connect
 /// again.
 async fn drive(inner: Arc<Inner>) {
-    let mut backoff = inner.cfg.reconnect_min;
+    let mut backoff = Backoff::new(inner.cfg.reconnect_min, inner.cfg.reconnect_max);
     while !inner.stopping.load(Ordering::SeqCst) {
         inner.listener.status(Status::Connecting);
         let wait = match connect(&inner).await {
             Ok((client, events)) => {
-                backoff = inner.cfg.reconnect_min;
+                backoff.reset();
                 inner.listener.status(Status::Connected {
                     user: client.user().to_owned(),
                 });
@@ -333,14 +323,7 @@ async fn drive(inner: Arc<Inner>) {
                         }
                     }
                 }
-                let retry_after = match &e {
-                    ClientError::Rejected { retry_after_ms, .. } => {
-                        Duration::from_millis(*retry_after_ms)
-                    }
-                    _ => Duration::ZERO,
-                };
-                let w = jitter(backoff).max(retry_after);
-                backoff = (backoff * 2).min(inner.cfg.reconnect_max);
+                let w = backoff.next();
                 inner.listener.status(Status::Offline {
                     why: e.to_string(),
                     retry_in_ms: w.as_millis() as u64,
@@ -364,6 +347,32 @@ async fn drive(inner: Arc<Inner>) {
 fn jitter(d: Duration) -> Duration {
     let f = 0.75 + rand::random::<f64>() * 0.5;
     d.mul_f64(f)
+}
+
+/// Waits between failed connection attempts: from `min`, doubling up to
+/// `max`, each jittered.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    cur: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { min, max, cur: min }
+    }
+
+    /// The wait before the next attempt.
+    fn next(&mut self) -> Duration {
+        let w = jitter(self.cur);
+        self.cur = (self.cur * 2).min(self.max);
+        w
+    }
+
+    /// A connection succeeded: start again from `min`.
+    fn reset(&mut self) {
+        self.cur = self.min;
+    }
 }
 
 async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
@@ -479,8 +488,29 @@ async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
                 Err(_) => return,
             }
         }
-        if lock(&inner.outbox).entries().is_ok_and(|e| e.is_empty()) {
+        if lock(&inner.outbox).is_empty() {
             inner.wake.notified().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_its_bounds_with_jitter_and_resets() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(1000));
+        let mut b = Backoff::new(min, max);
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let base = (min * 2u32.pow(i as u32)).min(max);
+            assert!(
+                *w >= base.mul_f64(0.75) && *w <= base.mul_f64(1.25),
+                "{i}: {w:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next() <= min.mul_f64(1.25));
     }
 }
