@@ -291,10 +291,24 @@ async fn drive(inner: Arc<Inner>) {
                     user: client.user().to_owned(),
                 });
                 *lock(&inner.client) = Some(client.clone());
-                let why = serve(&inner, &client, events).await;
+                let hint = serve(&inner, &client, events).await;
                 *lock(&inner.client) = None;
+                let replaced = client
+                    .connection()
+                    .close_reason()
+                    .and_then(|r| quic::close_reason(&r))
+                    .filter(|(code, _)| *code == ErrorCode::SessionReplaced);
                 client.close();
-                why
+                if let Some((_, reason)) = replaced {
+                    // The user signed in on another device: coming back
+                    // would push that one out, and so on forever.
+                    inner.listener.status(Status::SignedOut { why: reason });
+                    inner.wake.notified().await;
+                    continue;
+                }
+                // Never at once, even without a hint: a relay that accepts
+                // and then drops every connection is not hammered.
+                hint.max(jitter(inner.cfg.reconnect_min))
             }
             Err(e) => {
                 let refused = matches!(

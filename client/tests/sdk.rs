@@ -62,3 +62,59 @@ async fn an_unanswered_connection_attempt_ends_at_connect_timeout() {
     assert_eq!(seen[2], Status::Connecting, "and it tries again");
     sdk.stop().await;
 }
+
+/// Another device of the same user signs in: the relay closes the SDK's
+/// session with `session_replaced`. The SDK says `SignedOut` and does not
+/// come back (which would push the other device out, and so on).
+async fn next(rx: &mut mpsc::UnboundedReceiver<Status>) -> Status {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a status")
+        .expect("the SDK runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_replaced_by_another_device_stays_signed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay::Relay::start(relay::Config::for_tests(dir.path().join("relay")))
+        .await
+        .unwrap();
+    let token = relay
+        .token_key()
+        .mint("bob", Duration::from_secs(3600))
+        .unwrap();
+    let cfg = Config::new(
+        &relay.quic_addr().to_string(),
+        relay.files().cert.clone(),
+        dir.path().join("app"),
+        &token,
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sdk = Sdk::start(cfg, Arc::new(Statuses(tx))).unwrap();
+    assert_eq!(next(&mut rx).await, Status::Connecting);
+    assert!(matches!(next(&mut rx).await, Status::Connected { .. }));
+    let ep = ptt_client::net::endpoint(relay.quic_addr(), &relay.files().cert).unwrap();
+    let (phone, _events) = ptt_client::Client::connect(
+        &ep,
+        relay.quic_addr(),
+        "localhost",
+        &token,
+        ptt_client::ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    match next(&mut rx).await {
+        Status::SignedOut { why } => assert!(why.contains("replaced"), "{why}"),
+        other => panic!("expected SignedOut, got {other:?}"),
+    }
+    // The other device keeps its session.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), phone.closed())
+            .await
+            .is_err(),
+        "the SDK came back and pushed the other device out"
+    );
+    assert!(rx.try_recv().is_err(), "no reconnect attempt");
+    sdk.stop().await;
+    relay.shutdown().await;
+}
