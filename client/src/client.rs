@@ -15,10 +15,10 @@ use codec::framing::{self, FrameLimits};
 use codec::ogg_opus::OggOpus;
 use codec::wire::{AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, Target};
 use codec::{ClipEnd, ErrorCode, Framer};
-use quic::{MessageReader, StreamError};
+use quic::{MessageReader, StreamError, Turn, Turns};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 /// Why a client operation failed, and what to do about it.
@@ -547,59 +547,19 @@ async fn read_control(mut rd: MessageReader, events: mpsc::Sender<Event>) {
 }
 
 async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {
-    let mut prev: Option<oneshot::Receiver<()>> = None;
+    let mut turns = Turns::default();
     while let Ok(recv) = client.conn.accept_uni().await {
         let client = client.clone();
         let events = events.clone();
+        // In order: each delivery passes its clip on after the one before.
         let turn = if client.in_order {
-            let (tx, rx) = oneshot::channel();
-            Turn {
-                prev: prev.replace(rx),
-                next: Some(tx),
-            }
+            turns.next_turn()
         } else {
             Turn::default()
         };
         tokio::spawn(async move {
             receive(client, recv, events, turn).await;
         });
-    }
-}
-
-/// A delivery's place in the order clips are passed on
-/// ([`ClientOptions::in_order`]): it waits for the delivery before it,
-/// and lets the next one go when it is done, however it ends.
-#[derive(Default)]
-struct Turn {
-    prev: Option<oneshot::Receiver<()>>,
-    next: Option<oneshot::Sender<()>>,
-}
-
-impl Turn {
-    /// Waits until every earlier delivery has been passed on (or cut).
-    async fn wait(&mut self) {
-        if let Some(p) = self.prev.take() {
-            let _ = p.await;
-        }
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let Some(next) = self.next.take() else { return };
-        match self.prev.take() {
-            // Ended without waiting (a delivery that never started): the
-            // next one still waits for the one before this.
-            Some(p) => {
-                tokio::spawn(async move {
-                    let _ = p.await;
-                    let _ = next.send(());
-                });
-            }
-            None => {
-                let _ = next.send(());
-            }
-        }
     }
 }
 

@@ -2,6 +2,10 @@
 //! read whole messages from a stream, write them, and carry protocol error
 //! codes in QUIC's close, reset and stop frames.
 
+mod turns;
+
+pub use turns::{Turn, Turns};
+
 use bytes::BytesMut;
 use codec::wire::Message;
 use codec::{ErrorCode, WireError};

@@ -9,7 +9,7 @@ use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welco
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
@@ -979,18 +979,15 @@ async fn write_live(
 struct StoredOrder {
     /// Stored deliveries started on this connection.
     started: u32,
-    /// Fires once the previous stored delivery is written (or abandoned).
-    prev: Option<oneshot::Receiver<()>>,
+    turns: quic::Turns,
 }
 
 impl StoredOrder {
-    /// The next delivery's send priority, what it waits for before
-    /// writing, and what it fires once written.
-    fn next(&mut self) -> (i32, Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+    /// The next delivery's send priority, and its turn to write.
+    fn next(&mut self) -> (i32, quic::Turn) {
         self.started = self.started.saturating_add(1);
         let priority = i32::try_from(self.started).map_or(i32::MIN + 1, |n| -n);
-        let (done, next) = oneshot::channel();
-        (priority, self.prev.replace(next), done)
+        (priority, self.turns.next_turn())
     }
 }
 
@@ -1020,21 +1017,18 @@ async fn start_stored_copy(
         Ok(s) => s,
         Err(_) => return Err(()),
     };
-    let (after, done) = match order {
+    let mut turn = match order {
         Some(o) => {
-            let (priority, after, done) = o.next();
+            let (priority, turn) = o.next();
             let _ = send.set_priority(priority);
-            (after, Some(done))
+            turn
         }
-        None => (None, None),
+        None => quic::Turn::default(),
     };
     let hot = metrics::hot();
     hot.deliveries_stored.increment(1);
     shared.tracker.spawn(async move {
-        if let Some(after) = after {
-            // Dropped unsent when the one before failed: go on regardless.
-            let _ = after.await;
-        }
+        turn.wait().await;
         let body = match fault {
             Fault::None | Fault::Duplicate => clip.body.clone(),
             f => faults::mangle(f, clip.body.clone()),
@@ -1042,7 +1036,7 @@ async fn start_stored_copy(
         let mut chunks: [Bytes; 3] = [clip.header.clone(), body, clip.end_bytes.clone()];
         let written = send.write_all_chunks(&mut chunks).await.is_ok();
         // Handed to QUIC: the next stored delivery may write now.
-        drop(done);
+        drop(turn);
         if written {
             let _ = send.finish();
             hot.packets_out.increment(clip.end.packet_count);
