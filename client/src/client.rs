@@ -344,9 +344,41 @@ pub struct Client {
     session_id: u64,
     limits: Limits,
     control: tokio::sync::Mutex<SendStream>,
+    zero_rtt: bool,
     seen: SeenIds,
     packet_events: bool,
     in_order: bool,
+}
+
+/// Opens the control stream, sends `Auth` and reads the `Welcome`.
+async fn authenticate(
+    conn: &Connection,
+    token: &str,
+) -> Result<(SendStream, MessageReader, codec::wire::Welcome), ClientError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
+    let auth = Message::Auth(Auth {
+        token: token.to_owned(),
+    });
+    // A refused Auth (too large, say) may close the connection while it
+    // is still being written: report the relay's code then.
+    quic::write_message(&mut send, &auth)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            Some(why) => from_conn(why),
+            None => ClientError::Lost(e.to_string()),
+        })?;
+    let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
+    match rd.next().await {
+        Ok(Some(Message::Welcome(w))) => Ok((send, rd, w)),
+        Ok(Some(m)) => Err(ClientError::Protocol(format!(
+            "expected Welcome, got type 0x{:x}",
+            m.kind()
+        ))),
+        Ok(None) => Err(ClientError::Protocol("control stream ended".into())),
+        // A refused token closes the connection: the error carries the
+        // relay's code and reason.
+        Err(e) => Err(from_stream(conn, e)),
+    }
 }
 
 impl Client {
@@ -359,39 +391,39 @@ impl Client {
         token: &str,
         opts: ClientOptions,
     ) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
-        let conn = endpoint
+        let connecting = endpoint
             .connect(addr, server_name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .await
-            .map_err(|e| match quic::close_reason(&e) {
-                Some((code, reason)) => ClientError::Closed { code, reason },
-                None => ClientError::Connect(e.to_string()),
-            })?;
-        let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
-        let auth = Message::Auth(Auth {
-            token: token.to_owned(),
-        });
-        // A refused Auth (too large, say) may close the connection while it
-        // is still being written: report the relay's code then.
-        quic::write_message(&mut send, &auth)
-            .await
-            .map_err(|e| match conn.close_reason() {
-                Some(why) => from_conn(why),
-                None => ClientError::Lost(e.to_string()),
-            })?;
-        let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
-        let welcome = match rd.next().await {
-            Ok(Some(Message::Welcome(w))) => w,
-            Ok(Some(m)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Welcome, got type 0x{:x}",
-                    m.kind()
-                )));
-            }
-            Ok(None) => return Err(ClientError::Protocol("control stream ended".into())),
-            // A refused token closes the connection: the error carries the
-            // relay's code and reason.
-            Err(e) => return Err(from_stream(&conn, e)),
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let handshake_failed = |e: quinn::ConnectionError| match quic::close_reason(&e) {
+            Some((code, reason)) => ClientError::Closed { code, reason },
+            None => ClientError::Connect(e.to_string()),
+        };
+        // With a resumption ticket from an earlier connection to this relay
+        // (kept by the endpoint's TLS config), `Auth` rides in 0-RTT with
+        // the handshake and the Welcome comes back with the relay's first
+        // flight: one round trip instead of two.
+        let (conn, early) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
+            Err(connecting) => (connecting.await.map_err(handshake_failed)?, None),
+        };
+        let mut zero_rtt = false;
+        let (send, rd, welcome) = match early {
+            None => authenticate(&conn, token).await?,
+            Some(accepted) => match authenticate(&conn, token).await {
+                Ok(x) => {
+                    zero_rtt = accepted.await;
+                    x
+                }
+                // The relay refused the 0-RTT data (it forgot the ticket,
+                // restarted, or a replay took it): what was sent is gone,
+                // so authenticate again on the established connection.
+                Err(e) => {
+                    if accepted.await {
+                        return Err(e);
+                    }
+                    authenticate(&conn, token).await?
+                }
+            },
         };
         let client = Arc::new(Client {
             conn: conn.clone(),
@@ -399,6 +431,7 @@ impl Client {
             session_id: welcome.session_id,
             limits: welcome.limits,
             control: tokio::sync::Mutex::new(send),
+            zero_rtt,
             seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
             packet_events: opts.packet_events,
             in_order: opts.in_order,
@@ -415,6 +448,12 @@ impl Client {
 
     pub fn session_id(&self) -> u64 {
         self.session_id
+    }
+
+    /// Whether this connection resumed an earlier one with QUIC 0-RTT
+    /// (its `Auth` went out with the handshake and the relay took it).
+    pub fn zero_rtt(&self) -> bool {
+        self.zero_rtt
     }
 
     /// The relay's limits, from its Welcome.

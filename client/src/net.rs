@@ -34,8 +34,15 @@ pub enum NetError {
 /// Concurrent deliveries a client accepts (QUIC uni stream limit).
 pub const MAX_DELIVERY_STREAMS: u32 = 256;
 
-/// A quinn client config that trusts the certificates in `ca_pem`.
+/// A quinn client config that trusts the certificates in `ca_pem`, and
+/// resumes with 0-RTT.
 pub fn client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, NetError> {
+    client_config_with(ca_pem, true)
+}
+
+/// [`client_config`]; with `zero_rtt` false, no resumption either: every
+/// connection does a full handshake.
+pub fn client_config_with(ca_pem: &Path, zero_rtt: bool) -> Result<quinn::ClientConfig, NetError> {
     let ca = |why: String| NetError::Ca {
         path: ca_pem.display().to_string(),
         why,
@@ -59,6 +66,12 @@ pub fn client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, NetError> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
+    // Reconnects resume with a ticket from the last connection (rustls
+    // keeps them in memory, per relay name) and send `Auth` in 0-RTT.
+    tls.enable_early_data = zero_rtt;
+    if !zero_rtt {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
     let quic = QuicClientConfig::try_from(tls).map_err(|e| config(&e))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();

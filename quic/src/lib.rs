@@ -131,9 +131,17 @@ pub fn reset_code(e: &quinn::ReadError) -> Option<ErrorCode> {
 
 /// A TLS 1.3 server configuration for QUIC with our ALPN, from PEM files
 /// (the certificate chain and its private key).
+///
+/// With `zero_rtt_tickets` above 0 it accepts QUIC 0-RTT: every connection
+/// gets one resumption ticket, kept in a memory cache of that many (the
+/// oldest forgotten first), and a ticket resumes one connection only: the
+/// server takes it out of the cache on use, so a replayed 0-RTT flight
+/// finds no ticket and gets a full handshake, its early data dropped.
+/// Tickets die with the process (a restarted server does full handshakes).
 pub fn server_crypto(
     cert: &std::path::Path,
     key: &std::path::Path,
+    zero_rtt_tickets: usize,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -155,7 +163,19 @@ pub fn server_crypto(
         .with_single_cert(certs, key_der)
         .map_err(|e| TlsError(format!("certificate and key do not match: {e}")))?;
     tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
-    tls.max_early_data_size = 0;
+    if zero_rtt_tickets == 0 {
+        tls.max_early_data_size = 0;
+        tls.send_tls13_tickets = 0;
+    } else {
+        // QUIC takes all or nothing: quinn requires u32::MAX here, and the
+        // peer's transport parameters bound what 0-RTT may carry.
+        tls.max_early_data_size = u32::MAX;
+        tls.send_tls13_tickets = 1;
+        // Stateful tickets (rustls never uses the stateless ticketer
+        // unless one is set): single use, which is what makes 0-RTT
+        // replay-safe.
+        tls.session_storage = rustls::server::ServerSessionMemoryCache::new(zero_rtt_tickets);
+    }
     quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))
 }
 

@@ -109,6 +109,12 @@ settings! {
     /// have at most `max_message_bytes` (plus framing) unread at the
     /// relay, so these hold at most this many times that.
     max_unauthenticated_connections: usize = 1024, "PTT_MAX_UNAUTHENTICATED_CONNECTIONS";
+    /// TLS resumption tickets kept for QUIC 0-RTT reconnects: one per
+    /// connection, single use, oldest forgotten first (~300 bytes each, so
+    /// ~19 MiB at the default). A client whose ticket was forgotten, or
+    /// that reconnects after a relay restart, gets a full handshake. 0
+    /// turns 0-RTT (and resumption) off.
+    zero_rtt_tickets: usize = 65_536, "PTT_ZERO_RTT_TICKETS";
     /// A connection silent this long is closed (clients send keep-alives).
     idle_timeout: Duration = Duration::from_secs(30), "PTT_IDLE_TIMEOUT", parse_duration;
     /// Public keys for EdDSA (Ed25519) and ES256 tokens: a JWKS file, or a

@@ -71,6 +71,8 @@ catalogue! {
         "QUIC connections open now (authenticated or not).";
     SESSIONS_OPEN = "ptt_sessions_open", Gauge, Count, [],
         "Authenticated sessions open now (one per user).";
+    ZERO_RTT_AUTHS = "ptt_zero_rtt_auths_total", Counter, Count, [],
+        "Auth messages with a valid token that came in QUIC 0-RTT (a resumed connection; counted when read, before the handshake completes): the Welcome leaves one round trip sooner.";
     CONNECTIONS_ACCEPTED = "ptt_connections_accepted_total", Counter, Count, [],
         "Connections that authenticated and became a session.";
     CONNECTIONS_REJECTED = "ptt_connections_rejected_total", Counter, Count, ["reason"],

@@ -108,7 +108,10 @@ impl Relay {
         if !public_keys.is_empty() {
             info!(kids = ?public_keys.kids(), "token keys loaded");
         }
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&files)?));
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(
+            &files,
+            config.zero_rtt_tickets,
+        )?));
         server.transport_config(Arc::new(transport(&config)?));
         if config.metrics {
             crate::metrics::install();

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use codec::token::Right;
 use codec::wire::{Accepted, ClipHeader, ClipId, Message, Rejected, Target, Welcome};
 use codec::{ClipEnd, ErrorCode, Framer};
+use futures_util::FutureExt;
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
@@ -42,7 +43,7 @@ pub async fn run(
     incoming: quinn::Incoming,
     unauthenticated: crate::state::Unauthenticated,
 ) {
-    let conn = match incoming.await {
+    let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             metrics::count(metrics::HANDSHAKES, "outcome", "failed");
@@ -50,9 +51,31 @@ pub async fn run(
             return;
         }
     };
-    metrics::count(metrics::HANDSHAKES, "outcome", "completed");
+    // Reads the client's 0-RTT data (its `Auth`) as it comes, and answers
+    // in 0.5-RTT, before the client has finished the handshake.
+    let (conn, mut handshake) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, Handshake::Pending(done)),
+        Err(connecting) => match connecting.await {
+            Ok(conn) => (conn, Handshake::Complete),
+            Err(e) => {
+                metrics::count(metrics::HANDSHAKES, "outcome", "failed");
+                debug!(error = %e, "handshake failed");
+                return;
+            }
+        },
+    };
     let remote = conn.remote_address();
-    let authenticated = authenticate(&shared, &conn).await;
+    let authenticated = authenticate(&shared, &conn, &mut handshake).await;
+    if authenticated.is_ok() && handshake.is_pending() {
+        // A session from 0-RTT is served at once (its `Welcome` means
+        // "online", as on any connection); its handshake completes about a
+        // round trip later, or the connection fails and the session ends.
+        let deadline = Instant::now() + shared.config.auth_timeout;
+        let conn = conn.clone();
+        tokio::spawn(async move { handshake.complete(&conn, deadline).await });
+    } else {
+        handshake.settle(&conn);
+    }
     drop(unauthenticated);
     let (session, mut live_rx, ctl) = match authenticated {
         Ok(x) => {
@@ -100,26 +123,83 @@ pub async fn run(
 
 type Refusal = (ErrorCode, String);
 
-async fn authenticate(
-    shared: &Arc<Node>,
-    conn: &Connection,
-) -> Result<(Arc<Session>, mpsc::Receiver<Arc<LiveClip>>, MessageReader), Refusal> {
-    let cfg = &shared.config;
-    let deadline = Instant::now() + cfg.auth_timeout;
-    let late = || {
-        (
-            ErrorCode::Unauthenticated,
-            format!("no Auth within {:?}", cfg.auth_timeout),
-        )
-    };
-    let (mut send, recv) = timeout_at(deadline, conn.accept_bi())
-        .await
-        .map_err(|_| late())?
-        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
-    let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
+/// A connection's TLS handshake, for a connection served before it is
+/// complete (0-RTT data read, 0.5-RTT data sent). Counted in
+/// `ptt_handshakes_total` once it settles.
+enum Handshake {
+    /// quinn's future resolves when the handshake ends either way (its
+    /// value means nothing on a server): a connection still open then has
+    /// completed it.
+    Pending(quinn::ZeroRttAccepted),
+    Complete,
+    Failed,
+}
+
+impl Handshake {
+    /// Whether it is complete, without waiting.
+    fn check(&mut self, conn: &Connection) -> bool {
+        if let Handshake::Pending(done) = self {
+            if done.now_or_never().is_none() {
+                return false;
+            }
+            self.end(conn);
+        }
+        matches!(self, Handshake::Complete)
+    }
+
+    /// Waits until it is complete, at most until `deadline`.
+    async fn complete(&mut self, conn: &Connection, deadline: Instant) -> bool {
+        if let Handshake::Pending(done) = self {
+            match timeout_at(deadline, done).await {
+                Ok(_) => self.end(conn),
+                Err(_) => self.fail(),
+            }
+        }
+        matches!(self, Handshake::Complete)
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(self, Handshake::Pending(_))
+    }
+
+    /// Settles one still pending (the connection is given up).
+    fn settle(&mut self, conn: &Connection) {
+        if !self.check(conn) && self.is_pending() {
+            self.fail();
+        }
+    }
+
+    /// It ended: completed if the connection is still open.
+    fn end(&mut self, conn: &Connection) {
+        if conn.close_reason().is_some() {
+            return self.fail();
+        }
+        metrics::count(metrics::HANDSHAKES, "outcome", "completed");
+        *self = Handshake::Complete;
+    }
+
+    fn fail(&mut self) {
+        metrics::count(metrics::HANDSHAKES, "outcome", "failed");
+        *self = Handshake::Failed;
+    }
+}
+
+fn late(cfg: &crate::Config) -> Refusal {
+    (
+        ErrorCode::Unauthenticated,
+        format!("no Auth within {:?}", cfg.auth_timeout),
+    )
+}
+
+/// Reads the first message, which must be `Auth`, and checks its token.
+async fn check_auth(
+    shared: &Node,
+    rd: &mut MessageReader,
+    deadline: Instant,
+) -> Result<codec::token::Claims, Refusal> {
     let msg = timeout_at(deadline, rd.next())
         .await
-        .map_err(|_| late())?
+        .map_err(|_| late(&shared.config))?
         .map_err(|e| (e.code(), e.to_string()))?;
     let token = match msg {
         Some(Message::Auth(a)) => a.token,
@@ -130,10 +210,36 @@ async fn authenticate(
             ));
         }
     };
-    let claims = shared.verify_token(&token).map_err(|e| match e {
+    shared.verify_token(&token).map_err(|e| match e {
         codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
         codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
-    })?;
+    })
+}
+
+async fn authenticate(
+    shared: &Arc<Node>,
+    conn: &Connection,
+    handshake: &mut Handshake,
+) -> Result<(Arc<Session>, mpsc::Receiver<Arc<LiveClip>>, MessageReader), Refusal> {
+    let cfg = &shared.config;
+    let deadline = Instant::now() + cfg.auth_timeout;
+    let (mut send, recv) = timeout_at(deadline, conn.accept_bi())
+        .await
+        .map_err(|_| late(cfg))?
+        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
+    let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
+    let claims = match check_auth(shared, &mut rd, deadline).await {
+        Ok(c) => c,
+        Err(refusal) => {
+            // A refusal of an `Auth` read from 0-RTT waits for the
+            // handshake (the control stream kept open meanwhile): a close
+            // sent before it carries no application code (RFC 9000
+            // §10.2.3), and the client must learn `token_invalid` or
+            // `token_expired`.
+            handshake.complete(conn, deadline).await;
+            return Err(refusal);
+        }
+    };
     crate::state::open_credit(cfg, conn);
     let id = shared.next_session_id();
     let welcome = Message::Welcome(Welcome {
@@ -141,6 +247,10 @@ async fn authenticate(
         session_id: id,
         limits: cfg.limits(),
     });
+    // Read before the handshake completed: it came in 0-RTT.
+    if !handshake.check(conn) && handshake.is_pending() {
+        metrics::count1(metrics::ZERO_RTT_AUTHS);
+    }
     quic::write_message(&mut send, &welcome)
         .await
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;

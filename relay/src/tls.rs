@@ -125,7 +125,15 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS 1.3 server config for QUIC with our ALPN.
-pub fn server_crypto(files: &DataFiles) -> Result<QuicServerConfig, StartError> {
-    Ok(quic::server_crypto(&files.cert, &files.key)?)
+/// TLS 1.3 server config for QUIC with our ALPN, accepting 0-RTT with up
+/// to `zero_rtt_tickets` single-use tickets (0: no 0-RTT).
+pub fn server_crypto(
+    files: &DataFiles,
+    zero_rtt_tickets: usize,
+) -> Result<QuicServerConfig, StartError> {
+    Ok(quic::server_crypto(
+        &files.cert,
+        &files.key,
+        zero_rtt_tickets,
+    )?)
 }

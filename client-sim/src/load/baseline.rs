@@ -27,7 +27,7 @@ const MAX_CLIP_BYTES: usize = 4 * 1024 * 1024;
 
 /// Starts a sink on `listen` with the certificate and key in PEM files.
 pub fn sink(listen: SocketAddr, cert: &Path, key: &Path) -> anyhow::Result<quinn::Endpoint> {
-    let crypto = quic::server_crypto(cert, key)?;
+    let crypto = quic::server_crypto(cert, key, 0)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(64u32.into());

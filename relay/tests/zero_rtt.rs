@@ -1,0 +1,210 @@
+//! QUIC 0-RTT on reconnect (docs/protocol.md "Reconnecting with 0-RTT"):
+//! a client that was connected before sends `Auth` with the handshake;
+//! a ticket resumes one connection only, so a replayed 0-RTT flight gets
+//! nothing read; a restarted relay (which forgot its tickets) falls back
+//! to a full handshake.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::net::UdpSocket;
+
+/// The value of series `name` in the relay's /metrics (0 when absent).
+async fn metric(t: &TestRelay, name: &str) -> f64 {
+    let (status, body) = http_get(t.relay.admin_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Connects `user` once and leaves, after the relay's resumption ticket
+/// (sent after the handshake) has reached the endpoint.
+async fn connect_once(t: &TestRelay, user: &str) {
+    let (c, _ev) = t.connect(user).await;
+    assert!(!c.zero_rtt(), "the endpoint had no ticket yet");
+    // The ticket follows the handshake by a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_sends_auth_in_zero_rtt_and_works() {
+    let t = start(|_| {}).await;
+    connect_once(&t, "alice").await;
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 0.0);
+
+    let (alice, mut events) = t.connect("alice").await;
+    assert!(alice.zero_rtt(), "the reconnect did not use 0-RTT");
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 1.0);
+    // The session is a full one: a clip reaches it.
+    let (bob, _bev) = t.connect("bob").await;
+    bob.send_clip(&clip("alice", 5), ptt_client::Pacing::Upload)
+        .await
+        .unwrap();
+    let got = next_complete(&mut events).await;
+    assert_eq!(got.packets.len(), 5);
+}
+
+#[tokio::test]
+async fn zero_rtt_tickets_0_turns_it_off() {
+    let t = start(|c| c.zero_rtt_tickets = 0).await;
+    connect_once(&t, "alice").await;
+    let (alice, _events) = t.connect("alice").await;
+    assert!(!alice.zero_rtt());
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn after_a_restart_a_reconnect_falls_back_to_a_full_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_in(dir.path(), |_| {}).await;
+    connect_once(&t, "alice").await;
+    let endpoint = t.endpoint.clone();
+    t.relay.shutdown().await;
+
+    // Same data dir and certificate (tickets are kept per server name, so
+    // the endpoint offers the old one): the new process does not know it,
+    // refuses the 0-RTT data, and the client authenticates again on the
+    // completed handshake.
+    let relay = relay::Relay::start(relay::Config::for_tests(dir.path()))
+        .await
+        .unwrap();
+    let addr = relay.quic_addr();
+    let token = relay
+        .token_key()
+        .mint("alice", Duration::from_secs(3600))
+        .unwrap();
+    let (alice, _events) = ptt_client::Client::connect(
+        &endpoint,
+        addr,
+        "localhost",
+        &token,
+        ptt_client::ClientOptions::default(),
+    )
+    .await
+    .expect("connects with a full handshake");
+    assert!(!alice.zero_rtt());
+    assert_eq!(alice.user(), "alice");
+    relay.shutdown().await;
+}
+
+/// A UDP forwarder between one client socket and the relay that can keep
+/// a copy of what the client sends.
+struct Tap {
+    addr: SocketAddr,
+    recording: Arc<Mutex<Option<Vec<Vec<u8>>>>>,
+}
+
+impl Tap {
+    async fn start(relay: SocketAddr) -> Tap {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(relay).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let recording: Arc<Mutex<Option<Vec<Vec<u8>>>>> = Arc::default();
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (f, b, rec, cl) = (
+            front.clone(),
+            back.clone(),
+            recording.clone(),
+            client.clone(),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *cl.lock().unwrap() = Some(from);
+                if let Some(r) = rec.lock().unwrap().as_mut() {
+                    r.push(buf[..n].to_vec());
+                }
+                let _ = b.send(&buf[..n]).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Tap { addr, recording }
+    }
+
+    fn record(&self) {
+        *self.recording.lock().unwrap() = Some(Vec::new());
+    }
+
+    fn take(&self) -> Vec<Vec<u8>> {
+        self.recording.lock().unwrap().take().unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_zero_rtt_flight_is_not_read() {
+    let t = start(|_| {}).await;
+    let tap = Tap::start(t.relay.quic_addr()).await;
+    let token = t.token("alice");
+    let connect = || {
+        ptt_client::Client::connect(
+            &t.endpoint,
+            tap.addr,
+            "localhost",
+            &token,
+            ptt_client::ClientOptions::default(),
+        )
+    };
+    let (first, _e1) = connect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.shutdown().await;
+
+    // The resumed connection's packets, as an eavesdropper saw them.
+    tap.record();
+    let (second, _e3) = connect().await.unwrap();
+    assert!(second.zero_rtt());
+    second.shutdown().await;
+    let flight = tap.take();
+    assert!(!flight.is_empty());
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 1.0);
+    let (_bob, _e2) = t.connect("bob").await;
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 2.0);
+    // Once that connection is gone from the relay, the eavesdropper sends
+    // the same datagrams again from another address.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for d in &flight {
+        attacker.send_to(d, t.relay.quic_addr()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The ticket was used up: the replayed `Auth` was never read.
+    assert_eq!(metric(&t, "ptt_zero_rtt_auths_total").await, 2.0);
+    assert_eq!(metric(&t, "ptt_sessions_open").await, 1.0, "only bob");
+}
+
+#[tokio::test]
+async fn a_token_refused_in_zero_rtt_closes_with_its_code() {
+    let t = start(|_| {}).await;
+    connect_once(&t, "alice").await;
+    // The endpoint holds a ticket: this `Auth` rides in 0-RTT, and the
+    // relay's close must still carry the code (sent once the handshake is
+    // complete; a close during the handshake carries none).
+    let err = match t
+        .try_connect_with("not-a-token", ptt_client::ClientOptions::default())
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("a bad token was accepted"),
+    };
+    match err {
+        ptt_client::ClientError::Closed { code, .. } => {
+            assert_eq!(code, codec::ErrorCode::TokenInvalid)
+        }
+        other => panic!("expected a close with token_invalid, got {other}"),
+    }
+}
