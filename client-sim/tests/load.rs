@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use client_sim::load::{self, LoadTarget, Mode, Report, Source, Workload};
+use client_sim::load::{self, LoadTarget, Mode, PressFrom, Report, Source, Workload};
 use relay::{Config, Relay};
 
 async fn relay() -> (Relay, tempfile::TempDir) {
@@ -197,4 +197,51 @@ async fn channels_deliver_every_clip_to_every_member() {
         "every other member"
     );
     assert!(r.last_member_first_frame_ms.count > 0);
+}
+
+/// Access time with a reconnect: each talker's phone sleeps between
+/// presses, so every press connects first; with tickets the reconnects
+/// go in 0-RTT, without them none does, and nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presses_from_sleep_reconnect_with_and_without_zero_rtt() {
+    let (relay, _d) = relay().await;
+    for zero_rtt in [true, false] {
+        let r = run(
+            &relay,
+            Workload {
+                users: 20,
+                channel_size: 5,
+                talkers_per_channel: 1,
+                press_from: PressFrom::Asleep,
+                zero_rtt,
+                duration: Duration::from_secs(6),
+                talk_interval: Duration::from_millis(1500),
+                clip_min: Duration::from_millis(300),
+                clip_max: Duration::from_millis(600),
+                delay: Duration::from_millis(20),
+                ..Workload::default()
+            },
+        )
+        .await;
+        assert!(!r.failed(), "{}", r.table());
+        assert!(r.clips_accepted > 4, "{}", r.table());
+        assert_eq!(
+            r.counts.deliveries_ok,
+            r.clips_accepted * 4,
+            "{}",
+            r.table()
+        );
+        // Each press connected (listeners once each, talkers per press).
+        assert!(r.connects >= 16 + r.clips_accepted, "{}", r.table());
+        if zero_rtt {
+            assert!(r.zero_rtt_connects > 0, "{}", r.table());
+        } else {
+            assert_eq!(r.zero_rtt_connects, 0, "{}", r.table());
+        }
+        assert!(r.press_to_relay_ms.count > 0 && r.press_to_listener_ms.count > 0);
+        // The press comes before the relay has the header, which comes
+        // before the listener has it (20 ms each way).
+        assert!(r.press_to_listener_ms.p50 >= r.press_to_relay_ms.p50);
+        assert!(r.press_to_relay_ms.p50 >= 20.0, "{}", r.table());
+    }
 }

@@ -13,4 +13,4 @@ pub mod workload;
 pub use report::Report;
 pub use run::{LoadTarget, run};
 pub use source::Source;
-pub use workload::{Mode, Workload, WorkloadArgs};
+pub use workload::{Mode, PressFrom, Workload, WorkloadArgs};

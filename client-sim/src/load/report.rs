@@ -46,6 +46,8 @@ pub struct Report {
     /// Deliveries reset by the relay as cut off.
     pub cut: u64,
     pub connects: u64,
+    /// Connections whose `Auth` went in QUIC 0-RTT (resumed).
+    pub zero_rtt_connects: u64,
     pub connect_failures: u64,
     /// Clip rejections by error code (each was retried after the relay's
     /// hint, up to 10 times).
@@ -68,6 +70,13 @@ pub struct Report {
     /// Access time: the sender opened the clip's stream → the recipient had
     /// the relay's `Delivery` header (live clips).
     pub access_ms: Percentiles,
+    /// Access time from the press (before connecting, with `press_from =
+    /// asleep`) to the relay having the clip's header (its
+    /// `Delivery.created_ms`, so millisecond resolution; live clips).
+    pub press_to_relay_ms: Percentiles,
+    /// From the press to the listener having the `Delivery` header, which
+    /// travels with the first packet (live clips).
+    pub press_to_listener_ms: Percentiles,
     /// The sender wrote the clip's end → the recipient had it whole.
     pub delivery_ms: Percentiles,
     /// The sender wrote the clip's end → the sender had `Accepted`.
@@ -117,10 +126,13 @@ pub struct Inputs {
     pub datagrams_from_relay: u64,
     pub ack_frames: u64,
     pub connects: u64,
+    pub zero_rtt_connects: u64,
     pub connect_failures: u64,
     pub first_frame: Latency,
     pub last_member: Latency,
     pub access: Latency,
+    pub press_relay: Latency,
+    pub press_listener: Latency,
     pub delivery: Latency,
     pub ack: Latency,
     pub timeline: Vec<TimePoint>,
@@ -162,6 +174,7 @@ impl Report {
             send_retries: i.send_retries,
             cut: i.cut,
             connects: i.connects,
+            zero_rtt_connects: i.zero_rtt_connects,
             connect_failures: i.connect_failures,
             rejections: i.rejections,
             connect_errors: i.connect_errors,
@@ -172,6 +185,8 @@ impl Report {
             first_frame_ms: i.first_frame.summary(),
             last_member_first_frame_ms: i.last_member.summary(),
             access_ms: i.access.summary(),
+            press_to_relay_ms: i.press_relay.summary(),
+            press_to_listener_ms: i.press_listener.summary(),
             delivery_ms: i.delivery.summary(),
             ack_ms: i.ack.summary(),
             wire_bytes_per_voice_s: wire,
@@ -253,13 +268,14 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "clips: {} started, {} accepted, {} failed, {} retries, {} cut; {} connects ({} failed)",
+            "clips: {} started, {} accepted, {} failed, {} retries, {} cut; {} connects ({} 0-RTT, {} failed)",
             self.clips_started,
             self.clips_accepted,
             self.send_failed,
             self.send_retries,
             self.cut,
             self.connects,
+            self.zero_rtt_connects,
             self.connect_failures
         );
         if !self.rejections.is_empty() || !self.connect_errors.is_empty() {
@@ -276,20 +292,22 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<14}{:>8}{:>10}{:>10}{:>10}{:>10}",
-            "latency ms", "n", "p50", "p90", "p99", "max"
+            "{:<18}{:>8}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            "latency ms", "n", "p50", "p90", "p95", "p99", "max"
         );
         for (name, p) in [
             ("first frame", &self.first_frame_ms),
             ("last member", &self.last_member_first_frame_ms),
             ("access", &self.access_ms),
+            ("press → relay", &self.press_to_relay_ms),
+            ("press → listener", &self.press_to_listener_ms),
             ("delivery", &self.delivery_ms),
             ("sender ack", &self.ack_ms),
         ] {
             let _ = writeln!(
                 s,
-                "{name:<14}{:>8}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
-                p.count, p.p50, p.p90, p.p99, p.max
+                "{name:<18}{:>8}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
+                p.count, p.p50, p.p90, p.p95, p.p99, p.max
             );
         }
         let _ = writeln!(

@@ -22,7 +22,7 @@ use super::report::{Report, TimePoint};
 use super::source::Source;
 use super::stats::Latency;
 use super::verify::{self, Ledger, Verdict};
-use super::workload::{Mode, Workload};
+use super::workload::{Mode, PressFrom, Workload};
 use ptt_client::client::{
     Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, SeenIds,
 };
@@ -43,6 +43,12 @@ pub struct LoadTarget {
 /// Times of one clip, joined from the sender's and the recipient's side.
 #[derive(Default)]
 struct ClipTimes {
+    /// The talker pressed (before connecting, when asleep).
+    pressed: Option<Instant>,
+    /// The same moment, Unix time in µs, against the relay's `created_ms`.
+    pressed_unix_us: u64,
+    /// The relay had the clip's header (its `Delivery.created_ms`).
+    at_relay_ms: Option<u64>,
     opened: Option<Instant>,
     first_sent: Option<Instant>,
     finished: Option<Instant>,
@@ -56,6 +62,8 @@ struct ClipTimes {
 struct Hists {
     first_frame: Latency,
     access: Latency,
+    press_relay: Latency,
+    press_listener: Latency,
     delivery: Latency,
     ack: Latency,
 }
@@ -76,6 +84,7 @@ struct Counters {
     datagrams_from_relay: AtomicU64,
     ack_frames: AtomicU64,
     connects: AtomicU64,
+    zero_rtt_connects: AtomicU64,
     connect_failures: AtomicU64,
 }
 
@@ -141,7 +150,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         jitter: w.jitter,
         reorder: w.reorder_pct / 100.0,
     };
-    let client_cfg = net::client_config(&target.ca)?;
+    let client_cfg = net::client_config_with(&target.ca, w.zero_rtt)?;
     let bind: SocketAddr = if first.is_ipv6() {
         "[::1]:0".parse()?
     } else {
@@ -217,11 +226,19 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
     let target = Arc::new(target);
     let mut tasks = tokio::task::JoinSet::new();
     for u in &users {
-        tasks.spawn(connection(shared.clone(), target.clone(), u.clone()));
+        // A talker whose phone sleeps between presses connects per clip.
+        if !(w.press_from == PressFrom::Asleep && is_talker(&w, u.index)) {
+            tasks.spawn(connection(shared.clone(), target.clone(), u.clone()));
+        }
     }
     let mut talkers = tokio::task::JoinSet::new();
     for u in &users {
-        talkers.spawn(talker(shared.clone(), u.clone(), users.len()));
+        talkers.spawn(talker(
+            shared.clone(),
+            target.clone(),
+            u.clone(),
+            users.len(),
+        ));
     }
     let sampler = tokio::spawn(sample(shared.clone(), target.relay_pid));
     let progress = super::report::progress(w.duration);
@@ -318,6 +335,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         datagrams_from_relay: c.datagrams_from_relay.load(Ordering::Relaxed),
         ack_frames: c.ack_frames.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
+        zero_rtt_connects: c.zero_rtt_connects.load(Ordering::Relaxed),
         connect_failures: c.connect_failures.load(Ordering::Relaxed),
         first_frame: hists.first_frame,
         last_member: {
@@ -330,6 +348,8 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             l
         },
         access: hists.access,
+        press_relay: hists.press_relay,
+        press_listener: hists.press_listener,
         delivery: hists.delivery,
         ack: hists.ack,
         timeline: seconds,
@@ -363,40 +383,23 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
         if *quit.borrow() {
             return;
         }
-        let opts = ClientOptions {
-            seen: Some(u.seen.clone()),
-            event_queue: 64,
-            packet_events: false,
-            // Each clip's own latency is measured: none waits for another.
-            in_order: false,
-        };
-        let relay = t.relays[u.index as usize % t.relays.len()];
-        let (client, events) =
-            match Client::connect(&u.endpoint, relay, &t.server_name, &u.token, opts).await {
-                Ok(x) => x,
-                Err(e) => {
-                    s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    let kind = match &e {
-                        ClientError::Closed { code, .. } => code.name().to_owned(),
-                        ClientError::Connect(m) if m.contains("refused") => "refused".into(),
-                        _ => "other".into(),
-                    };
-                    count(&s.connect_errors, &kind);
-                    attempt += 1;
-                    if !e.is_retryable() && attempt > 20 {
-                        tracing::warn!(user = %u.name, error = %e, "giving up connecting");
-                        return;
-                    }
-                    let backoff = Duration::from_millis(50 * 2u64.pow(attempt.min(6)));
-                    let jitter = backoff.mul_f64(rand::random::<f64>());
-                    tokio::select! {
-                        () = sleep(jitter + Duration::from_millis(10)) => continue,
-                        _ = quit.wait_for(|q| *q) => return,
-                    }
+        let (client, events) = match connect(&s, &t, &u).await {
+            Ok(x) => x,
+            Err(e) => {
+                attempt += 1;
+                if !e.is_retryable() && attempt > 20 {
+                    tracing::warn!(user = %u.name, error = %e, "giving up connecting");
+                    return;
                 }
-            };
+                let backoff = Duration::from_millis(50 * 2u64.pow(attempt.min(6)));
+                let jitter = backoff.mul_f64(rand::random::<f64>());
+                tokio::select! {
+                    () = sleep(jitter + Duration::from_millis(10)) => continue,
+                    _ = quit.wait_for(|q| *q) => return,
+                }
+            }
+        };
         attempt = 0;
-        s.c.connects.fetch_add(1, Ordering::Relaxed);
         let generation = u.generation.fetch_add(1, Ordering::SeqCst) + 1;
         u.client.send_replace(Some(client.clone()));
         let mut ev = tokio::spawn(consume(
@@ -436,6 +439,47 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
     }
 }
 
+/// One connection of user `u`, counted (and its failure by reason).
+async fn connect(
+    s: &Shared,
+    t: &LoadTarget,
+    u: &User,
+) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
+    let opts = ClientOptions {
+        seen: Some(u.seen.clone()),
+        event_queue: 64,
+        packet_events: false,
+        // Each clip's own latency is measured: none waits for another.
+        in_order: false,
+    };
+    let relay = t.relays[u.index as usize % t.relays.len()];
+    match Client::connect(&u.endpoint, relay, &t.server_name, &u.token, opts).await {
+        Ok((client, events)) => {
+            s.c.connects.fetch_add(1, Ordering::Relaxed);
+            if client.zero_rtt() {
+                s.c.zero_rtt_connects.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((client, events))
+        }
+        Err(e) => {
+            s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
+            let kind = match &e {
+                ClientError::Closed { code, .. } => code.name().to_owned(),
+                ClientError::Connect(m) if m.contains("refused") => "refused".into(),
+                _ => "other".into(),
+            };
+            count(&s.connect_errors, &kind);
+            Err(e)
+        }
+    }
+}
+
+fn is_talker(w: &Workload, index: u32) -> bool {
+    w.channel_size == 0
+        || w.talkers_per_channel == 0
+        || (index as usize % w.channel_size) < w.talkers_per_channel
+}
+
 fn add_wire(s: &Shared, c: &Client) {
     let st = c.connection().stats();
     s.c.wire_bytes
@@ -462,6 +506,7 @@ async fn consume(
                 if let Ok(mut t) = s.times.lock() {
                     let e = t.entry((delivery.clip_id, u.index)).or_default();
                     e.started = Some(at);
+                    e.at_relay_ms = Some(delivery.created_ms);
                     e.live = delivery.live;
                 }
             }
@@ -536,6 +581,15 @@ fn join_times(s: &Shared, t: &mut HashMap<(ClipId, u32), ClipTimes>, id: (ClipId
             if let (Some(a), Some(b)) = (e.opened, e.started) {
                 h.access.record(b.saturating_duration_since(a));
             }
+            if let (Some(a), Some(b)) = (e.pressed, e.started) {
+                h.press_listener.record(b.saturating_duration_since(a));
+            }
+            if let Some(ms) = e.at_relay_ms
+                && e.pressed.is_some()
+            {
+                let us = (ms * 1000).saturating_sub(e.pressed_unix_us);
+                h.press_relay.record(Duration::from_micros(us));
+            }
         }
     }
     let now = s.start.elapsed().as_secs() as usize;
@@ -560,14 +614,12 @@ fn join_times(s: &Shared, t: &mut HashMap<(ClipId, u32), ClipTimes>, id: (ClipId
 }
 
 /// One user's talking: Poisson arrivals of clips to random other users.
-async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
+async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) {
     let w = &s.w;
-    if w.channel_size > 0
-        && w.talkers_per_channel > 0
-        && u.index as usize % w.channel_size >= w.talkers_per_channel
-    {
+    if !is_talker(w, u.index) {
         return; // a listener only
     }
+    let asleep = w.press_from == PressFrom::Asleep;
     let mut clients = u.client.subscribe();
     let mut stop = s.stop_talking.subscribe();
     loop {
@@ -583,7 +635,7 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
         if *s.stop_talking.borrow() {
             return;
         }
-        if clients.borrow().is_none() {
+        if !asleep && clients.borrow().is_none() {
             // Offline: the clip would be recorded and sent later; here the
             // user simply talks once online.
             continue;
@@ -645,14 +697,42 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
             Mode::Live => Pacing::Live,
             Mode::Upload => Pacing::Upload,
         };
+        let pressed = Instant::now();
+        let pressed_unix_us = unix_us();
         let mut attempt = 0u32;
         loop {
-            let client = match clients.wait_for(|c| c.is_some()).await {
-                Ok(c) => c.clone(),
-                Err(_) => return,
+            // Asleep: this press wakes the phone, which connects now (the
+            // events channel is kept until it leaves; a lone talker is owed
+            // nothing).
+            let (client, _events) = if asleep {
+                match connect(&s, &t, &u).await {
+                    Ok((c, ev)) => (c, Some(ev)),
+                    Err(e) if attempt < 10 => {
+                        attempt += 1;
+                        tracing::debug!(user = %u.name, error = %e, "press: connect failed");
+                        sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        s.c.send_failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            } else {
+                let client = match clients.wait_for(|c| c.is_some()).await {
+                    Ok(c) => c.clone(),
+                    Err(_) => return,
+                };
+                let Some(client) = client else { continue };
+                (client, None)
             };
-            let Some(client) = client else { continue };
-            match client.send_clip(&clip, pacing).await {
+            let sent = client.send_clip(&clip, pacing).await;
+            if asleep {
+                // Back to sleep.
+                add_wire(&s, &client);
+                client.shutdown().await;
+            }
+            match sent {
                 Ok(out) => {
                     s.c.clips_accepted.fetch_add(1, Ordering::Relaxed);
                     s.c.packets
@@ -673,6 +753,8 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     {
                         for r in &recipients {
                             let e = t.entry((clip.id, *r)).or_default();
+                            e.pressed = Some(pressed);
+                            e.pressed_unix_us = pressed_unix_us;
                             e.opened = Some(out.opened_at);
                             e.first_sent = out.sent_at.first().copied();
                             e.finished = Some(out.finished_at);
@@ -707,7 +789,9 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
                     }
                     s.c.send_retries.fetch_add(1, Ordering::Relaxed);
                     // Wait for the connection task to reconnect.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+                    if !asleep {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+                    }
                     sleep(Duration::from_millis(20 * u64::from(attempt))).await;
                 }
                 Err(e) => {
@@ -721,6 +805,12 @@ async fn talker(s: Arc<Shared>, u: Arc<User>, users: usize) {
             }
         }
     }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// CPU and memory of the relay process, sampled every second.

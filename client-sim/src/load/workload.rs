@@ -16,6 +16,18 @@ pub enum Mode {
     Upload,
 }
 
+/// Where a press starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PressFrom {
+    /// The talker's phone is connected: the press opens a stream at once.
+    Connected,
+    /// The talker's phone was asleep, its connection gone: the press
+    /// connects first (with 0-RTT when `zero_rtt` and a ticket allow),
+    /// sends the clip, and the talker disconnects again after it.
+    Asleep,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -93,6 +105,13 @@ workload! {
     /// At this moment every endpoint moves to a new UDP socket (a new
     /// address: a phone changing networks) while clips are in flight.
     rebind_at: Option<Duration> = None, parse_duration;
+    /// Where each press starts from: `asleep` measures access time with a
+    /// reconnect (needs channels with one talker each, so a sleeping
+    /// talker is owed nothing).
+    press_from: PressFrom = PressFrom::Connected;
+    /// Reconnects resume TLS and send `Auth` in QUIC 0-RTT (false: every
+    /// connection does a full handshake).
+    zero_rtt: bool = true;
     /// After the run, how long owed clips may take to arrive before they
     /// count as lost.
     grace: Duration = Duration::from_secs(15), parse_duration;
@@ -134,6 +153,12 @@ impl Workload {
         anyhow::ensure!(
             self.channel_size != 1,
             "channel_size: 0 (one-to-one) or at least 2"
+        );
+        anyhow::ensure!(
+            self.press_from == PressFrom::Connected
+                || (self.channel_size >= 2 && self.talkers_per_channel == 1),
+            "press_from = asleep needs channel_size >= 2 and talkers_per_channel = 1 \
+             (a sleeping talker must be owed no clip)"
         );
         Ok(())
     }
