@@ -101,10 +101,10 @@ async fn main() -> anyhow::Result<()> {
                 Event::Packets {
                     id: got,
                     first,
-                    count,
+                    packets,
                     at,
                 } if got == id => {
-                    for i in first..first + u64::from(count) {
+                    for i in first..first + packets.len() as u64 {
                         arrived[i as usize] = Some(at);
                     }
                 }

@@ -219,12 +219,13 @@ pub enum Event {
     },
     /// The first packet of a clip arrived.
     FirstPacket { id: ClipId, at: Instant },
-    /// Packets `first..first + count` of a clip arrived (only with
-    /// [`ClientOptions::packet_events`]).
+    /// Packets `first..first + packets.len()` of a clip arrived (only
+    /// with [`ClientOptions::packet_events`]): for playing a clip as it
+    /// comes.
     Packets {
         id: ClipId,
         first: u64,
-        count: u32,
+        packets: Vec<Bytes>,
         at: Instant,
     },
     /// A clip arrived whole. Ack it ([`Client::ack`]) once it is safe.
@@ -511,29 +512,132 @@ impl Client {
         // and stopped the stream; its answer is read below either way.
         let mut sent_at = Vec::new();
         let _ = write_clip(&mut send, clip, pacing, &mut sent_at).await;
-        let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
-        match rd.next().await {
-            Ok(Some(Message::Accepted(a))) if a.clip_id == clip.id => Ok(SendOutcome {
-                id: clip.id,
-                duplicate: a.duplicate,
-                finished_at: sent_at.last().copied().unwrap_or(opened_at),
-                sent_at,
-                opened_at,
-            }),
-            Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
-                code: r.code,
-                reason: r.reason,
-                retry_after_ms: r.retry_after_ms,
-            }),
-            Ok(Some(m)) => Err(ClientError::Protocol(format!(
-                "unexpected answer type 0x{:x}",
-                m.kind()
-            ))),
-            Ok(None) => Err(ClientError::Lost(
-                "relay ended the stream without an answer".into(),
-            )),
-            Err(e) => Err(from_stream(&self.conn, e)),
+        let duplicate = read_answer(&self.conn, recv, clip.id).await?;
+        Ok(SendOutcome {
+            id: clip.id,
+            duplicate,
+            finished_at: sent_at.last().copied().unwrap_or(opened_at),
+            sent_at,
+            opened_at,
+        })
+    }
+
+    /// Starts a clip whose packets are not all there yet (live talk from a
+    /// microphone): opens its upload stream and sends the header at once.
+    /// The relay may answer before the end (`floor_busy`, `preempted`, a
+    /// limit): [`LiveUpload::answer`] has it.
+    pub async fn start_upload(
+        &self,
+        id: ClipId,
+        target: Target,
+        format: AudioFormat,
+    ) -> Result<LiveUpload, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
+        let header = Message::ClipHeader(ClipHeader {
+            clip_id: id,
+            target,
+            format,
+        });
+        // A failed write shows in the answer (the relay stopped the stream
+        // after answering, or the connection is gone).
+        let _ = send.write_chunk(header.to_bytes()).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(read_answer(&conn, recv, id).await);
+        });
+        Ok(LiveUpload {
+            send,
+            answer: rx,
+            packets: 0,
+        })
+    }
+}
+
+/// A clip being uploaded as it is spoken ([`Client::start_upload`]).
+pub struct LiveUpload {
+    send: SendStream,
+    answer: tokio::sync::oneshot::Receiver<Result<bool, ClientError>>,
+    packets: u64,
+}
+
+impl LiveUpload {
+    /// Sends packets as records. An error means the stream is gone (the
+    /// relay answered early, or the connection was lost): see
+    /// [`LiveUpload::answer`].
+    pub async fn send(&mut self, packets: &[Bytes]) -> Result<(), ClientError> {
+        let mut buf = BytesMut::with_capacity(packets.iter().map(|p| p.len() + 2).sum());
+        for p in packets {
+            framing::put_packet(&mut buf, p);
         }
+        self.packets += packets.len() as u64;
+        self.send
+            .write_chunk(buf.freeze())
+            .await
+            .map_err(|e| ClientError::Lost(e.to_string()))
+    }
+
+    /// Packets sent so far.
+    pub fn packets(&self) -> u64 {
+        self.packets
+    }
+
+    /// Ends the clip: the end record (`final_granule` as the encoder gave
+    /// it) and FIN.
+    pub async fn finish(&mut self, final_granule: u64) -> Result<(), ClientError> {
+        let end = ClipEnd {
+            packet_count: self.packets,
+            final_granule,
+        };
+        self.send
+            .write_chunk(end.to_bytes())
+            .await
+            .map_err(|e| ClientError::Lost(e.to_string()))?;
+        self.send
+            .finish()
+            .map_err(|e| ClientError::Lost(e.to_string()))
+    }
+
+    /// Gives up the clip (the app cancelled): the relay cuts it off for
+    /// its listeners and keeps nothing.
+    pub fn abort(&mut self) {
+        let _ = self.send.reset(quic::varint(ErrorCode::CutOff));
+    }
+
+    /// The relay's answer once it came: `Some(Ok(duplicate))` for
+    /// `Accepted`, `Some(Err(..))` for `Rejected` or a lost connection,
+    /// `None` while there is none yet.
+    pub fn answered(&mut self) -> Option<Result<bool, ClientError>> {
+        self.answer.try_recv().ok()
+    }
+
+    /// Waits for the relay's answer.
+    pub async fn answer(&mut self) -> Result<bool, ClientError> {
+        (&mut self.answer)
+            .await
+            .unwrap_or_else(|_| Err(ClientError::Lost("upload answer lost".into())))
+    }
+}
+
+/// Reads the relay's one answer on an upload stream: `Ok(duplicate)` for
+/// `Accepted`.
+async fn read_answer(conn: &Connection, recv: RecvStream, id: ClipId) -> Result<bool, ClientError> {
+    let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
+    match rd.next().await {
+        Ok(Some(Message::Accepted(a))) if a.clip_id == id => Ok(a.duplicate),
+        Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
+            code: r.code,
+            reason: r.reason,
+            retry_after_ms: r.retry_after_ms,
+        }),
+        Ok(Some(m)) => Err(ClientError::Protocol(format!(
+            "unexpected answer type 0x{:x}",
+            m.kind()
+        ))),
+        Ok(None) => Err(ClientError::Lost(
+            "relay ended the stream without an answer".into(),
+        )),
+        Err(e) => Err(from_stream(conn, e)),
     }
 }
 
@@ -644,18 +748,19 @@ async fn receive(
             if packets.is_empty() {
                 let _ = events.send(Event::FirstPacket { id, at }).await;
             }
+            let records = buf.split_to(scan.records).freeze();
+            let first = packets.len();
+            packets.extend(spans.drain(..).map(|(o, n)| records.slice(o..o + n)));
             if client.packet_events {
                 let _ = events
                     .send(Event::Packets {
                         id,
-                        first: packets.len() as u64,
-                        count: spans.len() as u32,
+                        first: first as u64,
+                        packets: packets[first..].to_vec(),
                         at,
                     })
                     .await;
             }
-            let records = buf.split_to(scan.records).freeze();
-            packets.extend(spans.drain(..).map(|(o, n)| records.slice(o..o + n)));
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);

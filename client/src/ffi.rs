@@ -23,6 +23,10 @@ pub struct ClientConfig {
     pub data_dir: String,
     /// The access token to sign in with.
     pub token: String,
+    /// The microphone's sample rate for `pcm` (mono; 8, 16, 24, 32, 44.1
+    /// or 48 kHz).
+    #[uniffi(default = 48000)]
+    pub mic_rate: u32,
 }
 
 /// Whom a clip is for.
@@ -88,6 +92,75 @@ pub enum SendResult {
     Refused { code: String, reason: String },
 }
 
+/// Live talk as it happens: others' talk as it is heard (decoded), and
+/// what became of this user's own press.
+#[derive(uniffi::Enum, Debug)]
+pub enum Talk {
+    /// Someone started talking to this user, or in one of its channels.
+    Started {
+        clip_id: String,
+        sender: String,
+        target_kind: TargetKind,
+        target: String,
+    },
+    /// Decoded audio of a live clip: 48 kHz mono 16-bit samples for the
+    /// speaker, as they arrive.
+    Audio { clip_id: String, pcm: Vec<i16> },
+    /// The live clip ended whole.
+    Complete { clip_id: String },
+    /// The live clip was cut off before its end; `why` in words.
+    CutOff { clip_id: String, why: String },
+    /// A channel's floor is free again.
+    FloorFree { channel: String },
+    /// This user's press was refused: `holder` is talking.
+    Busy { clip_id: String, holder: String },
+    /// This user's press was ended by a priority talker.
+    Preempted { clip_id: String },
+}
+
+impl From<sdk::TalkEvent> for Talk {
+    fn from(e: sdk::TalkEvent) -> Talk {
+        use sdk::TalkEvent as T;
+        match e {
+            T::Started { id, sender, target } => {
+                let (target_kind, target) = split(target);
+                Talk::Started {
+                    clip_id: id.to_string(),
+                    sender,
+                    target_kind,
+                    target,
+                }
+            }
+            T::Audio { id, pcm } => Talk::Audio {
+                clip_id: id.to_string(),
+                pcm,
+            },
+            T::Complete { id } => Talk::Complete {
+                clip_id: id.to_string(),
+            },
+            T::CutOff { id, why } => Talk::CutOff {
+                clip_id: id.to_string(),
+                why,
+            },
+            T::FloorFree { channel } => Talk::FloorFree { channel },
+            T::Busy { id, holder } => Talk::Busy {
+                clip_id: id.to_string(),
+                holder,
+            },
+            T::Preempted { id } => Talk::Preempted {
+                clip_id: id.to_string(),
+            },
+        }
+    }
+}
+
+fn split(t: Target) -> (TargetKind, String) {
+    match t {
+        Target::User(n) => (TargetKind::User, n),
+        Target::Channel(n) => (TargetKind::Channel, n),
+    }
+}
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 pub enum PttError {
@@ -99,6 +172,12 @@ pub enum PttError {
     BadClip { msg: String },
     #[error("setup: {msg}")]
     Setup { msg: String },
+    /// `press` while one is held, `pcm` or `release` with none.
+    #[error("talk: {msg}")]
+    Talk { msg: String },
+    /// The microphone audio could not be encoded.
+    #[error("audio: {msg}")]
+    Audio { msg: String },
 }
 
 impl From<SdkError> for PttError {
@@ -109,6 +188,8 @@ impl From<SdkError> for PttError {
             SdkError::OutboxFull(_) => PttError::OutboxFull { msg },
             SdkError::BadClip(_) => PttError::BadClip { msg },
             SdkError::Setup(_) => PttError::Setup { msg },
+            SdkError::Talk(_) => PttError::Talk { msg },
+            SdkError::Audio(_) => PttError::Audio { msg },
         }
     }
 }
@@ -127,16 +208,15 @@ pub trait ClipListener: Send + Sync {
     fn on_status(&self, status: LinkStatus);
     /// The token was refused (expired): a fresh one, or None.
     fn fresh_token(&self) -> Option<String>;
+    /// Live talk as it happens (decoded audio for the speaker included).
+    fn on_talk(&self, event: Talk);
 }
 
 struct Bridge(Arc<dyn ClipListener>);
 
 impl sdk::Listener for Bridge {
     fn clip(&self, c: sdk::IncomingClip) -> bool {
-        let (target_kind, target) = match c.target {
-            Target::User(n) => (TargetKind::User, n),
-            Target::Channel(n) => (TargetKind::Channel, n),
-        };
+        let (target_kind, target) = split(c.target);
         self.0.on_clip(Clip {
             id: c.id.to_string(),
             sender: c.sender,
@@ -172,6 +252,10 @@ impl sdk::Listener for Bridge {
     fn fresh_token(&self) -> Option<String> {
         self.0.fresh_token()
     }
+
+    fn talk(&self, event: sdk::TalkEvent) {
+        self.0.on_talk(event.into());
+    }
 }
 
 /// One signed-in user's client. It connects at once and stays connected
@@ -205,12 +289,13 @@ impl PttClient {
             .enable_all()
             .build()
             .map_err(|e| PttError::Setup { msg: e.to_string() })?;
-        let cfg = sdk::Config::new(
+        let mut cfg = sdk::Config::new(
             &config.relay,
             PathBuf::from(config.ca_pem),
             PathBuf::from(config.data_dir),
             &config.token,
         );
+        cfg.mic_rate = config.mic_rate;
         let sdk = {
             let _guard = rt.enter();
             Sdk::start(cfg, Arc::new(Bridge(listener)))?
@@ -229,6 +314,27 @@ impl PttClient {
     ) -> Result<String, PttError> {
         let _guard = self.rt().enter();
         Ok(self.sdk.send_file(target(kind, to), &ogg)?.to_string())
+    }
+
+    /// The talk button is pressed: a live clip to `to` starts. Returns its
+    /// clip id; feed `pcm`, end with `release`.
+    pub fn press(&self, kind: TargetKind, to: String) -> Result<String, PttError> {
+        let _guard = self.rt().enter();
+        Ok(self.sdk.press(target(kind, to))?.to_string())
+    }
+
+    /// Microphone audio of the press held: mono 16-bit samples at
+    /// `mic_rate`, 10 or 20 ms at a time.
+    pub fn pcm(&self, samples: Vec<i16>) -> Result<(), PttError> {
+        let _guard = self.rt().enter();
+        Ok(self.sdk.pcm(&samples)?)
+    }
+
+    /// The talk button is let go: the clip ends. Its outcome arrives
+    /// through `on_sent` (and `on_talk` for busy or pre-empted).
+    pub fn release(&self) -> Result<String, PttError> {
+        let _guard = self.rt().enter();
+        Ok(self.sdk.release()?.to_string())
     }
 
     /// Clips waiting in the outbox.

@@ -17,6 +17,12 @@ use codec::wire::{ClipId, Target};
 use quinn::Endpoint;
 use tokio::sync::{Notify, mpsc};
 
+use bytes::Bytes;
+use codec::audio::encode::EncoderConfig;
+use codec::audio::live::{LiveDecoder, LiveEncoder};
+use codec::wire::AudioFormat;
+
+use crate::client::LiveUpload;
 use crate::inbox::Inbox;
 use crate::outbox::{Outbox, OutboxError};
 use crate::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip};
@@ -46,6 +52,12 @@ pub struct Config {
     /// A connection attempt that has not completed its handshake and
     /// sign-in by then counts as failed (the relay is unreachable): 5 s.
     pub connect_timeout: Duration,
+    /// The microphone's sample rate for [`Sdk::pcm`] (mono; a multiple of
+    /// 100 Hz: 8, 16, 24, 32, 44.1 or 48 kHz): 48 kHz.
+    pub mic_rate: u32,
+    /// Longest press: a press held longer is released by the SDK (the
+    /// relay's `max_clip_duration` is 60 s by default): 60 s.
+    pub max_press: Duration,
 }
 
 impl Config {
@@ -60,6 +72,8 @@ impl Config {
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            mic_rate: 48_000,
+            max_press: Duration::from_secs(60),
         }
     }
 }
@@ -79,6 +93,12 @@ pub enum SdkError {
     /// The relay address or its certificate file is wrong.
     #[error("setup: {0}")]
     Setup(String),
+    /// `press` while a press is held, or `pcm`/`release` with none.
+    #[error("{0}")]
+    Talk(String),
+    /// The microphone audio could not be encoded (an unsupported rate).
+    #[error("audio: {0}")]
+    Audio(String),
 }
 
 impl From<OutboxError> for SdkError {
@@ -153,6 +173,34 @@ pub enum Sent {
     Refused { code: ErrorCode, reason: String },
 }
 
+/// Live talk as it happens: others' talk as it is heard (decoded for the
+/// speaker), and what became of this user's own press. The whole clips
+/// still come through [`Listener::clip`], in order, to be kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TalkEvent {
+    /// Someone started talking to this user, or in one of its channels.
+    Started {
+        id: ClipId,
+        sender: String,
+        target: Target,
+    },
+    /// Decoded audio of a live clip: 48 kHz mono 16-bit PCM, for the
+    /// speaker, as it arrives (every 20 ms or so).
+    Audio { id: ClipId, pcm: Vec<i16> },
+    /// The live clip ended whole.
+    Complete { id: ClipId },
+    /// The live clip was cut off before its end (the sender lost its
+    /// connection or gave up, a priority talker took over, the relay
+    /// refused it): what was heard is all there is.
+    CutOff { id: ClipId, why: String },
+    /// A channel's floor is free again: its talker finished or was cut.
+    FloorFree { channel: String },
+    /// This user's press was refused: `holder` is talking in the channel.
+    Busy { id: ClipId, holder: String },
+    /// This user's press was ended by a priority talker.
+    Preempted { id: ClipId },
+}
+
 /// The app's side: the SDK calls these from its own threads; each should
 /// return quickly.
 pub trait Listener: Send + Sync + 'static {
@@ -169,6 +217,8 @@ pub trait Listener: Send + Sync + 'static {
     fn fresh_token(&self) -> Option<String> {
         None
     }
+    /// Live talk as it happens ([`TalkEvent`]).
+    fn talk(&self, _event: TalkEvent) {}
 }
 
 struct Inner {
@@ -183,6 +233,23 @@ struct Inner {
     stopped: Notify,
     endpoint: Mutex<Option<Endpoint>>,
     client: Mutex<Option<Arc<Client>>>,
+    /// The press being held.
+    talk: Mutex<Option<Press>>,
+}
+
+/// A press being held: microphone audio is encoded here and handed to
+/// the press's task, which sends it live.
+struct Press {
+    id: ClipId,
+    enc: LiveEncoder,
+    tx: mpsc::UnboundedSender<Spoken>,
+    started: std::time::Instant,
+}
+
+/// What a press hands its task.
+enum Spoken {
+    Packets(Vec<Bytes>),
+    End { packets: Vec<Bytes>, granule: u64 },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -215,6 +282,7 @@ impl Sdk {
             stopped: Notify::new(),
             endpoint: Mutex::new(None),
             client: Mutex::new(None),
+            talk: Mutex::new(None),
         });
         tokio::spawn(drive(inner.clone()));
         Ok(Sdk { inner })
@@ -232,6 +300,67 @@ impl Sdk {
         lock(&self.inner.outbox).put(id, &target, ogg)?;
         self.inner.wake.notify_one();
         Ok(id)
+    }
+
+    /// The user presses the talk button: a live clip to `target` starts
+    /// now (its header leaves at once when connected). Feed the microphone
+    /// with [`Sdk::pcm`] and end with [`Sdk::release`]. What becomes of it
+    /// comes through [`Listener::sent`] (and [`TalkEvent::Busy`] or
+    /// [`TalkEvent::Preempted`]); a press made offline, or whose
+    /// connection is lost while talking, is kept in the outbox and sent as
+    /// a recorded clip when the link is back.
+    pub fn press(&self, target: Target) -> Result<ClipId, SdkError> {
+        let mut talk = lock(&self.inner.talk);
+        if talk.is_some() {
+            return Err(SdkError::Talk("a press is already held".into()));
+        }
+        let enc = LiveEncoder::new(EncoderConfig::default(), self.inner.cfg.mic_rate)
+            .map_err(|e| SdkError::Audio(e.to_string()))?;
+        let id = ClipId(rand::random());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let format = enc.format();
+        tokio::spawn(talk_task(self.inner.clone(), id, target, format, rx));
+        *talk = Some(Press {
+            id,
+            enc,
+            tx,
+            started: std::time::Instant::now(),
+        });
+        Ok(id)
+    }
+
+    /// Microphone audio of the press held: mono 16-bit samples at
+    /// `Config::mic_rate`, any count at a time (10 or 20 ms is usual).
+    /// Each 20 ms leaves as an Opus packet as soon as it is complete.
+    pub fn pcm(&self, samples: &[i16]) -> Result<(), SdkError> {
+        let over = {
+            let mut talk = lock(&self.inner.talk);
+            let Some(p) = talk.as_mut() else {
+                return Err(SdkError::Talk("no press is held".into()));
+            };
+            let packets = p
+                .enc
+                .push_i16(samples)
+                .map_err(|e| SdkError::Audio(e.to_string()))?;
+            if !packets.is_empty() {
+                let _ = p.tx.send(Spoken::Packets(packets));
+            }
+            p.started.elapsed() >= self.inner.cfg.max_press
+        };
+        if over {
+            self.release()?;
+        }
+        Ok(())
+    }
+
+    /// The user lets go: the clip ends with the audio given so far.
+    pub fn release(&self) -> Result<ClipId, SdkError> {
+        let Some(p) = lock(&self.inner.talk).take() else {
+            return Err(SdkError::Talk("no press is held".into()));
+        };
+        let (packets, granule) = p.enc.finish().map_err(|e| SdkError::Audio(e.to_string()))?;
+        let _ = p.tx.send(Spoken::End { packets, granule });
+        Ok(p.id)
     }
 
     /// Clips waiting in the outbox.
@@ -410,6 +539,8 @@ async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), 
     let opts = ClientOptions {
         seen: Some(seen),
         in_order: true,
+        // Live clips are decoded for the speaker as they come.
+        packet_events: true,
         ..ClientOptions::default()
     };
     let limit = inner.cfg.connect_timeout;
@@ -427,7 +558,9 @@ async fn serve(
 ) -> Duration {
     let sender = tokio::spawn(send_outbox(inner.clone(), client.clone()));
     let mut wait = Duration::ZERO;
+    let mut hearing = Hearing::default();
     while let Some(ev) = events.recv().await {
+        hearing.event(inner, &ev);
         match ev {
             Event::Complete(c) => keep(inner, client, &c).await,
             Event::GoAway { retry_after_ms, .. } => {
@@ -461,6 +594,187 @@ async fn keep(inner: &Arc<Inner>, client: &Client, c: &ReceivedClip) {
     let stored = lock(&inner.inbox).keep(id);
     if stored.is_ok() {
         let _ = client.ack(id).await;
+    }
+}
+
+/// Sends one press live while it is held, then settles it: accepted;
+/// refused (busy, pre-empted, a limit: reported, not retried); or, when it
+/// could not go live whole (offline, connection lost), kept in the outbox
+/// as a recording with the same clip id, so the relay delivers it once
+/// whichever copy reaches it.
+async fn talk_task(
+    inner: Arc<Inner>,
+    id: ClipId,
+    target: Target,
+    format: AudioFormat,
+    mut rx: mpsc::UnboundedReceiver<Spoken>,
+) {
+    let client = lock(&inner.client).clone();
+    let mut upload: Option<LiveUpload> = match &client {
+        Some(c) => c.start_upload(id, target.clone(), format).await.ok(),
+        None => None,
+    };
+    let mut all: Vec<Bytes> = Vec::new();
+    // The relay's answer when it came before the end.
+    let mut early: Option<Result<bool, ClientError>> = None;
+    let granule = loop {
+        let msg = match upload.as_mut().filter(|_| early.is_none()) {
+            Some(u) => tokio::select! {
+                m = rx.recv() => m,
+                a = u.answer() => {
+                    refused_early(&inner, id, &a);
+                    early = Some(a);
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let (packets, end) = match msg {
+            Some(Spoken::Packets(p)) => (p, None),
+            Some(Spoken::End { packets, granule }) => (packets, Some(granule)),
+            // The SDK is gone while the press was held.
+            None => {
+                if let Some(u) = upload.as_mut() {
+                    u.abort();
+                }
+                return;
+            }
+        };
+        if early.is_none()
+            && let Some(u) = upload.as_mut()
+        {
+            // A failed write means the stream is gone: the answer (or its
+            // absence) settles the clip at the end.
+            let _ = u.send(&packets).await;
+        }
+        all.extend(packets);
+        if let Some(g) = end {
+            break g;
+        }
+    };
+    let outcome = match (early, upload.as_mut()) {
+        (Some(a), _) => Some(a),
+        (None, Some(u)) => {
+            let _ = u.finish(granule).await;
+            Some(u.answer().await)
+        }
+        (None, None) => None,
+    };
+    match outcome {
+        Some(Ok(duplicate)) => inner.listener.sent(id, Sent::Accepted { duplicate }),
+        Some(Err(e @ ClientError::Rejected { .. })) if !e.is_retryable() => {
+            if let ClientError::Rejected { code, reason, .. } = e {
+                inner.listener.sent(id, Sent::Refused { code, reason });
+            }
+        }
+        // Offline at the press, or the link (or the relay's room) failed
+        // while talking: the recording goes out from the outbox.
+        _ => {
+            let mut file = OggOpus::new(format, all);
+            file.final_granule = granule;
+            let kept = lock(&inner.outbox).put(id, &target, &file.to_vec(rand::random()));
+            match kept {
+                Ok(()) => inner.wake.notify_one(),
+                Err(e) => inner.listener.sent(
+                    id,
+                    Sent::Refused {
+                        code: ErrorCode::StorageFull,
+                        reason: format!("not sent live, and the outbox cannot keep it: {e}"),
+                    },
+                ),
+            }
+        }
+    }
+}
+
+/// Tells the app at once when the relay refused its press while talking.
+fn refused_early(inner: &Inner, id: ClipId, answer: &Result<bool, ClientError>) {
+    let Err(ClientError::Rejected { code, reason, .. }) = answer else {
+        return;
+    };
+    match code {
+        ErrorCode::FloorBusy => {
+            // "busy: HOLDER holds the floor of CHANNEL"
+            let holder = reason
+                .strip_prefix("busy: ")
+                .and_then(|r| r.split(" holds the floor").next())
+                .unwrap_or(reason)
+                .to_owned();
+            inner.listener.talk(TalkEvent::Busy { id, holder });
+        }
+        ErrorCode::Preempted => inner.listener.talk(TalkEvent::Preempted { id }),
+        _ => {}
+    }
+}
+
+/// Others' live talk, decoded for the speaker as it arrives.
+#[derive(Default)]
+struct Hearing {
+    /// Live clips being heard: their decoder and channel.
+    live: std::collections::HashMap<ClipId, (LiveDecoder, Option<String>)>,
+}
+
+impl Hearing {
+    fn event(&mut self, inner: &Inner, ev: &Event) {
+        let l = &inner.listener;
+        match ev {
+            Event::Started { delivery, .. } if delivery.live => {
+                let Ok(dec) = LiveDecoder::new(&delivery.format) else {
+                    return;
+                };
+                let channel = match &delivery.target {
+                    Target::Channel(c) => Some(c.clone()),
+                    _ => None,
+                };
+                self.live.insert(delivery.clip_id, (dec, channel));
+                l.talk(TalkEvent::Started {
+                    id: delivery.clip_id,
+                    sender: delivery.sender.clone(),
+                    target: delivery.target.clone(),
+                });
+            }
+            Event::Packets { id, packets, .. } => {
+                let Some((dec, _)) = self.live.get_mut(id) else {
+                    return;
+                };
+                let mut pcm = Vec::new();
+                for p in packets {
+                    // A packet that does not decode is concealed.
+                    match dec.decode_i16(Some(p)) {
+                        Ok(s) => pcm.extend(s),
+                        Err(_) => pcm.extend(dec.decode_i16(None).unwrap_or_default()),
+                    }
+                }
+                if !pcm.is_empty() {
+                    l.talk(TalkEvent::Audio { id: *id, pcm });
+                }
+            }
+            Event::Complete(c) => {
+                if let Some((_, channel)) = self.live.remove(&c.id()) {
+                    l.talk(TalkEvent::Complete { id: c.id() });
+                    if let Some(channel) = channel {
+                        l.talk(TalkEvent::FloorFree { channel });
+                    }
+                }
+            }
+            Event::Redelivered { id } => {
+                self.live.remove(id);
+            }
+            Event::Cut { id, code } => {
+                if let Some((_, channel)) = self.live.remove(id) {
+                    let why = match code {
+                        ErrorCode::Preempted => "a priority talker took over".to_owned(),
+                        ErrorCode::CutOff => "the sender stopped or lost its connection".to_owned(),
+                        other => format!("the relay refused it ({})", other.name()),
+                    };
+                    l.talk(TalkEvent::CutOff { id: *id, why });
+                    if let Some(channel) = channel {
+                        l.talk(TalkEvent::FloorFree { channel });
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 

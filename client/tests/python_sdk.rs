@@ -288,3 +288,101 @@ async fn clips_stored_while_offline_arrive_in_order() {
     assert_eq!(ids(&got), want, "acceptance order");
     relay.shutdown().await;
 }
+
+/// Real speech as a 16 kHz mono 16-bit WAV: a phone microphone's output.
+fn speech_wav_16k(dir: &Path, text: &str) -> PathBuf {
+    let raw = dir.join("talk-espeak.wav");
+    let wav = dir.join("talk-16k.wav");
+    for (tool, args) in [
+        ("espeak-ng", vec!["-w", raw.to_str().unwrap(), text]),
+        (
+            "sox",
+            vec![
+                raw.to_str().unwrap(),
+                "-r",
+                "16000",
+                "-c",
+                "1",
+                "-b",
+                "16",
+                wav.to_str().unwrap(),
+            ],
+        ),
+    ] {
+        let st = Command::new(tool)
+            .args(&args)
+            .status()
+            .unwrap_or_else(|e| panic!("`{tool}` is missing ({e})"));
+        assert!(st.success(), "{tool} failed");
+    }
+    wav
+}
+
+/// A Python app presses, speaks a 16 kHz microphone's speech in real time
+/// (moving to a new UDP socket halfway, as a phone changing networks
+/// does), and releases; another Python app hears it decoded while it is
+/// spoken, then keeps the whole clip, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_press_is_heard_while_spoken_across_a_network_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = bindings(&dir.path().join("sdk"));
+    let wav = speech_wav_16k(dir.path(), "Base to unit seven, hold your position.");
+    let spoken_ms = {
+        let r = hound::WavReader::open(&wav).unwrap();
+        u64::from(r.duration()) * 1000 / u64::from(r.spec().sample_rate)
+    };
+    assert!(spoken_ms > 1000, "{spoken_ms} ms of speech");
+    let relay = start(&dir.path().join("relay"), None).await;
+    let app = App::new(&python, &relay);
+    let inbox = inbox(dir.path());
+    let bob = app.spawn(
+        &dir.path().join("bob"),
+        &token(&relay, "bob"),
+        &["receive", "1", inbox.to_str().unwrap()],
+    );
+    // Bob is connected before Alice presses (his app reports the status
+    // on stderr; a second is plenty on loopback).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let alice = app.run(
+        &dir.path().join("alice"),
+        &token(&relay, "alice"),
+        &[
+            "talk",
+            "user",
+            "bob",
+            wav.to_str().unwrap(),
+            "--network-change",
+        ],
+    );
+    assert_eq!(alice["moved"], true);
+    assert_eq!(alice["sent"][0]["accepted"], true, "{alice}");
+    let id = alice["id"].as_str().unwrap().to_owned();
+    let got = tokio::task::spawn_blocking(move || report(bob.wait_with_output().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), std::slice::from_ref(&id), "exactly once: {got}");
+    let clip = &got["clips"][0];
+    assert_eq!(clip["live"], true, "{got}");
+    let ms = clip["duration_ms"].as_u64().unwrap();
+    assert!(
+        ms.abs_diff(spoken_ms) <= 40,
+        "{ms} ms kept, {spoken_ms} spoken"
+    );
+    let talk = &got["talk"];
+    assert_eq!(talk["started"][0]["id"], id.as_str(), "{talk}");
+    assert_eq!(talk["started"][0]["sender"], "alice");
+    assert_eq!(talk["complete"][0], id.as_str());
+    // Heard while Alice still talked, and all of it, at 48 kHz.
+    let first = talk["first_audio_at"].as_f64().unwrap();
+    let released = alice["released_at"].as_f64().unwrap();
+    assert!(
+        first < released - 0.5,
+        "first audio {first}, release {released}"
+    );
+    let heard_ms = talk["audio_samples"].as_u64().unwrap() / 48;
+    assert!(
+        heard_ms.abs_diff(spoken_ms) <= 60,
+        "{heard_ms} ms heard, {spoken_ms} spoken"
+    );
+    relay.shutdown().await;
+}

@@ -10,7 +10,7 @@
 //! Nothing here does I/O or knows about tokio: the relay and the clients
 //! feed bytes in and get messages and events out.
 
-#[cfg(feature = "audio")]
+#[cfg(feature = "opus")]
 pub mod audio;
 pub mod cluster;
 pub mod code;

@@ -1,5 +1,6 @@
 //! The audio path a phone runs before it sends, and a listener after it
-//! receives (feature `audio`; the relay never enables it):
+//! receives (feature `opus`; clean-up and the pipeline that uses it need
+//! feature `audio`; the relay enables neither):
 //!
 //! ```text
 //! WAV (any rate, any channels) ─► wav::read ─► resample::to_48k_mono
@@ -9,11 +10,17 @@
 //! OggOpus ─► decode::decode (packet-loss concealment, FEC) ─► wav::write
 //! ```
 //!
-//! [`pipeline::SendPipeline`] runs the send side in one call.
+//! [`pipeline::SendPipeline`] runs the send side in one call. Live talk
+//! goes frame by frame instead: [`live::LiveEncoder`] turns microphone
+//! frames into Opus packets as they are spoken, [`live::LiveDecoder`] turns
+//! packets back into PCM as they arrive.
 
+#[cfg(feature = "audio")]
 pub mod clean;
 pub mod decode;
 pub mod encode;
+pub mod live;
+#[cfg(feature = "audio")]
 pub mod pipeline;
 pub mod resample;
 pub mod trim;

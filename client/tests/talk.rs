@@ -1,0 +1,260 @@
+//! Live talk through the SDK against a real relay: press, microphone PCM
+//! in 20 ms frames, release; the listener hears decoded audio while the
+//! talker still talks, then gets the whole clip; a second talker in a busy
+//! channel hears who holds the floor; a press made offline goes out from
+//! the outbox once the link is back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use codec::wire::{ClipId, Target};
+use ptt_client::sdk::{Config, IncomingClip, Listener, Sdk, Sent, Status, TalkEvent};
+use tokio::sync::mpsc;
+
+/// Everything the SDK tells the app, with when it happened.
+#[derive(Debug)]
+enum Heard {
+    Talk(TalkEvent, Instant),
+    Clip(IncomingClip),
+    Sent(ClipId, Sent),
+    Status(Status),
+}
+
+struct App(mpsc::UnboundedSender<Heard>);
+
+impl Listener for App {
+    fn clip(&self, c: IncomingClip) -> bool {
+        let _ = self.0.send(Heard::Clip(c));
+        true
+    }
+    fn sent(&self, id: ClipId, s: Sent) {
+        let _ = self.0.send(Heard::Sent(id, s));
+    }
+    fn status(&self, s: Status) {
+        let _ = self.0.send(Heard::Status(s));
+    }
+    fn talk(&self, e: TalkEvent) {
+        let _ = self.0.send(Heard::Talk(e, Instant::now()));
+    }
+}
+
+struct Relay {
+    relay: relay::Relay,
+    dir: tempfile::TempDir,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay::Relay::start(relay::Config::for_tests(dir.path().join("relay")))
+            .await
+            .unwrap();
+        Relay { relay, dir }
+    }
+
+    /// An SDK signed in as `user` with talk rights in `channels`.
+    fn sdk(&self, user: &str, channels: &[&str]) -> (Sdk, mpsc::UnboundedReceiver<Heard>) {
+        let token = self
+            .relay
+            .token_key()
+            .mint_with_channels(
+                user,
+                Duration::from_secs(3600),
+                channels
+                    .iter()
+                    .map(|c| (c.to_string(), codec::token::Right::Talk))
+                    .collect(),
+            )
+            .unwrap();
+        let mut cfg = Config::new(
+            &self.relay.quic_addr().to_string(),
+            self.relay.files().cert.clone(),
+            self.dir.path().join(user),
+            &token,
+        );
+        cfg.mic_rate = 16_000;
+        cfg.reconnect_min = Duration::from_millis(50);
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Sdk::start(cfg, Arc::new(App(tx))).unwrap(), rx)
+    }
+}
+
+async fn until<T>(
+    rx: &mut mpsc::UnboundedReceiver<Heard>,
+    mut f: impl FnMut(Heard) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(t) = f(rx.recv().await.expect("the SDK runs")) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("timed out")
+}
+
+async fn connected(rx: &mut mpsc::UnboundedReceiver<Heard>) {
+    until(rx, |h| {
+        matches!(h, Heard::Status(Status::Connected { .. })).then_some(())
+    })
+    .await;
+}
+
+/// `ms` of a 16 kHz voice-like signal in 20 ms frames, fed in real time.
+async fn speak(sdk: &Sdk, ms: usize) {
+    let frame = 320;
+    for i in 0..ms / 20 {
+        let pcm: Vec<i16> = (0..frame)
+            .map(|j| {
+                let t = (i * frame + j) as f32 / 16_000.0;
+                let v = (2.0 * std::f32::consts::PI * 220.0 * t).sin() * 0.3
+                    + (2.0 * std::f32::consts::PI * 660.0 * t).sin() * 0.1;
+                (v * 32767.0) as i16
+            })
+            .collect();
+        sdk.pcm(&pcm).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_is_heard_live_then_kept_whole() {
+    let r = Relay::start().await;
+    let (alice, mut a) = r.sdk("alice", &[]);
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut a).await;
+    connected(&mut b).await;
+
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    speak(&alice, 600).await;
+    let released = Instant::now();
+    assert_eq!(alice.release().unwrap(), id);
+
+    let (sender, target) = until(&mut b, |h| match h {
+        Heard::Talk(
+            TalkEvent::Started {
+                id: got,
+                sender,
+                target,
+            },
+            _,
+        ) if got == id => Some((sender, target)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(sender, "alice");
+    assert_eq!(target, Target::User("bob".into()));
+    // Audio while Alice was still talking, then the end, then the clip.
+    let mut samples = 0usize;
+    let mut first_audio = None;
+    let clip = until(&mut b, |h| match h {
+        Heard::Talk(TalkEvent::Audio { id: got, pcm }, at) if got == id => {
+            first_audio.get_or_insert(at);
+            samples += pcm.len();
+            None
+        }
+        Heard::Clip(c) if c.id == id => Some(c),
+        _ => None,
+    })
+    .await;
+    let first_audio = first_audio.expect("decoded audio arrived");
+    assert!(first_audio < released, "heard only after the release");
+    // 600 ms at 48 kHz, give or take the last frame's padding.
+    assert!((28_000..=31_000).contains(&samples), "{samples} samples");
+    assert!(clip.live);
+    assert!(
+        (560..=640).contains(&clip.duration_ms),
+        "{}",
+        clip.duration_ms
+    );
+    until(&mut a, |h| match h {
+        Heard::Sent(got, Sent::Accepted { duplicate: false }) if got == id => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_in_a_busy_channel_hears_who_holds_the_floor() {
+    let r = Relay::start().await;
+    let (carol, mut c) = r.sdk("carol", &["ops"]);
+    let (dave, mut d) = r.sdk("dave", &["ops"]);
+    let (_erin, mut e) = r.sdk("erin", &["ops"]);
+    for rx in [&mut c, &mut d, &mut e] {
+        connected(rx).await;
+    }
+    carol.press(Target::Channel("ops".into())).unwrap();
+    speak(&carol, 200).await;
+    let denied = dave.press(Target::Channel("ops".into())).unwrap();
+    let holder = until(&mut d, |h| match h {
+        Heard::Talk(TalkEvent::Busy { id, holder }, _) if id == denied => Some(holder),
+        _ => None,
+    })
+    .await;
+    assert_eq!(holder, "carol");
+    dave.release().unwrap();
+    let code = until(&mut d, |h| match h {
+        Heard::Sent(id, Sent::Refused { code, .. }) if id == denied => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, codec::ErrorCode::FloorBusy);
+    speak(&carol, 100).await;
+    carol.release().unwrap();
+    // Erin hears the floor free once Carol's clip is over.
+    let channel = until(&mut e, |h| match h {
+        Heard::Talk(TalkEvent::FloorFree { channel }, _) => Some(channel),
+        _ => None,
+    })
+    .await;
+    assert_eq!(channel, "ops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_made_offline_goes_out_when_the_link_is_back() {
+    let r = Relay::start().await;
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut b).await;
+    // Alice presses right after her SDK starts, before it has connected:
+    // the press cannot go live and is kept for the outbox.
+    let dir = tempfile::tempdir().unwrap();
+    let token = r
+        .relay
+        .token_key()
+        .mint("alice", Duration::from_secs(3600))
+        .unwrap();
+    let mut cfg = Config::new(
+        &r.relay.quic_addr().to_string(),
+        r.relay.files().cert.clone(),
+        dir.path().to_path_buf(),
+        &token,
+    );
+    cfg.mic_rate = 16_000;
+    cfg.reconnect_min = Duration::from_millis(50);
+    let (tx, mut a) = mpsc::unbounded_channel();
+    let alice = Sdk::start(cfg, Arc::new(App(tx))).unwrap();
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    speak(&alice, 300).await;
+    alice.release().unwrap();
+    // Whether the press went live or from the outbox, Bob gets it once
+    // and Alice hears it was accepted.
+    let clip = until(&mut b, |h| match h {
+        Heard::Clip(c) if c.id == id => Some(c),
+        _ => None,
+    })
+    .await;
+    assert!(
+        (260..=340).contains(&clip.duration_ms),
+        "{}",
+        clip.duration_ms
+    );
+    until(&mut a, |h| match h {
+        Heard::Sent(got, Sent::Accepted { .. }) if got == id => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(alice.pending(), 0);
+}
