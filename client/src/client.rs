@@ -143,7 +143,7 @@ impl OutgoingClip {
     }
 
     /// Duration of each packet, for live pacing.
-    fn packet_durations(&self) -> Vec<Duration> {
+    pub fn packet_durations(&self) -> Vec<Duration> {
         self.packets
             .iter()
             .map(|p| {
@@ -351,11 +351,11 @@ pub struct Client {
     in_order: bool,
 }
 
-/// Opens the control stream, sends `Auth` and reads the `Welcome`.
-async fn authenticate(
+/// Opens the control stream and sends `Auth`.
+async fn send_auth(
     conn: &Connection,
     token: &str,
-) -> Result<(SendStream, MessageReader, codec::wire::Welcome), ClientError> {
+) -> Result<(SendStream, RecvStream), ClientError> {
     let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
     let auth = Message::Auth(Auth {
         token: token.to_owned(),
@@ -368,6 +368,15 @@ async fn authenticate(
             Some(why) => from_conn(why),
             None => ClientError::Lost(e.to_string()),
         })?;
+    Ok((send, recv))
+}
+
+/// Reads the relay's `Welcome` on the control stream.
+async fn read_welcome(
+    conn: &Connection,
+    send: SendStream,
+    recv: RecvStream,
+) -> Result<(SendStream, MessageReader, codec::wire::Welcome), ClientError> {
     let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
     match rd.next().await {
         Ok(Some(Message::Welcome(w))) => Ok((send, rd, w)),
@@ -382,49 +391,68 @@ async fn authenticate(
     }
 }
 
-impl Client {
-    /// Connects, authenticates with `token`, and starts receiving. Events
-    /// arrive on the returned channel.
-    pub async fn connect(
-        endpoint: &Endpoint,
-        addr: SocketAddr,
-        server_name: &str,
-        token: &str,
+/// A connection on its way ([`Client::begin`]): `Auth` sent (in 0-RTT
+/// when resuming), `Welcome` not read yet.
+pub struct Connecting {
+    conn: Connection,
+    token: String,
+    /// Resuming in 0-RTT: resolves, once the handshake is done, to whether
+    /// the relay took the early data.
+    early: Option<quinn::ZeroRttAccepted>,
+    control: Result<(SendStream, RecvStream), ClientError>,
+}
+
+impl Connecting {
+    /// Whether what is sent now rides in 0-RTT, with the handshake.
+    pub fn is_early(&self) -> bool {
+        self.early.is_some()
+    }
+
+    /// Starts an upload before `Welcome` ([`Client::start_upload`]). The
+    /// relay lets a client that has not authenticated yet open this one
+    /// upload and send up to its `early_upload_bytes` (8 KiB by default:
+    /// seconds of voice; more waits for `Welcome`), and reads it once the
+    /// token is good. If the relay refuses the 0-RTT data, the stream is
+    /// gone: [`LiveUpload::answer`] says so and the clip must be sent
+    /// again on the connection.
+    pub async fn upload(
+        &self,
+        id: ClipId,
+        target: Target,
+        format: AudioFormat,
+    ) -> Result<LiveUpload, ClientError> {
+        start_upload(&self.conn, id, target, format).await
+    }
+
+    /// Reads `Welcome` (authenticating again if the relay refused the
+    /// 0-RTT data) and starts receiving.
+    pub async fn finish(
+        self,
         opts: ClientOptions,
     ) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
-        let connecting = endpoint
-            .connect(addr, server_name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let handshake_failed = |e: quinn::ConnectionError| match quic::close_reason(&e) {
-            Some((code, reason)) => ClientError::Closed { code, reason },
-            None => ClientError::Connect(e.to_string()),
-        };
-        // With a resumption ticket from an earlier connection to this relay
-        // (kept by the endpoint's TLS config), `Auth` rides in 0-RTT with
-        // the handshake and the Welcome comes back with the relay's first
-        // flight: one round trip instead of two.
-        let (conn, early) = match connecting.into_0rtt() {
-            Ok((conn, accepted)) => (conn, Some(accepted)),
-            Err(connecting) => (connecting.await.map_err(handshake_failed)?, None),
+        let conn = self.conn;
+        let first = match self.control {
+            Ok((send, recv)) => read_welcome(&conn, send, recv).await,
+            Err(e) => Err(e),
         };
         let mut zero_rtt = false;
-        let (send, rd, welcome) = match early {
-            None => authenticate(&conn, token).await?,
-            Some(accepted) => match authenticate(&conn, token).await {
-                Ok(x) => {
-                    zero_rtt = accepted.await;
-                    x
+        let (send, rd, welcome) = match (first, self.early) {
+            (Ok(x), None) => x,
+            (Ok(x), Some(accepted)) => {
+                zero_rtt = accepted.await;
+                x
+            }
+            (Err(e), None) => return Err(e),
+            // The relay refused the 0-RTT data (it forgot the ticket,
+            // restarted, or a replay took it): what was sent is gone, so
+            // authenticate again on the established connection.
+            (Err(e), Some(accepted)) => {
+                if accepted.await {
+                    return Err(e);
                 }
-                // The relay refused the 0-RTT data (it forgot the ticket,
-                // restarted, or a replay took it): what was sent is gone,
-                // so authenticate again on the established connection.
-                Err(e) => {
-                    if accepted.await {
-                        return Err(e);
-                    }
-                    authenticate(&conn, token).await?
-                }
-            },
+                let (send, recv) = send_auth(&conn, &self.token).await?;
+                read_welcome(&conn, send, recv).await?
+            }
         };
         let client = Arc::new(Client {
             conn: conn.clone(),
@@ -441,6 +469,55 @@ impl Client {
         tokio::spawn(read_control(rd, tx.clone()));
         tokio::spawn(accept_deliveries(client.clone(), tx));
         Ok((client, rx))
+    }
+}
+
+impl Client {
+    /// Connects, authenticates with `token`, and starts receiving. Events
+    /// arrive on the returned channel.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        token: &str,
+        opts: ClientOptions,
+    ) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
+        Client::begin(endpoint, addr, server_name, token)
+            .await?
+            .finish(opts)
+            .await
+    }
+
+    /// The first half of [`Client::connect`]: connects and sends `Auth`,
+    /// without waiting for `Welcome`. With a resumption ticket from an
+    /// earlier connection to this relay (kept by the endpoint's TLS
+    /// config) this returns at once and `Auth` rides in 0-RTT with the
+    /// handshake, as does an upload started now ([`Connecting::upload`]):
+    /// a press's first audio leaves with the reconnect.
+    pub async fn begin(
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        token: &str,
+    ) -> Result<Connecting, ClientError> {
+        let connecting = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let handshake_failed = |e: quinn::ConnectionError| match quic::close_reason(&e) {
+            Some((code, reason)) => ClientError::Closed { code, reason },
+            None => ClientError::Connect(e.to_string()),
+        };
+        let (conn, early) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
+            Err(connecting) => (connecting.await.map_err(handshake_failed)?, None),
+        };
+        let control = send_auth(&conn, token).await;
+        Ok(Connecting {
+            conn,
+            token: token.to_owned(),
+            early,
+            control,
+        })
     }
 
     pub fn user(&self) -> &str {
@@ -532,26 +609,37 @@ impl Client {
         target: Target,
         format: AudioFormat,
     ) -> Result<LiveUpload, ClientError> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
-        let header = Message::ClipHeader(ClipHeader {
-            clip_id: id,
-            target,
-            format,
-        });
-        // A failed write shows in the answer (the relay stopped the stream
-        // after answering, or the connection is gone).
-        let _ = send.write_chunk(header.to_bytes()).await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let conn = self.conn.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(read_answer(&conn, recv, id).await);
-        });
-        Ok(LiveUpload {
-            send,
-            answer: rx,
-            packets: 0,
-        })
+        start_upload(&self.conn, id, target, format).await
     }
+}
+
+/// Opens an upload stream and writes the clip's header; a task waits for
+/// the relay's answer.
+async fn start_upload(
+    conn: &Connection,
+    id: ClipId,
+    target: Target,
+    format: AudioFormat,
+) -> Result<LiveUpload, ClientError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
+    let header = Message::ClipHeader(ClipHeader {
+        clip_id: id,
+        target,
+        format,
+    });
+    // A failed write shows in the answer (the relay stopped the stream
+    // after answering, or the connection is gone).
+    let _ = send.write_chunk(header.to_bytes()).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(read_answer(&conn, recv, id).await);
+    });
+    Ok(LiveUpload {
+        send,
+        answer: rx,
+        packets: 0,
+    })
 }
 
 /// A clip being uploaded as it is spoken ([`Client::start_upload`]).

@@ -241,9 +241,13 @@ struct Inner {
 /// the press's task, which sends it live.
 struct Press {
     id: ClipId,
+    target: Target,
     enc: LiveEncoder,
     tx: mpsc::UnboundedSender<Spoken>,
     started: std::time::Instant,
+    /// Made while offline: the next connection starts the press's upload
+    /// with its handshake (in 0-RTT when resuming) and hands it over here.
+    handoff: Option<tokio::sync::oneshot::Sender<LiveUpload>>,
 }
 
 /// What a press hands its task.
@@ -318,14 +322,26 @@ impl Sdk {
             .map_err(|e| SdkError::Audio(e.to_string()))?;
         let id = ClipId(rand::random());
         let (tx, rx) = mpsc::unbounded_channel();
+        let (handoff, handed) = tokio::sync::oneshot::channel();
         let format = enc.format();
-        tokio::spawn(talk_task(self.inner.clone(), id, target, format, rx));
+        tokio::spawn(talk_task(
+            self.inner.clone(),
+            id,
+            target.clone(),
+            format,
+            rx,
+            handed,
+        ));
         *talk = Some(Press {
             id,
+            target,
             enc,
             tx,
             started: std::time::Instant::now(),
+            handoff: Some(handoff),
         });
+        // Offline: try to connect now rather than at the end of a backoff.
+        self.inner.wake.notify_one();
         Ok(id)
     }
 
@@ -544,7 +560,22 @@ async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), 
         ..ClientOptions::default()
     };
     let limit = inner.cfg.connect_timeout;
-    tokio::time::timeout(limit, Client::connect(&ep, addr, &name, &token, opts))
+    let attempt = async {
+        let connecting = Client::begin(&ep, addr, &name, &token).await?;
+        // A press held while offline starts its upload now, right behind
+        // `Auth`: with 0-RTT its first audio rides with the handshake.
+        let held = lock(&inner.talk).as_mut().and_then(|p| {
+            let h = p.handoff.take()?;
+            Some((p.id, p.target.clone(), p.enc.format(), h))
+        });
+        if let Some((id, target, format, handoff)) = held
+            && let Ok(up) = connecting.upload(id, target, format).await
+        {
+            let _ = handoff.send(up);
+        }
+        connecting.finish(opts).await
+    };
+    tokio::time::timeout(limit, attempt)
         .await
         .map_err(|_| ClientError::Connect(format!("no answer within {limit:?}")))?
 }
@@ -608,6 +639,7 @@ async fn talk_task(
     target: Target,
     format: AudioFormat,
     mut rx: mpsc::UnboundedReceiver<Spoken>,
+    mut handed: tokio::sync::oneshot::Receiver<LiveUpload>,
 ) {
     let client = lock(&inner.client).clone();
     let mut upload: Option<LiveUpload> = match &client {
@@ -615,6 +647,12 @@ async fn talk_task(
         None => None,
     };
     let mut all: Vec<Bytes> = Vec::new();
+    // The handoff from a reconnect has been taken (or can no longer come).
+    let mut handed_done = false;
+    if upload.is_some() {
+        no_handoff(&inner, id);
+        handed_done = true;
+    }
     // The relay's answer when it came before the end.
     let mut early: Option<Result<bool, ClientError>> = None;
     let granule = loop {
@@ -627,8 +665,44 @@ async fn talk_task(
                     continue;
                 }
             },
-            None => rx.recv().await,
+            // Offline: the reconnect may hand over the upload it started.
+            None => tokio::select! {
+                m = rx.recv() => m,
+                r = &mut handed, if !handed_done => {
+                    handed_done = true;
+                    if let Ok(mut u) = r {
+                        let _ = u.send(&all).await;
+                        upload = Some(u);
+                    }
+                    continue;
+                }
+            },
         };
+        // Offline at the press, and the connection came back without
+        // starting the upload (the press came after its handshake): the
+        // press goes live now with what was said so far.
+        if upload.is_none() {
+            let given = if handed_done {
+                None
+            } else {
+                handed.try_recv().ok()
+            };
+            if let Some(mut u) = given {
+                handed_done = true;
+                let _ = u.send(&all).await;
+                upload = Some(u);
+            } else {
+                let back = lock(&inner.client).clone();
+                if let Some(c) = back
+                    && let Ok(mut u) = c.start_upload(id, target.clone(), format).await
+                {
+                    no_handoff(&inner, id);
+                    handed_done = true;
+                    let _ = u.send(&all).await;
+                    upload = Some(u);
+                }
+            }
+        }
         let (packets, end) = match msg {
             Some(Spoken::Packets(p)) => (p, None),
             Some(Spoken::End { packets, granule }) => (packets, Some(granule)),
@@ -684,6 +758,16 @@ async fn talk_task(
                 ),
             }
         }
+    }
+}
+
+/// The press `id` is live: a later reconnect must not start its upload
+/// again.
+fn no_handoff(inner: &Inner, id: ClipId) {
+    if let Some(p) = lock(&inner.talk).as_mut()
+        && p.id == id
+    {
+        p.handoff = None;
     }
 }
 

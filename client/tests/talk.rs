@@ -258,3 +258,76 @@ async fn a_press_made_offline_goes_out_when_the_link_is_back() {
     .await;
     assert_eq!(alice.pending(), 0);
 }
+
+/// A press made while the relay cannot be reached goes live as soon as the
+/// SDK is back (its reconnect starts the press's upload right behind
+/// `Auth`), with everything said so far: the listener hears it while it is
+/// still spoken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_made_while_reconnecting_goes_live_when_the_relay_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay_dir = dir.path().join("relay");
+    let (files, _) = relay::tls::ensure_data_dir(&relay_dir).unwrap();
+    let secret = codec::token::TokenKey::from_file(&files.secret, Duration::ZERO).unwrap();
+    let mut cfg = Config::new(
+        &addr.to_string(),
+        files.cert.clone(),
+        dir.path().join("alice"),
+        &secret.mint("alice", Duration::from_secs(3600)).unwrap(),
+    );
+    cfg.mic_rate = 16_000;
+    cfg.reconnect_min = Duration::from_millis(400);
+    cfg.reconnect_max = Duration::from_millis(400);
+    let (tx, mut a) = mpsc::unbounded_channel();
+    let alice = Sdk::start(cfg, Arc::new(App(tx))).unwrap();
+    until(&mut a, |h| {
+        matches!(h, Heard::Status(Status::Offline { .. })).then_some(())
+    })
+    .await;
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    speak(&alice, 200).await;
+    // The relay comes up, Bob signs in, and Alice goes on talking.
+    let mut rcfg = relay::Config::for_tests(&relay_dir);
+    rcfg.listen = addr;
+    let relay = relay::Relay::start(rcfg).await.unwrap();
+    let r = Relay {
+        relay,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut b).await;
+    let talking = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            speak(&alice, 1200).await;
+            alice.release().unwrap();
+        })
+    };
+    until(&mut b, |h| match h {
+        Heard::Talk(TalkEvent::Started { id: got, .. }, _) if got == id => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(!talking.is_finished(), "heard only after the release");
+    talking.await.unwrap();
+    let clip = until(&mut b, |h| match h {
+        Heard::Clip(c) if c.id == id => Some(c),
+        _ => None,
+    })
+    .await;
+    assert!(clip.live);
+    assert!(
+        (1360..=1440).contains(&clip.duration_ms),
+        "{}",
+        clip.duration_ms
+    );
+    until(&mut a, |h| match h {
+        Heard::Sent(got, Sent::Accepted { duplicate: false }) if got == id => Some(()),
+        _ => None,
+    })
+    .await;
+}

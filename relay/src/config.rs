@@ -107,8 +107,15 @@ settings! {
     /// for `Auth`), at most; more handshakes are refused at once. Until it
     /// authenticates a connection may open only its control stream and
     /// have at most `max_message_bytes` (plus framing) unread at the
-    /// relay, so these hold at most this many times that.
+    /// relay (plus `early_upload_bytes` on one upload stream), so these
+    /// hold at most this many times that.
     max_unauthenticated_connections: usize = 1024, "PTT_MAX_UNAUTHENTICATED_CONNECTIONS";
+    /// Bytes a client may send on one upload stream before its `Auth` is
+    /// read (with a 0-RTT reconnect: a press's first audio rides with the
+    /// handshake). The relay reads them only once the token is good; they
+    /// count in what an unauthenticated connection may make it hold. 0:
+    /// nothing but the control stream before `Auth`.
+    early_upload_bytes: u64 = 8192, "PTT_EARLY_UPLOAD_BYTES";
     /// TLS resumption tickets kept for QUIC 0-RTT reconnects: one per
     /// connection, single use, oldest forgotten first (~300 bytes each, so
     /// ~19 MiB at the default). A client whose ticket was forgotten, or

@@ -61,11 +61,14 @@ pub struct Relay {
 /// The QUIC transport settings the relay serves with.
 pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     let mut t = quinn::TransportConfig::default();
-    // Until `Auth` succeeds a peer gets credit for its control stream only,
-    // and for no more bytes than the largest `Auth` message: an
+    // Until `Auth` succeeds a peer gets credit for its control stream, for
+    // no more bytes than the largest `Auth` message, and (unless
+    // `early_upload_bytes` is 0) for one upload stream of that many bytes,
+    // so a 0-RTT reconnect can carry a press's first audio: an
     // unauthenticated connection cannot make the relay buffer more.
     // `session::authenticate` then raises both (`open_credit`).
-    t.max_concurrent_bidi_streams(1u32.into());
+    let early = u32::from(cfg.early_upload_bytes > 0);
+    t.max_concurrent_bidi_streams((1 + early).into());
     t.receive_window(auth_window(cfg));
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(

@@ -219,9 +219,10 @@ impl Shared {
 }
 
 /// Connection-level receive window before `Auth`: the largest message and
-/// its type and length varints.
+/// its type and length varints, and `early_upload_bytes` for one upload.
 pub fn auth_window(cfg: &Config) -> quinn::VarInt {
-    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16).unwrap_or(quinn::VarInt::MAX)
+    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16 + cfg.early_upload_bytes)
+        .unwrap_or(quinn::VarInt::MAX)
 }
 
 /// Gives an authenticated connection its full credit: the control stream

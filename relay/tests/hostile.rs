@@ -14,20 +14,22 @@ use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use common::*;
 use ptt_client::Pacing;
 
-/// Before `Auth` a connection gets credit for its control stream only, and
-/// for no more bytes than the largest message: it cannot make the relay
-/// buffer megabytes on streams it never reads.
+/// Before `Auth` a connection gets credit for its control stream and one
+/// early upload (`early_upload_bytes`), and for no more bytes than the
+/// largest message plus that: it cannot make the relay buffer megabytes on
+/// streams it never reads.
 #[tokio::test]
 async fn an_unauthenticated_peer_gets_credit_for_its_auth_only() {
     let t = start(|c| c.auth_timeout = Duration::from_secs(3)).await;
     let conn = t.raw_connection().await;
     let (mut ctl, _recv) = conn.open_bi().await.unwrap();
-    // No second stream before Auth.
+    // One early upload, no third stream before Auth.
+    let (_up, _up_recv) = conn.open_bi().await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(300), conn.open_bi())
             .await
             .is_err(),
-        "a second stream opened before Auth"
+        "a third stream opened before Auth"
     );
     // At most one message's worth of bytes: 1 MB on the control stream is
     // not taken (the relay reads the Auth it declares, refuses it and
@@ -45,6 +47,21 @@ async fn an_unauthenticated_peer_gets_credit_for_its_auth_only() {
         .send_clip(&clip("bob", 3), Pacing::Upload)
         .await
         .unwrap();
+}
+
+/// With `early_upload_bytes = 0` the control stream is all a peer gets
+/// before `Auth`.
+#[tokio::test]
+async fn without_early_uploads_only_the_control_stream_opens_before_auth() {
+    let t = start(|c| c.early_upload_bytes = 0).await;
+    let conn = t.raw_connection().await;
+    let (_ctl, _recv) = conn.open_bi().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), conn.open_bi())
+            .await
+            .is_err(),
+        "a second stream opened before Auth"
+    );
 }
 
 /// Connections that have not authenticated are capped

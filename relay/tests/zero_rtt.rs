@@ -208,3 +208,42 @@ async fn a_token_refused_in_zero_rtt_closes_with_its_code() {
         other => panic!("expected a close with token_invalid, got {other}"),
     }
 }
+
+/// A press from sleep: the reconnect carries `Auth` and the start of an
+/// upload in 0-RTT; the relay reads the upload once the token is good and
+/// the listener has the clip live, whole, once.
+#[tokio::test]
+async fn an_upload_started_in_zero_rtt_is_delivered_live() {
+    let t = start(|_| {}).await;
+    connect_once(&t, "alice").await;
+    let (_bob, mut bob_events) = t.connect("bob").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let connecting = ptt_client::Client::begin(
+        &t.endpoint,
+        t.relay.quic_addr(),
+        "localhost",
+        &t.token("alice"),
+    )
+    .await
+    .unwrap();
+    assert!(connecting.is_early(), "the endpoint holds a ticket");
+    let c = clip("bob", 5);
+    let mut upload = connecting
+        .upload(c.id, c.target.clone(), c.format)
+        .await
+        .unwrap();
+    // The first packets go before Welcome, with the handshake.
+    upload.send(&c.packets[..2]).await.unwrap();
+    let (alice, _events) = connecting
+        .finish(ptt_client::ClientOptions::default())
+        .await
+        .unwrap();
+    assert!(alice.zero_rtt());
+    upload.send(&c.packets[2..]).await.unwrap();
+    upload.finish(c.final_granule).await.unwrap();
+    assert!(!upload.answer().await.unwrap(), "accepted, not a duplicate");
+    let got = next_complete(&mut bob_events).await;
+    assert_eq!(got.id(), c.id);
+    assert!(got.delivery.live);
+    assert_eq!(got.packets, c.packets);
+}

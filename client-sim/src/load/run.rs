@@ -445,15 +445,26 @@ async fn connect(
     t: &LoadTarget,
     u: &User,
 ) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
-    let opts = ClientOptions {
+    let relay = t.relays[u.index as usize % t.relays.len()];
+    let r = Client::connect(&u.endpoint, relay, &t.server_name, &u.token, options(u)).await;
+    counted(s, r)
+}
+
+fn options(u: &User) -> ClientOptions {
+    ClientOptions {
         seen: Some(u.seen.clone()),
         event_queue: 64,
         packet_events: false,
         // Each clip's own latency is measured: none waits for another.
         in_order: false,
-    };
-    let relay = t.relays[u.index as usize % t.relays.len()];
-    match Client::connect(&u.endpoint, relay, &t.server_name, &u.token, opts).await {
+    }
+}
+
+type Connected = (Arc<Client>, tokio::sync::mpsc::Receiver<Event>);
+
+/// Counts a connection attempt (and its failure by reason).
+fn counted(s: &Shared, r: Result<Connected, ClientError>) -> Result<Connected, ClientError> {
+    match r {
         Ok((client, events)) => {
             s.c.connects.fetch_add(1, Ordering::Relaxed);
             if client.zero_rtt() {
@@ -462,16 +473,83 @@ async fn connect(
             Ok((client, events))
         }
         Err(e) => {
-            s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
-            let kind = match &e {
-                ClientError::Closed { code, .. } => code.name().to_owned(),
-                ClientError::Connect(m) if m.contains("refused") => "refused".into(),
-                _ => "other".into(),
-            };
-            count(&s.connect_errors, &kind);
+            count_failure(s, &e);
             Err(e)
         }
     }
+}
+
+fn count_failure(s: &Shared, e: &ClientError) {
+    s.c.connect_failures.fetch_add(1, Ordering::Relaxed);
+    let kind = match e {
+        ClientError::Closed { code, .. } => code.name().to_owned(),
+        ClientError::Connect(m) if m.contains("refused") => "refused".into(),
+        _ => "other".into(),
+    };
+    count(&s.connect_errors, &kind);
+}
+
+/// A press from sleep: connects and starts the clip's upload at once,
+/// before `Welcome` (in 0-RTT when resuming: its first audio rides with
+/// the handshake), paced live while the connection completes. When the
+/// relay refused the early data, the clip goes again on the connection.
+async fn press_from_sleep(
+    s: &Shared,
+    t: &LoadTarget,
+    u: &User,
+    clip: &OutgoingClip,
+) -> (
+    Option<Connected>,
+    Result<ptt_client::SendOutcome, ClientError>,
+) {
+    let relay = t.relays[u.index as usize % t.relays.len()];
+    let connecting = match Client::begin(&u.endpoint, relay, &t.server_name, &u.token).await {
+        Ok(c) => c,
+        Err(e) => {
+            count_failure(s, &e);
+            return (None, Err(e));
+        }
+    };
+    let mut upload = match connecting
+        .upload(clip.id, clip.target.clone(), clip.format)
+        .await
+    {
+        Ok(up) => up,
+        Err(e) => return (None, Err(e)),
+    };
+    let opened_at = Instant::now();
+    let mut sent_at = Vec::with_capacity(clip.packets.len());
+    let write = async {
+        let mut due = opened_at;
+        for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
+            // A packet leaves when its audio has been "recorded".
+            due += d;
+            sleep_until(due).await;
+            let _ = upload.send(std::slice::from_ref(p)).await;
+            sent_at.push(Instant::now());
+        }
+        let _ = upload.finish(clip.final_granule).await;
+    };
+    let ((), finished) = tokio::join!(write, connecting.finish(options(u)));
+    let connected = match counted(s, finished) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e)),
+    };
+    let outcome = match upload.answer().await {
+        Ok(duplicate) => Ok(ptt_client::SendOutcome {
+            id: clip.id,
+            duplicate,
+            finished_at: sent_at.last().copied().unwrap_or(opened_at),
+            sent_at,
+            opened_at,
+        }),
+        // The early data was refused (or the stream lost): send it again.
+        Err(e) if e.is_retryable() && connected.0.connection().close_reason().is_none() => {
+            connected.0.send_clip(clip, Pacing::Upload).await
+        }
+        Err(e) => Err(e),
+    };
+    (Some(connected), outcome)
 }
 
 fn is_talker(w: &Workload, index: u32) -> bool {
@@ -704,19 +782,14 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
             // Asleep: this press wakes the phone, which connects now (the
             // events channel is kept until it leaves; a lone talker is owed
             // nothing).
-            let (client, _events) = if asleep {
-                match connect(&s, &t, &u).await {
-                    Ok((c, ev)) => (c, Some(ev)),
-                    Err(e) if attempt < 10 => {
-                        attempt += 1;
-                        tracing::debug!(user = %u.name, error = %e, "press: connect failed");
-                        sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                        continue;
-                    }
-                    Err(_) => {
-                        s.c.send_failed.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
+            // Asleep: this press wakes the phone, which connects and sends
+            // the clip in one go (the events channel is kept until it
+            // leaves; a lone talker is owed nothing).
+            let (client, _events, sent) = if asleep {
+                let (connected, sent) = press_from_sleep(&s, &t, &u, &clip).await;
+                match connected {
+                    Some((c, ev)) => (Some(c), Some(ev), sent),
+                    None => (None, None, sent),
                 }
             } else {
                 let client = match clients.wait_for(|c| c.is_some()).await {
@@ -724,13 +797,13 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                     Err(_) => return,
                 };
                 let Some(client) = client else { continue };
-                (client, None)
+                let sent = client.send_clip(&clip, pacing).await;
+                (Some(client), None, sent)
             };
-            let sent = client.send_clip(&clip, pacing).await;
-            if asleep {
+            if asleep && let Some(c) = &client {
                 // Back to sleep.
-                add_wire(&s, &client);
-                client.shutdown().await;
+                add_wire(&s, c);
+                c.shutdown().await;
             }
             match sent {
                 Ok(out) => {
@@ -789,8 +862,8 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                     }
                     s.c.send_retries.fetch_add(1, Ordering::Relaxed);
                     // Wait for the connection task to reconnect.
-                    if !asleep {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
+                    if !asleep && let Some(c) = &client {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), c.closed()).await;
                     }
                     sleep(Duration::from_millis(20 * u64::from(attempt))).await;
                 }
