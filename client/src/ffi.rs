@@ -27,6 +27,9 @@ pub struct ClientConfig {
     /// or 48 kHz).
     #[uniffi(default = 48000)]
     pub mic_rate: u32,
+    /// Opus frame length of live talk, ms: 20 (10, 40 or 60).
+    #[uniffi(default = 20)]
+    pub frame_ms: u32,
 }
 
 /// Whom a clip is for.
@@ -296,6 +299,7 @@ impl PttClient {
             &config.token,
         );
         cfg.mic_rate = config.mic_rate;
+        cfg.frame_ms = config.frame_ms;
         let sdk = {
             let _guard = rt.enter();
             Sdk::start(cfg, Arc::new(Bridge(listener)))?

@@ -58,6 +58,11 @@ pub struct Config {
     /// Longest press: a press held longer is released by the SDK (the
     /// relay's `max_clip_duration` is 60 s by default): 60 s.
     pub max_press: Duration,
+    /// Opus frame length of live talk, ms: 20 (10, 40 or 60: longer frames
+    /// mean fewer packets, so fewer header and ACK bytes per second of
+    /// voice, but each packet leaves that much later and a lost one loses
+    /// that much audio).
+    pub frame_ms: u32,
 }
 
 impl Config {
@@ -74,6 +79,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             mic_rate: 48_000,
             max_press: Duration::from_secs(60),
+            frame_ms: 20,
         }
     }
 }
@@ -318,7 +324,11 @@ impl Sdk {
         if talk.is_some() {
             return Err(SdkError::Talk("a press is already held".into()));
         }
-        let enc = LiveEncoder::new(EncoderConfig::default(), self.inner.cfg.mic_rate)
+        let config = EncoderConfig {
+            frame_ms: self.inner.cfg.frame_ms,
+            ..EncoderConfig::default()
+        };
+        let enc = LiveEncoder::new(config, self.inner.cfg.mic_rate)
             .map_err(|e| SdkError::Audio(e.to_string()))?;
         let id = ClipId(rand::random());
         let (tx, rx) = mpsc::unbounded_channel();

@@ -56,6 +56,15 @@ impl Relay {
 
     /// An SDK signed in as `user` with talk rights in `channels`.
     fn sdk(&self, user: &str, channels: &[&str]) -> (Sdk, mpsc::UnboundedReceiver<Heard>) {
+        self.sdk_with(user, channels, |_| {})
+    }
+
+    fn sdk_with(
+        &self,
+        user: &str,
+        channels: &[&str],
+        tweak: impl FnOnce(&mut Config),
+    ) -> (Sdk, mpsc::UnboundedReceiver<Heard>) {
         let token = self
             .relay
             .token_key()
@@ -76,6 +85,7 @@ impl Relay {
         );
         cfg.mic_rate = 16_000;
         cfg.reconnect_min = Duration::from_millis(50);
+        tweak(&mut cfg);
         let (tx, rx) = mpsc::unbounded_channel();
         (Sdk::start(cfg, Arc::new(App(tx))).unwrap(), rx)
     }
@@ -330,4 +340,39 @@ async fn a_press_made_while_reconnecting_goes_live_when_the_relay_is_back() {
         _ => None,
     })
     .await;
+}
+
+/// Live talk in 60 ms frames (`frame_ms`): a third of the packets, the
+/// same audio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_in_60ms_frames_sends_a_third_of_the_packets() {
+    let r = Relay::start().await;
+    let (alice, mut a) = r.sdk_with("alice", &[], |c| c.frame_ms = 60);
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut a).await;
+    connected(&mut b).await;
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    speak(&alice, 600).await;
+    alice.release().unwrap();
+    let clip = until(&mut b, |h| match h {
+        Heard::Clip(c) if c.id == id => Some(c),
+        _ => None,
+    })
+    .await;
+    assert!(
+        (560..=640).contains(&clip.duration_ms),
+        "{}",
+        clip.duration_ms
+    );
+    let file = codec::ogg_opus::OggOpus::read(&clip.ogg).unwrap();
+    // 600 ms of speech plus the encoder's lookahead: 11 packets of 60 ms
+    // (31 of 20 ms).
+    assert!(
+        (10..=12).contains(&file.packets.len()),
+        "{}",
+        file.packets.len()
+    );
+    for p in &file.packets {
+        assert_eq!(codec::opus_packet::parse(p).unwrap().samples(), 2880);
+    }
 }
