@@ -1,8 +1,9 @@
 //! The client as an app uses it: sign in once, and the SDK stays
 //! connected (reconnecting with backoff, following `GoAway`, surviving a
-//! network change), sends recorded clips through a durable outbox and
-//! hands incoming clips to the app in order, acking each one only after
-//! the app says it is kept. `docs/sdk.md` describes it for app teams; the
+//! network change), sends live presses from the microphone and recorded
+//! clips through a durable outbox, decodes others' live talk for the
+//! speaker, and hands incoming clips to the app in order, acking each one
+//! only after the app says it is kept. `docs/sdk.md` describes it for app teams; the
 //! uniffi bindings (`ffi.rs`) wrap this module.
 
 use std::net::SocketAddr;
@@ -11,16 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use codec::ErrorCode;
-use codec::ogg_opus::OggOpus;
-use codec::wire::{ClipId, Target};
-use quinn::Endpoint;
-use tokio::sync::{Notify, mpsc};
-
 use bytes::Bytes;
+use codec::ErrorCode;
 use codec::audio::encode::EncoderConfig;
 use codec::audio::live::{LiveDecoder, LiveEncoder};
-use codec::wire::AudioFormat;
+use codec::ogg_opus::OggOpus;
+use codec::wire::{AudioFormat, ClipId, Target};
+use quinn::Endpoint;
+use tokio::sync::{Notify, mpsc};
 
 use crate::client::LiveUpload;
 use crate::inbox::Inbox;

@@ -105,10 +105,10 @@ settings! {
     auth_timeout: Duration = Duration::from_secs(10), "PTT_AUTH_TIMEOUT", parse_duration;
     /// Connections that have not authenticated yet (handshaking or waiting
     /// for `Auth`), at most; more handshakes are refused at once. Until it
-    /// authenticates a connection may open only its control stream and
-    /// have at most `max_message_bytes` (plus framing) unread at the
-    /// relay (plus `early_upload_bytes` on one upload stream), so these
-    /// hold at most this many times that.
+    /// authenticates a connection may open only its control stream and one
+    /// early upload, and have at most `max_message_bytes` (plus framing)
+    /// plus `early_upload_bytes` unread at the relay, so these hold at
+    /// most this many times that.
     max_unauthenticated_connections: usize = 1024, "PTT_MAX_UNAUTHENTICATED_CONNECTIONS";
     /// Bytes a client may send on one upload stream before its `Auth` is
     /// read (with a 0-RTT reconnect: a press's first audio rides with the

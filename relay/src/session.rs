@@ -77,7 +77,7 @@ pub async fn run(
         handshake.settle(&conn);
     }
     drop(unauthenticated);
-    let (session, mut live_rx, ctl) = match authenticated {
+    let (session, mut live_rx, ctl, welcome) = match authenticated {
         Ok(x) => {
             metrics::count1(metrics::CONNECTIONS_ACCEPTED);
             x
@@ -98,6 +98,11 @@ pub async fn run(
         Some(c) => c.join(&shared.state, &session),
         None => Vec::new(),
     };
+    // `Welcome` only now: from the moment a client has it, it is online
+    // (live clips to it and its channels reach it).
+    if let Err(e) = session.welcome(&welcome).await {
+        debug!(error = %e, "Welcome not sent");
+    }
     replay_history(&shared, &session).await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
@@ -122,6 +127,15 @@ pub async fn run(
 }
 
 type Refusal = (ErrorCode, String);
+
+/// A session registered, its live queue, the control stream's reader, and
+/// the `Welcome` to send once it has joined its channels.
+type Authenticated = (
+    Arc<Session>,
+    mpsc::Receiver<Arc<LiveClip>>,
+    MessageReader,
+    Message,
+);
 
 /// A connection's TLS handshake, for a connection served before it is
 /// complete (0-RTT data read, 0.5-RTT data sent). Counted in
@@ -220,10 +234,10 @@ async fn authenticate(
     shared: &Arc<Node>,
     conn: &Connection,
     handshake: &mut Handshake,
-) -> Result<(Arc<Session>, mpsc::Receiver<Arc<LiveClip>>, MessageReader), Refusal> {
+) -> Result<Authenticated, Refusal> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.auth_timeout;
-    let (mut send, recv) = timeout_at(deadline, conn.accept_bi())
+    let (send, recv) = timeout_at(deadline, conn.accept_bi())
         .await
         .map_err(|_| late(cfg))?
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
@@ -251,9 +265,6 @@ async fn authenticate(
     if !handshake.check(conn) && handshake.is_pending() {
         metrics::count1(metrics::ZERO_RTT_AUTHS);
     }
-    quic::write_message(&mut send, &welcome)
-        .await
-        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
     let (live_tx, live_rx) = mpsc::channel(cfg.live_queue);
     // The control stream's send side is kept open for a later `GoAway`.
     let session = Arc::new(Session::new(
@@ -271,7 +282,7 @@ async fn authenticate(
             "replaced by a newer connection of the same user",
         );
     }
-    Ok((session, live_rx, rd))
+    Ok((session, live_rx, rd, welcome))
 }
 
 /// Reads acks until the control stream ends.

@@ -356,6 +356,17 @@ impl Session {
         }
     }
 
+    /// Sends `Welcome` on the control stream.
+    pub async fn welcome(&self, msg: &Message) -> Result<(), String> {
+        let mut control = self.control.lock().await;
+        match control.as_mut() {
+            Some(send) => quic::write_message(send, msg)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the control stream was given up (GoAway)".into()),
+        }
+    }
+
     /// Tells the client to reconnect (elsewhere) after `retry_after_ms`:
     /// `GoAway` on the control stream, which then ends.
     pub async fn go_away(&self, code: ErrorCode, retry_after_ms: u64, reason: &str) {
