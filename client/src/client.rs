@@ -143,7 +143,7 @@ impl OutgoingClip {
     }
 
     /// Duration of each packet, for live pacing.
-    pub fn packet_durations(&self) -> Vec<Duration> {
+    fn packet_durations(&self) -> Vec<Duration> {
         self.packets
             .iter()
             .map(|p| {
@@ -583,13 +583,32 @@ impl Client {
         clip: &OutgoingClip,
         pacing: Pacing,
     ) -> Result<SendOutcome, ClientError> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
-        let opened_at = Instant::now();
         // A write fails when the relay answered early (duplicate, refusal)
-        // and stopped the stream; its answer is read below either way.
-        let mut sent_at = Vec::new();
-        let _ = write_clip(&mut send, clip, pacing, &mut sent_at).await;
-        let duplicate = read_answer(&self.conn, recv, clip.id).await?;
+        // and stopped the stream; its answer is read either way.
+        let (opened_at, sent_at, duplicate) = match pacing {
+            Pacing::Upload => {
+                let (mut send, recv) = self.conn.open_bi().await.map_err(from_conn)?;
+                let opened_at = Instant::now();
+                // Header, records and end in one write.
+                if send.write_chunk(clip.upload_bytes()).await.is_ok() {
+                    let _ = send.finish();
+                }
+                let sent_at = vec![Instant::now()];
+                (
+                    opened_at,
+                    sent_at,
+                    read_answer(&self.conn, recv, clip.id).await?,
+                )
+            }
+            Pacing::Live => {
+                let mut up = self
+                    .start_upload(clip.id, clip.target.clone(), clip.format)
+                    .await?;
+                let opened_at = Instant::now();
+                let sent_at = up.send_paced(clip).await;
+                (opened_at, sent_at, up.answer().await?)
+            }
+        };
         Ok(SendOutcome {
             id: clip.id,
             duplicate,
@@ -622,6 +641,7 @@ async fn start_upload(
     format: AudioFormat,
 ) -> Result<LiveUpload, ClientError> {
     let (mut send, recv) = conn.open_bi().await.map_err(from_conn)?;
+    let early = recv.is_0rtt();
     let header = Message::ClipHeader(ClipHeader {
         clip_id: id,
         target,
@@ -639,6 +659,7 @@ async fn start_upload(
         send,
         answer: rx,
         packets: 0,
+        early,
     })
 }
 
@@ -647,6 +668,7 @@ pub struct LiveUpload {
     send: SendStream,
     answer: tokio::sync::oneshot::Receiver<Result<bool, ClientError>>,
     packets: u64,
+    early: bool,
 }
 
 impl LiveUpload {
@@ -665,9 +687,30 @@ impl LiveUpload {
             .map_err(|e| ClientError::Lost(e.to_string()))
     }
 
-    /// Packets sent so far.
-    pub fn packets(&self) -> u64 {
-        self.packets
+    /// Whether the stream was opened in 0-RTT, riding with the handshake.
+    pub fn is_early(&self) -> bool {
+        self.early
+    }
+
+    /// Sends `clip`'s packets in real time, each when a microphone would
+    /// have made it, then its end record and FIN. Returns when each packet
+    /// was handed to QUIC; stops at the first failed write (the relay
+    /// answered early, or the connection is gone: see
+    /// [`LiveUpload::answer`]).
+    pub async fn send_paced(&mut self, clip: &OutgoingClip) -> Vec<Instant> {
+        let mut sent_at = Vec::with_capacity(clip.packets.len());
+        let mut due = Instant::now();
+        for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
+            due += d;
+            sleep_until(due).await;
+            if self.send(std::slice::from_ref(p)).await.is_err() {
+                return sent_at;
+            }
+            sent_at.push(Instant::now());
+        }
+        // Right behind the last packet: its time stands for the end.
+        let _ = self.finish(clip.final_granule).await;
+        sent_at
     }
 
     /// Ends the clip: the end record (`final_granule` as the encoder gave
@@ -690,13 +733,6 @@ impl LiveUpload {
     /// its listeners and keeps nothing.
     pub fn abort(&mut self) {
         let _ = self.send.reset(quic::varint(ErrorCode::CutOff));
-    }
-
-    /// The relay's answer once it came: `Some(Ok(duplicate))` for
-    /// `Accepted`, `Some(Err(..))` for `Rejected` or a lost connection,
-    /// `None` while there is none yet.
-    pub fn answered(&mut self) -> Option<Result<bool, ClientError>> {
-        self.answer.try_recv().ok()
     }
 
     /// Waits for the relay's answer.
@@ -727,39 +763,6 @@ async fn read_answer(conn: &Connection, recv: RecvStream, id: ClipId) -> Result<
         )),
         Err(e) => Err(from_stream(conn, e)),
     }
-}
-
-async fn write_clip(
-    send: &mut SendStream,
-    clip: &OutgoingClip,
-    pacing: Pacing,
-    sent_at: &mut Vec<Instant>,
-) -> Result<(), quinn::WriteError> {
-    match pacing {
-        Pacing::Upload => {
-            send.write_chunk(clip.upload_bytes()).await?;
-            sent_at.push(Instant::now());
-        }
-        Pacing::Live => {
-            send.write_chunk(clip.header().to_bytes()).await?;
-            sent_at.reserve(clip.packets.len());
-            let start = Instant::now();
-            let mut due = start;
-            for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
-                // A packet leaves when its audio has been "recorded".
-                due += d;
-                sleep_until(due).await;
-                let mut buf = BytesMut::with_capacity(p.len() + 2);
-                framing::put_packet(&mut buf, p);
-                send.write_chunk(buf.freeze()).await?;
-                sent_at.push(Instant::now());
-            }
-            // Right behind the last packet: its time stands for the end.
-            send.write_chunk(clip.end().to_bytes()).await?;
-        }
-    }
-    let _ = send.finish();
-    Ok(())
 }
 
 /// Reads what the relay sends on the control stream after `Welcome`.

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use codec::ErrorCode;
+use codec::audio::decode::Decoder;
 use codec::audio::encode::EncoderConfig;
-use codec::audio::live::{LiveDecoder, LiveEncoder};
+use codec::audio::live::LiveEncoder;
 use codec::ogg_opus::OggOpus;
 use codec::wire::{AudioFormat, ClipId, Target};
 use quinn::Endpoint;
@@ -648,25 +649,21 @@ async fn talk_task(
     target: Target,
     format: AudioFormat,
     mut rx: mpsc::UnboundedReceiver<Spoken>,
-    mut handed: tokio::sync::oneshot::Receiver<LiveUpload>,
+    handed: tokio::sync::oneshot::Receiver<LiveUpload>,
 ) {
-    let client = lock(&inner.client).clone();
-    let mut upload: Option<LiveUpload> = match &client {
-        Some(c) => c.start_upload(id, target.clone(), format).await.ok(),
-        None => None,
+    // Everything said so far: sent again when the press goes live late,
+    // kept in the outbox when it never does.
+    let mut said: Vec<Bytes> = Vec::new();
+    let mut live = Live {
+        upload: None,
+        handed: Some(handed),
     };
-    let mut all: Vec<Bytes> = Vec::new();
-    // The handoff from a reconnect has been taken (or can no longer come).
-    let mut handed_done = false;
-    if upload.is_some() {
-        no_handoff(&inner, id);
-        handed_done = true;
-    }
+    live.go_on(&inner, id, &target, format, &said).await;
     // The relay's answer when it came before the end.
     let mut early: Option<Result<bool, ClientError>> = None;
     let granule = loop {
-        let msg = match upload.as_mut().filter(|_| early.is_none()) {
-            Some(u) => tokio::select! {
+        let msg = match live.upload.as_mut() {
+            Some(u) if early.is_none() => tokio::select! {
                 m = rx.recv() => m,
                 a = u.answer() => {
                     refused_early(&inner, id, &a);
@@ -674,68 +671,48 @@ async fn talk_task(
                     continue;
                 }
             },
+            Some(_) => rx.recv().await,
             // Offline: the reconnect may hand over the upload it started.
-            None => tokio::select! {
-                m = rx.recv() => m,
-                r = &mut handed, if !handed_done => {
-                    handed_done = true;
-                    if let Ok(mut u) = r {
-                        let _ = u.send(&all).await;
-                        upload = Some(u);
+            None => {
+                let got = tokio::select! {
+                    m = rx.recv() => Ok(m),
+                    Some(u) = handed_over(&mut live.handed) => Err(u),
+                };
+                match got {
+                    Ok(m) => m,
+                    Err(u) => {
+                        live.take(&inner, id, u, &said).await;
+                        continue;
                     }
-                    continue;
-                }
-            },
-        };
-        // Offline at the press, and the connection came back without
-        // starting the upload (the press came after its handshake): the
-        // press goes live now with what was said so far.
-        if upload.is_none() {
-            let given = if handed_done {
-                None
-            } else {
-                handed.try_recv().ok()
-            };
-            if let Some(mut u) = given {
-                handed_done = true;
-                let _ = u.send(&all).await;
-                upload = Some(u);
-            } else {
-                let back = lock(&inner.client).clone();
-                if let Some(c) = back
-                    && let Ok(mut u) = c.start_upload(id, target.clone(), format).await
-                {
-                    no_handoff(&inner, id);
-                    handed_done = true;
-                    let _ = u.send(&all).await;
-                    upload = Some(u);
                 }
             }
-        }
+        };
+        // Offline at the press: the connection may be back by now.
+        live.go_on(&inner, id, &target, format, &said).await;
         let (packets, end) = match msg {
             Some(Spoken::Packets(p)) => (p, None),
             Some(Spoken::End { packets, granule }) => (packets, Some(granule)),
             // The SDK is gone while the press was held.
             None => {
-                if let Some(u) = upload.as_mut() {
+                if let Some(u) = live.upload.as_mut() {
                     u.abort();
                 }
                 return;
             }
         };
         if early.is_none()
-            && let Some(u) = upload.as_mut()
+            && let Some(u) = live.upload.as_mut()
         {
             // A failed write means the stream is gone: the answer (or its
             // absence) settles the clip at the end.
             let _ = u.send(&packets).await;
         }
-        all.extend(packets);
+        said.extend(packets);
         if let Some(g) = end {
             break g;
         }
     };
-    let outcome = match (early, upload.as_mut()) {
+    let outcome = match (early, live.upload.as_mut()) {
         (Some(a), _) => Some(a),
         (None, Some(u)) => {
             let _ = u.finish(granule).await;
@@ -753,7 +730,7 @@ async fn talk_task(
         // Offline at the press, or the link (or the relay's room) failed
         // while talking: the recording goes out from the outbox.
         _ => {
-            let mut file = OggOpus::new(format, all);
+            let mut file = OggOpus::new(format, said);
             file.final_granule = granule;
             let kept = lock(&inner.outbox).put(id, &target, &file.to_vec(rand::random()));
             match kept {
@@ -770,14 +747,68 @@ async fn talk_task(
     }
 }
 
-/// The press `id` is live: a later reconnect must not start its upload
-/// again.
-fn no_handoff(inner: &Inner, id: ClipId) {
-    if let Some(p) = lock(&inner.talk).as_mut()
-        && p.id == id
-    {
-        p.handoff = None;
+/// How a press reaches the relay while it is held.
+struct Live {
+    /// Its upload, once it is live.
+    upload: Option<LiveUpload>,
+    /// Made offline: the upload the next connection starts for it, right
+    /// behind `Auth` (None once live, or once none can come).
+    handed: Option<tokio::sync::oneshot::Receiver<LiveUpload>>,
+}
+
+impl Live {
+    /// Not live yet: takes the upload a reconnect handed over, or starts
+    /// one if the SDK is connected again.
+    async fn go_on(
+        &mut self,
+        inner: &Inner,
+        id: ClipId,
+        target: &Target,
+        format: AudioFormat,
+        said: &[Bytes],
+    ) {
+        if self.upload.is_some() {
+            return;
+        }
+        let mut up = self.handed.as_mut().and_then(|r| r.try_recv().ok());
+        if up.is_none() {
+            let client = lock(&inner.client).clone();
+            if let Some(c) = client {
+                up = c.start_upload(id, target.clone(), format).await.ok();
+            }
+        }
+        if let Some(u) = up {
+            self.take(inner, id, u, said).await;
+        }
     }
+
+    /// The press is live on `u`, which gets what was said so far; a later
+    /// reconnect must not start its upload again.
+    async fn take(&mut self, inner: &Inner, id: ClipId, mut u: LiveUpload, said: &[Bytes]) {
+        if let Some(p) = lock(&inner.talk).as_mut()
+            && p.id == id
+        {
+            p.handoff = None;
+        }
+        self.handed = None;
+        if !said.is_empty() {
+            let _ = u.send(said).await;
+        }
+        self.upload = Some(u);
+    }
+}
+
+/// The upload a reconnect hands over, if one comes (pending while none
+/// can).
+async fn handed_over(
+    handed: &mut Option<tokio::sync::oneshot::Receiver<LiveUpload>>,
+) -> Option<LiveUpload> {
+    let Some(r) = handed.as_mut() else {
+        return std::future::pending().await;
+    };
+    let got = r.await.ok();
+    *handed = None;
+    got
 }
 
 /// Tells the app at once when the relay refused its press while talking.
@@ -804,7 +835,7 @@ fn refused_early(inner: &Inner, id: ClipId, answer: &Result<bool, ClientError>) 
 #[derive(Default)]
 struct Hearing {
     /// Live clips being heard: their decoder and channel.
-    live: std::collections::HashMap<ClipId, (LiveDecoder, Option<String>)>,
+    live: std::collections::HashMap<ClipId, (Decoder, Option<String>)>,
 }
 
 impl Hearing {
@@ -812,7 +843,7 @@ impl Hearing {
         let l = &inner.listener;
         match ev {
             Event::Started { delivery, .. } if delivery.live => {
-                let Ok(dec) = LiveDecoder::new(&delivery.format) else {
+                let Ok(dec) = Decoder::new(&delivery.format) else {
                     return;
                 };
                 let channel = match &delivery.target {
@@ -842,31 +873,29 @@ impl Hearing {
                     l.talk(TalkEvent::Audio { id: *id, pcm });
                 }
             }
-            Event::Complete(c) => {
-                if let Some((_, channel)) = self.live.remove(&c.id()) {
-                    l.talk(TalkEvent::Complete { id: c.id() });
-                    if let Some(channel) = channel {
-                        l.talk(TalkEvent::FloorFree { channel });
-                    }
-                }
+            Event::Complete(c) => self.ended(inner, c.id(), TalkEvent::Complete { id: c.id() }),
+            Event::Cut { id, code } => {
+                let why = match code {
+                    ErrorCode::Preempted => "a priority talker took over".to_owned(),
+                    ErrorCode::CutOff => "the sender stopped or lost its connection".to_owned(),
+                    other => format!("the relay refused it ({})", other.name()),
+                };
+                self.ended(inner, *id, TalkEvent::CutOff { id: *id, why });
             }
             Event::Redelivered { id } => {
                 self.live.remove(id);
             }
-            Event::Cut { id, code } => {
-                if let Some((_, channel)) = self.live.remove(id) {
-                    let why = match code {
-                        ErrorCode::Preempted => "a priority talker took over".to_owned(),
-                        ErrorCode::CutOff => "the sender stopped or lost its connection".to_owned(),
-                        other => format!("the relay refused it ({})", other.name()),
-                    };
-                    l.talk(TalkEvent::CutOff { id: *id, why });
-                    if let Some(channel) = channel {
-                        l.talk(TalkEvent::FloorFree { channel });
-                    }
-                }
-            }
             _ => {}
+        }
+    }
+
+    /// A live clip being heard ended (`how`); its channel's floor is free.
+    fn ended(&mut self, inner: &Inner, id: ClipId, how: TalkEvent) {
+        if let Some((_, channel)) = self.live.remove(&id) {
+            inner.listener.talk(how);
+            if let Some(channel) = channel {
+                inner.listener.talk(TalkEvent::FloorFree { channel });
+            }
         }
     }
 }

@@ -33,12 +33,23 @@ fn bindings(out: &Path) -> PathBuf {
     out.join("python")
 }
 
-/// Real speech, encoded by opusenc (opus-tools) at voice settings.
-fn speech(dir: &Path, text: &str) -> PathBuf {
-    let raw = dir.join("speech-espeak.wav");
-    let wav = dir.join("speech.wav");
-    let opus = dir.join("speech.opus");
-    for (tool, args) in [
+/// Runs each tool with its arguments; all must succeed.
+fn run_tools(steps: &[(&str, Vec<&str>)]) {
+    for (tool, args) in steps {
+        let st = Command::new(tool).args(args).status().unwrap_or_else(|e| {
+            panic!("`{tool}` is missing ({e}): install espeak-ng, sox and opus-tools (the README's test command does)")
+        });
+        assert!(st.success(), "{tool} failed");
+    }
+}
+
+/// Real speech (espeak-ng) as a mono 16-bit WAV at `rate`: a microphone's
+/// output.
+fn speech_wav(dir: &Path, text: &str, rate: u32) -> PathBuf {
+    let raw = dir.join(format!("speech-espeak-{rate}.wav"));
+    let wav = dir.join(format!("speech-{rate}.wav"));
+    let rate = rate.to_string();
+    run_tools(&[
         ("espeak-ng", vec!["-w", raw.to_str().unwrap(), text]),
         (
             "sox",
@@ -46,28 +57,34 @@ fn speech(dir: &Path, text: &str) -> PathBuf {
                 "-R",
                 raw.to_str().unwrap(),
                 "-r",
-                "48000",
-                wav.to_str().unwrap(),
-            ],
-        ),
-        (
-            "opusenc",
-            vec![
-                "--quiet",
-                "--bitrate",
+                &rate,
+                "-c",
+                "1",
+                "-b",
                 "16",
-                "--framesize",
-                "20",
                 wav.to_str().unwrap(),
-                opus.to_str().unwrap(),
             ],
         ),
-    ] {
-        let st = Command::new(tool).args(&args).status().unwrap_or_else(|e| {
-            panic!("`{tool}` is missing ({e}): install espeak-ng, sox and opus-tools (the README's test command does)")
-        });
-        assert!(st.success(), "{tool} failed");
-    }
+    ]);
+    wav
+}
+
+/// Real speech, encoded by opusenc (opus-tools) at voice settings.
+fn speech(dir: &Path, text: &str) -> PathBuf {
+    let wav = speech_wav(dir, text, 48_000);
+    let opus = dir.join("speech.opus");
+    run_tools(&[(
+        "opusenc",
+        vec![
+            "--quiet",
+            "--bitrate",
+            "16",
+            "--framesize",
+            "20",
+            wav.to_str().unwrap(),
+            opus.to_str().unwrap(),
+        ],
+    )]);
     opus
 }
 
@@ -289,35 +306,6 @@ async fn clips_stored_while_offline_arrive_in_order() {
     relay.shutdown().await;
 }
 
-/// Real speech as a 16 kHz mono 16-bit WAV: a phone microphone's output.
-fn speech_wav_16k(dir: &Path, text: &str) -> PathBuf {
-    let raw = dir.join("talk-espeak.wav");
-    let wav = dir.join("talk-16k.wav");
-    for (tool, args) in [
-        ("espeak-ng", vec!["-w", raw.to_str().unwrap(), text]),
-        (
-            "sox",
-            vec![
-                raw.to_str().unwrap(),
-                "-r",
-                "16000",
-                "-c",
-                "1",
-                "-b",
-                "16",
-                wav.to_str().unwrap(),
-            ],
-        ),
-    ] {
-        let st = Command::new(tool)
-            .args(&args)
-            .status()
-            .unwrap_or_else(|e| panic!("`{tool}` is missing ({e})"));
-        assert!(st.success(), "{tool} failed");
-    }
-    wav
-}
-
 /// A Python app presses, speaks a 16 kHz microphone's speech in real time
 /// (moving to a new UDP socket halfway, as a phone changing networks
 /// does), and releases; another Python app hears it decoded while it is
@@ -326,7 +314,11 @@ fn speech_wav_16k(dir: &Path, text: &str) -> PathBuf {
 async fn a_live_press_is_heard_while_spoken_across_a_network_change() {
     let dir = tempfile::tempdir().unwrap();
     let python = bindings(&dir.path().join("sdk"));
-    let wav = speech_wav_16k(dir.path(), "Base to unit seven, hold your position.");
+    let wav = speech_wav(
+        dir.path(),
+        "Base to unit seven, hold your position.",
+        16_000,
+    );
     let spoken_ms = {
         let r = hound::WavReader::open(&wav).unwrap();
         u64::from(r.duration()) * 1000 / u64::from(r.spec().sample_rate)

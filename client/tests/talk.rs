@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use codec::wire::{ClipId, Target};
-use ptt_client::sdk::{Config, IncomingClip, Listener, Sdk, Sent, Status, TalkEvent};
+use ptt_client::sdk::{Config, IncomingClip, Listener, Sdk, SdkError, Sent, Status, TalkEvent};
 use tokio::sync::mpsc;
 
 /// Everything the SDK tells the app, with when it happened.
@@ -106,6 +106,24 @@ async fn until<T>(
     .expect("timed out")
 }
 
+/// The clip `id` as the app was given it to keep.
+async fn kept(rx: &mut mpsc::UnboundedReceiver<Heard>, id: ClipId) -> IncomingClip {
+    until(rx, |h| match h {
+        Heard::Clip(c) if c.id == id => Some(c),
+        _ => None,
+    })
+    .await
+}
+
+/// Waits for the relay to accept `id`; whether it was a duplicate.
+async fn accepted(rx: &mut mpsc::UnboundedReceiver<Heard>, id: ClipId) -> bool {
+    until(rx, |h| match h {
+        Heard::Sent(got, Sent::Accepted { duplicate }) if got == id => Some(duplicate),
+        _ => None,
+    })
+    .await
+}
+
 async fn connected(rx: &mut mpsc::UnboundedReceiver<Heard>) {
     until(rx, |h| {
         matches!(h, Heard::Status(Status::Connected { .. })).then_some(())
@@ -113,19 +131,23 @@ async fn connected(rx: &mut mpsc::UnboundedReceiver<Heard>) {
     .await;
 }
 
-/// `ms` of a 16 kHz voice-like signal in 20 ms frames, fed in real time.
+/// The `i`th 20 ms frame of a 16 kHz voice-like signal.
+fn frame(i: usize) -> Vec<i16> {
+    let n = 320;
+    (0..n)
+        .map(|j| {
+            let t = (i * n + j) as f32 / 16_000.0;
+            let v = (2.0 * std::f32::consts::PI * 220.0 * t).sin() * 0.3
+                + (2.0 * std::f32::consts::PI * 660.0 * t).sin() * 0.1;
+            (v * 32767.0) as i16
+        })
+        .collect()
+}
+
+/// `ms` of that signal in 20 ms frames, fed in real time.
 async fn speak(sdk: &Sdk, ms: usize) {
-    let frame = 320;
     for i in 0..ms / 20 {
-        let pcm: Vec<i16> = (0..frame)
-            .map(|j| {
-                let t = (i * frame + j) as f32 / 16_000.0;
-                let v = (2.0 * std::f32::consts::PI * 220.0 * t).sin() * 0.3
-                    + (2.0 * std::f32::consts::PI * 660.0 * t).sin() * 0.1;
-                (v * 32767.0) as i16
-            })
-            .collect();
-        sdk.pcm(&pcm).unwrap();
+        sdk.pcm(&frame(i)).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -180,11 +202,10 @@ async fn a_press_is_heard_live_then_kept_whole() {
         "{}",
         clip.duration_ms
     );
-    until(&mut a, |h| match h {
-        Heard::Sent(got, Sent::Accepted { duplicate: false }) if got == id => Some(()),
-        _ => None,
-    })
-    .await;
+    assert!(
+        !accepted(&mut a, id).await,
+        "accepted once, not a duplicate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,21 +272,13 @@ async fn a_press_made_offline_goes_out_when_the_link_is_back() {
     alice.release().unwrap();
     // Whether the press went live or from the outbox, Bob gets it once
     // and Alice hears it was accepted.
-    let clip = until(&mut b, |h| match h {
-        Heard::Clip(c) if c.id == id => Some(c),
-        _ => None,
-    })
-    .await;
+    let clip = kept(&mut b, id).await;
     assert!(
         (260..=340).contains(&clip.duration_ms),
         "{}",
         clip.duration_ms
     );
-    until(&mut a, |h| match h {
-        Heard::Sent(got, Sent::Accepted { .. }) if got == id => Some(()),
-        _ => None,
-    })
-    .await;
+    accepted(&mut a, id).await;
     assert_eq!(alice.pending(), 0);
 }
 
@@ -324,22 +337,17 @@ async fn a_press_made_while_reconnecting_goes_live_when_the_relay_is_back() {
     .await;
     assert!(!talking.is_finished(), "heard only after the release");
     talking.await.unwrap();
-    let clip = until(&mut b, |h| match h {
-        Heard::Clip(c) if c.id == id => Some(c),
-        _ => None,
-    })
-    .await;
+    let clip = kept(&mut b, id).await;
     assert!(clip.live);
     assert!(
         (1360..=1440).contains(&clip.duration_ms),
         "{}",
         clip.duration_ms
     );
-    until(&mut a, |h| match h {
-        Heard::Sent(got, Sent::Accepted { duplicate: false }) if got == id => Some(()),
-        _ => None,
-    })
-    .await;
+    assert!(
+        !accepted(&mut a, id).await,
+        "accepted once, not a duplicate"
+    );
 }
 
 /// Live talk in 60 ms frames (`frame_ms`): a third of the packets, the
@@ -354,11 +362,7 @@ async fn a_press_in_60ms_frames_sends_a_third_of_the_packets() {
     let id = alice.press(Target::User("bob".into())).unwrap();
     speak(&alice, 600).await;
     alice.release().unwrap();
-    let clip = until(&mut b, |h| match h {
-        Heard::Clip(c) if c.id == id => Some(c),
-        _ => None,
-    })
-    .await;
+    let clip = kept(&mut b, id).await;
     assert!(
         (560..=640).contains(&clip.duration_ms),
         "{}",
@@ -374,5 +378,46 @@ async fn a_press_in_60ms_frames_sends_a_third_of_the_packets() {
     );
     for p in &file.packets {
         assert_eq!(codec::opus_packet::parse(p).unwrap().samples(), 2880);
+    }
+}
+
+/// A press held past `max_press` is released by the SDK: the clip ends
+/// there, and more microphone audio is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_held_past_max_press_is_released() {
+    let r = Relay::start().await;
+    let (alice, mut a) = r.sdk_with("alice", &[], |c| c.max_press = Duration::from_millis(300));
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut a).await;
+    connected(&mut b).await;
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    let mut fed = 0;
+    for i in 0..50 {
+        match alice.pcm(&frame(i)) {
+            Ok(()) => fed += 20,
+            Err(SdkError::Talk(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!((300..=360).contains(&fed), "{fed} ms taken");
+    assert!(alice.release().is_err(), "nothing is held any more");
+    let clip = kept(&mut b, id).await;
+    assert!(
+        (280..=380).contains(&clip.duration_ms),
+        "{}",
+        clip.duration_ms
+    );
+    assert!(!accepted(&mut a, id).await);
+}
+
+/// A frame length Opus has no mode for is refused at the press.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_length_opus_cannot_make_is_refused() {
+    let r = Relay::start().await;
+    let (zed, _z) = r.sdk_with("zed", &[], |c| c.frame_ms = 30);
+    match zed.press(Target::User("bob".into())) {
+        Err(SdkError::Audio(why)) => assert!(why.contains("30"), "{why}"),
+        other => panic!("expected an audio error, got {other:?}"),
     }
 }

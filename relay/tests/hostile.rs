@@ -49,6 +49,30 @@ async fn an_unauthenticated_peer_gets_credit_for_its_auth_only() {
         .unwrap();
 }
 
+/// The early upload gets no more than the connection's credit before
+/// `Auth`: the largest message plus `early_upload_bytes`, however much
+/// the peer writes.
+#[tokio::test]
+async fn an_early_upload_takes_no_more_than_its_credit() {
+    let t = start(|c| c.auth_timeout = Duration::from_secs(5)).await;
+    let cfg = relay::Config::for_tests("/unused");
+    let credit = cfg.max_message_bytes as u64 + 16 + cfg.early_upload_bytes;
+    let conn = t.raw_connection().await;
+    let (_ctl, _recv) = conn.open_bi().await.unwrap();
+    let (mut up, _up_recv) = conn.open_bi().await.unwrap();
+    let chunk = vec![0u8; 4096];
+    let mut taken = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, up.write(&chunk)).await {
+        taken += n as u64;
+    }
+    assert!(taken > 0, "the early upload got no credit");
+    assert!(
+        taken <= credit,
+        "{taken} bytes taken before Auth, credit {credit}"
+    );
+}
+
 /// With `early_upload_bytes = 0` the control stream is all a peer gets
 /// before `Auth`.
 #[tokio::test]

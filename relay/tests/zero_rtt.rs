@@ -233,6 +233,7 @@ async fn an_upload_started_in_zero_rtt_is_delivered_live() {
         .await
         .unwrap();
     // The first packets go before Welcome, with the handshake.
+    assert!(upload.is_early(), "the upload was opened in 0-RTT");
     upload.send(&c.packets[..2]).await.unwrap();
     let (alice, _events) = connecting
         .finish(ptt_client::ClientOptions::default())

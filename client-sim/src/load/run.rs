@@ -440,14 +440,21 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
 }
 
 /// One connection of user `u`, counted (and its failure by reason).
-async fn connect(
-    s: &Shared,
-    t: &LoadTarget,
-    u: &User,
-) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
-    let relay = t.relays[u.index as usize % t.relays.len()];
-    let r = Client::connect(&u.endpoint, relay, &t.server_name, &u.token, options(u)).await;
+async fn connect(s: &Shared, t: &LoadTarget, u: &User) -> Result<Connected, ClientError> {
+    let r = Client::connect(
+        &u.endpoint,
+        relay_of(t, u),
+        &t.server_name,
+        &u.token,
+        options(u),
+    )
+    .await;
     counted(s, r)
+}
+
+/// User `i` is on relay `i % n`.
+fn relay_of(t: &LoadTarget, u: &User) -> SocketAddr {
+    t.relays[u.index as usize % t.relays.len()]
 }
 
 fn options(u: &User) -> ClientOptions {
@@ -502,35 +509,27 @@ async fn press_from_sleep(
     Option<Connected>,
     Result<ptt_client::SendOutcome, ClientError>,
 ) {
-    let relay = t.relays[u.index as usize % t.relays.len()];
-    let connecting = match Client::begin(&u.endpoint, relay, &t.server_name, &u.token).await {
-        Ok(c) => c,
-        Err(e) => {
-            count_failure(s, &e);
-            return (None, Err(e));
-        }
-    };
+    let connecting =
+        match Client::begin(&u.endpoint, relay_of(t, u), &t.server_name, &u.token).await {
+            Ok(c) => c,
+            Err(e) => {
+                count_failure(s, &e);
+                return (None, Err(e));
+            }
+        };
     let mut upload = match connecting
         .upload(clip.id, clip.target.clone(), clip.format)
         .await
     {
         Ok(up) => up,
-        Err(e) => return (None, Err(e)),
+        Err(e) => {
+            count_failure(s, &e);
+            return (None, Err(e));
+        }
     };
     let opened_at = Instant::now();
-    let mut sent_at = Vec::with_capacity(clip.packets.len());
-    let write = async {
-        let mut due = opened_at;
-        for (p, d) in clip.packets.iter().zip(clip.packet_durations()) {
-            // A packet leaves when its audio has been "recorded".
-            due += d;
-            sleep_until(due).await;
-            let _ = upload.send(std::slice::from_ref(p)).await;
-            sent_at.push(Instant::now());
-        }
-        let _ = upload.finish(clip.final_granule).await;
-    };
-    let ((), finished) = tokio::join!(write, connecting.finish(options(u)));
+    // Paced live while the connection completes.
+    let (sent_at, finished) = tokio::join!(upload.send_paced(clip), connecting.finish(options(u)));
     let connected = match counted(s, finished) {
         Ok(c) => c,
         Err(e) => return (None, Err(e)),
@@ -779,9 +778,6 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
         let pressed_unix_us = unix_us();
         let mut attempt = 0u32;
         loop {
-            // Asleep: this press wakes the phone, which connects now (the
-            // events channel is kept until it leaves; a lone talker is owed
-            // nothing).
             // Asleep: this press wakes the phone, which connects and sends
             // the clip in one go (the events channel is kept until it
             // leaves; a lone talker is owed nothing).

@@ -11,10 +11,102 @@ const MAX_FRAME_SAMPLES: usize = 5760;
 /// Duration assumed for a lost packet with no neighbour to tell: 20 ms.
 const DEFAULT_LOST_SAMPLES: usize = 960;
 
-fn dec_err(index: usize) -> impl Fn(opus::Error) -> AudioError {
-    move |e| AudioError::Decode {
-        index,
+fn dec_err(e: opus::Error) -> AudioError {
+    AudioError::Decode {
+        index: 0,
         why: e.to_string(),
+    }
+}
+
+/// Samples per channel in packet `p`.
+fn samples_of(p: &[u8]) -> Result<usize, AudioError> {
+    opus_packet::parse(p)
+        .map(|i| (i.samples() as usize).min(MAX_FRAME_SAMPLES))
+        .map_err(|why| AudioError::Decode {
+            index: 0,
+            why: why.to_owned(),
+        })
+}
+
+/// One clip's Opus packets to 48 kHz PCM, packet by packet (a live clip
+/// as it arrives, or a whole one, [`decode_packets`]): the clip's pre-skip
+/// dropped from the first samples, its output gain applied.
+pub struct Decoder {
+    dec: opus::Decoder,
+    channels: usize,
+    /// Pre-skip samples (per channel) still to drop.
+    skip: usize,
+    /// The output gain as a factor, when there is one.
+    gain: Option<f32>,
+    buf: Vec<f32>,
+}
+
+impl Decoder {
+    pub fn new(format: &AudioFormat) -> Result<Decoder, AudioError> {
+        let ch = match format.channels {
+            1 => opus::Channels::Mono,
+            2 => opus::Channels::Stereo,
+            n => {
+                return Err(AudioError::Decode {
+                    index: 0,
+                    why: format!("{n} channels"),
+                });
+            }
+        };
+        let channels = usize::from(format.channels);
+        Ok(Decoder {
+            dec: opus::Decoder::new(RATE, ch).map_err(dec_err)?,
+            channels,
+            skip: usize::from(format.pre_skip),
+            gain: (format.output_gain != 0)
+                .then(|| 10f32.powf(f32::from(format.output_gain) / (20.0 * 256.0))),
+            buf: vec![0f32; MAX_FRAME_SAMPLES * channels],
+        })
+    }
+
+    /// Decodes one packet (interleaved samples in [-1, 1]). `None`: a lost
+    /// packet, concealed for 20 ms.
+    pub fn decode(&mut self, packet: Option<&[u8]>) -> Result<Vec<f32>, AudioError> {
+        match packet {
+            Some(p) => self.run(p, samples_of(p)?, false),
+            None => self.recover(DEFAULT_LOST_SAMPLES, None),
+        }
+    }
+
+    /// A lost packet of `samples` per channel: rebuilt from the FEC data in
+    /// `next` (the packet after it) when there is some, else concealed.
+    pub fn recover(&mut self, samples: usize, next: Option<&[u8]>) -> Result<Vec<f32>, AudioError> {
+        let samples = samples.min(MAX_FRAME_SAMPLES);
+        match next {
+            Some(q) => self.run(q, samples, true),
+            None => self.run(&[], samples, false),
+        }
+    }
+
+    /// [`Decoder::decode`] to 16-bit samples, as most speaker APIs take
+    /// them.
+    pub fn decode_i16(&mut self, packet: Option<&[u8]>) -> Result<Vec<i16>, AudioError> {
+        Ok(self
+            .decode(packet)?
+            .into_iter()
+            .map(|s| (s.clamp(-1.0, 1.0) * 32767.0) as i16)
+            .collect())
+    }
+
+    fn run(&mut self, data: &[u8], samples: usize, fec: bool) -> Result<Vec<f32>, AudioError> {
+        let n = self
+            .dec
+            .decode_float(data, &mut self.buf[..samples * self.channels], fec)
+            .map_err(dec_err)?;
+        let skip = self.skip.min(n);
+        self.skip -= skip;
+        let mut out = self.buf[skip * self.channels..n * self.channels].to_vec();
+        if let Some(g) = self.gain {
+            for s in &mut out {
+                *s = (*s * g).clamp(-1.0, 1.0);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -28,64 +120,34 @@ pub fn decode_packets(
     packets: &[Option<&[u8]>],
     final_granule: Option<u64>,
 ) -> Result<Pcm, AudioError> {
-    let ch = match format.channels {
-        1 => opus::Channels::Mono,
-        2 => opus::Channels::Stereo,
-        n => {
-            return Err(AudioError::Decode {
-                index: 0,
-                why: format!("{n} channels"),
-            });
+    let mut dec = Decoder::new(format)?;
+    let at = |index: usize| {
+        move |e: AudioError| match e {
+            AudioError::Decode { why, .. } => AudioError::Decode { index, why },
+            other => other,
         }
     };
-    let nch = usize::from(format.channels);
-    let mut dec = opus::Decoder::new(RATE, ch).map_err(dec_err(0))?;
-    let mut out: Vec<f32> = Vec::new();
-    let mut buf = vec![0f32; MAX_FRAME_SAMPLES * nch];
-    let samples_of = |p: &[u8]| opus_packet::parse(p).map(|i| i.samples() as usize);
+    let mut samples: Vec<f32> = Vec::new();
     let mut last_len = DEFAULT_LOST_SAMPLES;
     for (i, p) in packets.iter().enumerate() {
-        let n = match p {
+        let pcm = match p {
             Some(p) => {
-                let want = samples_of(p).map_err(|why| AudioError::Decode {
-                    index: i,
-                    why: why.to_owned(),
-                })?;
-                let n = dec
-                    .decode_float(p, &mut buf[..want * nch], false)
-                    .map_err(dec_err(i))?;
-                last_len = want;
-                n
+                last_len = samples_of(p).map_err(at(i))?;
+                dec.run(p, last_len, false)
             }
             None => {
                 // The lost packet's length: its successor's, else the last.
                 let next = packets.get(i + 1).copied().flatten();
                 let len = next.and_then(|q| samples_of(q).ok()).unwrap_or(last_len);
-                match next {
-                    // FEC data in the next packet rebuilds this one.
-                    Some(q) => dec.decode_float(q, &mut buf[..len * nch], true),
-                    None => dec.decode_float(&[], &mut buf[..len * nch], false),
-                }
-                .map_err(dec_err(i))?
+                dec.recover(len, next)
             }
         };
-        out.extend_from_slice(&buf[..n * nch]);
+        samples.extend(pcm.map_err(at(i))?);
     }
-    let skip = usize::from(format.pre_skip) * nch;
-    let mut end = out.len();
     if let Some(g) = final_granule {
-        end = end.min(usize::try_from(g).unwrap_or(usize::MAX).saturating_mul(nch));
-    }
-    let mut samples = if skip < end {
-        out[skip..end].to_vec()
-    } else {
-        Vec::new()
-    };
-    if format.output_gain != 0 {
-        let gain = 10f32.powf(f32::from(format.output_gain) / (20.0 * 256.0));
-        for s in &mut samples {
-            *s = (*s * gain).clamp(-1.0, 1.0);
-        }
+        let real = g.saturating_sub(u64::from(format.pre_skip));
+        let end = usize::try_from(real).unwrap_or(usize::MAX);
+        samples.truncate(end.saturating_mul(usize::from(format.channels)));
     }
     Ok(Pcm {
         rate: RATE,

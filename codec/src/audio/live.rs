@@ -1,9 +1,9 @@
 //! Live talk, frame by frame: microphone PCM (any count of samples at a
 //! time, typically 10 or 20 ms, at the microphone's rate) to Opus packets
-//! as soon as each frame is complete, and packets back to PCM as they
-//! arrive. The same encoder settings and framing as a recorded clip
-//! ([`super::encode::Encoder`]), so a live clip stored by the relay is an
-//! ordinary clip.
+//! as soon as each frame is complete (packets back to PCM as they arrive
+//! is [`super::decode::Decoder`]). The same encoder settings and framing
+//! as a recorded clip ([`super::encode::Encoder`]), so a live clip stored
+//! by the relay is an ordinary clip.
 
 use bytes::Bytes;
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
@@ -12,9 +12,6 @@ use rubato::{Fft, FixedSync, Resampler};
 use super::encode::{Encoder, EncoderConfig};
 use super::{AudioError, RATE};
 use crate::wire::AudioFormat;
-
-/// Longest packet: 120 ms at 48 kHz.
-const MAX_FRAME_SAMPLES: usize = 5760;
 
 /// Microphone rate to 48 kHz in 10 ms chunks (the resampler keeps its
 /// filter state between them, so chunk edges leave no clicks).
@@ -175,84 +172,9 @@ impl LiveEncoder {
     }
 }
 
-/// Opus packets in, 48 kHz PCM out, for one clip as it arrives.
-pub struct LiveDecoder {
-    dec: opus::Decoder,
-    channels: usize,
-    /// Pre-skip samples (per channel) still to drop.
-    skip: usize,
-    buf: Vec<f32>,
-}
-
-impl LiveDecoder {
-    pub fn new(format: &AudioFormat) -> Result<LiveDecoder, AudioError> {
-        let ch = match format.channels {
-            1 => opus::Channels::Mono,
-            2 => opus::Channels::Stereo,
-            n => {
-                return Err(AudioError::Decode {
-                    index: 0,
-                    why: format!("{n} channels"),
-                });
-            }
-        };
-        let dec = opus::Decoder::new(RATE, ch).map_err(|e| AudioError::Decode {
-            index: 0,
-            why: e.to_string(),
-        })?;
-        let channels = usize::from(format.channels);
-        Ok(LiveDecoder {
-            dec,
-            channels,
-            skip: usize::from(format.pre_skip),
-            buf: vec![0f32; MAX_FRAME_SAMPLES * channels],
-        })
-    }
-
-    /// Decodes one packet (interleaved samples in [-1, 1]; the clip's
-    /// pre-skip dropped from the first ones). `None`: a lost packet,
-    /// concealed for 20 ms.
-    pub fn decode(&mut self, packet: Option<&[u8]>) -> Result<Vec<f32>, AudioError> {
-        let err = |e: opus::Error| AudioError::Decode {
-            index: 0,
-            why: e.to_string(),
-        };
-        let n = match packet {
-            Some(p) => {
-                let want = crate::opus_packet::parse(p)
-                    .map_err(|why| AudioError::Decode {
-                        index: 0,
-                        why: why.to_owned(),
-                    })?
-                    .samples() as usize;
-                let want = want.min(MAX_FRAME_SAMPLES);
-                self.dec
-                    .decode_float(p, &mut self.buf[..want * self.channels], false)
-                    .map_err(err)?
-            }
-            None => self
-                .dec
-                .decode_float(&[], &mut self.buf[..960 * self.channels], false)
-                .map_err(err)?,
-        };
-        let skip = self.skip.min(n);
-        self.skip -= skip;
-        Ok(self.buf[skip * self.channels..n * self.channels].to_vec())
-    }
-
-    /// [`LiveDecoder::decode`] to 16-bit samples, as most speaker APIs
-    /// take them.
-    pub fn decode_i16(&mut self, packet: Option<&[u8]>) -> Result<Vec<i16>, AudioError> {
-        Ok(self
-            .decode(packet)?
-            .into_iter()
-            .map(|s| (s.clamp(-1.0, 1.0) * 32767.0) as i16)
-            .collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::decode::Decoder;
     use super::*;
 
     fn speechy(rate: u32, secs: f32) -> Vec<f32> {
@@ -311,7 +233,7 @@ mod tests {
         let (last, granule) = enc.finish().unwrap();
         packets.extend(last);
         assert_eq!(granule, u64::from(format.pre_skip) + 48_000);
-        let mut dec = LiveDecoder::new(&format).unwrap();
+        let mut dec = Decoder::new(&format).unwrap();
         let mut out = Vec::new();
         for p in &packets {
             out.extend(dec.decode(Some(p)).unwrap());
@@ -341,7 +263,7 @@ mod tests {
     #[test]
     fn a_lost_packet_is_concealed() {
         let format = AudioFormat::default();
-        let mut dec = LiveDecoder::new(&format).unwrap();
+        let mut dec = Decoder::new(&format).unwrap();
         let out = dec.decode(None).unwrap();
         // 20 ms, less what is left of the pre-skip.
         assert_eq!(out.len(), 960 - usize::from(format.pre_skip).min(960));

@@ -12,7 +12,7 @@
 //!
 //! [`pipeline::SendPipeline`] runs the send side in one call. Live talk
 //! goes frame by frame instead: [`live::LiveEncoder`] turns microphone
-//! frames into Opus packets as they are spoken, [`live::LiveDecoder`] turns
+//! frames into Opus packets as they are spoken, [`decode::Decoder`] turns
 //! packets back into PCM as they arrive.
 
 #[cfg(feature = "audio")]
