@@ -604,8 +604,12 @@ fn recover(
     let mut history = Vec::new();
     let mut owed = HashMap::with_capacity(state.len());
     let mut owed_bytes = 0;
+    let mut places = Vec::with_capacity(state.len());
     for (id, s) in state {
         rec.clips += 1;
+        if let Some(first) = s.copies.iter().map(|(_, o)| o).min() {
+            places.push((first, s.clip.clone()));
+        }
         for (r, o) in s.copies.iter() {
             match r.strip_prefix(HISTORY_HOLDER) {
                 Some(c) => history.push((c.to_owned(), o, s.clip.clone())),
@@ -626,6 +630,12 @@ fn recover(
                 bytes: s.bytes,
             },
         );
+    }
+    // Clips take their places in acceptance order (their first copy's
+    // order), then copies are queued in theirs.
+    places.sort_by_key(|(first, _)| *first);
+    for (_, clip) in places {
+        mem.accept(&clip);
     }
     copies.sort_by_key(|(order, _, _)| *order);
     for (_, r, c) in copies {
@@ -774,7 +784,7 @@ impl Committer {
                     recipient,
                     reply,
                 } => {
-                    self.queue_copy(clip, recipient);
+                    self.queue_copy(clip, recipient, true);
                     replies.push((reply, Appended::New));
                 }
                 Op::History {
@@ -782,7 +792,7 @@ impl Committer {
                     holder,
                     reply,
                 } => {
-                    let order = self.queue_copy(clip, holder);
+                    let order = self.queue_copy(clip, holder, false);
                     expiries.push((reply, order));
                 }
                 Op::Ack { recipient, id } => self.ack(&id, &recipient),
@@ -960,15 +970,20 @@ impl Committer {
         }
     }
 
-    /// Returns the copy's order number.
-    fn queue_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>) -> u64 {
+    /// Returns the copy's order number: a new one, or with `at_accepted`
+    /// the clip's first copy's (a member's copy of channel history takes
+    /// the clip's place in acceptance order, also after a restart).
+    fn queue_copy(&mut self, clip: Arc<StoredClip>, recipient: Arc<str>, at_accepted: bool) -> u64 {
         let id = clip.meta.id;
         self.order += 1;
-        let order = self.order;
+        let mut order = self.order;
         match self.owed.get_mut(&id) {
             Some(l) => match l.copies.get(&recipient) {
                 Some(o) => return o,
                 None => {
+                    if at_accepted && let Some(first) = l.copies.iter().map(|(_, o)| o).min() {
+                        order = first;
+                    }
                     log::add_copy(&mut self.buf, Some(self.cur_seq), &id, order, &recipient);
                     l.copies.insert(recipient, order);
                 }
@@ -1297,6 +1312,29 @@ impl ClipStore for DiskStore {
         })
         .await?;
         Ok(self.mem.queue(recipient, clip))
+    }
+
+    async fn queue_history(
+        &self,
+        recipient: Arc<str>,
+        clips: Vec<Arc<StoredClip>>,
+    ) -> Result<usize, StoreError> {
+        // All in one commit (the committer batches what is queued).
+        let mut replies = Vec::with_capacity(clips.len());
+        for clip in &clips {
+            let (reply, rx) = oneshot::channel();
+            self.send_op(Op::AddCopy {
+                clip: clip.clone(),
+                recipient: recipient.clone(),
+                reply,
+            })
+            .await?;
+            replies.push(rx);
+        }
+        for rx in replies {
+            rx.await.map_err(|_| StoreError::Stopped)??;
+        }
+        Ok(self.mem.queue_merged(recipient, clips))
     }
 
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError> {
@@ -1645,6 +1683,50 @@ mod tests {
         s.close().await;
         let (_s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.clips, 4 + 1, "clip 20 left nothing behind");
+    }
+
+    /// Channel history a member missed joins its mailbox at the place the
+    /// clip was accepted, and keeps that place after a restart.
+    #[tokio::test]
+    async fn history_joins_a_mailbox_in_acceptance_order_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let dave: Arc<str> = "dave".into();
+        let ids = |v: Vec<(Cursor, Arc<StoredClip>)>| -> Vec<u8> {
+            v.iter().map(|(_, c)| c.meta.id.0[0]).collect()
+        };
+        {
+            let (s, _) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+            s.append(clip(1, "alice"), std::slice::from_ref(&dave))
+                .await
+                .unwrap();
+            // A channel clip while Dave was away, kept as history.
+            let said = clip(2, "bob");
+            s.append(said.clone(), &[]).await.unwrap();
+            s.add_history("ops", said.clone()).await.unwrap();
+            s.append(clip(3, "alice"), std::slice::from_ref(&dave))
+                .await
+                .unwrap();
+            assert_eq!(s.queue_history(dave.clone(), vec![said]).await, Ok(1));
+            assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 2, 3]);
+            s.close().await;
+        }
+        let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
+        assert_eq!(rec.copies, 3);
+        assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 2, 3]);
+        // History recovered with the restart merges the same way.
+        let s2 = s.recovered_history();
+        assert_eq!(s2.len(), 1);
+        assert!(s.ack("dave", &ClipId([2; 16])).await.unwrap());
+        let erin: Arc<str> = "erin".into();
+        s.append(clip(4, "alice"), std::slice::from_ref(&erin))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.queue_history(erin.clone(), vec![s2[0].2.clone()]).await,
+            Ok(1)
+        );
+        assert_eq!(ids(s.read("erin", 0, 10).await.unwrap()), [2, 4]);
+        s.close().await;
     }
 
     /// The earliest ack there can be: one that arrives the moment the store

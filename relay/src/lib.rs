@@ -22,7 +22,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 
-pub use config::{Config, Settings};
+pub use config::{Config, Settings, StoreKind};
 pub use server::Relay;
 
 /// Wall-clock time, Unix milliseconds.

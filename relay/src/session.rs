@@ -703,14 +703,11 @@ fn budget(shared: &Node, session: &Session) -> Result<(), Refused> {
 }
 
 /// Gives a member who connects what its channels said while it was away
-/// (within the history's depth and age), in order, once.
+/// (within the history's depth and age), once, merged with the clips
+/// already waiting for it in the order the relay accepted them.
 async fn replay_history(shared: &Node, session: &Arc<Session>) {
     let oldest =
         crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
-    let mut any = false;
-    // Every channel's entries together, in acceptance order (history
-    // sequence numbers rise across channels), so the member gets them in
-    // the order they were said.
     let mut missed: Vec<(u64, &String, Arc<StoredClip>)> = Vec::new();
     for c in session.channels.keys() {
         if let Some(h) = shared.history.get(c) {
@@ -724,20 +721,22 @@ async fn replay_history(shared: &Node, session: &Arc<Session>) {
             );
         }
     }
-    missed.sort_by_key(|(seq, _, _)| *seq);
-    for (seq, c, clip) in missed {
-        // Whoever claims an entry first gives the copy: once.
-        if !claim_seen(shared, &session.user, c, seq) {
-            continue;
-        }
-        if let Err(e) = shared.store.queue_copy(clip, session.user.clone()).await {
-            warn!(error = %e, "channel history replay failed");
-            break;
-        }
-        any = true;
+    // Whoever claims an entry first gives the copy: once.
+    let claimed: Vec<Arc<StoredClip>> = missed
+        .into_iter()
+        .filter(|(seq, c, _)| claim_seen(shared, &session.user, c, *seq))
+        .map(|(_, _, clip)| clip)
+        .collect();
+    if claimed.is_empty() {
+        return;
     }
-    if any {
-        session.store_changed();
+    match shared
+        .store
+        .queue_history(session.user.clone(), claimed)
+        .await
+    {
+        Ok(_) => session.store_changed(),
+        Err(e) => warn!(error = %e, "channel history replay failed"),
     }
 }
 

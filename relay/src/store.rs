@@ -59,6 +59,10 @@ pub struct StoredClip {
     pub header: Bytes,
     /// The end record, pre-encoded.
     pub end_bytes: Bytes,
+    /// Where the relay's store accepted it among all clips (its mailbox
+    /// sequence at acceptance): 0 until then. Channel history given at
+    /// connect is merged into a mailbox by it.
+    accepted: AtomicU64,
 }
 
 impl StoredClip {
@@ -118,7 +122,20 @@ impl StoredClip {
             meta,
             body,
             end,
+            accepted: AtomicU64::new(0),
         }
+    }
+
+    /// Its place in acceptance order (0: not accepted yet).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Notes its place in acceptance order, once.
+    fn mark_accepted(&self, n: u64) {
+        let _ = self
+            .accepted
+            .compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Bytes this clip holds in memory (approximate).
@@ -240,6 +257,16 @@ pub trait ClipStore: Send + Sync + 'static {
         recipient: Arc<str>,
     ) -> Result<bool, StoreError>;
 
+    /// Gives `recipient`, who just connected, the channel history it
+    /// missed, merged with the clips already waiting for it in the order
+    /// the relay accepted them all. Returns how many copies were new.
+    /// Called before the recipient's session reads its mailbox.
+    async fn queue_history(
+        &self,
+        recipient: Arc<str>,
+        clips: Vec<Arc<StoredClip>>,
+    ) -> Result<usize, StoreError>;
+
     /// `recipient` has `id` whole: release its copy. Returns whether a copy
     /// was held (false for repeated or unknown acks, which are harmless).
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError>;
@@ -334,7 +361,58 @@ impl MemoryStore {
             }
         }
         self.log_id(now_ms(), clip.meta.id);
+        self.accept(&clip);
         self.queue(recipient, clip)
+    }
+
+    /// Gives `clip` its place in acceptance order (recovery, in log order).
+    pub(crate) fn accept(&self, clip: &StoredClip) {
+        clip.mark_accepted(self.seq.fetch_add(1, Ordering::Relaxed) + 1);
+    }
+
+    /// [`ClipStore::queue_history`]: `clips` join `recipient`'s mailbox
+    /// and the whole mailbox is put in acceptance order. Its cursors are
+    /// given anew, so this is only for a mailbox nobody is reading (a
+    /// session reads its mailbox from the start, after this).
+    pub(crate) fn queue_merged(&self, recipient: Arc<str>, clips: Vec<Arc<StoredClip>>) -> usize {
+        let mut mb = self.mailboxes.entry(recipient).or_default();
+        let mut all: Vec<(u64, Arc<StoredClip>)> = Vec::with_capacity(mb.clips.len() + clips.len());
+        let mut added = 0;
+        for clip in clips {
+            if mb.index.contains_key(&clip.meta.id) {
+                continue;
+            }
+            mb.index.insert(clip.meta.id, 0);
+            added += 1;
+            self.pending.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(clip.size(), Ordering::Relaxed);
+            all.push((clip.accepted(), clip));
+        }
+        if added == 0 {
+            return 0;
+        }
+        // A copy queued before its clip had a place (none today) keeps the
+        // place it was queued at.
+        all.extend(
+            std::mem::take(&mut mb.clips)
+                .into_iter()
+                .map(|(cursor, clip)| {
+                    (
+                        match clip.accepted() {
+                            0 => cursor,
+                            n => n,
+                        },
+                        clip,
+                    )
+                }),
+        );
+        all.sort_by_key(|(at, _)| *at);
+        for (_, clip) in all {
+            let cursor = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            mb.index.insert(clip.meta.id, cursor);
+            mb.clips.insert(cursor, clip);
+        }
+        added
     }
 
     /// Notes when `id` was accepted, for the dedupe window's expiry.
@@ -408,6 +486,7 @@ impl MemoryStore {
             }
         }
         self.log_id(now_ms(), id);
+        self.accept(&clip);
         // A copy already queued (restored, or cached from the cluster)
         // keeps its place.
         for r in recipients {
@@ -468,6 +547,14 @@ impl ClipStore for MemoryStore {
         recipient: Arc<str>,
     ) -> Result<bool, StoreError> {
         Ok(self.queue(recipient, clip))
+    }
+
+    async fn queue_history(
+        &self,
+        recipient: Arc<str>,
+        clips: Vec<Arc<StoredClip>>,
+    ) -> Result<usize, StoreError> {
+        Ok(self.queue_merged(recipient, clips))
     }
 
     async fn add_history(&self, _channel: &str, _clip: Arc<StoredClip>) -> Result<u64, StoreError> {
@@ -628,6 +715,36 @@ mod tests {
             1,
             "a reader at an old cursor sees the new clip"
         );
+    }
+
+    /// Channel history a member missed joins its mailbox at the place the
+    /// clip was accepted, not behind the clips already waiting, once.
+    #[tokio::test]
+    async fn history_joins_a_mailbox_in_acceptance_order() {
+        let s = MemoryStore::new(1 << 20);
+        let dave = users(&["dave"]);
+        s.append(clip(1, "alice", 0), &dave).await.unwrap();
+        // A channel clip while Dave was away: nobody else to deliver to.
+        let said = clip(2, "bob", 0);
+        s.append(said.clone(), &[]).await.unwrap();
+        s.append(clip(3, "alice", 0), &dave).await.unwrap();
+        let ids = |v: Vec<(Cursor, Arc<StoredClip>)>| -> Vec<u8> {
+            v.iter().map(|(_, c)| c.meta.id.0[0]).collect()
+        };
+        assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 3]);
+        let dave: Arc<str> = "dave".into();
+        assert_eq!(
+            s.queue_history(dave.clone(), vec![said.clone()]).await,
+            Ok(1)
+        );
+        assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 2, 3]);
+        assert_eq!(s.stats().pending, 3);
+        // Once: given again, nothing changes.
+        assert_eq!(s.queue_history(dave, vec![said]).await, Ok(0));
+        assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 2, 3]);
+        assert!(s.ack("dave", &ClipId([2; 16])).await.unwrap());
+        assert_eq!(ids(s.read("dave", 0, 10).await.unwrap()), [1, 3]);
+        assert_eq!(s.stats().pending, 2);
     }
 
     /// A copy cached before the clip is appended (the cluster announced it

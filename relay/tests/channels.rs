@@ -36,6 +36,34 @@ fn rejected(r: Result<ptt_client::SendOutcome, ClientError>) -> (ErrorCode, Stri
     }
 }
 
+/// Takes `n` complete clips, acking each, and returns their ids in the
+/// order their delivery streams were opened.
+async fn take_in_stream_order(
+    client: &ptt_client::Client,
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+    n: usize,
+) -> Vec<codec::wire::ClipId> {
+    let mut opened = Vec::new();
+    let mut complete = 0;
+    while complete < n {
+        match next_matching(events, |e| match e {
+            Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
+            Event::Complete(c) => Some(Ok(c.id())),
+            _ => None,
+        })
+        .await
+        {
+            Err(x) => opened.push(x),
+            Ok(id) => {
+                client.ack(id).await.unwrap();
+                complete += 1;
+            }
+        }
+    }
+    opened.sort();
+    opened.into_iter().map(|(_, id)| id).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_talker_at_a_time_and_every_member_hears_it() {
     let t = start(|_| {}).await;
@@ -144,25 +172,7 @@ async fn late_joiners_get_what_they_missed_in_order_once() {
     }
     // Dave connects: the last three (the history's depth), oldest first.
     let (dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
-    let mut got = Vec::new();
-    let mut order = Vec::new();
-    while got.len() < 3 {
-        match next_matching(&mut dave_ev, |e| match e {
-            Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
-            Event::Complete(c) => Some(Ok(c.id())),
-            _ => None,
-        })
-        .await
-        {
-            Err(x) => order.push(x),
-            Ok(id) => {
-                dave.ack(id).await.unwrap();
-                got.push(id);
-            }
-        }
-    }
-    order.sort();
-    let order: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    let order = take_in_stream_order(&dave, &mut dave_ev, 3).await;
     let want: Vec<_> = said[1..].iter().map(|c| c.id).collect();
     assert_eq!(order, want);
     assert_no_clip(&mut dave_ev, Duration::from_millis(300)).await;
@@ -173,6 +183,31 @@ async fn late_joiners_get_what_they_missed_in_order_once() {
     // A user without the channel gets none of it.
     let (_eve, mut eve_ev) = t.member("eve", &[("other", Listen)]).await;
     assert_no_clip(&mut eve_ev, Duration::from_millis(300)).await;
+}
+
+/// A member who was away gets what was said to it and in its channels in
+/// the order the relay accepted it: the channel history it missed is
+/// merged with the clips waiting for it, not queued behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_member_gets_direct_clips_and_history_in_acceptance_order() {
+    for store in [relay::StoreKind::Memory, relay::StoreKind::Disk] {
+        let t = start(|c| c.store = store).await;
+        let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+        let (bob, _) = t.member("bob", &[("ops", Talk)]).await;
+        // Dave is offline: a clip to him, one to the channel, one to him.
+        let said = [clip("dave", 3), channel_clip("ops", 4), clip("dave", 5)];
+        alice.send_clip(&said[0], Pacing::Upload).await.unwrap();
+        bob.send_clip(&said[1], Pacing::Upload).await.unwrap();
+        alice.send_clip(&said[2], Pacing::Upload).await.unwrap();
+        let (dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
+        let opened = take_in_stream_order(&dave, &mut dave_ev, said.len()).await;
+        let want: Vec<_> = said.iter().map(|c| c.id).collect();
+        assert_eq!(
+            opened, want,
+            "{store:?} store: stream order is acceptance order"
+        );
+        assert_no_clip(&mut dave_ev, Duration::from_millis(300)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
