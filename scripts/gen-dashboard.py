@@ -28,6 +28,7 @@ PANELS = [
                            q(f'sum(rate(ptt_packets_out_total{{{J}}}[$__rate_interval]))', "out")]),
     ("Voice bytes / s", "Bps", [q(f'sum(rate(ptt_bytes_in_total{{{J}}}[$__rate_interval]))', "in"),
                                q(f'sum(rate(ptt_bytes_out_total{{{J}}}[$__rate_interval]))', "out")]),
+    ("Wire bytes / s (UDP payload, all users)", "Bps", [q(f'sum by (direction) (rate(ptt_wire_bytes_total{{{J}}}[$__rate_interval]))', "{{direction}}")]),
     ("Row: latency", None, None),
     ("Relay hop (live packet, sender stream to recipient stream)", "s", [hq("ptt_relay_hop_seconds", 0.5), hq("ptt_relay_hop_seconds", 0.99)]),
     ("Sender ack (clip end to Accepted)", "s", [hq("ptt_sender_ack_seconds", 0.5), hq("ptt_sender_ack_seconds", 0.99)]),

@@ -1,5 +1,5 @@
-//! `client-sim`: talk to a relay as a person would (`send`, `listen`), and
-//! turn audio into clips and back (`encode`, `decode`).
+//! `client-sim`: talk to a relay as a person would (`send`, `listen`,
+//! `usage`), and turn audio into clips and back (`encode`, `decode`).
 
 mod audio_cli;
 
@@ -148,6 +148,22 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
+    /// Print this user's data use as the relay counted it: UDP payload
+    /// bytes up (to the relay) and down (from it), per UTC day, this
+    /// query's connection included. (Clips waiting for the user may start
+    /// arriving meanwhile; they stay stored: nothing is acked.)
+    Usage {
+        #[command(flatten)]
+        conn: Conn,
+        /// Days back from today: 1 is today only; 0 every day the relay
+        /// keeps (`usage_days`).
+        #[arg(long, default_value_t = 0)]
+        days: u64,
+        /// Print JSON (`user`, `today`, `days` [{`date`, `bytes_up`,
+        /// `bytes_down`}], `bytes_up`, `bytes_down`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Encode a WAV file (any rate, any channels) into an Ogg Opus clip:
     /// resample to 48 kHz mono, clean up, trim silence, Opus.
     Encode {
@@ -247,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             timeout,
         } => listen(conn, &out, wav, count, timeout).await,
+        Cmd::Usage { conn, days, json } => usage(conn, days, json).await,
         Cmd::Encode {
             input,
             output,
@@ -448,6 +465,85 @@ async fn send(
             Err(e) => bail!("clip {} not sent: {e}", clip.id),
         }
     }
+}
+
+/// One day of `client-sim usage --json`.
+#[derive(serde::Serialize)]
+struct UsageDay {
+    date: String,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// `client-sim usage --json`.
+#[derive(serde::Serialize)]
+struct UsageReport {
+    user: String,
+    today: String,
+    days: Vec<UsageDay>,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// `day` (days since 1970-01-01, UTC) as `YYYY-MM-DD`.
+fn date(day: u64) -> String {
+    let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| format!("day {day}"))
+}
+
+async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {
+    let t = prepare(&conn).await?;
+    let (client, _events) = t.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let u = client.usage(days).await;
+    client.close();
+    t.finish().await;
+    let u = u.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let r = UsageReport {
+        user: client.user().to_owned(),
+        today: date(u.today),
+        bytes_up: u.days.iter().map(|d| d.bytes_up).sum(),
+        bytes_down: u.days.iter().map(|d| d.bytes_down).sum(),
+        days: u
+            .days
+            .iter()
+            .map(|d| UsageDay {
+                date: date(d.day),
+                bytes_up: d.bytes_up,
+                bytes_down: d.bytes_down,
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "data use of {} as the relay counted it (UDP payload bytes)",
+        r.user
+    );
+    println!(
+        "{:<12} {:>14} {:>14} {:>14}",
+        "date (UTC)", "up", "down", "total"
+    );
+    for d in &r.days {
+        println!(
+            "{:<12} {:>14} {:>14} {:>14}",
+            d.date,
+            d.bytes_up,
+            d.bytes_down,
+            d.bytes_up + d.bytes_down
+        );
+    }
+    println!(
+        "{:<12} {:>14} {:>14} {:>14}",
+        "total",
+        r.bytes_up,
+        r.bytes_down,
+        r.bytes_up + r.bytes_down
+    );
+    Ok(())
 }
 
 async fn listen(

@@ -276,3 +276,63 @@ async fn a_sixty_second_recording_fits_the_sixty_second_limit() {
         }
     }
 }
+
+/// `client-sim usage` prints the user's own figures: the sender's bytes up
+/// hold the clip it sent, the recipient (who never connected before) has
+/// only its own query's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_prints_each_users_own_figures() {
+    let env = Env::new().await;
+    let d = env.dir.path();
+    let said = speech_opus(d, "said", "Usage check, one two three. Over.", &[], &[]).await;
+    let opus: u64 = codec::ogg_opus::OggOpus::read_file(&said)
+        .unwrap()
+        .packets
+        .iter()
+        .map(|p| p.len() as u64)
+        .sum();
+    let out = run(env
+        .cmd("alice")
+        .args(["send", "--to", "bob", "--opus", said.to_str().unwrap()]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let usage = |user: &'static str| {
+        let mut c = env.cmd(user);
+        c.args(["usage", "--days", "1", "--json"]);
+        async move {
+            let out = run(&mut c).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+        }
+    };
+    let alice = usage("alice").await;
+    assert_eq!(alice["user"], "alice");
+    let up = alice["bytes_up"].as_u64().unwrap();
+    assert!(
+        up > opus && up < opus * 2 + 20_000,
+        "{up} bytes up for {opus} of Opus"
+    );
+    assert_eq!(alice["days"][0]["date"], alice["today"]);
+    let bob = usage("bob").await;
+    assert_eq!(bob["user"], "bob");
+    let bob_up = bob["bytes_up"].as_u64().unwrap();
+    assert!(
+        bob_up < opus.min(10_000),
+        "bob sent nothing but his query: {bob_up}"
+    );
+    // The table.
+    let out = run(env.cmd("alice").args(["usage"])).await;
+    let table = stdout(&out);
+    assert!(
+        table.contains("data use of alice") && table.contains("total"),
+        "{table}"
+    );
+}

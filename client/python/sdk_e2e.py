@@ -126,6 +126,10 @@ async def main(argv):
         result["id"] = clip_id
         if "--wait" in rest:
             wait_for(lambda: listener.sent, 30, "the relay's answer")
+            if "--usage" in rest:
+                days = await client.usage(1)
+                result["usage"] = [{"day_start_ms": d.day_start_ms, "bytes_up": d.bytes_up,
+                                    "bytes_down": d.bytes_down} for d in days]
         else:
             # The relay is down: the clip is on disk, waiting, once
             # send_file has returned.

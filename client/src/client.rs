@@ -13,12 +13,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use codec::framing::{self, FrameLimits};
 use codec::ogg_opus::OggOpus;
-use codec::wire::{AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, Target};
+use codec::wire::{
+    AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, Target, Usage, UsageQuery,
+};
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError, Turn, Turns};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 /// Why a client operation failed, and what to do about it.
@@ -349,7 +351,12 @@ pub struct Client {
     seen: SeenIds,
     packet_events: bool,
     in_order: bool,
+    /// Callers waiting for a `Usage` answer, in the order they asked.
+    usage_waiters: Mutex<VecDeque<oneshot::Sender<Usage>>>,
 }
+
+/// How long [`Client::usage`] waits for the relay's answer.
+const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the control stream and sends `Auth`.
 async fn send_auth(
@@ -464,9 +471,10 @@ impl Connecting {
             seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
             packet_events: opts.packet_events,
             in_order: opts.in_order,
+            usage_waiters: Mutex::new(VecDeque::new()),
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
-        tokio::spawn(read_control(rd, tx.clone()));
+        tokio::spawn(read_control(client.clone(), rd, tx.clone()));
         tokio::spawn(accept_deliveries(client.clone(), tx));
         Ok((client, rx))
     }
@@ -568,6 +576,34 @@ impl Client {
         quic::write_message(&mut ctl, &Message::Ack(id))
             .await
             .map_err(|e| ClientError::Lost(e.to_string()))
+    }
+
+    /// This user's data use as the relay counted it (UDP payload bytes both
+    /// ways, per UTC day, oldest first) over the last `days` days (1:
+    /// today; 0: every day the relay keeps). Current to the answer.
+    pub async fn usage(&self, days: u64) -> Result<Usage, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            // Queued under the control stream's lock: answers come in the
+            // order the queries were written.
+            let mut ctl = self.control.lock().await;
+            self.usage_waiters
+                .lock()
+                .map_err(|_| ClientError::Protocol("usage waiters poisoned".into()))?
+                .push_back(tx);
+            quic::write_message(&mut ctl, &Message::UsageQuery(UsageQuery { days }))
+                .await
+                .map_err(|e| ClientError::Lost(e.to_string()))?;
+        }
+        match tokio::time::timeout(USAGE_TIMEOUT, rx).await {
+            Ok(Ok(u)) => Ok(u),
+            Ok(Err(_)) => Err(ClientError::Lost(
+                "connection ended before the usage answer".into(),
+            )),
+            Err(_) => Err(ClientError::Protocol(
+                "no usage answer (the relay may not support UsageQuery)".into(),
+            )),
+        }
     }
 
     /// Marks `id` as already held by the application (e.g. found on disk),
@@ -766,16 +802,29 @@ async fn read_answer(conn: &Connection, recv: RecvStream, id: ClipId) -> Result<
 }
 
 /// Reads what the relay sends on the control stream after `Welcome`.
-async fn read_control(mut rd: MessageReader, events: mpsc::Sender<Event>) {
+async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::Sender<Event>) {
     while let Ok(Some(msg)) = rd.next().await {
-        if let Message::GoAway(g) = msg {
-            let _ = events
-                .send(Event::GoAway {
-                    code: g.code,
-                    retry_after_ms: g.retry_after_ms,
-                    reason: g.reason,
-                })
-                .await;
+        match msg {
+            Message::GoAway(g) => {
+                let _ = events
+                    .send(Event::GoAway {
+                        code: g.code,
+                        retry_after_ms: g.retry_after_ms,
+                        reason: g.reason,
+                    })
+                    .await;
+            }
+            Message::Usage(u) => {
+                let waiter = client
+                    .usage_waiters
+                    .lock()
+                    .ok()
+                    .and_then(|mut w| w.pop_front());
+                if let Some(w) = waiter {
+                    let _ = w.send(u);
+                }
+            }
+            _ => {}
         }
     }
 }

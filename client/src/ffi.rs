@@ -48,6 +48,17 @@ fn target(kind: TargetKind, name: String) -> Target {
     }
 }
 
+/// One UTC day of this user's data use, as the relay counted it.
+#[derive(uniffi::Record, Debug, Clone, PartialEq, Eq)]
+pub struct DataUse {
+    /// The day's start, Unix ms (UTC midnight).
+    pub day_start_ms: u64,
+    /// UDP payload bytes sent to the relay.
+    pub bytes_up: u64,
+    /// UDP payload bytes received from the relay.
+    pub bytes_down: u64,
+}
+
 /// A clip received whole.
 #[derive(uniffi::Record)]
 pub struct Clip {
@@ -181,6 +192,9 @@ pub enum PttError {
     /// The microphone audio could not be encoded.
     #[error("audio: {msg}")]
     Audio { msg: String },
+    /// Needs the relay, and there is no connection.
+    #[error("offline: {msg}")]
+    Offline { msg: String },
 }
 
 impl From<SdkError> for PttError {
@@ -193,6 +207,7 @@ impl From<SdkError> for PttError {
             SdkError::Setup(_) => PttError::Setup { msg },
             SdkError::Talk(_) => PttError::Talk { msg },
             SdkError::Audio(_) => PttError::Audio { msg },
+            SdkError::Offline(_) => PttError::Offline { msg },
         }
     }
 }
@@ -356,6 +371,26 @@ impl PttClient {
     pub fn network_changed(&self) -> Result<(), PttError> {
         let _guard = self.rt().enter();
         Ok(self.sdk.network_changed()?)
+    }
+
+    /// This user's data use per UTC day over the last `days` days (1:
+    /// today; 0: every day the relay keeps), oldest first, as the relay
+    /// counted it (so an app can show what push-to-talk cost).
+    pub async fn usage(&self, days: u32) -> Result<Vec<DataUse>, PttError> {
+        let sdk = self.sdk.clone();
+        let u = self
+            .rt()
+            .spawn(async move { sdk.usage(u64::from(days)).await })
+            .await
+            .map_err(|e| PttError::Offline { msg: e.to_string() })??;
+        Ok(u.days
+            .iter()
+            .map(|d| DataUse {
+                day_start_ms: d.day.saturating_mul(86_400_000),
+                bytes_up: d.bytes_up,
+                bytes_down: d.bytes_down,
+            })
+            .collect())
     }
 
     /// Signs out cleanly: acks sent reach the relay, then the connection

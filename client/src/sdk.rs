@@ -105,6 +105,9 @@ pub enum SdkError {
     /// The microphone audio could not be encoded (an unsupported rate).
     #[error("audio: {0}")]
     Audio(String),
+    /// Needs the relay, and there is no connection (or it was lost).
+    #[error("offline: {0}")]
+    Offline(String),
 }
 
 impl From<OutboxError> for SdkError {
@@ -392,6 +395,20 @@ impl Sdk {
     /// Clips waiting in the outbox.
     pub fn pending(&self) -> usize {
         lock(&self.inner.outbox).len()
+    }
+
+    /// This user's data use as the relay counted it (UDP payload bytes
+    /// both ways, per UTC day, oldest first) over the last `days` days (1:
+    /// today; 0: every day the relay keeps). Needs a connection.
+    pub async fn usage(&self, days: u64) -> Result<codec::wire::Usage, SdkError> {
+        let client = lock(&self.inner.client).clone();
+        let Some(client) = client else {
+            return Err(SdkError::Offline("not connected to the relay".into()));
+        };
+        client
+            .usage(days)
+            .await
+            .map_err(|e| SdkError::Offline(e.to_string()))
     }
 
     /// A new token (after [`Status::SignedOut`], or ahead of expiry: used

@@ -184,10 +184,29 @@ async fn a_speech_clip_goes_through_the_python_bindings_unchanged() {
     let sent = app.run(
         &dir.path().join("alice"),
         &token(&relay, "alice"),
-        &["send", "user", "bob", opus.to_str().unwrap(), "--wait"],
+        &[
+            "send",
+            "user",
+            "bob",
+            opus.to_str().unwrap(),
+            "--wait",
+            "--usage",
+        ],
     );
     assert_eq!(sent["sent"][0]["accepted"], true, "{sent}");
     assert_eq!(sent["sent"][0]["duplicate"], false, "{sent}");
+    // The app can show what it cost: today's bytes up hold the clip.
+    let opus_bytes: usize = OggOpus::read_file(&opus)
+        .unwrap()
+        .packets
+        .iter()
+        .map(|p| p.len())
+        .sum();
+    let today = &sent["usage"][0];
+    let up = today["bytes_up"].as_u64().unwrap() as usize;
+    assert!(up > opus_bytes && up < 2 * opus_bytes + 20_000, "{sent}");
+    let start = today["day_start_ms"].as_u64().unwrap();
+    assert!(start.is_multiple_of(86_400_000), "{sent}");
     let got = tokio::task::spawn_blocking(move || report(bob.wait_with_output().unwrap()))
         .await
         .unwrap();

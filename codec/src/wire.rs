@@ -27,6 +27,8 @@ pub mod kind {
     pub const WELCOME: u64 = 0x02;
     pub const ACK: u64 = 0x03;
     pub const GO_AWAY: u64 = 0x04;
+    pub const USAGE_QUERY: u64 = 0x05;
+    pub const USAGE: u64 = 0x06;
     pub const CLIP_HEADER: u64 = 0x10;
     pub const ACCEPTED: u64 = 0x11;
     pub const REJECTED: u64 = 0x12;
@@ -229,6 +231,34 @@ pub struct GoAway {
     pub reason: String,
 }
 
+/// A client asks for its own data use (`UsageQuery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// How many days, counting back from today (UTC): 1 is today only; 0
+    /// (or more than the relay keeps) is every day the relay keeps.
+    pub days: u64,
+}
+
+/// One UTC day of a user's data use, as the relay counted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayUsage {
+    /// Days since 1970-01-01 (UTC).
+    pub day: u64,
+    /// UDP payload bytes the relay received from the user's connections.
+    pub bytes_up: u64,
+    /// UDP payload bytes the relay sent to the user's connections.
+    pub bytes_down: u64,
+}
+
+/// The relay's answer to `UsageQuery`: the asking user's figures only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The relay's current day (days since 1970-01-01, UTC).
+    pub today: u64,
+    /// Days with traffic, oldest first.
+    pub days: Vec<DayUsage>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClipHeader {
     pub clip_id: ClipId,
@@ -273,6 +303,8 @@ pub enum Message {
     Welcome(Welcome),
     Ack(ClipId),
     GoAway(GoAway),
+    UsageQuery(UsageQuery),
+    Usage(Usage),
     ClipHeader(ClipHeader),
     Accepted(Accepted),
     Rejected(Rejected),
@@ -288,6 +320,8 @@ impl Message {
             Message::Welcome(_) => kind::WELCOME,
             Message::Ack(_) => kind::ACK,
             Message::GoAway(_) => kind::GO_AWAY,
+            Message::UsageQuery(_) => kind::USAGE_QUERY,
+            Message::Usage(_) => kind::USAGE,
             Message::ClipHeader(_) => kind::CLIP_HEADER,
             Message::Accepted(_) => kind::ACCEPTED,
             Message::Rejected(_) => kind::REJECTED,
@@ -320,6 +354,16 @@ impl Message {
                 varint::put(&mut body, m.code.to_u64());
                 varint::put(&mut body, m.retry_after_ms);
                 varint::put_str(&mut body, &m.reason);
+            }
+            Message::UsageQuery(m) => varint::put(&mut body, m.days),
+            Message::Usage(m) => {
+                varint::put(&mut body, m.today);
+                varint::put(&mut body, m.days.len() as u64);
+                for d in &m.days {
+                    varint::put(&mut body, d.day);
+                    varint::put(&mut body, d.bytes_up);
+                    varint::put(&mut body, d.bytes_down);
+                }
             }
             Message::ClipHeader(m) => {
                 body.put_slice(&m.clip_id.0);
@@ -388,6 +432,8 @@ impl Message {
             kind::WELCOME => "Welcome",
             kind::ACK => "Ack",
             kind::GO_AWAY => "GoAway",
+            kind::USAGE_QUERY => "UsageQuery",
+            kind::USAGE => "Usage",
             kind::CLIP_HEADER => "ClipHeader",
             kind::ACCEPTED => "Accepted",
             kind::REJECTED => "Rejected",
@@ -426,6 +472,25 @@ impl Message {
                 retry_after_ms: r.varint()?,
                 reason: r.string("reason", MAX_REASON_BYTES)?.to_owned(),
             }),
+            kind::USAGE_QUERY => Message::UsageQuery(UsageQuery { days: r.varint()? }),
+            kind::USAGE => {
+                let today = r.varint()?;
+                let n = r.varint()?;
+                // Each entry takes at least three bytes: a count beyond
+                // what the body holds is refused before any allocation.
+                if n > (r.remaining() / 3) as u64 {
+                    return Err(WireError::Truncated("Usage"));
+                }
+                let mut days = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    days.push(DayUsage {
+                        day: r.varint()?,
+                        bytes_up: r.varint()?,
+                        bytes_down: r.varint()?,
+                    });
+                }
+                Message::Usage(Usage { today, days })
+            }
             kind::CLIP_HEADER => Message::ClipHeader(ClipHeader {
                 clip_id: ClipId(r.array()?),
                 target: Target::read(&mut r)?,
@@ -514,6 +579,31 @@ mod tests {
         expect.extend([0x00, 0x03, b'b', b'o', b'b']);
         expect.extend([0x00, 0x01, 0x01, 0x38, 0x00, 0x00, 0xbb, 0x80, 0x00, 0x00]);
         assert_eq!(&b[..], &expect[..]);
+    }
+
+    /// The byte examples in docs/protocol.md ("UsageQuery", "Usage").
+    #[test]
+    fn usage_bytes_match_spec() {
+        let q = Message::UsageQuery(UsageQuery { days: 7 }).to_bytes();
+        assert_eq!(&q[..], &[0x05, 0x01, 0x07]);
+        let day = 20_784; // 2026-11-27
+        let u = Message::Usage(Usage {
+            today: day,
+            days: vec![DayUsage {
+                day,
+                bytes_up: 52_000,
+                bytes_down: 1_200,
+            }],
+        })
+        .to_bytes();
+        let expect = [
+            0x06, 0x0f, 0x80, 0x00, 0x51, 0x30, 0x01, 0x80, 0x00, 0x51, 0x30, 0x80, 0x00, 0xcb,
+            0x20, 0x44, 0xb0,
+        ];
+        assert_eq!(&u[..], &expect);
+        // A count larger than the body could hold is refused at once.
+        let lie = [0x06, 0x03, 0x00, 0x3f, 0x00];
+        assert!(Message::decode(&lie, 1024).is_err());
     }
 
     #[test]
@@ -638,6 +728,23 @@ mod tests {
                     reason,
                 })
             }),
+            v.clone()
+                .prop_map(|days| Message::UsageQuery(UsageQuery { days })),
+            (
+                v.clone(),
+                proptest::collection::vec((v.clone(), v.clone(), v.clone()), 0..8)
+            )
+                .prop_map(|(today, days)| Message::Usage(Usage {
+                    today,
+                    days: days
+                        .into_iter()
+                        .map(|(day, bytes_up, bytes_down)| DayUsage {
+                            day,
+                            bytes_up,
+                            bytes_down
+                        })
+                        .collect()
+                })),
             (id.clone(), arb_target(), arb_format()).prop_map(|(clip_id, target, format)| {
                 Message::ClipHeader(ClipHeader {
                     clip_id,

@@ -2,7 +2,9 @@
 //! (the QUIC endpoint accepts connections; false while draining),
 //! `/readyz/cluster` (ready, and linked to the cluster's NATS: ready for
 //! cross-relay work; 404 on a relay that is not clustered) and
-//! `/metrics` (Prometheus text format, `docs/metrics.md`). It is
+//! `/metrics` (Prometheus text format, `docs/metrics.md`), and users' data
+//! use: `/usage?user=NAME[&days=N]` (one user's days, JSON) and
+//! `/usage/top[?days=N&n=M]` (the users with the most bytes). It is
 //! unauthenticated: bind it to loopback or a private network only (the
 //! trusted plane).
 
@@ -24,7 +26,42 @@ pub trait AdminState: Send + Sync + 'static {
     fn cluster_linked(&self) -> Option<bool>;
     /// The Prometheus text, `None` when metrics are off.
     fn metrics_text(&self) -> Option<String>;
+    /// `user`'s data use over the last `days` days (0: all kept).
+    fn usage(&self, user: &str, days: u64) -> UserUsage;
+    /// The `n` users with the most bytes over the last `days` days.
+    fn top_usage(&self, days: u64, n: usize) -> TopUsage;
 }
+
+/// One day of a user's data use, as `/usage` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Day {
+    /// UTC date, `YYYY-MM-DD`.
+    pub date: String,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// `/usage?user=...`: the user's days with traffic, oldest first, and
+/// their sums.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserUsage {
+    pub user: String,
+    pub today: String,
+    pub days: Vec<Day>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// `/usage/top`: users by bytes (both ways) over `days` days, most first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopUsage {
+    pub today: String,
+    pub days: u64,
+    pub users: Vec<crate::usage::Total>,
+}
+
+/// Most users `/usage/top` lists.
+pub const TOP_MAX: usize = 1000;
 
 type Shared = dyn AdminState;
 
@@ -39,6 +76,8 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/readyz/cluster", get(readyz_cluster))
         .route("/metrics", get(metrics))
+        .route("/usage", get(usage))
+        .route("/usage/top", get(top_usage))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -84,4 +123,36 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response 
             .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are off (metrics = false)\n").into_response(),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct UsageParams {
+    user: Option<String>,
+    #[serde(default)]
+    days: u64,
+}
+
+async fn usage(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(p): axum::extract::Query<UsageParams>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match p.user {
+        Some(user) if !user.is_empty() => axum::Json(shared.usage(&user, p.days)).into_response(),
+        _ => (StatusCode::BAD_REQUEST, "usage needs ?user=NAME\n").into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TopParams {
+    days: Option<u64>,
+    n: Option<usize>,
+}
+
+async fn top_usage(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(p): axum::extract::Query<TopParams>,
+) -> axum::Json<TopUsage> {
+    let n = p.n.unwrap_or(10).clamp(1, TOP_MAX);
+    axum::Json(shared.top_usage(p.days.unwrap_or(1), n))
 }

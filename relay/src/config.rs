@@ -190,6 +190,16 @@ settings! {
     channel_history_depth: usize = 50, "PTT_CHANNEL_HISTORY_DEPTH";
     /// Channel clips older than this are not replayed.
     channel_history_age: Duration = Duration::from_secs(24 * 3600), "PTT_CHANNEL_HISTORY_AGE", parse_duration;
+    /// Days of each user's data use kept (UTC days, today included), for
+    /// `UsageQuery` and the admin listener's `/usage`.
+    usage_days: u64 = 35, "PTT_USAGE_DAYS";
+    /// Users whose data use is kept at most; a new user past it is not
+    /// counted (`ptt_usage_uncounted_bytes_total`) until old days are pruned.
+    usage_max_users: usize = 1_000_000, "PTT_USAGE_MAX_USERS";
+    /// How often sessions' byte counters are added to the usage book (and
+    /// the book written to DATA_DIR/usage.json with the disk store). A
+    /// session is also counted when it ends and before any usage answer.
+    usage_interval: Duration = Duration::from_secs(10), "PTT_USAGE_INTERVAL", parse_duration;
     /// Clips one user may start per minute (token bucket; 0: no limit);
     /// more get `rate_limited` with a retry-after hint.
     max_clips_per_minute: u32 = 60, "PTT_MAX_CLIPS_PER_MINUTE";
@@ -293,6 +303,16 @@ impl Config {
             self.ack_delay >= Duration::from_millis(1)
                 && self.ack_delay <= Duration::from_millis(200),
             "ack_delay must be 1ms..=200ms",
+        )?;
+        // A `Usage` answer holds one entry per day: 2000 fit in the
+        // smallest message limit a client needs to accept (64 KiB).
+        ensure(
+            (1..=2000).contains(&self.usage_days),
+            "usage_days must be 1..=2000",
+        )?;
+        ensure(
+            self.usage_interval >= Duration::from_millis(100),
+            "usage_interval must be at least 100ms",
         )?;
         ensure(
             self.max_unacked_deliveries >= 1,

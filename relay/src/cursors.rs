@@ -9,7 +9,6 @@
 //! in the last seconds before it; the client drops repeats by clip id.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,17 +29,7 @@ pub fn path(data_dir: &Path) -> PathBuf {
 /// Reads the cursors; a missing file is none, a damaged one is reported and
 /// treated as none (members may then get history entries again).
 pub fn load(path: &Path) -> Vec<Cursor> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            tracing::error!(file = %path.display(), error = %e, "history cursors unreadable: ignored");
-            Vec::new()
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "history cursors unreadable: ignored");
-            Vec::new()
-        }
-    }
+    crate::json_file::load(path, "history cursors")
 }
 
 /// Writes the cursors atomically and durably.
@@ -53,15 +42,7 @@ pub fn save(path: &Path, cursors: &BTreeMap<(String, String), u64>) -> std::io::
             seq: *seq,
         })
         .collect();
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(&list).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::json_file::save(path, &list)
 }
 
 #[cfg(test)]

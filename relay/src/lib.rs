@@ -10,6 +10,7 @@ pub mod cursors;
 pub mod disk_store;
 pub mod error;
 pub mod faults;
+pub mod json_file;
 pub mod limits;
 pub mod live;
 pub mod metrics;
@@ -21,6 +22,7 @@ pub mod signal;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod usage;
 
 pub use config::{Config, Settings, StoreKind};
 pub use server::Relay;

@@ -91,6 +91,12 @@ catalogue! {
         "Live clips cut for their listeners: cut_off (sender aborted, refused or superseded) or preempted (a priority talker took the floor).";
     CLIPS_EXPIRED = "ptt_clips_expired_total", Counter, Count, [],
         "Recipient copies dropped undelivered after clip_ttl.";
+    WIRE_BYTES = "ptt_wire_bytes_total", Counter, Bytes, ["direction"],
+        "UDP payload bytes of authenticated sessions as the usage book counts them (sampled every usage_interval, at each scrape, at session end and before a usage answer), by direction: up (from clients) or down (to clients).";
+    USAGE_USERS = "ptt_usage_users", Gauge, Count, [],
+        "Users in the usage book (with traffic within usage_days).";
+    USAGE_UNCOUNTED = "ptt_usage_uncounted_bytes_total", Counter, Bytes, [],
+        "Bytes of users not counted in the usage book because it held usage_max_users users.";
     CLIPS_DELIVERED = "ptt_clips_delivered_total", Counter, Count, [],
         "Deliveries acknowledged by their recipient (the stored copy is released).";
     DELIVERIES = "ptt_deliveries_total", Counter, Count, ["path"],
@@ -290,6 +296,7 @@ pub struct Gauges {
     pub store_limit: u64,
     pub queue_depth_max: usize,
     pub queue_depth_total: usize,
+    pub usage_users: usize,
 }
 
 /// Sets the state gauges from `s` and renders the text exposition format.
@@ -310,6 +317,7 @@ pub fn render(s: &Gauges) -> Option<String> {
     g(STORE_IDS, s.store.remembered_ids as f64);
     g(QUEUE_DEPTH_MAX, s.queue_depth_max as f64);
     g(QUEUE_DEPTH_TOTAL, s.queue_depth_total as f64);
+    g(USAGE_USERS, s.usage_users as f64);
     if let Some(p) = PROCESS.get() {
         p.collect();
     }

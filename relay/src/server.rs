@@ -28,6 +28,8 @@ impl crate::admin::AdminState for Node {
     }
 
     fn metrics_text(&self) -> Option<String> {
+        // Wire bytes current to the scrape.
+        self.count_usage();
         let (mut max, mut total) = (0usize, 0usize);
         self.router.for_each_session(|s| {
             let d = s.queue_depth();
@@ -46,7 +48,40 @@ impl crate::admin::AdminState for Node {
             store_limit: self.config.max_store_bytes,
             queue_depth_max: max,
             queue_depth_total: total,
+            usage_users: self.usage.users(),
         })
+    }
+
+    fn usage(&self, user: &str, days: u64) -> crate::admin::UserUsage {
+        if let Some(s) = self.router.session(user) {
+            s.count_usage(&self.usage);
+        }
+        let today = crate::usage::day_of(crate::now_ms());
+        let days = self.usage.days(user, days, today);
+        crate::admin::UserUsage {
+            user: user.to_owned(),
+            today: crate::usage::date(today),
+            bytes_up: days.iter().map(|d| d.bytes_up).sum(),
+            bytes_down: days.iter().map(|d| d.bytes_down).sum(),
+            days: days
+                .iter()
+                .map(|d| crate::admin::Day {
+                    date: crate::usage::date(d.day),
+                    bytes_up: d.bytes_up,
+                    bytes_down: d.bytes_down,
+                })
+                .collect(),
+        }
+    }
+
+    fn top_usage(&self, days: u64, n: usize) -> crate::admin::TopUsage {
+        self.count_usage();
+        let today = crate::usage::day_of(crate::now_ms());
+        crate::admin::TopUsage {
+            today: crate::usage::date(today),
+            days,
+            users: self.usage.top(days, today, n),
+        }
     }
 }
 
@@ -167,6 +202,11 @@ impl Relay {
             cluster,
         });
         shared.restore_history();
+        if let Some(path) = &shared.usage_file {
+            shared
+                .usage
+                .restore(crate::json_file::load(path, "usage book"));
+        }
         if let Some(c) = &node.cluster {
             c.start(&shared);
         }
@@ -191,6 +231,7 @@ impl Relay {
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.shutdown.clone()));
         tokio::spawn(cursor_loop(shared.clone()));
+        tokio::spawn(usage_loop(shared.clone()));
         tokio::spawn(token_keys_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
@@ -275,6 +316,8 @@ impl Relay {
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
         s.shutdown.cancel();
         s.save_cursors().await;
+        s.count_usage();
+        s.save_usage().await;
         s.store.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("stopped");
@@ -336,6 +379,28 @@ impl Shared {
         if !matches!(r, Ok(Ok(()))) {
             self.cursors_dirty.store(true, Ordering::SeqCst);
             warn!("writing history cursors failed; will retry");
+        }
+    }
+}
+
+impl Shared {
+    /// Adds every session's bytes since its last sample to the usage book.
+    pub fn count_usage(&self) {
+        self.router.for_each_session(|s| s.count_usage(&self.usage));
+    }
+
+    /// Writes the usage book if it changed (disk store).
+    pub async fn save_usage(&self) {
+        let Some(path) = self.usage_file.clone() else {
+            return;
+        };
+        let Some(snapshot) = self.usage.snapshot_if_changed() else {
+            return;
+        };
+        let r = tokio::task::spawn_blocking(move || crate::json_file::save(&path, &snapshot)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            self.usage.mark_dirty();
+            warn!("writing the usage book failed; will retry");
         }
     }
 }
@@ -513,6 +578,21 @@ async fn cursor_loop(shared: Arc<Shared>) {
             _ = tick.tick() => shared.save_cursors().await,
             () = shared.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Counts every session's bytes into the usage book, forgets old days and
+/// writes the book, every `usage_interval`.
+async fn usage_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.usage_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        shared.count_usage();
+        shared.usage.prune(crate::usage::day_of(crate::now_ms()));
+        shared.save_usage().await;
     }
 }
 

@@ -100,7 +100,7 @@ pub async fn run(
     };
     // `Welcome` only now: from the moment a client has it, it is online
     // (live clips to it and its channels reach it).
-    if let Err(e) = session.welcome(&welcome).await {
+    if let Err(e) = session.send_control(&welcome).await {
         debug!(error = %e, "Welcome not sent");
     }
     replay_history(&shared, &session).await;
@@ -117,6 +117,7 @@ pub async fn run(
         () = cancel.cancelled() => {}
     }
     shared.router.leave(&session, session.channels.keys());
+    session.count_usage(&shared.usage);
     if let Some(c) = &shared.cluster {
         for subj in &subjects {
             c.unwant(subj);
@@ -302,6 +303,18 @@ async fn control_loop(
                     c.acked(&id, &session.user).await;
                 }
                 session.finish(&id);
+            }
+            Ok(Some(Message::UsageQuery(q))) => {
+                // This user's figures only, current to this answer.
+                session.count_usage(&shared.usage);
+                let today = crate::usage::day_of(crate::now_ms());
+                let usage = Message::Usage(codec::wire::Usage {
+                    today,
+                    days: shared.usage.days(&session.user, q.days, today),
+                });
+                if let Err(e) = session.send_control(&usage).await {
+                    debug!(error = %e, "Usage not sent");
+                }
             }
             Ok(Some(Message::Unknown(_))) => {}
             Ok(Some(other)) => {

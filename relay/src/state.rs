@@ -68,6 +68,10 @@ pub struct Shared {
     pub cursors: Option<std::path::PathBuf>,
     /// `history_seen` changed since the cursors were last written.
     pub cursors_dirty: AtomicBool,
+    /// Each user's data use per day.
+    pub usage: crate::usage::UsageBook,
+    /// Where the usage book is kept (disk store only).
+    pub usage_file: Option<std::path::PathBuf>,
 }
 
 /// A channel's recent clips: (sequence number, clip), oldest first. The
@@ -128,6 +132,9 @@ impl Shared {
             cursors: (config.store == StoreKind::Disk)
                 .then(|| crate::cursors::path(&config.data_dir)),
             cursors_dirty: AtomicBool::new(false),
+            usage: crate::usage::UsageBook::new(config.usage_days, config.usage_max_users),
+            usage_file: (config.store == StoreKind::Disk)
+                .then(|| crate::usage::path(&config.data_dir)),
             config,
         }
     }
@@ -256,6 +263,8 @@ pub struct Session {
     control: tokio::sync::Mutex<Option<SendStream>>,
     /// Talk channels from the token, with the right in each.
     pub channels: std::collections::BTreeMap<String, Right>,
+    /// The connection's byte counters as last added to the usage book.
+    usage: Mutex<crate::usage::Sampler>,
 }
 
 #[derive(Default)]
@@ -317,6 +326,23 @@ impl Session {
             deliveries: Mutex::new(Deliveries::default()),
             control: tokio::sync::Mutex::new(Some(control)),
             channels,
+            usage: Mutex::new(crate::usage::Sampler::default()),
+        }
+    }
+
+    /// Adds the connection's bytes since the last call (UDP payload, both
+    /// ways, from the start of its handshake) to the user's usage today.
+    pub fn count_usage(&self, book: &crate::usage::UsageBook) {
+        let stats = self.conn.stats();
+        let Ok(mut sampler) = self.usage.lock() else {
+            return;
+        };
+        let (up, down) = sampler.delta(stats.udp_rx.bytes, stats.udp_tx.bytes);
+        drop(sampler);
+        metrics::counter!(crate::metrics::WIRE_BYTES, "direction" => "up").increment(up);
+        metrics::counter!(crate::metrics::WIRE_BYTES, "direction" => "down").increment(down);
+        if !book.add(&self.user, crate::usage::day_of(crate::now_ms()), up, down) {
+            metrics::counter!(crate::metrics::USAGE_UNCOUNTED).increment(up + down);
         }
     }
 
@@ -356,8 +382,8 @@ impl Session {
         }
     }
 
-    /// Sends `Welcome` on the control stream.
-    pub async fn welcome(&self, msg: &Message) -> Result<(), String> {
+    /// Sends a message on the control stream (`Welcome`, `Usage`).
+    pub async fn send_control(&self, msg: &Message) -> Result<(), String> {
         let mut control = self.control.lock().await;
         match control.as_mut() {
             Some(send) => quic::write_message(send, msg)

@@ -158,6 +158,15 @@ async fn real_traffic_is_counted_linted_and_scraped_by_prometheus() {
     let bytes_in = value(&scrape, "ptt_bytes_in_total").unwrap();
     assert_eq!(value(&scrape, "ptt_bytes_out_total"), Some(bytes_in));
     assert!(bytes_in > 10.0 * 40.0);
+    // Wire bytes (the usage book's), current to the scrape: the clip went
+    // up and came down, with QUIC around it.
+    for dir in ["up", "down"] {
+        let wire = value(
+            &scrape,
+            &format!("ptt_wire_bytes_total{{direction=\"{dir}\"}}"),
+        );
+        assert!(wire.unwrap() > bytes_in, "{dir}: {wire:?}");
+    }
     assert!(value(&scrape, "ptt_relay_hop_seconds_count").unwrap() >= 1.0);
     assert!(value(&scrape, "ptt_store_sync_seconds_count").unwrap() >= 1.0);
     assert!(value(&scrape, "process_resident_memory_bytes").unwrap() > 1e6);
