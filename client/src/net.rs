@@ -34,15 +34,44 @@ pub enum NetError {
 /// Concurrent deliveries a client accepts (QUIC uni stream limit).
 pub const MAX_DELIVERY_STREAMS: u32 = 256;
 
+/// How a client's connections behave on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    /// Reconnects resume TLS and send `Auth` in 0-RTT (false: no
+    /// resumption either, every connection does a full handshake).
+    pub zero_rtt: bool,
+    /// Packets the relay may receive from this client before it must ACK
+    /// them (QUIC ACK frequency extension; 1: plain QUIC, every other
+    /// packet).
+    pub ack_threshold: u32,
+    /// Longest the relay may delay an ACK of what this client sends. A gap
+    /// (a lost packet) is still acked at once, so loss recovery in the
+    /// middle of a clip does not wait for it.
+    pub ack_delay: Duration,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Self {
+            zero_rtt: true,
+            ack_threshold: 4,
+            ack_delay: Duration::from_millis(25),
+        }
+    }
+}
+
 /// A quinn client config that trusts the certificates in `ca_pem`, and
 /// resumes with 0-RTT.
 pub fn client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, NetError> {
-    client_config_with(ca_pem, true)
+    client_config_with(ca_pem, &Transport::default())
 }
 
-/// [`client_config`]; with `zero_rtt` false, no resumption either: every
-/// connection does a full handshake.
-pub fn client_config_with(ca_pem: &Path, zero_rtt: bool) -> Result<quinn::ClientConfig, NetError> {
+/// [`client_config`] with `transport`'s choices.
+pub fn client_config_with(
+    ca_pem: &Path,
+    transport: &Transport,
+) -> Result<quinn::ClientConfig, NetError> {
+    let zero_rtt = transport.zero_rtt;
     let ca = |why: String| NetError::Ca {
         path: ca_pem.display().to_string(),
         why,
@@ -79,11 +108,13 @@ pub fn client_config_with(ca_pem: &Path, zero_rtt: bool) -> Result<quinn::Client
     t.max_concurrent_bidi_streams(0u32.into());
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     // Ask the relay for fewer ACKs of what we send (QUIC ACK frequency
-    // extension): one per 4 packets or 25 ms.
-    let mut af = quinn::AckFrequencyConfig::default();
-    af.ack_eliciting_threshold(4u32.into())
-        .max_ack_delay(Some(Duration::from_millis(25)));
-    t.ack_frequency_config(Some(af));
+    // extension): by default one per 4 packets or 25 ms.
+    if transport.ack_threshold > 1 {
+        let mut af = quinn::AckFrequencyConfig::default();
+        af.ack_eliciting_threshold(transport.ack_threshold.into())
+            .max_ack_delay(Some(transport.ack_delay));
+        t.ack_frequency_config(Some(af));
+    }
     // Voice packets are far below the 1200-byte QUIC minimum MTU: path MTU
     // probes (padded to ~1450 bytes) would only cost the user data.
     t.mtu_discovery_config(None);

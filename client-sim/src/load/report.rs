@@ -85,6 +85,10 @@ pub struct Report {
     /// acks and keep-alives included) per second of voice per leg
     /// (sender → relay and relay → recipient are two legs).
     pub wire_bytes_per_voice_s: f64,
+    /// Of `wire_bytes_per_voice_s`, what the connections spent up to
+    /// `Welcome` (handshake, `Auth`): a long-lived session pays it once, a
+    /// short load run over few voice-seconds per user notices it.
+    pub connect_bytes_per_voice_s: f64,
     /// Opus payload bytes per second of voice.
     pub opus_bytes_per_voice_s: f64,
     pub wire_overhead_ratio: f64,
@@ -122,6 +126,7 @@ pub struct Inputs {
     pub voice_ms: u64,
     pub delivered_voice_ms: u64,
     pub wire_bytes: u64,
+    pub connect_bytes: u64,
     pub datagrams: u64,
     pub datagrams_from_relay: u64,
     pub ack_frames: u64,
@@ -190,6 +195,11 @@ impl Report {
             delivery_ms: i.delivery.summary(),
             ack_ms: i.ack.summary(),
             wire_bytes_per_voice_s: wire,
+            connect_bytes_per_voice_s: if legs > 0.0 {
+                i.connect_bytes as f64 / legs
+            } else {
+                0.0
+            },
             opus_bytes_per_voice_s: opus,
             wire_overhead_ratio: if opus > 0.0 { wire / opus } else { 0.0 },
             datagrams_per_voice_s: if legs > 0.0 {
@@ -312,8 +322,9 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "wire: {:.0} B per voice-second per leg, Opus payload {:.0} B/s ({:.2}x); {:.1} datagrams and {:.1} ACK frames per voice-second per leg",
+            "wire: {:.0} B per voice-second per leg ({:.0} of them up to Welcome), Opus payload {:.0} B/s ({:.2}x); {:.1} datagrams and {:.1} ACK frames per voice-second per leg",
             self.wire_bytes_per_voice_s,
+            self.connect_bytes_per_voice_s,
             self.opus_bytes_per_voice_s,
             self.wire_overhead_ratio,
             self.datagrams_per_voice_s,

@@ -80,6 +80,7 @@ struct Counters {
     voice_ms: AtomicU64,
     delivered_voice_ms: AtomicU64,
     wire_bytes: AtomicU64,
+    connect_bytes: AtomicU64,
     datagrams: AtomicU64,
     datagrams_from_relay: AtomicU64,
     ack_frames: AtomicU64,
@@ -150,7 +151,12 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         jitter: w.jitter,
         reorder: w.reorder_pct / 100.0,
     };
-    let client_cfg = net::client_config_with(&target.ca, w.zero_rtt)?;
+    let transport = net::Transport {
+        zero_rtt: w.zero_rtt,
+        ack_threshold: w.client_ack_threshold,
+        ack_delay: w.client_ack_delay,
+    };
+    let client_cfg = net::client_config_with(&target.ca, &transport)?;
     let bind: SocketAddr = if first.is_ipv6() {
         "[::1]:0".parse()?
     } else {
@@ -331,6 +337,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         voice_ms: c.voice_ms.load(Ordering::Relaxed),
         delivered_voice_ms: c.delivered_voice_ms.load(Ordering::Relaxed),
         wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+        connect_bytes: c.connect_bytes.load(Ordering::Relaxed),
         datagrams: c.datagrams.load(Ordering::Relaxed),
         datagrams_from_relay: c.datagrams_from_relay.load(Ordering::Relaxed),
         ack_frames: c.ack_frames.load(Ordering::Relaxed),
@@ -474,6 +481,9 @@ fn counted(s: &Shared, r: Result<Connected, ClientError>) -> Result<Connected, C
     match r {
         Ok((client, events)) => {
             s.c.connects.fetch_add(1, Ordering::Relaxed);
+            let st = client.connection().stats();
+            s.c.connect_bytes
+                .fetch_add(st.udp_tx.bytes + st.udp_rx.bytes, Ordering::Relaxed);
             if client.zero_rtt() {
                 s.c.zero_rtt_connects.fetch_add(1, Ordering::Relaxed);
             }

@@ -112,6 +112,12 @@ workload! {
     /// Reconnects resume TLS and send `Auth` in QUIC 0-RTT (false: every
     /// connection does a full handshake).
     zero_rtt: bool = true;
+    /// Packets the relay may receive from a user before it must ACK them
+    /// (the users' QUIC ACK frequency request; 1: plain QUIC). The relay's
+    /// `ack_threshold` and `ack_delay` set the other way.
+    client_ack_threshold: u32 = 4;
+    /// Longest the relay may delay an ACK of what a user sends.
+    client_ack_delay: Duration = Duration::from_millis(25), parse_duration;
     /// After the run, how long owed clips may take to arrive before they
     /// count as lost.
     grace: Duration = Duration::from_secs(15), parse_duration;
@@ -137,6 +143,15 @@ impl Workload {
             "users: at least 2 (they talk to each other)"
         );
         anyhow::ensure!(self.endpoints >= 1, "endpoints: at least 1");
+        anyhow::ensure!(
+            (1..=1000).contains(&self.client_ack_threshold),
+            "client_ack_threshold: 1..=1000"
+        );
+        anyhow::ensure!(
+            self.client_ack_delay >= Duration::from_millis(1)
+                && self.client_ack_delay <= Duration::from_millis(200),
+            "client_ack_delay: 1ms..=200ms"
+        );
         anyhow::ensure!(
             self.clip_min >= Duration::from_millis(20) && self.clip_min <= self.clip_max,
             "clip_min must be at least 20ms and at most clip_max"
