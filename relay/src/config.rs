@@ -122,6 +122,12 @@ settings! {
     /// that reconnects after a relay restart, gets a full handshake. 0
     /// turns 0-RTT (and resumption) off.
     zero_rtt_tickets: usize = 65_536, "PTT_ZERO_RTT_TICKETS";
+    /// Length of the connection ids the relay gives out (4..=20): every
+    /// datagram a client sends carries one. Shorter spends fewer bytes per
+    /// voice packet; 3 bytes of each are random (16 million ids), the rest
+    /// a signature from `reset.key`, so a restarted relay knows its
+    /// previous run's ids and resets their connections at once.
+    connection_id_bytes: usize = 4, "PTT_CONNECTION_ID_BYTES";
     /// A connection silent this long is closed (clients send keep-alives).
     idle_timeout: Duration = Duration::from_secs(30), "PTT_IDLE_TIMEOUT", parse_duration;
     /// Public keys for EdDSA (Ed25519) and ES256 tokens: a JWKS file, or a
@@ -283,6 +289,10 @@ impl Config {
             "max_connections must be at least 1",
         )?;
         ensure(self.live_queue >= 1, "live_queue must be at least 1")?;
+        ensure(
+            (4..=20).contains(&self.connection_id_bytes),
+            "connection_id_bytes must be 4..=20",
+        )?;
         ensure(
             self.token_keys_reload >= Duration::from_millis(100),
             "token_keys_reload must be at least 100ms",

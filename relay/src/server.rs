@@ -157,7 +157,7 @@ impl Relay {
         crate::metrics::hot();
         let socket = udp_socket(&config)?;
         let endpoint = quinn::Endpoint::new(
-            tls::endpoint_config(&files)?,
+            tls::endpoint_config(&files, config.connection_id_bytes)?,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

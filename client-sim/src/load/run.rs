@@ -173,7 +173,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
     for _ in 0..w.endpoints {
         let sock = impair::socket(bind, imp).context("binding a client socket")?;
         let mut ep = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            net::endpoint_config(),
             None,
             sock,
             Arc::new(quinn::TokioRuntime),
