@@ -827,6 +827,10 @@ async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::
             _ => {}
         }
     }
+    // The control stream ended: nobody waits for an answer in vain.
+    if let Ok(mut w) = client.usage_waiters.lock() {
+        w.clear();
+    }
 }
 
 async fn accept_deliveries(client: Arc<Client>, events: mpsc::Sender<Event>) {

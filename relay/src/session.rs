@@ -18,7 +18,7 @@ use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
-use crate::state::{Session, Shared, Stop, claim_seen, stored_new};
+use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
 
 /// This relay as a connection sees it: the state every connection shares
@@ -735,21 +735,24 @@ async fn replay_history(shared: &Node, session: &Arc<Session>) {
         }
     }
     // Whoever claims an entry first gives the copy: once.
-    let claimed: Vec<Arc<StoredClip>> = missed
-        .into_iter()
-        .filter(|(seq, c, _)| claim_seen(shared, &session.user, c, *seq))
-        .map(|(_, _, clip)| clip)
-        .collect();
-    if claimed.is_empty() {
+    missed.retain(|(seq, c, _)| claim_seen(shared, &session.user, c, *seq));
+    if missed.is_empty() {
         return;
     }
+    let clips = missed.iter().map(|(_, _, clip)| clip.clone()).collect();
     match shared
         .store
-        .queue_history(session.user.clone(), claimed)
+        .queue_history(session.user.clone(), clips)
         .await
     {
         Ok(_) => session.store_changed(),
-        Err(e) => warn!(error = %e, "channel history replay failed"),
+        Err(e) => {
+            // Not given: offered again at the next connection.
+            warn!(error = %e, "channel history replay failed");
+            for (seq, c, _) in &missed {
+                unclaim_seen(shared, &session.user, c, *seq);
+            }
+        }
     }
 }
 

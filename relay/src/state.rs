@@ -523,6 +523,16 @@ pub(crate) fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) ->
     new
 }
 
+/// Undoes [`claim_seen`] for an entry that could not be given.
+pub(crate) fn unclaim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) {
+    if let Some(mut e) = shared.history_seen.get_mut(&(user.clone(), c.to_owned())) {
+        e.remove(&seq);
+        shared
+            .cursors_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Stops an upload from outside (a retry took over, a priority talker took
 /// the floor), saying why.
 #[derive(Clone, Default)]
