@@ -30,6 +30,11 @@ pub struct ClientConfig {
     /// Opus frame length of live talk, ms: 20 (10, 40 or 60).
     #[uniffi(default = 20)]
     pub frame_ms: u32,
+    /// Longest the relay may delay its ACKs of what this client sends, ms
+    /// (1..=200; it asks for at most the path's RTT). Longer spends fewer
+    /// bytes per second of voice; a clip's lost last packet is resent later.
+    #[uniffi(default = 25)]
+    pub ack_delay_ms: u32,
 }
 
 /// Whom a clip is for.
@@ -315,6 +320,8 @@ impl PttClient {
         );
         cfg.mic_rate = config.mic_rate;
         cfg.frame_ms = config.frame_ms;
+        cfg.transport.ack_delay =
+            std::time::Duration::from_millis(u64::from(config.ack_delay_ms.clamp(1, 200)));
         let sdk = {
             let _guard = rt.enter();
             Sdk::start(cfg, Arc::new(Bridge(listener)))?

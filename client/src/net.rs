@@ -181,13 +181,22 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 
 /// A client endpoint on an ephemeral port of the right address family.
 pub fn endpoint(relay: SocketAddr, ca_pem: &Path) -> Result<quinn::Endpoint, NetError> {
+    endpoint_with(relay, ca_pem, &Transport::default())
+}
+
+/// [`endpoint`] whose connections follow `transport`.
+pub fn endpoint_with(
+    relay: SocketAddr,
+    ca_pem: &Path,
+    transport: &Transport,
+) -> Result<quinn::Endpoint, NetError> {
     let sock = client_socket(relay)?;
     let mut ep = quinn::Endpoint::new(endpoint_config(), None, sock, Arc::new(quinn::TokioRuntime))
         .map_err(|source| NetError::Io {
             what: "starting a QUIC endpoint",
             source,
         })?;
-    ep.set_default_client_config(client_config(ca_pem)?);
+    ep.set_default_client_config(client_config_with(ca_pem, transport)?);
     Ok(ep)
 }
 

@@ -63,6 +63,11 @@ pub struct Config {
     /// voice, but each packet leaves that much later and a lost one loses
     /// that much audio).
     pub frame_ms: u32,
+    /// How the connection behaves on the wire: 0-RTT reconnects, and the
+    /// ACK frequency asked of the relay (4 packets / 25 ms; a longer delay,
+    /// up to the path's RTT, spends fewer bytes per second of voice and
+    /// recovers a clip's lost last packet later: docs/benchmarks.md).
+    pub transport: crate::net::Transport,
 }
 
 impl Config {
@@ -80,6 +85,7 @@ impl Config {
             mic_rate: 48_000,
             max_press: Duration::from_secs(60),
             frame_ms: 20,
+            transport: crate::net::Transport::default(),
         }
     }
 }
@@ -570,7 +576,7 @@ async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), 
         match &*ep {
             Some(e) => e.clone(),
             None => {
-                let e = crate::net::endpoint(addr, &inner.cfg.ca_pem)
+                let e = crate::net::endpoint_with(addr, &inner.cfg.ca_pem, &inner.cfg.transport)
                     .map_err(|e| ClientError::Connect(e.to_string()))?;
                 *ep = Some(e.clone());
                 e
