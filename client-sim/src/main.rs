@@ -485,14 +485,6 @@ struct UsageReport {
     bytes_down: u64,
 }
 
-/// `day` (days since 1970-01-01, UTC) as `YYYY-MM-DD`.
-fn date(day: u64) -> String {
-    let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .map(|t| t.date().to_string())
-        .unwrap_or_else(|_| format!("day {day}"))
-}
-
 async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {
     let t = prepare(&conn).await?;
     let (client, _events) = t.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -500,16 +492,17 @@ async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {
     client.close();
     t.finish().await;
     let u = u.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (bytes_up, bytes_down) = u.totals();
     let r = UsageReport {
         user: client.user().to_owned(),
-        today: date(u.today),
-        bytes_up: u.days.iter().map(|d| d.bytes_up).sum(),
-        bytes_down: u.days.iter().map(|d| d.bytes_down).sum(),
+        today: codec::wire::date(u.today),
+        bytes_up,
+        bytes_down,
         days: u
             .days
             .iter()
             .map(|d| UsageDay {
-                date: date(d.day),
+                date: codec::wire::date(d.day),
                 bytes_up: d.bytes_up,
                 bytes_down: d.bytes_down,
             })

@@ -181,6 +181,20 @@ pub struct SendOutcome {
     pub finished_at: Instant,
 }
 
+impl SendOutcome {
+    /// The outcome of clip `id` whose stream opened at `opened_at` and
+    /// whose packets went at `sent_at` (the last one with the end record).
+    pub fn new(id: ClipId, duplicate: bool, opened_at: Instant, sent_at: Vec<Instant>) -> Self {
+        Self {
+            id,
+            duplicate,
+            finished_at: sent_at.last().copied().unwrap_or(opened_at),
+            sent_at,
+            opened_at,
+        }
+    }
+}
+
 /// A clip received whole.
 #[derive(Debug, Clone)]
 pub struct ReceivedClip {
@@ -645,13 +659,7 @@ impl Client {
                 (opened_at, sent_at, up.answer().await?)
             }
         };
-        Ok(SendOutcome {
-            id: clip.id,
-            duplicate,
-            finished_at: sent_at.last().copied().unwrap_or(opened_at),
-            sent_at,
-            opened_at,
-        })
+        Ok(SendOutcome::new(clip.id, duplicate, opened_at, sent_at))
     }
 
     /// Starts a clip whose packets are not all there yet (live talk from a

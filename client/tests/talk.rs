@@ -115,6 +115,12 @@ async fn kept(rx: &mut mpsc::UnboundedReceiver<Heard>, id: ClipId) -> IncomingCl
     .await
 }
 
+/// `clip` plays for a duration in `ms` (the speech, give or take the
+/// encoder's padding).
+fn lasts(clip: &IncomingClip, ms: std::ops::RangeInclusive<u64>) {
+    assert!(ms.contains(&clip.duration_ms), "{} ms", clip.duration_ms);
+}
+
 /// Waits for the relay to accept `id`; whether it was a duplicate.
 async fn accepted(rx: &mut mpsc::UnboundedReceiver<Heard>, id: ClipId) -> bool {
     until(rx, |h| match h {
@@ -197,11 +203,7 @@ async fn a_press_is_heard_live_then_kept_whole() {
     // 600 ms at 48 kHz, give or take the last frame's padding.
     assert!((28_000..=31_000).contains(&samples), "{samples} samples");
     assert!(clip.live);
-    assert!(
-        (560..=640).contains(&clip.duration_ms),
-        "{}",
-        clip.duration_ms
-    );
+    lasts(&clip, 560..=640);
     assert!(
         !accepted(&mut a, id).await,
         "accepted once, not a duplicate"
@@ -273,11 +275,7 @@ async fn a_press_made_offline_goes_out_when_the_link_is_back() {
     // Whether the press went live or from the outbox, Bob gets it once
     // and Alice hears it was accepted.
     let clip = kept(&mut b, id).await;
-    assert!(
-        (260..=340).contains(&clip.duration_ms),
-        "{}",
-        clip.duration_ms
-    );
+    lasts(&clip, 260..=340);
     accepted(&mut a, id).await;
     assert_eq!(alice.pending(), 0);
 }
@@ -339,11 +337,7 @@ async fn a_press_made_while_reconnecting_goes_live_when_the_relay_is_back() {
     talking.await.unwrap();
     let clip = kept(&mut b, id).await;
     assert!(clip.live);
-    assert!(
-        (1360..=1440).contains(&clip.duration_ms),
-        "{}",
-        clip.duration_ms
-    );
+    lasts(&clip, 1360..=1440);
     assert!(
         !accepted(&mut a, id).await,
         "accepted once, not a duplicate"
@@ -363,11 +357,7 @@ async fn a_press_in_60ms_frames_sends_a_third_of_the_packets() {
     speak(&alice, 600).await;
     alice.release().unwrap();
     let clip = kept(&mut b, id).await;
-    assert!(
-        (560..=640).contains(&clip.duration_ms),
-        "{}",
-        clip.duration_ms
-    );
+    lasts(&clip, 560..=640);
     let file = codec::ogg_opus::OggOpus::read(&clip.ogg).unwrap();
     // 600 ms of speech plus the encoder's lookahead: 11 packets of 60 ms
     // (31 of 20 ms).
@@ -403,11 +393,7 @@ async fn a_press_held_past_max_press_is_released() {
     assert!((300..=360).contains(&fed), "{fed} ms taken");
     assert!(alice.release().is_err(), "nothing is held any more");
     let clip = kept(&mut b, id).await;
-    assert!(
-        (280..=380).contains(&clip.duration_ms),
-        "{}",
-        clip.duration_ms
-    );
+    lasts(&clip, 280..=380);
     assert!(!accepted(&mut a, id).await);
 }
 

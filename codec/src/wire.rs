@@ -259,6 +259,32 @@ pub struct Usage {
     pub days: Vec<DayUsage>,
 }
 
+/// Most days a `Usage` answer holds: even with every number at its
+/// largest, it fits the default message limit every client accepts.
+pub const MAX_USAGE_DAYS: u64 = 2000;
+
+impl Usage {
+    /// Bytes up and down over all its days.
+    pub fn totals(&self) -> (u64, u64) {
+        self.days
+            .iter()
+            .fold((0, 0), |(u, d), x| (u + x.bytes_up, d + x.bytes_down))
+    }
+}
+
+/// The UTC day (days since 1970-01-01) of Unix time `ms`.
+pub fn day_of(ms: u64) -> u64 {
+    ms / 86_400_000
+}
+
+/// `day` (days since 1970-01-01, UTC) as `YYYY-MM-DD`.
+pub fn date(day: u64) -> String {
+    let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| format!("day {day}"))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClipHeader {
     pub clip_id: ClipId,
@@ -604,6 +630,29 @@ mod tests {
         // A count larger than the body could hold is refused at once.
         let lie = [0x06, 0x03, 0x00, 0x3f, 0x00];
         assert!(Message::decode(&lie, 1024).is_err());
+        // The largest answer a relay sends fits the default limit.
+        let max = varint::MAX;
+        let big = Message::Usage(Usage {
+            today: max,
+            days: vec![
+                DayUsage {
+                    day: max,
+                    bytes_up: max,
+                    bytes_down: max,
+                };
+                MAX_USAGE_DAYS as usize
+            ],
+        })
+        .to_bytes();
+        assert!(
+            Message::decode(&big, DEFAULT_MAX_MESSAGE_BYTES)
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            (date(20_784), day_of(1_795_737_600_000)),
+            ("2026-11-27".to_owned(), 20_784)
+        );
     }
 
     #[test]

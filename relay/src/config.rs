@@ -314,10 +314,9 @@ impl Config {
                 && self.ack_delay <= Duration::from_millis(200),
             "ack_delay must be 1ms..=200ms",
         )?;
-        // A `Usage` answer holds one entry per day: 2000 fit in the
-        // smallest message limit a client needs to accept (64 KiB).
+        // A `Usage` answer holds one entry per day.
         ensure(
-            (1..=2000).contains(&self.usage_days),
+            (1..=codec::wire::MAX_USAGE_DAYS).contains(&self.usage_days),
             "usage_days must be 1..=2000",
         )?;
         ensure(
@@ -399,6 +398,26 @@ mod tests {
             },
             Config {
                 max_unauthenticated_connections: 0,
+                ..ok.clone()
+            },
+            Config {
+                connection_id_bytes: 3,
+                ..ok.clone()
+            },
+            Config {
+                connection_id_bytes: 21,
+                ..ok.clone()
+            },
+            Config {
+                usage_days: 0,
+                ..ok.clone()
+            },
+            Config {
+                usage_days: codec::wire::MAX_USAGE_DAYS + 1,
+                ..ok.clone()
+            },
+            Config {
+                usage_interval: Duration::from_millis(50),
                 ..ok.clone()
             },
         ];

@@ -32,17 +32,21 @@ pub fn load(path: &Path) -> Vec<Cursor> {
     crate::json_file::load(path, "history cursors")
 }
 
-/// Writes the cursors atomically and durably.
-pub fn save(path: &Path, cursors: &BTreeMap<(String, String), u64>) -> std::io::Result<()> {
-    let list: Vec<Cursor> = cursors
+/// The cursors as their file lists them.
+pub fn to_list(cursors: &BTreeMap<(String, String), u64>) -> Vec<Cursor> {
+    cursors
         .iter()
         .map(|((user, channel), seq)| Cursor {
             user: user.clone(),
             channel: channel.clone(),
             seq: *seq,
         })
-        .collect();
-    crate::json_file::save(path, &list)
+        .collect()
+}
+
+/// Writes the cursors atomically and durably.
+pub fn save(path: &Path, cursors: &BTreeMap<(String, String), u64>) -> std::io::Result<()> {
+    crate::json_file::save(path, &to_list(cursors))
 }
 
 #[cfg(test)]

@@ -37,3 +37,18 @@ pub fn save<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// [`save`] on a blocking thread; false (and a warning naming `what`) if
+/// it failed, so the caller writes it again next time.
+pub async fn save_off_thread<T: Serialize + Send + 'static>(
+    path: std::path::PathBuf,
+    value: T,
+    what: &str,
+) -> bool {
+    let r = tokio::task::spawn_blocking(move || save(&path, &value)).await;
+    let ok = matches!(r, Ok(Ok(())));
+    if !ok {
+        tracing::warn!("writing the {what} failed; will retry");
+    }
+    ok
+}

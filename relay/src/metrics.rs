@@ -246,6 +246,10 @@ pub struct Hot {
     pub live_fallbacks: Counter,
     pub store_sync: Histogram,
     pub store_batch: Histogram,
+    /// Sampled per session (every `usage_interval`, at each scrape).
+    pub wire_up: Counter,
+    pub wire_down: Counter,
+    pub usage_uncounted: Counter,
 }
 
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -269,6 +273,9 @@ pub fn hot() -> &'static Hot {
         live_fallbacks: metrics::counter!(LIVE_FALLBACKS),
         store_sync: metrics::histogram!(STORE_SYNC),
         store_batch: metrics::histogram!(STORE_BATCH),
+        wire_up: metrics::counter!(WIRE_BYTES, "direction" => "up"),
+        wire_down: metrics::counter!(WIRE_BYTES, "direction" => "down"),
+        usage_uncounted: metrics::counter!(USAGE_UNCOUNTED),
     })
 }
 

@@ -28,10 +28,10 @@ impl crate::admin::AdminState for Node {
     }
 
     fn metrics_text(&self) -> Option<String> {
-        // Wire bytes current to the scrape.
-        self.count_usage();
         let (mut max, mut total) = (0usize, 0usize);
         self.router.for_each_session(|s| {
+            // Wire bytes current to the scrape.
+            s.count_usage(&self.usage);
             let d = s.queue_depth();
             max = max.max(d);
             total += d;
@@ -56,14 +56,19 @@ impl crate::admin::AdminState for Node {
         if let Some(s) = self.router.session(user) {
             s.count_usage(&self.usage);
         }
-        let today = crate::usage::day_of(crate::now_ms());
-        let days = self.usage.days(user, days, today);
+        let today = crate::usage::today();
+        let u = codec::wire::Usage {
+            today,
+            days: self.usage.days(user, days, today),
+        };
+        let (bytes_up, bytes_down) = u.totals();
         crate::admin::UserUsage {
             user: user.to_owned(),
             today: crate::usage::date(today),
-            bytes_up: days.iter().map(|d| d.bytes_up).sum(),
-            bytes_down: days.iter().map(|d| d.bytes_down).sum(),
-            days: days
+            bytes_up,
+            bytes_down,
+            days: u
+                .days
                 .iter()
                 .map(|d| crate::admin::Day {
                     date: crate::usage::date(d.day),
@@ -76,7 +81,7 @@ impl crate::admin::AdminState for Node {
 
     fn top_usage(&self, days: u64, n: usize) -> crate::admin::TopUsage {
         self.count_usage();
-        let today = crate::usage::day_of(crate::now_ms());
+        let today = crate::usage::today();
         crate::admin::TopUsage {
             today: crate::usage::date(today),
             days,
@@ -375,15 +380,12 @@ impl Shared {
                     .map(|m| ((user.to_string(), c.clone()), *m))
             })
             .collect();
-        let r = tokio::task::spawn_blocking(move || crate::cursors::save(&path, &snapshot)).await;
-        if !matches!(r, Ok(Ok(()))) {
+        let list = crate::cursors::to_list(&snapshot);
+        if !crate::json_file::save_off_thread(path, list, "history cursors").await {
             self.cursors_dirty.store(true, Ordering::SeqCst);
-            warn!("writing history cursors failed; will retry");
         }
     }
-}
 
-impl Shared {
     /// Adds every session's bytes since its last sample to the usage book.
     pub fn count_usage(&self) {
         self.router.for_each_session(|s| s.count_usage(&self.usage));
@@ -397,10 +399,8 @@ impl Shared {
         let Some(snapshot) = self.usage.snapshot_if_changed() else {
             return;
         };
-        let r = tokio::task::spawn_blocking(move || crate::json_file::save(&path, &snapshot)).await;
-        if !matches!(r, Ok(Ok(()))) {
+        if !crate::json_file::save_off_thread(path, snapshot, "usage book").await {
             self.usage.mark_dirty();
-            warn!("writing the usage book failed; will retry");
         }
     }
 }
@@ -591,7 +591,7 @@ async fn usage_loop(shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
         }
         shared.count_usage();
-        shared.usage.prune(crate::usage::day_of(crate::now_ms()));
+        shared.usage.prune(crate::usage::today());
         shared.save_usage().await;
     }
 }

@@ -307,7 +307,7 @@ async fn control_loop(
             Ok(Some(Message::UsageQuery(q))) => {
                 // This user's figures only, current to this answer.
                 session.count_usage(&shared.usage);
-                let today = crate::usage::day_of(crate::now_ms());
+                let today = crate::usage::today();
                 let usage = Message::Usage(codec::wire::Usage {
                     today,
                     days: shared.usage.days(&session.user, q.days, today),

@@ -339,10 +339,11 @@ impl Session {
         };
         let (up, down) = sampler.delta(stats.udp_rx.bytes, stats.udp_tx.bytes);
         drop(sampler);
-        metrics::counter!(crate::metrics::WIRE_BYTES, "direction" => "up").increment(up);
-        metrics::counter!(crate::metrics::WIRE_BYTES, "direction" => "down").increment(down);
-        if !book.add(&self.user, crate::usage::day_of(crate::now_ms()), up, down) {
-            metrics::counter!(crate::metrics::USAGE_UNCOUNTED).increment(up + down);
+        let hot = crate::metrics::hot();
+        hot.wire_up.increment(up);
+        hot.wire_down.increment(down);
+        if !book.add(&self.user, crate::usage::today(), up, down) {
+            hot.usage_uncounted.increment(up + down);
         }
     }
 

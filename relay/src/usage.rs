@@ -19,19 +19,11 @@ use codec::wire::DayUsage;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-const DAY_MS: u64 = 86_400_000;
+pub use codec::wire::{date, day_of};
 
-/// The UTC day (days since 1970-01-01) of Unix time `ms`.
-pub fn day_of(ms: u64) -> u64 {
-    ms / DAY_MS
-}
-
-/// `day` as `YYYY-MM-DD`.
-pub fn date(day: u64) -> String {
-    let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .map(|t| t.date().to_string())
-        .unwrap_or_else(|_| format!("day {day}"))
+/// Today's UTC day (days since 1970-01-01).
+pub fn today() -> u64 {
+    day_of(crate::now_ms())
 }
 
 /// One user's total over some days.
@@ -315,11 +307,5 @@ mod tests {
         assert_eq!(s.delta(100, 10), (100, 10));
         assert_eq!(s.delta(150, 10), (50, 0));
         assert_eq!(s.delta(150, 30), (0, 20));
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(date(20_784), "2026-11-27");
-        assert_eq!(day_of(1_795_737_600_000), 20_784);
     }
 }

@@ -545,13 +545,9 @@ async fn press_from_sleep(
         Err(e) => return (None, Err(e)),
     };
     let outcome = match upload.answer().await {
-        Ok(duplicate) => Ok(ptt_client::SendOutcome {
-            id: clip.id,
-            duplicate,
-            finished_at: sent_at.last().copied().unwrap_or(opened_at),
-            sent_at,
-            opened_at,
-        }),
+        Ok(duplicate) => Ok(ptt_client::SendOutcome::new(
+            clip.id, duplicate, opened_at, sent_at,
+        )),
         // The early data was refused (or the stream lost): send it again.
         Err(e) if e.is_retryable() && connected.0.connection().close_reason().is_none() => {
             connected.0.send_clip(clip, Pacing::Upload).await

@@ -215,4 +215,27 @@ mod tests {
         assert!(toml::from_str::<Workload>("userz = 3").is_err());
         w.validate().unwrap();
     }
+
+    /// The ACK frequency a user asks for stays in the relay's own range.
+    #[test]
+    fn client_ack_request_is_checked() {
+        let ok = Workload::default();
+        ok.validate().unwrap();
+        for bad in [
+            Workload {
+                client_ack_threshold: 0,
+                ..ok.clone()
+            },
+            Workload {
+                client_ack_delay: Duration::ZERO,
+                ..ok.clone()
+            },
+            Workload {
+                client_ack_delay: Duration::from_millis(201),
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
 }
