@@ -604,6 +604,25 @@ async fn listen(
                         let _ = client.ack(id).await;
                     }
                     Event::Cut { id, code } => eprintln!("clip {id} cut off ({code})"),
+                    Event::Expired(x) => {
+                        let via = match &x.target {
+                            Target::Channel(c) => format!(" in #{c}"),
+                            Target::User(_) => String::new(),
+                        };
+                        let also = match x.also {
+                            0 => String::new(),
+                            n => format!(" (and {n} older)"),
+                        };
+                        eprintln!(
+                            "clip {} from {}{via} sent {} expired before it was heard{also}",
+                            x.clip_id,
+                            x.sender,
+                            humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + Duration::from_millis(x.created_ms)
+                            )
+                        );
+                        let _ = client.ack(x.clip_id).await;
+                    }
                     _ => {}
                 }
             }

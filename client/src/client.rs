@@ -257,6 +257,12 @@ pub enum Event {
         retry_after_ms: u64,
         reason: String,
     },
+    /// The relay dropped a clip for this user without its ack (older than
+    /// the relay's `clip_ttl`): it will never arrive. Ack it
+    /// ([`Client::ack`] with its `clip_id`) once the app was told; until
+    /// then it comes again on every connection. Not passed on for a clip
+    /// this client already has (acked again instead).
+    Expired(codec::wire::Expired),
     /// A clip this client already had arrived again whole (its ack was
     /// lost, or the relay misbehaved). It was acked again and not passed on
     /// as `Complete`; reported for verification tools.
@@ -821,6 +827,14 @@ async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::
                         reason: g.reason,
                     })
                     .await;
+            }
+            Message::Expired(x) => {
+                if client.seen.contains(&x.clip_id) {
+                    // Acked just before it expired: nothing was missed.
+                    let _ = client.ack(x.clip_id).await;
+                } else {
+                    let _ = events.send(Event::Expired(x)).await;
+                }
             }
             Message::Usage(u) => {
                 let waiter = client

@@ -135,6 +135,16 @@ pub enum Talk {
     Busy { clip_id: String, holder: String },
     /// This user's press was ended by a priority talker.
     Preempted { clip_id: String },
+    /// A clip for this user will never arrive: the relay dropped it unheard
+    /// (older than its clip TTL), and `also` older ones with it.
+    Expired {
+        clip_id: String,
+        sender: String,
+        target_kind: TargetKind,
+        target: String,
+        created_ms: u64,
+        also: u64,
+    },
 }
 
 impl From<sdk::TalkEvent> for Talk {
@@ -169,6 +179,23 @@ impl From<sdk::TalkEvent> for Talk {
             T::Preempted { id } => Talk::Preempted {
                 clip_id: id.to_string(),
             },
+            T::Expired {
+                id,
+                sender,
+                target,
+                created_ms,
+                also,
+            } => {
+                let (target_kind, target) = split(target);
+                Talk::Expired {
+                    clip_id: id.to_string(),
+                    sender,
+                    target_kind,
+                    target,
+                    created_ms,
+                    also,
+                }
+            }
         }
     }
 }

@@ -214,6 +214,16 @@ pub enum TalkEvent {
     Busy { id: ClipId, holder: String },
     /// This user's press was ended by a priority talker.
     Preempted { id: ClipId },
+    /// A clip for this user will never arrive: the relay dropped it unheard
+    /// (older than its `clip_ttl`), and `also` older ones with it. Acked
+    /// by the SDK once told.
+    Expired {
+        id: ClipId,
+        sender: String,
+        target: Target,
+        created_ms: u64,
+        also: u64,
+    },
 }
 
 /// The app's side: the SDK calls these from its own threads; each should
@@ -627,6 +637,23 @@ async fn serve(
         hearing.event(inner, &ev);
         match ev {
             Event::Complete(c) => keep(inner, client, &c).await,
+            Event::Expired(x) => {
+                let listener = inner.listener.clone();
+                let id = x.clip_id;
+                let told = tokio::task::spawn_blocking(move || {
+                    listener.talk(TalkEvent::Expired {
+                        id: x.clip_id,
+                        sender: x.sender,
+                        target: x.target,
+                        created_ms: x.created_ms,
+                        also: x.also,
+                    })
+                })
+                .await;
+                if told.is_ok() {
+                    let _ = client.ack(id).await;
+                }
+            }
             Event::GoAway { retry_after_ms, .. } => {
                 // Clips being sent may finish; the relay closes soon.
                 wait = jitter(Duration::from_millis(retry_after_ms));

@@ -29,6 +29,7 @@ pub mod kind {
     pub const GO_AWAY: u64 = 0x04;
     pub const USAGE_QUERY: u64 = 0x05;
     pub const USAGE: u64 = 0x06;
+    pub const EXPIRED: u64 = 0x07;
     pub const CLIP_HEADER: u64 = 0x10;
     pub const ACCEPTED: u64 = 0x11;
     pub const REJECTED: u64 = 0x12;
@@ -285,6 +286,23 @@ pub fn date(day: u64) -> String {
         .unwrap_or_else(|_| format!("day {day}"))
 }
 
+/// The relay dropped its copy of a clip for this user without an ack:
+/// the clip was older than the relay's `clip_ttl`. The client acks it
+/// with `Ack(clip_id)` once the app was told, as it acks a clip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub clip_id: ClipId,
+    /// The sender's user id, from its token.
+    pub sender: String,
+    /// As the sender addressed it (this user, or a channel).
+    pub target: Target,
+    /// When the relay received the clip header, Unix time in ms.
+    pub created_ms: u64,
+    /// How many more of this user's copies, older than this one, expired
+    /// and are not itemized (the relay keeps a bounded list per user).
+    pub also: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClipHeader {
     pub clip_id: ClipId,
@@ -331,6 +349,7 @@ pub enum Message {
     GoAway(GoAway),
     UsageQuery(UsageQuery),
     Usage(Usage),
+    Expired(Expired),
     ClipHeader(ClipHeader),
     Accepted(Accepted),
     Rejected(Rejected),
@@ -348,6 +367,7 @@ impl Message {
             Message::GoAway(_) => kind::GO_AWAY,
             Message::UsageQuery(_) => kind::USAGE_QUERY,
             Message::Usage(_) => kind::USAGE,
+            Message::Expired(_) => kind::EXPIRED,
             Message::ClipHeader(_) => kind::CLIP_HEADER,
             Message::Accepted(_) => kind::ACCEPTED,
             Message::Rejected(_) => kind::REJECTED,
@@ -390,6 +410,13 @@ impl Message {
                     varint::put(&mut body, d.bytes_up);
                     varint::put(&mut body, d.bytes_down);
                 }
+            }
+            Message::Expired(m) => {
+                body.put_slice(&m.clip_id.0);
+                varint::put_str(&mut body, &m.sender);
+                m.target.put(&mut body);
+                varint::put(&mut body, m.created_ms);
+                varint::put(&mut body, m.also);
             }
             Message::ClipHeader(m) => {
                 body.put_slice(&m.clip_id.0);
@@ -460,6 +487,7 @@ impl Message {
             kind::GO_AWAY => "GoAway",
             kind::USAGE_QUERY => "UsageQuery",
             kind::USAGE => "Usage",
+            kind::EXPIRED => "Expired",
             kind::CLIP_HEADER => "ClipHeader",
             kind::ACCEPTED => "Accepted",
             kind::REJECTED => "Rejected",
@@ -516,6 +544,18 @@ impl Message {
                     });
                 }
                 Message::Usage(Usage { today, days })
+            }
+            kind::EXPIRED => {
+                let clip_id = ClipId(r.array()?);
+                let sender = r.string("sender", MAX_NAME_BYTES)?;
+                check_name("sender", sender)?;
+                Message::Expired(Expired {
+                    clip_id,
+                    sender: sender.to_owned(),
+                    target: Target::read(&mut r)?,
+                    created_ms: r.varint()?,
+                    also: r.varint()?,
+                })
             }
             kind::CLIP_HEADER => Message::ClipHeader(ClipHeader {
                 clip_id: ClipId(r.array()?),
@@ -605,6 +645,30 @@ mod tests {
         expect.extend([0x00, 0x03, b'b', b'o', b'b']);
         expect.extend([0x00, 0x01, 0x01, 0x38, 0x00, 0x00, 0xbb, 0x80, 0x00, 0x00]);
         assert_eq!(&b[..], &expect[..]);
+    }
+
+    /// The byte example in docs/protocol.md ("Expired").
+    #[test]
+    fn expired_bytes_match_spec() {
+        let m = Message::Expired(Expired {
+            clip_id: ClipId([0x22; 16]),
+            sender: "alice".into(),
+            target: Target::User("bob".into()),
+            created_ms: 1_795_000_000_000,
+            also: 2,
+        });
+        let mut want = vec![0x07, 0x24];
+        want.extend([0x22; 16]);
+        want.extend([0x05, b'a', b'l', b'i', b'c', b'e']);
+        want.extend([0x00, 0x03, b'b', b'o', b'b']);
+        want.extend([0xc0, 0x00, 0x01, 0xa1, 0xee, 0x56, 0x5e, 0x00]);
+        want.push(0x02);
+        assert_eq!(&m.to_bytes()[..], &want[..]);
+        assert_eq!(Message::decode(&want, 64).unwrap(), Some((m, want.len())));
+        // A sender name that breaks the name rule is refused.
+        let mut bad = want.clone();
+        bad[18] = b' ';
+        assert!(Message::decode(&bad, 64).is_err());
     }
 
     /// The byte examples in docs/protocol.md ("UsageQuery", "Usage").
@@ -794,6 +858,15 @@ mod tests {
                         })
                         .collect()
                 })),
+            (id.clone(), arb_name(), arb_target(), v.clone(), v.clone()).prop_map(
+                |(clip_id, sender, target, created_ms, also)| Message::Expired(Expired {
+                    clip_id,
+                    sender,
+                    target,
+                    created_ms,
+                    also
+                })
+            ),
             (id.clone(), arb_target(), arb_format()).prop_map(|(clip_id, target, format)| {
                 Message::ClipHeader(ClipHeader {
                     clip_id,

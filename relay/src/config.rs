@@ -179,6 +179,13 @@ settings! {
     max_store_bytes: u64 = 1024 * 1024 * 1024, "PTT_MAX_STORE_BYTES";
     /// Undelivered clips older than this are dropped.
     clip_ttl: Duration = Duration::from_secs(7 * 24 * 3600), "PTT_CLIP_TTL", parse_duration;
+    /// `Expired` notices kept per user (one per copy dropped at `clip_ttl`
+    /// without an ack, until the user's client acks it); past it the
+    /// oldest are folded into the next one's `also` count.
+    expired_notices_per_user: usize = 64, "PTT_EXPIRED_NOTICES_PER_USER";
+    /// How long an `Expired` notice waits for its user after the clip
+    /// expired; a user away longer than `clip_ttl` plus this is not told.
+    expired_notice_ttl: Duration = Duration::from_secs(90 * 24 * 3600), "PTT_EXPIRED_NOTICE_TTL", parse_duration;
     /// NATS servers of the cluster this relay joins (`nats://HOST:PORT`,
     /// comma-separated); empty: a single relay, no external service.
     cluster: String = String::new(), "PTT_CLUSTER";
@@ -314,6 +321,10 @@ impl Config {
                 && self.ack_delay <= Duration::from_millis(200),
             "ack_delay must be 1ms..=200ms",
         )?;
+        ensure(
+            self.expired_notices_per_user >= 1,
+            "expired_notices_per_user must be at least 1",
+        )?;
         // A `Usage` answer holds one entry per day.
         ensure(
             (1..=codec::wire::MAX_USAGE_DAYS).contains(&self.usage_days),
@@ -418,6 +429,10 @@ mod tests {
             },
             Config {
                 usage_interval: Duration::from_millis(50),
+                ..ok.clone()
+            },
+            Config {
+                expired_notices_per_user: 0,
                 ..ok.clone()
             },
         ];

@@ -1359,6 +1359,10 @@ impl ClipStore for DiskStore {
         Ok(held)
     }
 
+    fn expiring(&self, before_ms: u64) -> Vec<(Arc<str>, Arc<StoredClip>)> {
+        self.mem.expiring(before_ms)
+    }
+
     async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError> {
         let n = self.mem.expire(before_ms, forget_ids_before_ms).await?;
         self.call(|reply| Op::Expire {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cursors;
 pub mod disk_store;
 pub mod error;
+pub mod expired;
 pub mod faults;
 pub mod json_file;
 pub mod limits;

@@ -91,6 +91,8 @@ catalogue! {
         "Live clips cut for their listeners: cut_off (sender aborted, refused or superseded) or preempted (a priority talker took the floor).";
     CLIPS_EXPIRED = "ptt_clips_expired_total", Counter, Count, [],
         "Recipient copies dropped undelivered after clip_ttl.";
+    EXPIRED_NOTICES = "ptt_expired_notices", Gauge, Count, [],
+        "Expired notices waiting for their users' acks (set at each expiry sweep).";
     WIRE_BYTES = "ptt_wire_bytes_total", Counter, Bytes, ["direction"],
         "UDP payload bytes of authenticated sessions as the usage book counts them (sampled every usage_interval, at each scrape, at session end and before a usage answer), by direction: up (from clients) or down (to clients).";
     USAGE_USERS = "ptt_usage_users", Gauge, Count, [],

@@ -1,6 +1,7 @@
 //! The relay process: QUIC endpoint, admin listener, background sweeps and
 //! shutdown. Tests start the same [`Relay`] the binary starts.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -212,6 +213,11 @@ impl Relay {
                 .usage
                 .restore(crate::json_file::load(path, "usage book"));
         }
+        if let Some(path) = &shared.expired_file {
+            shared
+                .expired
+                .restore(crate::json_file::load(path, "expired notices"));
+        }
         if let Some(c) = &node.cluster {
             c.start(&shared);
         }
@@ -323,6 +329,7 @@ impl Relay {
         s.save_cursors().await;
         s.count_usage();
         s.save_usage().await;
+        s.save_expired().await;
         s.store.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("stopped");
@@ -389,6 +396,22 @@ impl Shared {
     /// Adds every session's bytes since its last sample to the usage book.
     pub fn count_usage(&self) {
         self.router.for_each_session(|s| s.count_usage(&self.usage));
+    }
+
+    /// Writes the `Expired` notices if they changed (disk store); false if
+    /// that failed (it is tried again next time).
+    pub async fn save_expired(&self) -> bool {
+        let Some(changes) = self.expired.take_changes() else {
+            return true;
+        };
+        let Some(path) = self.expired_file.clone() else {
+            return true;
+        };
+        let ok = crate::json_file::save_off_thread(path, changes, "expired notices").await;
+        if !ok {
+            self.expired.mark_dirty();
+        }
+        ok
     }
 
     /// Writes the usage book if it changed (disk store).
@@ -596,6 +619,36 @@ async fn usage_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Keeps an `Expired` notice for every copy about to be dropped at the
+/// TTL (`ttl`: created before it), durably before the copies go, and tells
+/// their users who are online; prunes notices that waited their time.
+/// False if the notices could not be written (the copies stay for now).
+async fn note_expiring(shared: &Shared, ttl: u64, now: u64) -> bool {
+    let cfg = &shared.config;
+    let keep = cfg
+        .clip_ttl
+        .saturating_add(cfg.expired_notice_ttl)
+        .as_millis() as u64;
+    shared.expired.prune(now.saturating_sub(keep));
+    let doomed = shared.store.expiring(ttl);
+    let mut told: HashMap<Arc<str>, Vec<codec::wire::Expired>> = HashMap::new();
+    for (user, clip) in &doomed {
+        if let Some(n) = shared.expired.add(user, &clip.meta) {
+            told.entry(user.clone()).or_default().push(n);
+        }
+    }
+    metrics::gauge!(crate::metrics::EXPIRED_NOTICES).set(shared.expired.len() as f64);
+    if !shared.save_expired().await {
+        return false;
+    }
+    for (user, notices) in told {
+        if let Some(s) = shared.router.session(&user) {
+            s.send_expired(notices).await;
+        }
+    }
+    true
+}
+
 /// Drops expired clips and forgets old clip ids, once a minute (or sooner
 /// when the windows are short).
 async fn sweep_loop(shared: Arc<Shared>) {
@@ -616,6 +669,10 @@ async fn sweep_loop(shared: Arc<Shared>) {
         let t = std::time::Instant::now();
         shared.budgets.retain(|_, b| !b.is_idle(t));
         trim_history(&shared, now).await;
+        if !note_expiring(&shared, ttl, now).await {
+            // Not dropped before its users can be told: next sweep.
+            continue;
+        }
         match shared.store.expire(ttl, window).await {
             Ok(0) => {}
             Ok(n) => {

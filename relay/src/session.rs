@@ -104,6 +104,9 @@ pub async fn run(
         debug!(error = %e, "Welcome not sent");
     }
     replay_history(&shared, &session).await;
+    session
+        .send_expired(shared.expired.notices(&session.user))
+        .await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
     tokio::select! {
@@ -295,6 +298,10 @@ async fn control_loop(
     loop {
         match ctl.next().await {
             Ok(Some(Message::Ack(id))) => {
+                if shared.expired.ack(&session.user, &id) {
+                    // An `Expired` notice read: its clip has no copy left.
+                    continue;
+                }
                 match shared.store.ack(&session.user, &id).await {
                     Ok(_) => metrics::hot().delivered.increment(1),
                     Err(e) => warn!(error = %e, "store ack failed"),

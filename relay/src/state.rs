@@ -72,6 +72,11 @@ pub struct Shared {
     pub usage: crate::usage::UsageBook,
     /// Where the usage book is kept (disk store only).
     pub usage_file: Option<std::path::PathBuf>,
+    /// Copies dropped at `clip_ttl` unacked, until each user's client acks
+    /// its `Expired` notices.
+    pub expired: crate::expired::ExpiredBook,
+    /// Where the notices are kept (disk store only).
+    pub expired_file: Option<std::path::PathBuf>,
 }
 
 /// A channel's recent clips: (sequence number, clip), oldest first. The
@@ -135,6 +140,9 @@ impl Shared {
             usage: crate::usage::UsageBook::new(config.usage_days, config.usage_max_users),
             usage_file: (config.store == StoreKind::Disk)
                 .then(|| crate::usage::path(&config.data_dir)),
+            expired: crate::expired::ExpiredBook::new(config.expired_notices_per_user),
+            expired_file: (config.store == StoreKind::Disk)
+                .then(|| crate::expired::path(&config.data_dir)),
             config,
         }
     }
@@ -391,6 +399,17 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string()),
             None => Err("the control stream was given up (GoAway)".into()),
+        }
+    }
+
+    /// Sends `Expired` notices on the control stream (the client acks each
+    /// with `Ack`, which ends it).
+    pub async fn send_expired(&self, notices: Vec<codec::wire::Expired>) {
+        for n in notices {
+            if let Err(e) = self.send_control(&Message::Expired(n)).await {
+                tracing::debug!(error = %e, "Expired not sent");
+                return;
+            }
         }
     }
 

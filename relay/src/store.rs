@@ -271,6 +271,10 @@ pub trait ClipStore: Send + Sync + 'static {
     /// was held (false for repeated or unknown acks, which are harmless).
     async fn ack(&self, recipient: &str, id: &ClipId) -> Result<bool, StoreError>;
 
+    /// The copies [`ClipStore::expire`] would drop for `before_ms`, with
+    /// their recipients (for the `Expired` notices, kept before they go).
+    fn expiring(&self, before_ms: u64) -> Vec<(Arc<str>, Arc<StoredClip>)>;
+
     /// Drops copies of clips created before `before_ms` (the TTL) and
     /// forgets clip ids accepted before `forget_ids_before_ms` (the dedupe
     /// window). Returns how many copies were dropped.
@@ -580,6 +584,19 @@ impl ClipStore for MemoryStore {
         self.mailboxes
             .remove_if(recipient, |_, mb| mb.clips.is_empty());
         Ok(removed)
+    }
+
+    fn expiring(&self, before_ms: u64) -> Vec<(Arc<str>, Arc<StoredClip>)> {
+        let mut out = Vec::new();
+        for mb in self.mailboxes.iter() {
+            out.extend(
+                mb.clips
+                    .values()
+                    .filter(|c| c.meta.created_ms < before_ms)
+                    .map(|c| (mb.key().clone(), c.clone())),
+            );
+        }
+        out
     }
 
     async fn expire(&self, before_ms: u64, forget_ids_before_ms: u64) -> Result<u64, StoreError> {

@@ -292,3 +292,57 @@ async fn shutdown_closes_every_connection_with_going_away_and_refuses_new_ones()
         }
     }
 }
+
+/// §5 "Gaps": a copy dropped at `clip_ttl` comes as `Expired` on the
+/// control stream right after `Welcome`, on every connection, until the
+/// client acks its clip id with `Ack`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_copy_is_announced_after_welcome_until_acked() {
+    let t = start(|c| c.clip_ttl = Duration::from_secs(1)).await;
+    let (alice, _a) = t.connect("alice").await;
+    let c = clip("bob", 5);
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while t.pending() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(t.pending(), 0);
+    for _ in 0..2 {
+        let (conn, (mut send, mut rd)) = ctl_conn(&t, "bob").await;
+        let m = tokio::time::timeout(Duration::from_secs(5), rd.next())
+            .await
+            .expect("a notice")
+            .unwrap();
+        match m {
+            Some(Message::Expired(x)) => {
+                assert_eq!(x.clip_id, c.id);
+                assert_eq!(x.sender, "alice");
+                assert_eq!(x.target, Target::User("bob".into()));
+                assert_eq!(x.also, 0);
+            }
+            other => panic!("expected Expired, got {other:?}"),
+        }
+        // No delivery stream for it.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), conn.accept_uni())
+                .await
+                .is_err()
+        );
+        conn.close(0u32.into(), b"bye");
+        drop(send.finish());
+    }
+    let (conn, (mut send, mut rd)) = ctl_conn(&t, "bob").await;
+    assert!(matches!(rd.next().await, Ok(Some(Message::Expired(_)))));
+    quic::write_message(&mut send, &Message::Ack(c.id))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::NoError));
+    let (_conn, (_send, mut rd)) = ctl_conn(&t, "bob").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rd.next())
+            .await
+            .is_err(),
+        "acked: no notice any more"
+    );
+}

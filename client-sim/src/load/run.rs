@@ -625,6 +625,11 @@ async fn consume(
             Event::Cut { .. } => {
                 s.c.cut.fetch_add(1, Ordering::Relaxed);
             }
+            Event::Expired(x) => {
+                // The ledger counts the clip lost; told, so acked.
+                tracing::warn!(user = %u.name, clip = %x.clip_id, also = x.also, "clip expired undelivered");
+                let _ = client.ack(x.clip_id).await;
+            }
             Event::Redelivered { id } => {
                 let v = s
                     .ledger
