@@ -55,7 +55,7 @@ pub async fn run(
     // in 0.5-RTT, before the client has finished the handshake.
     let (conn, mut handshake) = match connecting.into_0rtt() {
         Ok((conn, done)) => (conn, Handshake::Pending(done)),
-        Err(connecting) => match connecting.await {
+        Err(connecting) => match Box::pin(connecting).await {
             Ok(conn) => (conn, Handshake::Complete),
             Err(e) => {
                 metrics::count(metrics::HANDSHAKES, "outcome", "failed");
@@ -65,7 +65,10 @@ pub async fn run(
         },
     };
     let remote = conn.remote_address();
-    let authenticated = authenticate(&shared, &conn, &mut handshake).await;
+    // The steps before the session starts are boxed, freed once done: the
+    // task keeps only what an idle session needs (docs/benchmarks.md,
+    // memory per session).
+    let authenticated = Box::pin(authenticate(&shared, &conn, &mut handshake)).await;
     if authenticated.is_ok() && handshake.is_pending() {
         // A session from 0-RTT is served at once (its `Welcome` means
         // "online", as on any connection); its handshake completes about a
@@ -100,13 +103,11 @@ pub async fn run(
     };
     // `Welcome` only now: from the moment a client has it, it is online
     // (live clips to it and its channels reach it).
-    if let Err(e) = session.send_control(&welcome).await {
+    if let Err(e) = Box::pin(session.send_control(&welcome)).await {
         debug!(error = %e, "Welcome not sent");
     }
-    replay_history(&shared, &session).await;
-    session
-        .send_expired(shared.expired.notices(&session.user))
-        .await;
+    Box::pin(replay_history(&shared, &session)).await;
+    Box::pin(session.send_expired(shared.expired.notices(&session.user))).await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
     tokio::select! {
@@ -307,7 +308,9 @@ async fn control_loop(
                     Err(e) => warn!(error = %e, "store ack failed"),
                 }
                 if let Some(c) = &shared.cluster {
-                    c.acked(&id, &session.user).await;
+                    // Boxed, as every rare branch here: this future is
+                    // held by every idle session.
+                    Box::pin(c.acked(&id, &session.user)).await;
                 }
                 session.finish(&id);
             }
@@ -319,7 +322,7 @@ async fn control_loop(
                     today,
                     days: shared.usage.days(&session.user, q.days, today),
                 });
-                if let Err(e) = session.send_control(&usage).await {
+                if let Err(e) = Box::pin(session.send_control(&usage)).await {
                     debug!(error = %e, "Usage not sent");
                 }
             }
