@@ -91,6 +91,9 @@ struct Counters {
 
 struct Shared {
     w: Workload,
+    /// Connection attempts in flight at once (`w.connecting`): a burst of
+    /// thousands of handshakes would starve the generator's own core.
+    connecting: tokio::sync::Semaphore,
     /// How many relays the users are spread over.
     relays: usize,
     source: Source,
@@ -155,6 +158,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         zero_rtt: w.zero_rtt,
         ack_threshold: w.client_ack_threshold,
         ack_delay: w.client_ack_delay,
+        keep_alive: w.client_keep_alive,
     };
     let client_cfg = net::client_config_with(&target.ca, &transport)?;
     let bind: SocketAddr = if first.is_ipv6() {
@@ -184,7 +188,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
     let ttl = w.duration + w.grace + Duration::from_secs(3600);
     let users: Vec<Arc<User>> = (0..w.users)
         .map(|i| {
-            let name = user_name(i);
+            let name = user_name(w.first_user + i);
             let offline = rng.random_bool(w.offline_share.clamp(0.0, 1.0));
             let online_at = if offline {
                 w.duration.mul_f64(rng.random::<f64>() * 0.5)
@@ -194,7 +198,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             Ok(Arc::new(User {
                 index: i as u32,
                 token: if let Some(ch) = i.checked_div(w.channel_size) {
-                    let ch = channel_name(ch);
+                    let ch = channel_name(w.first_user + ch);
                     target.key.mint_with_channels(
                         &name,
                         ttl,
@@ -213,6 +217,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         })
         .collect::<anyhow::Result<_>>()?;
     let shared = Arc::new(Shared {
+        connecting: tokio::sync::Semaphore::new(w.connecting),
         relays: target.relays.len(),
         w: w.clone(),
         source,
@@ -390,7 +395,11 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
         if *quit.borrow() {
             return;
         }
-        let (client, events) = match connect(&s, &t, &u).await {
+        let attempt_result = {
+            let _permit = s.connecting.acquire().await;
+            connect(&s, &t, &u).await
+        };
+        let (client, events) = match attempt_result {
             Ok(x) => x,
             Err(e) => {
                 attempt += 1;
@@ -740,7 +749,7 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                         .filter(|m| *m != u.index as usize)
                         .map(|m| m as u32)
                         .collect::<Vec<u32>>();
-                    (Target::Channel(channel_name(ch)), members)
+                    (Target::Channel(channel_name(w.first_user + ch)), members)
                 } else {
                     let n = s.relays;
                     let r = if w.cross_relay && n > 1 && users > n {
@@ -760,7 +769,7 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                         }
                         r
                     };
-                    (Target::User(user_name(r)), vec![r as u32])
+                    (Target::User(user_name(w.first_user + r)), vec![r as u32])
                 };
             let (packets, samples) = s.source.random_clip(w.clip_min, w.clip_max, &mut rng);
             let sum = verify::checksum(&packets, samples);

@@ -67,6 +67,16 @@ workload! {
     users: usize = 200;
     /// Client UDP sockets (quinn endpoints) the users are spread over.
     endpoints: usize = 4;
+    /// Number of this run's first user (`load-NNNNNN`) and channel: several
+    /// `client-sim load` processes against one relay each take their own
+    /// range (`--first-user 0`, `--first-user 25000`, ...), so that one
+    /// generator process is not the limit. Users talk within their run.
+    first_user: usize = 0;
+    /// Connection attempts (handshake to `Welcome`) in flight at once in
+    /// this process; the rest wait their turn. Bounds the generator's own
+    /// handshake work, so a burst of thousands of users connecting does not
+    /// starve its core into timeouts and retries.
+    connecting: usize = 256;
     /// How long users start new clips.
     duration: Duration = Duration::from_secs(20), parse_duration;
     /// Stop after this many clips in all (0: no limit).
@@ -118,6 +128,8 @@ workload! {
     client_ack_threshold: u32 = 4;
     /// Longest the relay may delay an ACK of what a user sends.
     client_ack_delay: Duration = Duration::from_millis(25), parse_duration;
+    /// How often a silent user's connection sends a QUIC PING (1s..=25s).
+    client_keep_alive: Duration = Duration::from_secs(15), parse_duration;
     /// After the run, how long owed clips may take to arrive before they
     /// count as lost.
     grace: Duration = Duration::from_secs(15), parse_duration;
@@ -143,6 +155,7 @@ impl Workload {
             "users: at least 2 (they talk to each other)"
         );
         anyhow::ensure!(self.endpoints >= 1, "endpoints: at least 1");
+        anyhow::ensure!(self.connecting >= 1, "connecting: at least 1");
         anyhow::ensure!(
             (1..=1000).contains(&self.client_ack_threshold),
             "client_ack_threshold: 1..=1000"
@@ -151,6 +164,11 @@ impl Workload {
             self.client_ack_delay >= Duration::from_millis(1)
                 && self.client_ack_delay <= Duration::from_millis(200),
             "client_ack_delay: 1ms..=200ms"
+        );
+        anyhow::ensure!(
+            self.client_keep_alive >= Duration::from_secs(1)
+                && self.client_keep_alive <= ptt_client::net::MAX_KEEP_ALIVE,
+            "client_keep_alive: 1s..=25s"
         );
         anyhow::ensure!(
             self.clip_min >= Duration::from_millis(20) && self.clip_min <= self.clip_max,
@@ -232,6 +250,18 @@ mod tests {
             },
             Workload {
                 client_ack_delay: Duration::from_millis(201),
+                ..ok.clone()
+            },
+            Workload {
+                client_keep_alive: Duration::from_millis(500),
+                ..ok.clone()
+            },
+            Workload {
+                client_keep_alive: Duration::from_secs(26),
+                ..ok.clone()
+            },
+            Workload {
+                connecting: 0,
                 ..ok.clone()
             },
         ] {
