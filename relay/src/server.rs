@@ -643,7 +643,9 @@ async fn note_expiring(shared: &Shared, ttl: u64, now: u64) -> bool {
     }
     for (user, notices) in told {
         if let Some(s) = shared.router.session(&user) {
-            s.send_expired(notices).await;
+            // Not awaited here: a client that does not read its control
+            // stream must not hold up the sweep for everyone.
+            tokio::spawn(async move { s.send_expired(notices).await });
         }
     }
     true

@@ -300,7 +300,9 @@ async fn control_loop(
         match ctl.next().await {
             Ok(Some(Message::Ack(id))) => {
                 if shared.expired.ack(&session.user, &id) {
-                    // An `Expired` notice read: its clip has no copy left.
+                    // An `Expired` notice read: its clip has no copy left
+                    // (a delivery of it still open frees its place).
+                    session.finish(&id);
                     continue;
                 }
                 match shared.store.ack(&session.user, &id).await {
