@@ -51,7 +51,7 @@ pub struct Transport {
     /// A silent connection sends a QUIC PING this often, to keep its NAT
     /// mapping and the relay's idle timeout (30 s) from ending it. Each
     /// costs a small packet both ways (its ACK): at 15 s about 5 bytes a
-    /// second, 0.5 MB a day of an idle phone's data; at 5 s three times
+    /// second, 0.4 MB a day of an idle phone's data; at 5 s three times
     /// that. Carrier NATs keep UDP mappings 30 s or more.
     pub keep_alive: Duration,
 }
