@@ -587,10 +587,7 @@ async fn listen(
                             }
                             audio_cli::write_atomic(&path, &ogg.to_vec(rand::random()))?;
                             got += 1;
-                            let via = match &clip.delivery.target {
-                                Target::Channel(c) => format!(" in #{c}"),
-                                Target::User(_) => String::new(),
-                            };
+                            let via = via(&clip.delivery.target);
                             println!(
                                 "{id} from {}{via} {:.2}s {} packets {} -> {}",
                                 clip.delivery.sender,
@@ -605,10 +602,7 @@ async fn listen(
                     }
                     Event::Cut { id, code } => eprintln!("clip {id} cut off ({code})"),
                     Event::Expired(x) => {
-                        let via = match &x.target {
-                            Target::Channel(c) => format!(" in #{c}"),
-                            Target::User(_) => String::new(),
-                        };
+                        let via = via(&x.target);
                         let also = match x.also {
                             0 => String::new(),
                             n => format!(" (and {n} older)"),
@@ -649,6 +643,14 @@ async fn listen(
     });
     t.finish().await;
     result
+}
+
+/// ` in #channel` for a channel's clip, nothing for a direct one.
+fn via(t: &Target) -> String {
+    match t {
+        Target::Channel(c) => format!(" in #{c}"),
+        Target::User(_) => String::new(),
+    }
 }
 
 /// Runs a future until an optional deadline.

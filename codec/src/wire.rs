@@ -340,6 +340,19 @@ pub struct Delivery {
     pub live: bool,
 }
 
+/// A clip id and its sender's name, as `Delivery` and `Expired` begin.
+fn put_id_and_sender(body: &mut BytesMut, id: &ClipId, sender: &str) {
+    body.put_slice(&id.0);
+    varint::put_str(body, sender);
+}
+
+fn read_id_and_sender(r: &mut Reader<'_>) -> Result<(ClipId, String), WireError> {
+    let clip_id = ClipId(r.array()?);
+    let sender = r.string("sender", MAX_NAME_BYTES)?;
+    check_name("sender", sender)?;
+    Ok((clip_id, sender.to_owned()))
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -412,8 +425,7 @@ impl Message {
                 }
             }
             Message::Expired(m) => {
-                body.put_slice(&m.clip_id.0);
-                varint::put_str(&mut body, &m.sender);
+                put_id_and_sender(&mut body, &m.clip_id, &m.sender);
                 m.target.put(&mut body);
                 varint::put(&mut body, m.created_ms);
                 varint::put(&mut body, m.also);
@@ -434,8 +446,7 @@ impl Message {
                 varint::put_str(&mut body, &m.reason);
             }
             Message::Delivery(m) => {
-                body.put_slice(&m.clip_id.0);
-                varint::put_str(&mut body, &m.sender);
+                put_id_and_sender(&mut body, &m.clip_id, &m.sender);
                 m.target.put(&mut body);
                 m.format.put(&mut body);
                 varint::put(&mut body, m.created_ms);
@@ -546,12 +557,10 @@ impl Message {
                 Message::Usage(Usage { today, days })
             }
             kind::EXPIRED => {
-                let clip_id = ClipId(r.array()?);
-                let sender = r.string("sender", MAX_NAME_BYTES)?;
-                check_name("sender", sender)?;
+                let (clip_id, sender) = read_id_and_sender(&mut r)?;
                 Message::Expired(Expired {
                     clip_id,
-                    sender: sender.to_owned(),
+                    sender,
                     target: Target::read(&mut r)?,
                     created_ms: r.varint()?,
                     also: r.varint()?,
@@ -582,12 +591,10 @@ impl Message {
                 reason: r.string("reason", MAX_REASON_BYTES)?.to_owned(),
             }),
             _ => {
-                let clip_id = ClipId(r.array()?);
-                let sender = r.string("sender", MAX_NAME_BYTES)?;
-                check_name("sender", sender)?;
+                let (clip_id, sender) = read_id_and_sender(&mut r)?;
                 Message::Delivery(Delivery {
                     clip_id,
-                    sender: sender.to_owned(),
+                    sender,
                     target: Target::read(&mut r)?,
                     format: AudioFormat::read(&mut r)?,
                     created_ms: r.varint()?,

@@ -70,8 +70,7 @@ impl ExpiredBook {
             also: 0,
         };
         // Oldest first.
-        let at = list.partition_point(|n| n.created_ms <= notice.created_ms);
-        list.insert(at, notice.clone());
+        insert_in_order(&mut list, notice.clone());
         while list.len() > self.per_user {
             if let Some(oldest) = list.pop_front()
                 && let Some(next) = list.front_mut()
@@ -177,9 +176,8 @@ impl ExpiredBook {
                 _ => continue,
             };
             let mut list = self.users.entry(e.user).or_default();
-            let at = list.partition_point(|n| n.created_ms <= e.created_ms);
-            list.insert(
-                at,
+            insert_in_order(
+                &mut list,
                 Expired {
                     clip_id,
                     sender: e.sender,
@@ -190,6 +188,12 @@ impl ExpiredBook {
             );
         }
     }
+}
+
+/// Puts `n` in `list` by creation time, oldest first.
+fn insert_in_order(list: &mut VecDeque<Expired>, n: Expired) {
+    let at = list.partition_point(|x| x.created_ms <= n.created_ms);
+    list.insert(at, n);
 }
 
 #[cfg(test)]
