@@ -17,7 +17,7 @@ load=target/release/client-sim
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 taskset -c 0 target/release/ptt-relay serve --data-dir "$work/relay" --listen 127.0.0.1:4451 \
-  --admin 127.0.0.1:9491 2>"$work/relay.log" >/dev/null &
+  --admin 127.0.0.1:9491 --web off 2>"$work/relay.log" >/dev/null &
 pid=$!
 sleep 2
 cat >"$work/show.py" <<'PY'

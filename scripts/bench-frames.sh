@@ -35,7 +35,7 @@ port=4461
 declare -A relay_port relay_pid
 for a in $acks; do
   taskset -c 0 target/release/ptt-relay serve --data-dir "$work/relay-$a" --listen 127.0.0.1:$port \
-    --admin 127.0.0.1:$((port + 5040)) --ack-delay "$a" 2>"$work/relay-$a.log" >/dev/null &
+    --admin 127.0.0.1:$((port + 5040)) --web off --ack-delay "$a" 2>"$work/relay-$a.log" >/dev/null &
   relay_pid[$a]=$!
   relay_port[$a]=$port
   port=$((port + 1))

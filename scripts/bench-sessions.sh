@@ -19,7 +19,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 load=target/release/client-sim
 taskset -c 0 target/release/ptt-relay serve --data-dir "$work/data" --listen 127.0.0.1:4475 \
-  --admin 127.0.0.1:9495 --max-handshakes-per-second 0 --max-connections 250000 \
+  --admin 127.0.0.1:9495 --web off --max-handshakes-per-second 0 --max-connections 250000 \
   >"$work/relay.log" 2>&1 &
 rp=$!
 sleep 2

@@ -25,11 +25,11 @@ done
 mkdir -p "$work/d" "$work/m"
 # shellcheck disable=SC2086
 taskset -c 0 "$durable_bin" serve --data-dir "$work/d" --listen 127.0.0.1:4433 \
-  --admin 127.0.0.1:9470 $limits >"$work/d.log" 2>&1 &
+  --admin 127.0.0.1:9470 --web off $limits >"$work/d.log" 2>&1 &
 pd=$!
 # shellcheck disable=SC2086
 taskset -c 0 $bin/ptt-relay serve --data-dir "$work/m" --store memory \
-  --listen 127.0.0.1:4434 --admin 127.0.0.1:9471 $limits >"$work/m.log" 2>&1 &
+  --listen 127.0.0.1:4434 --admin 127.0.0.1:9471 --web off $limits >"$work/m.log" 2>&1 &
 pm=$!
 trap 'kill $pd $pm 2>/dev/null || true; rm -rf "$work"' EXIT
 sleep 1.5

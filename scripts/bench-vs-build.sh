@@ -16,7 +16,7 @@ flags=(--max-clips-per-minute 0 --max-clip-bytes-per-minute 0 --max-handshakes-p
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 taskset -c 0 target/release/ptt-relay serve --data-dir "$work/this" --listen 127.0.0.1:4441 \
-  --admin 127.0.0.1:9481 "${flags[@]}" 2>"$work/this.log" >/dev/null &
+  --admin 127.0.0.1:9481 --web off "${flags[@]}" 2>"$work/this.log" >/dev/null &
 pid_this=$!
 taskset -c 0 "$other" serve --data-dir "$work/other" --listen 127.0.0.1:4442 \
   --admin 127.0.0.1:9482 "${flags[@]}" 2>"$work/other.log" >/dev/null &

@@ -12,6 +12,7 @@ declare -A need=(
   [espeak-ng]=espeak-ng [sox]=sox
   [promtool]=prometheus [prometheus]=prometheus
   [nats-server]=nats-server
+  [chromium]=chromium [chromedriver]=chromium-driver
 )
 missing=()
 for tool in "${!need[@]}"; do

@@ -130,19 +130,26 @@ pub fn reset_code(e: &quinn::ReadError) -> Option<ErrorCode> {
 }
 
 /// A TLS 1.3 server configuration for QUIC with our ALPN, from PEM files
-/// (the certificate chain and its private key).
-///
-/// With `zero_rtt_tickets` above 0 it accepts QUIC 0-RTT: every connection
-/// gets one resumption ticket, kept in a memory cache of that many (the
-/// oldest forgotten first), and a ticket resumes one connection only: the
-/// server takes it out of the cache on use, so a replayed 0-RTT flight
-/// finds no ticket and gets a full handshake, its early data dropped.
-/// Tickets die with the process (a restarted server does full handshakes).
+/// (the certificate chain and its private key). See [`server_crypto_with`].
 pub fn server_crypto(
     cert: &std::path::Path,
     key: &std::path::Path,
     zero_rtt_tickets: usize,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    let single = rustls::sign::SingleCertAndKey::from(certified_key(cert, key)?);
+    server_crypto_with(
+        std::sync::Arc::new(single),
+        vec![codec::wire::ALPN.to_vec()],
+        zero_rtt_tickets,
+    )
+}
+
+/// A certificate chain and its private key from PEM files, checked to
+/// belong together.
+pub fn certified_key(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad =
@@ -155,14 +162,31 @@ pub fn server_crypto(
         return Err(bad(cert, &"holds no certificate"));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    rustls::sign::CertifiedKey::from_der(certs, key_der, &rustls::crypto::ring::default_provider())
+        .map_err(|e| TlsError(format!("certificate and key do not match: {e}")))
+}
+
+/// A TLS 1.3 server configuration for QUIC offering `alpn` (in order of
+/// preference), its certificate chosen per handshake by `certs`.
+///
+/// With `zero_rtt_tickets` above 0 it accepts QUIC 0-RTT: every connection
+/// gets one resumption ticket, kept in a memory cache of that many (the
+/// oldest forgotten first), and a ticket resumes one connection only: the
+/// server takes it out of the cache on use, so a replayed 0-RTT flight
+/// finds no ticket and gets a full handshake, its early data dropped.
+/// Tickets die with the process (a restarted server does full handshakes).
+pub fn server_crypto_with(
+    certs: std::sync::Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: Vec<Vec<u8>>,
+    zero_rtt_tickets: usize,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| TlsError(format!("certificate and key do not match: {e}")))?;
-    tls.alpn_protocols = vec![codec::wire::ALPN.to_vec()];
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = alpn;
     if zero_rtt_tickets == 0 {
         tls.max_early_data_size = 0;
         tls.send_tls13_tickets = 0;

@@ -30,6 +30,39 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the web listener listens, or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WebListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for WebListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" | "" => Ok(WebListen(None)),
+            a => a
+                .parse()
+                .map(|a| WebListen(Some(a)))
+                .map_err(|e| format!("`{a}`: {e} (an address such as 127.0.0.1:8080, or off)")),
+        }
+    }
+}
+
+impl TryFrom<String> for WebListen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<WebListen> for String {
+    fn from(w: WebListen) -> String {
+        w.0.map_or_else(|| "off".into(), |a| a.to_string())
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -94,6 +127,19 @@ settings! {
     admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9464)), "PTT_ADMIN";
     /// Directory for the certificate, key, token secret and store.
     data_dir: PathBuf = PathBuf::from("ptt-data"), "PTT_DATA_DIR";
+    /// The operator's certificate chain (PEM), e.g. one a public CA
+    /// signed, with `key`. Empty: DATA_DIR/cert.pem, self-signed for
+    /// localhost, made on the first start (and, for browsers, a
+    /// short-lived one renewed in memory: `web`).
+    cert: PathBuf = PathBuf::new(), "PTT_CERT";
+    /// The private key (PEM) of `cert`. Empty: DATA_DIR/key.pem.
+    key: PathBuf = PathBuf::new(), "PTT_KEY";
+    /// TCP address of the web listener serving the browser app (HTTP, no
+    /// TLS: keep it on loopback, or behind a reverse proxy that adds
+    /// HTTPS; docs/operations.md). `off`: no web listener. Browsers reach
+    /// the relay itself over WebTransport on `listen` (HTTP/3, ALPN `h3`)
+    /// either way.
+    web: WebListen = WebListen(Some(SocketAddr::from(([127, 0, 0, 1], 8080)))), "PTT_WEB";
     /// Which clip store to use.
     store: StoreKind = StoreKind::Disk, "PTT_STORE";
     /// Log format on stderr.
@@ -273,6 +319,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            web: WebListen(Some(SocketAddr::from(([127, 0, 0, 1], 0)))),
             data_dir: data_dir.into(),
             ..Self::default()
         }
@@ -307,6 +354,10 @@ impl Config {
         ensure(
             self.token_hs256 || !self.token_keys.is_empty(),
             "token_hs256 = false needs token_keys (no token could be accepted)",
+        )?;
+        ensure(
+            self.cert.as_os_str().is_empty() == self.key.as_os_str().is_empty(),
+            "cert and key go together: set both or neither",
         )?;
         ensure(
             self.max_unauthenticated_connections >= 1,

@@ -24,6 +24,8 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod usage;
+pub mod web;
+pub mod webtransport;
 
 pub use config::{Config, Settings, StoreKind};
 pub use server::Relay;

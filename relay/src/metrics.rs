@@ -73,10 +73,10 @@ catalogue! {
         "Authenticated sessions open now (one per user).";
     ZERO_RTT_AUTHS = "ptt_zero_rtt_auths_total", Counter, Count, [],
         "Auth messages with a valid token that came in QUIC 0-RTT (a resumed connection; counted when read, before the handshake completes): the Welcome leaves one round trip sooner.";
-    CONNECTIONS_ACCEPTED = "ptt_connections_accepted_total", Counter, Count, [],
-        "Connections that authenticated and became a session.";
+    CONNECTIONS_ACCEPTED = "ptt_connections_accepted_total", Counter, Count, ["transport"],
+        "Connections that authenticated and became a session, by transport: quic (native ptt/1) or webtransport (a browser).";
     CONNECTIONS_REJECTED = "ptt_connections_rejected_total", Counter, Count, ["reason"],
-        "Connections closed or refused before becoming a session: max_connections, handshake_rate, auth, unauthenticated_limit (past max_unauthenticated_connections) or draining (a handshake while the relay shuts down).";
+        "Connections closed or refused before becoming a session: max_connections, handshake_rate, auth, unauthenticated_limit (past max_unauthenticated_connections), draining (a handshake while the relay shuts down) or webtransport (a browser's HTTP/3 handshake failed, or asked for a path other than /ptt).";
     AUTH_FAILURES = "ptt_auth_failures_total", Counter, Count, ["reason"],
         "Failed authentications by error code: unauthenticated, token_invalid, token_expired, protocol_violation.";
     GOAWAYS = "ptt_goaways_total", Counter, Count, [],

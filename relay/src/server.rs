@@ -96,6 +96,7 @@ pub struct Relay {
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
     admin_addr: SocketAddr,
+    web_addr: Option<SocketAddr>,
     files: DataFiles,
 }
 
@@ -111,7 +112,11 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     let early = u32::from(cfg.early_upload_bytes > 0);
     t.max_concurrent_bidi_streams((1 + early).into());
     t.receive_window(auth_window(cfg));
-    t.max_concurrent_uni_streams(0u32.into());
+    // None for ptt/1 (a native client's are stopped at once), but a
+    // browser's HTTP/3 needs three (control, QPACK encoder and decoder)
+    // from the first flight on: Chromium closes a connection whose
+    // transport parameters allow fewer.
+    t.max_concurrent_uni_streams(crate::webtransport::H3_UNI_STREAMS.into());
     t.max_idle_timeout(Some(
         cfg.idle_timeout
             .try_into()
@@ -134,7 +139,9 @@ impl Relay {
     /// listener, and starts serving.
     pub async fn start(config: Config) -> Result<Relay, StartError> {
         config.validate()?;
-        let (files, created) = tls::ensure_data_dir(&config.data_dir)?;
+        let operator = (!config.cert.as_os_str().is_empty())
+            .then_some((config.cert.as_path(), config.key.as_path()));
+        let (files, created) = tls::ensure_data_dir(&config.data_dir, operator)?;
         if created.cert {
             info!(path = %files.cert.display(), "created a self-signed certificate for localhost, 127.0.0.1, ::1");
         }
@@ -152,8 +159,15 @@ impl Relay {
         if !public_keys.is_empty() {
             info!(kids = ?public_keys.kids(), "token keys loaded");
         }
+        // Browsers (WebTransport, ALPN h3) get the operator's certificate,
+        // or a short-lived one the page pins by hash.
+        let web_certs = match operator {
+            Some(_) => tls::WebCerts::Operator,
+            None => tls::WebCerts::Ephemeral(Arc::new(tls::EphemeralCert::new()?)),
+        };
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(
             &files,
+            Some(web_certs.clone()),
             config.zero_rtt_tickets,
         )?));
         server.transport_config(Arc::new(transport(&config)?));
@@ -238,6 +252,36 @@ impl Relay {
             node.clone(),
             shared.shutdown.clone(),
         ));
+        let web_addr = match shared.config.web.0 {
+            Some(addr) => {
+                let web = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "web TCP",
+                        addr,
+                        source,
+                    })?;
+                let bound = web.local_addr().map_err(|source| StartError::Bind {
+                    what: "web TCP",
+                    addr,
+                    source,
+                })?;
+                let info = crate::web::WebInfo {
+                    quic_port: endpoint.local_addr().map_or(0, |a| a.port()),
+                    certs: web_certs.clone(),
+                };
+                tokio::spawn(crate::web::serve(
+                    web,
+                    Arc::new(info),
+                    shared.shutdown.clone(),
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
+        if let tls::WebCerts::Ephemeral(certs) = &web_certs {
+            tokio::spawn(renew_web_certs(certs.clone(), shared.shutdown.clone()));
+        }
         tokio::spawn(accept_loop(endpoint.clone(), node.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.shutdown.clone()));
@@ -249,6 +293,7 @@ impl Relay {
             node,
             endpoint,
             admin_addr,
+            web_addr,
             files,
         })
     }
@@ -261,6 +306,11 @@ impl Relay {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The web listener's address (`web`), unless it is off.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     pub fn files(&self) -> &DataFiles {
@@ -321,7 +371,8 @@ impl Relay {
         // connections are closed here directly, at once; the endpoint
         // closes the rest (still authenticating).
         for sess in s.router.sessions() {
-            quic::close(&sess.conn, ErrorCode::GoingAway, "relay shutting down");
+            sess.link
+                .close(&sess.conn, ErrorCode::GoingAway, "relay shutting down");
         }
         self.endpoint
             .close(quic::varint(ErrorCode::GoingAway), b"relay shutting down");
@@ -529,6 +580,28 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
             }
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
         });
+    }
+}
+
+/// Replaces the browsers' short-lived certificate before it expires
+/// (checked hourly); new connections get the new one at once, open ones
+/// keep theirs.
+async fn renew_web_certs(
+    certs: Arc<tls::EphemeralCert>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            () = stop.cancelled() => return,
+        }
+        match certs.renew_if_due(std::time::SystemTime::now()) {
+            Ok(true) => {
+                info!(sha256 = %tls::hex(&certs.current().sha256), "renewed the web certificate")
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "could not renew the web certificate"),
+        }
     }
 }
 

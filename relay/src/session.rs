@@ -20,6 +20,7 @@ use crate::live::{LiveClip, Next};
 use crate::metrics;
 use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
+use crate::webtransport::Link;
 
 /// This relay as a connection sees it: the state every connection shares
 /// and, in a cluster, the link to the other relays.
@@ -65,10 +66,28 @@ pub async fn run(
         },
     };
     let remote = conn.remote_address();
+    let link = if crate::webtransport::is_h3(&conn) {
+        // A browser: the HTTP/3 handshake first, on a complete TLS one.
+        let deadline = Instant::now() + shared.config.auth_timeout;
+        if !handshake.complete(&conn, deadline).await {
+            return;
+        }
+        match Box::pin(crate::webtransport::accept(&conn, &shared.config, deadline)).await {
+            Ok(link) => link,
+            Err(why) => {
+                debug!(%remote, %why, "WebTransport session refused");
+                metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "webtransport");
+                quic::close(&conn, ErrorCode::ProtocolViolation, &why);
+                return;
+            }
+        }
+    } else {
+        Link::Quic
+    };
     // The steps before the session starts are boxed, freed once done: the
     // task keeps only what an idle session needs (docs/benchmarks.md,
     // memory per session).
-    let authenticated = Box::pin(authenticate(&shared, &conn, &mut handshake)).await;
+    let authenticated = Box::pin(authenticate(&shared, &conn, &link, &mut handshake)).await;
     if authenticated.is_ok() && handshake.is_pending() {
         // A session from 0-RTT is served at once (its `Welcome` means
         // "online", as on any connection); its handshake completes about a
@@ -82,7 +101,7 @@ pub async fn run(
     drop(unauthenticated);
     let (session, mut live_rx, ctl, welcome) = match authenticated {
         Ok(x) => {
-            metrics::count1(metrics::CONNECTIONS_ACCEPTED);
+            metrics::count(metrics::CONNECTIONS_ACCEPTED, "transport", link.transport());
             x
         }
         Err((code, reason)) => {
@@ -91,7 +110,7 @@ pub async fn run(
                 metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "auth");
             }
             debug!(%remote, code = code.name(), %reason, "connection refused");
-            quic::close(&conn, code, &reason);
+            link.close(&conn, code, &reason);
             return;
         }
     };
@@ -113,7 +132,7 @@ pub async fn run(
     tokio::select! {
         r = control_loop(&shared, &session, ctl) => {
             if let Err((code, reason)) = r {
-                quic::close(&conn, code, &reason);
+                session.link.close(&conn, code, &reason);
             }
         }
         () = accept_uploads(&shared, &session) => {}
@@ -238,14 +257,19 @@ async fn check_auth(
 async fn authenticate(
     shared: &Arc<Node>,
     conn: &Connection,
+    link: &Link,
     handshake: &mut Handshake,
 ) -> Result<Authenticated, Refusal> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.auth_timeout;
-    let (send, recv) = timeout_at(deadline, conn.accept_bi())
+    let (send, mut recv) = timeout_at(deadline, link.accept_bi(conn))
         .await
         .map_err(|_| late(cfg))?
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
+    timeout_at(deadline, link.enter(&mut recv))
+        .await
+        .map_err(|_| late(cfg))?
+        .map_err(|e| (ErrorCode::ProtocolViolation, e.to_string()))?;
     let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
     let claims = match check_auth(shared, &mut rd, deadline).await {
         Ok(c) => c,
@@ -259,7 +283,7 @@ async fn authenticate(
             return Err(refusal);
         }
     };
-    crate::state::open_credit(cfg, conn);
+    crate::state::open_credit(cfg, conn, link.extra_bidi());
     let id = shared.next_session_id();
     let welcome = Message::Welcome(Welcome {
         user: claims.sub.clone(),
@@ -279,9 +303,10 @@ async fn authenticate(
         live_tx,
         send,
         claims.channels,
+        link.clone(),
     ));
     if let Some(old) = shared.router.register(session.clone()) {
-        quic::close(
+        old.link.close(
             &old.conn,
             ErrorCode::SessionReplaced,
             "replaced by a newer connection of the same user",
@@ -346,10 +371,36 @@ async fn control_loop(
 }
 
 async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
-    while let Ok((send, recv)) = session.conn.accept_bi().await {
+    // The transport parameters allow a browser's HTTP/3 streams; a native
+    // client opening a unidirectional stream is told no at once.
+    let native = matches!(session.link, Link::Quic);
+    loop {
+        let (send, mut recv) = tokio::select! {
+            r = session.link.accept_bi(&session.conn) => match r {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            r = session.conn.accept_uni(), if native => {
+                match r {
+                    Ok(mut s) => {
+                        let _ = s.stop(session.link.code(ErrorCode::ProtocolViolation));
+                    }
+                    Err(_) => return,
+                }
+                continue;
+            }
+        };
         let shared = shared.clone();
         let session = session.clone();
         shared.clone().tracker.spawn(async move {
+            let idle = shared.config.upload_idle_timeout;
+            if !matches!(
+                timeout(idle, session.link.enter(&mut recv)).await,
+                Ok(Ok(()))
+            ) {
+                let _ = recv.stop(session.link.code(ErrorCode::ProtocolViolation));
+                return;
+            }
             upload(&shared, &session, send, recv).await;
         });
     }
@@ -413,7 +464,7 @@ async fn upload(
         Err(r) => {
             // No clip id could be read: the answer carries the all-zero id.
             debug!(code = r.code.name(), reason = %r.reason, "bad clip header");
-            return refuse(&mut send, &mut rd, ClipId([0; 16]), r).await;
+            return refuse(&session.link, &mut send, &mut rd, ClipId([0; 16]), r).await;
         }
     };
     let id = header.clip_id;
@@ -422,11 +473,11 @@ async fn upload(
         // user's budget; a new clip must fit it.
         Ok(Admit::New(r)) => match budget(shared, session) {
             Ok(()) => r,
-            Err(r) => return refuse(&mut send, &mut rd, id, r).await,
+            Err(r) => return refuse(&session.link, &mut send, &mut rd, id, r).await,
         },
         Ok(Admit::Duplicate) => {
             metrics::hot().duplicate.increment(1);
-            let _ = rd.stream().stop(quic::varint(ErrorCode::NoError));
+            let _ = rd.stream().stop(session.link.code(ErrorCode::NoError));
             reply(
                 &mut send,
                 Message::Accepted(Accepted {
@@ -437,10 +488,10 @@ async fn upload(
             .await;
             return;
         }
-        Err(r) => return refuse(&mut send, &mut rd, id, r).await,
+        Err(r) => return refuse(&session.link, &mut send, &mut rd, id, r).await,
     };
     let Some((upload_no, stop)) = shared.begin_upload(id, &session.user) else {
-        return refuse(&mut send, &mut rd, id, Refused::conflict()).await;
+        return refuse(&session.link, &mut send, &mut rd, id, Refused::conflict()).await;
     };
     let channel = match &header.target {
         Target::Channel(c) => Some(c.clone()),
@@ -451,7 +502,7 @@ async fn upload(
             Ok(rev) => rev,
             Err(r) => {
                 shared.end_upload(id, upload_no);
-                return refuse(&mut send, &mut rd, id, r).await;
+                return refuse(&session.link, &mut send, &mut rd, id, r).await;
             }
         },
         None => None,
@@ -496,7 +547,7 @@ async fn upload(
             };
             live.cut(code);
             metrics::count(metrics::CLIPS_CUT, "reason", code.name());
-            let _ = rd.stream().stop(quic::varint(r.code));
+            let _ = rd.stream().stop(session.link.code(r.code));
             Err(r)
         }
     };
@@ -684,9 +735,15 @@ fn rejected(clip_id: ClipId, r: Refused) -> Message {
 }
 
 /// Refuses an upload before it starts: stops the stream, answers why.
-async fn refuse(send: &mut SendStream, rd: &mut MessageReader, id: ClipId, r: Refused) {
+async fn refuse(
+    link: &Link,
+    send: &mut SendStream,
+    rd: &mut MessageReader,
+    id: ClipId,
+    r: Refused,
+) {
     metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
-    let _ = rd.stream().stop(quic::varint(r.code));
+    let _ = rd.stream().stop(link.code(r.code));
     reply(send, rejected(id, r)).await;
 }
 
@@ -1043,7 +1100,7 @@ async fn start_live(
     if !session.begin_live(id) {
         return Ok(());
     }
-    let send = match session.conn.open_uni().await {
+    let send = match session.link.open_uni(&session.conn).await {
         Ok(s) => s,
         Err(_) => return Err(()),
     };
@@ -1110,7 +1167,7 @@ async fn write_live(
                 return true;
             }
             Next::Cut(code) => {
-                let _ = send.reset(quic::varint(code));
+                let _ = send.reset(session.link.code(code));
                 return false;
             }
         }
@@ -1161,7 +1218,7 @@ async fn start_stored_copy(
     fault: Fault,
     order: Option<&mut StoredOrder>,
 ) -> Result<(), ()> {
-    let mut send = match session.conn.open_uni().await {
+    let mut send = match session.link.open_uni(&session.conn).await {
         Ok(s) => s,
         Err(_) => return Err(()),
     };

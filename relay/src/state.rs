@@ -242,8 +242,10 @@ pub fn auth_window(cfg: &Config) -> quinn::VarInt {
 
 /// Gives an authenticated connection its full credit: the control stream
 /// plus `max_clip_streams` uploads, and quinn's usual connection window.
-pub fn open_credit(cfg: &Config, conn: &quinn::Connection) {
-    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1).into());
+/// `extra_bidi`: streams the transport keeps open besides ptt/1's (a
+/// WebTransport session's CONNECT stream).
+pub fn open_credit(cfg: &Config, conn: &quinn::Connection, extra_bidi: u32) {
+    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1 + extra_bidi).into());
     conn.set_receive_window(quinn::VarInt::MAX);
 }
 
@@ -261,6 +263,8 @@ pub struct Session {
     pub id: u64,
     pub user: Arc<str>,
     pub conn: Connection,
+    /// Native ptt/1 or inside WebTransport.
+    pub link: crate::webtransport::Link,
     live_tx: mpsc::Sender<Arc<LiveClip>>,
     /// The store has new clips for this user.
     pub(crate) dirty: Notify,
@@ -323,11 +327,13 @@ impl Session {
         live_tx: mpsc::Sender<Arc<LiveClip>>,
         control: SendStream,
         channels: std::collections::BTreeMap<String, Right>,
+        link: crate::webtransport::Link,
     ) -> Session {
         Session {
             id,
             user,
             conn,
+            link,
             live_tx,
             dirty: Notify::new(),
             window: Notify::new(),

@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::error::StartError;
 use quinn::crypto::rustls::QuicServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 /// Names the generated certificate is valid for.
 pub const SELF_SIGNED_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
@@ -55,13 +58,20 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Creates the data dir, a self-signed certificate and a random token
+/// Creates the data dir, a self-signed certificate (unless the operator
+/// gave one: `operator` = certificate and key paths) and a random token
 /// secret when they are missing. Existing files are never overwritten.
-pub fn ensure_data_dir(dir: &Path) -> Result<(DataFiles, Created), StartError> {
+pub fn ensure_data_dir(
+    dir: &Path,
+    operator: Option<(&Path, &Path)>,
+) -> Result<(DataFiles, Created), StartError> {
     std::fs::create_dir_all(dir).map_err(StartError::file("creating", dir))?;
-    let files = DataFiles::new(dir);
+    let mut files = DataFiles::new(dir);
     let mut created = Created::default();
-    if !files.cert.exists() && !files.key.exists() {
+    if let Some((cert, key)) = operator {
+        files.cert = cert.to_path_buf();
+        files.key = key.to_path_buf();
+    } else if !files.cert.exists() && !files.key.exists() {
         let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|s| s.to_string()).collect();
         let ck = rcgen::generate_simple_self_signed(names)?;
         write_private(&files.key, ck.signing_key.serialize_pem().as_bytes())
@@ -84,7 +94,7 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(DataFiles, Created), StartError> {
 
 fn random_hex() -> String {
     let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
 }
 
 /// The endpoint's QUIC settings with the stateless-reset key read from the
@@ -195,17 +205,178 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS 1.3 server config for QUIC with our ALPN, accepting 0-RTT with up
-/// to `zero_rtt_tickets` single-use tickets (0: no 0-RTT).
+/// TLS 1.3 server config for QUIC, accepting 0-RTT with up to
+/// `zero_rtt_tickets` single-use tickets (0: no 0-RTT). ALPN `ptt/1`, and
+/// `h3` (WebTransport) too when `web` is given: browsers then get the
+/// certificate `web` picks (see [`Certs`]).
 pub fn server_crypto(
     files: &DataFiles,
+    web: Option<WebCerts>,
     zero_rtt_tickets: usize,
 ) -> Result<QuicServerConfig, StartError> {
-    Ok(quic::server_crypto(
-        &files.cert,
-        &files.key,
+    let native = Arc::new(quic::certified_key(&files.cert, &files.key)?);
+    let mut alpn = vec![codec::wire::ALPN.to_vec()];
+    if web.is_some() {
+        alpn.push(web_transport_quinn::ALPN.as_bytes().to_vec());
+    }
+    Ok(quic::server_crypto_with(
+        Arc::new(Certs { native, web }),
+        alpn,
         zero_rtt_tickets,
     )?)
+}
+
+/// The certificate a handshake gets: ptt/1 clients the relay's
+/// certificate (the operator's, or DATA_DIR/cert.pem that native clients
+/// trust by file); browsers (ALPN `h3`) the one [`WebCerts`] holds.
+#[derive(Debug)]
+struct Certs {
+    native: Arc<CertifiedKey>,
+    web: Option<WebCerts>,
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let h3 = hello
+            .alpn()
+            .is_some_and(|mut a| a.any(|p| p == web_transport_quinn::ALPN.as_bytes()));
+        match &self.web {
+            Some(WebCerts::Ephemeral(e)) if h3 => Some(e.current().key),
+            _ => Some(self.native.clone()),
+        }
+    }
+}
+
+/// What browsers connecting over WebTransport are shown.
+#[derive(Debug, Clone)]
+pub enum WebCerts {
+    /// The operator's certificate, as for every client: the page connects
+    /// as to any HTTPS site.
+    Operator,
+    /// No operator certificate: a short-lived self-signed one the page
+    /// pins by its hash (WebTransport's `serverCertificateHashes`).
+    Ephemeral(Arc<EphemeralCert>),
+}
+
+/// Longest validity WebTransport's `serverCertificateHashes` accepts
+/// (W3C WebTransport, "custom certificate requirements"): 14 days.
+pub const WEB_CERT_LIFETIME: Duration = Duration::from_secs(13 * 24 * 3600);
+/// A web certificate is replaced when this little of its life is left.
+pub const WEB_CERT_RENEW_BEFORE: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// One generated web certificate.
+#[derive(Clone)]
+pub struct WebCert {
+    pub key: Arc<CertifiedKey>,
+    /// SHA-256 of the certificate (DER): what the page pins.
+    pub sha256: [u8; 32],
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for WebCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebCert")
+            .field("sha256", &hex(&self.sha256))
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+/// The current short-lived web certificate: ECDSA P-256, valid
+/// [`WEB_CERT_LIFETIME`] (from an hour before it was made, for clocks a
+/// little behind), for the self-signed names; replaced by
+/// [`EphemeralCert::renew_if_due`].
+#[derive(Debug)]
+pub struct EphemeralCert {
+    current: std::sync::RwLock<WebCert>,
+}
+
+impl EphemeralCert {
+    pub fn new() -> Result<Self, StartError> {
+        Ok(Self {
+            current: std::sync::RwLock::new(make_web_cert(SystemTime::now())?),
+        })
+    }
+
+    pub fn current(&self) -> WebCert {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes a new certificate when the current one has less than
+    /// [`WEB_CERT_RENEW_BEFORE`] left at `now`; whether it did.
+    pub fn renew_if_due(&self, now: SystemTime) -> Result<bool, StartError> {
+        let due = self
+            .current()
+            .not_after
+            .duration_since(now)
+            .map_or(true, |left| left < WEB_CERT_RENEW_BEFORE);
+        if due {
+            let next = make_web_cert(now)?;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        }
+        Ok(due)
+    }
+}
+
+fn make_web_cert(now: SystemTime) -> Result<WebCert, StartError> {
+    let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names)?;
+    let start = now - Duration::from_secs(3600);
+    let not_after = start + WEB_CERT_LIFETIME;
+    params.not_before = time::OffsetDateTime::from(start);
+    params.not_after = time::OffsetDateTime::from(not_after);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.self_signed(&key)?;
+    let der = cert.der().clone();
+    let sha = ring::digest::digest(&ring::digest::SHA256, &der);
+    let mut sha256 = [0u8; 32];
+    sha256.copy_from_slice(sha.as_ref());
+    let private = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| StartError::Config(format!("web certificate key: {e}")))?;
+    let key = CertifiedKey::from_der(vec![der], private, &crypto_provider())
+        .map_err(|e| StartError::Config(format!("web certificate: {e}")))?;
+    Ok(WebCert {
+        key: Arc::new(key),
+        sha256,
+        // Whole seconds, as the certificate holds it.
+        not_after,
+    })
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod web_cert_tests {
+    use super::*;
+
+    #[test]
+    fn a_web_certificate_is_p256_short_lived_and_renewed_near_its_end() {
+        let now = SystemTime::now();
+        let certs = EphemeralCert::new().unwrap();
+        let first = certs.current();
+        let der = &first.key.cert[0];
+        let life = first.not_after.duration_since(now).unwrap();
+        assert!(life <= Duration::from_secs(14 * 24 * 3600) && life > WEB_CERT_RENEW_BEFORE);
+        // ECDSA with SHA-256 (1.2.840.10045.4.3.2) over P-256 (1.2.840.10045.3.1.7).
+        let has = |oid: &[u8]| der.windows(oid.len()).any(|w| w == oid);
+        assert!(has(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]));
+        assert!(has(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]));
+        let sha = ring::digest::digest(&ring::digest::SHA256, der);
+        assert_eq!(sha.as_ref(), &first.sha256);
+        assert!(!certs.renew_if_due(now).unwrap());
+        assert_eq!(certs.current().sha256, first.sha256);
+        let late = first.not_after - WEB_CERT_RENEW_BEFORE + Duration::from_secs(1);
+        assert!(certs.renew_if_due(late).unwrap());
+        let second = certs.current();
+        assert_ne!(second.sha256, first.sha256);
+        assert!(second.not_after > first.not_after);
+    }
 }
 
 #[cfg(test)]

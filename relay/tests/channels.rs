@@ -117,7 +117,13 @@ async fn a_priority_talker_preempts() {
         let (alice, c) = (alice.clone(), long.clone());
         tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Alice is on the air: carol hears her (on a loaded machine that can
+    // take longer than any fixed wait).
+    next_matching(&mut carol_ev, |e| match e {
+        Event::FirstPacket { id, .. } if id == long.id => Some(()),
+        _ => None,
+    })
+    .await;
     let urgent = channel_clip("ops", 5);
     chief.send_clip(&urgent, Pacing::Upload).await.unwrap();
     let (code, _) = rejected(talking.await.unwrap());

@@ -101,7 +101,15 @@ fn the_binary_notifies_systemd_and_warns_when_udp_buffers_are_capped() {
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ptt-relay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--web",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("NOTIFY_SOCKET", &sock_path)

@@ -145,7 +145,7 @@ async fn real_traffic_is_counted_linted_and_scraped_by_prometheus() {
         ("ptt_packets_out_total", 10.0),
         ("ptt_auth_failures_total{reason=\"token_invalid\"}", 1.0),
         ("ptt_connections_rejected_total{reason=\"auth\"}", 1.0),
-        ("ptt_connections_accepted_total", 2.0),
+        ("ptt_connections_accepted_total{transport=\"quic\"}", 2.0),
         ("ptt_handshakes_total{outcome=\"completed\"}", 3.0),
         ("ptt_sessions_open", 2.0),
         ("ptt_ready", 1.0),

@@ -17,6 +17,9 @@ use relay::{Relay, Settings};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The web app on the default web listener (`web`).
+const DEFAULT_WEB_URL: &str = "http://127.0.0.1:8080/";
+
 #[derive(Parser)]
 #[command(
     name = "ptt-relay",
@@ -59,6 +62,12 @@ enum Cmd {
         /// The key id the relay knows the public key by (its JWKS `kid`).
         #[arg(long, requires = "private_key")]
         kid: Option<String>,
+        /// Print a sign-in link to the web app instead of the bare token:
+        /// the app's URL (default the relay's default web listener) with
+        /// the token in the fragment (`#token=...`), which browsers never
+        /// send to the web listener.
+        #[arg(long, num_args = 0..=1, default_missing_value = DEFAULT_WEB_URL, value_name = "APP_URL")]
+        link: Option<String>,
     },
     /// Make a key pair for public-key tokens: the private key (PKCS#8 PEM,
     /// for the app backend that mints tokens) and its public key added to
@@ -120,15 +129,20 @@ async fn main() -> anyhow::Result<()> {
             channels,
             private_key,
             kid,
+            link,
         } => {
             let channels = channels.into_iter().collect();
+            let print = |token: String| match &link {
+                Some(url) => println!("{}", sign_in_link(url, &token)),
+                None => println!("{token}"),
+            };
             if let (Some(pk), Some(kid)) = (private_key, kid) {
                 let pem =
                     std::fs::read(&pk).with_context(|| format!("reading {}", pk.display()))?;
                 let key = codec::token::SigningKey::from_pem(&pem, &kid)
                     .with_context(|| format!("{}", pk.display()))?;
                 let claims = codec::token::Claims::new(&user, ttl, channels)?;
-                println!("{}", key.mint_claims(&claims)?);
+                print(key.mint_claims(&claims)?);
                 return Ok(());
             }
             let path = secret.unwrap_or_else(|| data_dir.join("token.secret"));
@@ -139,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
                         path.display()
                     )
                 })?;
-            println!("{}", key.mint_with_channels(&user, ttl, channels)?);
+            print(key.mint_with_channels(&user, ttl, channels)?);
             Ok(())
         }
         Cmd::Keygen {
@@ -191,6 +205,13 @@ fn keygen(
     Ok(())
 }
 
+/// The web app's URL with `token` in its fragment (a JWT is URL-safe:
+/// base64url and dots).
+fn sign_in_link(app: &str, token: &str) -> String {
+    let base = app.split('#').next().unwrap_or(app);
+    format!("{base}#token={token}")
+}
+
 fn print_banner(relay: &Relay) {
     let quic = relay.quic_addr();
     let f = relay.files();
@@ -213,4 +234,19 @@ fn print_banner(relay: &Relay) {
         cert = f.cert.display(),
         secret = f.secret.display(),
     );
+    if let Some(web) = relay.web_addr() {
+        let url = if web.ip().is_unspecified() || web.ip().is_loopback() {
+            format!("http://127.0.0.1:{}/", web.port())
+        } else {
+            format!("http://{web}/")
+        };
+        let link = if url == DEFAULT_WEB_URL {
+            "--link".to_string()
+        } else {
+            format!("--link {url}")
+        };
+        eprintln!(
+            "  web app:       {url} (WebTransport on QUIC {quic}; sign in with a token, or a link: ptt-relay token --data-dir {dir} --user carol {link})"
+        );
+    }
 }

@@ -278,7 +278,15 @@ pub async fn start_binary_at(
 ) -> (tokio::process::Child, std::net::SocketAddr) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ptt-relay"))
-        .args(["serve", "--listen", listen, "--admin", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--admin",
+            "127.0.0.1:0",
+            "--web",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(dir)
         .args(extra)

@@ -1,0 +1,231 @@
+//! ptt/1 inside WebTransport (what the browser app speaks), from a Rust
+//! WebTransport client (`web-transport-quinn`, pinning the certificate
+//! hash the web listener serves), against native ptt/1 clients on the same
+//! relay port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
+use codec::{ClipEnd, ErrorCode};
+use common::*;
+use relay::web::PageConfig;
+
+/// What the page reads from `/config.json`, and a WebTransport client
+/// that pins its hash.
+async fn web_client(t: &TestRelay) -> (PageConfig, web_transport_quinn::Client) {
+    let web = t.relay.web_addr().expect("web listener on");
+    let (status, body) = http_get(web, "/config.json").await;
+    assert_eq!(status, 200, "{body}");
+    let cfg: PageConfig = serde_json::from_str(&body).unwrap();
+    assert_eq!(cfg.port, t.relay.quic_addr().port());
+    assert_eq!(cfg.certificate_hashes.len(), 1);
+    let hash: Vec<u8> = (0..64)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cfg.certificate_hashes[0][i..i + 2], 16).unwrap())
+        .collect();
+    let client = web_transport_quinn::ClientBuilder::new()
+        .with_server_certificate_hashes(vec![hash])
+        .unwrap();
+    (cfg, client)
+}
+
+async fn open_session(
+    client: &web_transport_quinn::Client,
+    cfg: &PageConfig,
+    path: &str,
+) -> Result<web_transport_quinn::Session, web_transport_quinn::ClientError> {
+    let url: url::Url = format!("https://127.0.0.1:{}{path}", cfg.port)
+        .parse()
+        .unwrap();
+    client.connect(url).await
+}
+
+/// Reads messages and records from a stream into a buffer.
+struct Reader {
+    recv: web_transport_quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl Reader {
+    async fn fill(&mut self) -> bool {
+        match tokio::time::timeout(Duration::from_secs(10), self.recv.read_chunk(65536, true))
+            .await
+            .expect("read in time")
+        {
+            Ok(Some(c)) => {
+                self.buf.extend_from_slice(&c.bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn message(&mut self) -> Message {
+        loop {
+            if let Some((m, n)) = Message::decode(&self.buf, 65536).unwrap() {
+                let _ = self.buf.split_to(n);
+                return m;
+            }
+            assert!(self.fill().await, "stream ended before a message");
+        }
+    }
+
+    /// The packet records and the end record, up to FIN.
+    async fn clip(&mut self) -> (Vec<Bytes>, ClipEnd) {
+        while self.fill().await {}
+        let mut at = &self.buf[..];
+        let mut packets = Vec::new();
+        loop {
+            let (len, n) = codec::varint::get(at).unwrap();
+            at = &at[n..];
+            if len == 0 {
+                let (packet_count, n) = codec::varint::get(at).unwrap();
+                let (final_granule, m) = codec::varint::get(&at[n..]).unwrap();
+                assert_eq!(n + m, at.len(), "nothing after the end record");
+                return (
+                    packets,
+                    ClipEnd {
+                        packet_count,
+                        final_granule,
+                    },
+                );
+            }
+            packets.push(Bytes::copy_from_slice(&at[..len as usize]));
+            at = &at[len as usize..];
+        }
+    }
+}
+
+/// `Auth` on a new control stream; the `Welcome`.
+async fn sign_in(
+    session: &web_transport_quinn::Session,
+    token: &str,
+) -> (web_transport_quinn::SendStream, Reader, Message) {
+    let (mut send, recv) = session.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Message::Auth(codec::wire::Auth {
+        token: token.into(),
+    })
+    .encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+    let mut rd = Reader {
+        recv,
+        buf: BytesMut::new(),
+    };
+    let welcome = rd.message().await;
+    (send, rd, welcome)
+}
+
+#[tokio::test]
+async fn a_browser_session_talks_and_listens_beside_native_clients() {
+    let t = start(|_| {}).await;
+    let (cfg, client) = web_client(&t).await;
+    let web = open_session(&client, &cfg, "/ptt").await.unwrap();
+    let (mut ctl, mut ctl_rd, welcome) = sign_in(&web, &t.token("carol")).await;
+    match welcome {
+        Message::Welcome(w) => assert_eq!(w.user, "carol"),
+        m => panic!("expected Welcome, got {m:?}"),
+    }
+    let (bob, mut bob_events) = t.connect("bob").await;
+
+    // Browser -> native: one upload stream, answered `Accepted`.
+    let id = ClipId(rand::random());
+    let packets: Vec<Bytes> = (0..25).map(|i| packet(i, 30 + i as usize)).collect();
+    let (mut send, recv) = web.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Message::ClipHeader(ClipHeader {
+        clip_id: id,
+        target: Target::User("bob".into()),
+        format: AudioFormat::default(),
+    })
+    .encode(&mut buf);
+    for p in &packets {
+        codec::framing::put_packet(&mut buf, p);
+    }
+    ClipEnd {
+        packet_count: packets.len() as u64,
+        final_granule: 25 * 960,
+    }
+    .encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+    send.finish().unwrap();
+    let mut up = Reader {
+        recv,
+        buf: BytesMut::new(),
+    };
+    match up.message().await {
+        Message::Accepted(a) => assert_eq!((a.clip_id, a.duplicate), (id, false)),
+        m => panic!("expected Accepted, got {m:?}"),
+    }
+    let got = next_complete(&mut bob_events).await;
+    assert_eq!(got.id(), id);
+    assert_eq!(got.delivery.sender, "carol");
+    assert_eq!(got.packets, packets);
+    bob.ack(id).await.unwrap();
+    assert_eq!(t.settle_pending(0).await, 0, "bob acked carol's clip");
+
+    // Native -> browser: a delivery stream with the WebTransport header
+    // taken off by the browser's stack, ptt/1 inside unchanged.
+    let clip = clip("carol", 30);
+    let (clip_id, sent) = (clip.id, clip.packets.clone());
+    bob.send_clip(&clip, ptt_client::Pacing::Upload)
+        .await
+        .unwrap();
+    let recv = tokio::time::timeout(Duration::from_secs(10), web.accept_uni())
+        .await
+        .expect("a delivery in time")
+        .unwrap();
+    let mut rd = Reader {
+        recv,
+        buf: BytesMut::new(),
+    };
+    match rd.message().await {
+        Message::Delivery(d) => {
+            assert_eq!((d.clip_id, d.sender.as_str()), (clip_id, "bob"));
+        }
+        m => panic!("expected Delivery, got {m:?}"),
+    }
+    let (got, end) = rd.clip().await;
+    assert_eq!(got, sent);
+    assert_eq!(end.packet_count, 30);
+    // Acked on the control stream, as any client: the copy is released.
+    let mut ack = BytesMut::new();
+    Message::Ack(clip_id).encode(&mut ack);
+    ctl.write_all(&ack).await.unwrap();
+    assert_eq!(t.settle_pending(0).await, 0);
+    drop(ctl_rd.buf.split());
+}
+
+#[tokio::test]
+async fn refusals_reach_the_page_as_codes_and_words() {
+    let t = start(|_| {}).await;
+    let (cfg, client) = web_client(&t).await;
+    // Another path: 404, no session.
+    assert!(open_session(&client, &cfg, "/other").await.is_err());
+    // A bad token: the session closes with token_invalid and the reason,
+    // as WebTransport's close (code and reason), not a bare QUIC close.
+    let web = open_session(&client, &cfg, "/ptt").await.unwrap();
+    let (mut send, _recv) = web.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Message::Auth(codec::wire::Auth {
+        token: "not-a-token".into(),
+    })
+    .encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), web.closed())
+        .await
+        .expect("closed in time");
+    match err {
+        web_transport_quinn::SessionError::WebTransportError(
+            web_transport_quinn::WebTransportError::Closed(code, reason),
+        ) => {
+            assert_eq!(u64::from(code), ErrorCode::TokenInvalid.to_u64());
+            assert!(reason.contains("invalid token"), "{reason}");
+        }
+        e => panic!("expected a WebTransport close, got {e:?}"),
+    }
+}

@@ -1,0 +1,476 @@
+// ptt/1 over WebTransport (docs/protocol.md): the bytes, the streams, the
+// session. No audio here: app.js wires this to audio.js and the page.
+
+export const CODES = {
+  0x00: ["no_error", "closed"],
+  0x01: ["protocol_violation", "the relay did not understand this app (a bug)"],
+  0x02: ["unauthenticated", "not signed in in time"],
+  0x03: ["token_expired", "your sign-in expired: get a new token"],
+  0x04: ["token_invalid", "this token is not valid"],
+  0x05: ["server_busy", "the relay is busy; trying again shortly"],
+  0x06: ["going_away", "the relay is restarting; reconnecting"],
+  0x07: ["session_replaced", "you signed in somewhere else"],
+  0x08: ["internal", "the relay had a problem; trying again"],
+  0x10: ["clip_too_long", "too long: the clip was not sent"],
+  0x11: ["clip_too_large", "too large: the clip was not sent"],
+  0x12: ["packet_too_large", "the audio was too large"],
+  0x13: ["bad_packet", "the audio was damaged"],
+  0x14: ["upload_idle_timeout", "the connection stalled; sending again"],
+  0x15: ["bad_target", "nobody to send this to"],
+  0x16: ["clip_id_conflict", "clip id taken; sending again"],
+  0x17: ["storage_full", "the relay is full; sending again later"],
+  0x18: ["cut_off", "cut off: the talker's connection dropped"],
+  0x19: ["rate_limited", "too many clips; sending again later"],
+  0x1a: ["not_allowed", "you may not talk there"],
+  0x1b: ["too_many_streams", "too many clips at once"],
+  0x1c: ["floor_busy", "busy"],
+  0x1d: ["preempted", "cut off by a priority talker"],
+};
+
+export const codeName = (c) => (CODES[c] ?? CODES[0x08])[0];
+export const codeWords = (c) => (CODES[c] ?? CODES[0x08])[1];
+const RETRYABLE = new Set([0x05, 0x06, 0x08, 0x14, 0x17, 0x19]);
+
+const T = { Auth: 0x01, Welcome: 0x02, Ack: 0x03, GoAway: 0x04, UsageQuery: 0x05,
+  Usage: 0x06, Expired: 0x07, ClipHeader: 0x10, Accepted: 0x11, Rejected: 0x12, Delivery: 0x20 };
+const MAX_MESSAGE = 64 * 1024;
+const enc = new TextEncoder();
+const dec = new TextDecoder("utf-8", { fatal: true });
+
+// ---- bytes ------------------------------------------------------------
+
+export class Writer {
+  constructor() { this.parts = []; this.len = 0; }
+  bytes(b) { this.parts.push(b); this.len += b.length; return this; }
+  u8(v) { return this.bytes(Uint8Array.of(v)); }
+  u16(v) { return this.bytes(Uint8Array.of(v >> 8, v & 0xff)); }
+  u32(v) { return this.bytes(Uint8Array.of(v >>> 24, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff)); }
+  varint(v) { return this.bytes(varint(v)); }
+  str(s) { const b = enc.encode(s); return this.varint(b.length).bytes(b); }
+  done() {
+    const out = new Uint8Array(this.len);
+    let at = 0;
+    for (const p of this.parts) { out.set(p, at); at += p.length; }
+    return out;
+  }
+}
+
+export function varint(v) {
+  if (v < 0x40) return Uint8Array.of(v);
+  if (v < 0x4000) return Uint8Array.of(0x40 | (v >> 8), v & 0xff);
+  if (v < 0x40000000) return Uint8Array.of(0x80 | (v >>> 24), (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff);
+  const out = new Uint8Array(8);
+  let x = BigInt(v);
+  for (let i = 7; i >= 0; i--) { out[i] = Number(x & 0xffn); x >>= 8n; }
+  out[0] |= 0xc0;
+  return out;
+}
+
+// Reads a varint at `at`; null when `buf` ends first.
+export function readVarint(buf, at) {
+  if (at >= buf.length) return null;
+  const len = 1 << (buf[at] >> 6);
+  if (at + len > buf.length) return null;
+  let v = buf[at] & 0x3f;
+  for (let i = 1; i < len; i++) v = v * 256 + buf[at + i];
+  return [v, len];
+}
+
+class Body {
+  constructor(b) { this.b = b; this.at = 0; }
+  need(n) { if (this.at + n > this.b.length) throw new Error("message too short"); }
+  u8() { this.need(1); return this.b[this.at++]; }
+  u16() { this.need(2); const v = (this.b[this.at] << 8) | this.b[this.at + 1]; this.at += 2; return v; }
+  i16() { const v = this.u16(); return v >= 0x8000 ? v - 0x10000 : v; }
+  u32() { this.need(4); const v = new DataView(this.b.buffer, this.b.byteOffset + this.at, 4).getUint32(0); this.at += 4; return v; }
+  varint() { const r = readVarint(this.b, this.at); if (!r) throw new Error("message too short"); this.at += r[1]; return r[0]; }
+  bytes(n) { this.need(n); const v = this.b.subarray(this.at, this.at + n); this.at += n; return v; }
+  str() { return dec.decode(this.bytes(this.varint())); }
+  id() { return this.bytes(16).slice(); }
+  target() { const kind = this.u8(); const name = this.str(); return { channel: kind === 1, name }; }
+  format() {
+    return { codec: this.u8(), channels: this.u8(), preSkip: this.u16(), inputRate: this.u32(), gain: this.i16() };
+  }
+  end() { if (this.at !== this.b.length) throw new Error("message too long"); }
+}
+
+export const idHex = (id) => Array.from(id, (b) => b.toString(16).padStart(2, "0")).join("");
+export const newClipId = () => crypto.getRandomValues(new Uint8Array(16));
+
+function message(type, body) {
+  return new Writer().varint(type).varint(body.length).bytes(body).done();
+}
+
+export const encodeAuth = (token) => message(T.Auth, enc.encode(token));
+export const encodeAck = (id) => message(T.Ack, id);
+export function encodeClipHeader(id, target, format) {
+  const w = new Writer().bytes(id).u8(target.channel ? 1 : 0).str(target.name);
+  w.u8(0).u8(format.channels).u16(format.preSkip).u32(format.inputRate).u16(format.gain & 0xffff);
+  return message(T.ClipHeader, w.done());
+}
+export const encodePacket = (p) => new Writer().varint(p.length).bytes(p).done();
+export const encodeEnd = (count, granule) => new Writer().varint(0).varint(count).varint(granule).done();
+
+export function decodeMessage(type, body) {
+  const b = new Body(body);
+  let m;
+  switch (type) {
+    case T.Welcome:
+      m = { type: "Welcome", user: b.str(), sessionId: b.varint(), maxClipMs: b.varint(),
+        maxClipBytes: b.varint(), maxPacketBytes: b.varint(), maxClipStreams: b.varint(),
+        uploadIdleMs: b.varint() };
+      break;
+    case T.GoAway: m = { type: "GoAway", code: b.varint(), retryAfterMs: b.varint(), reason: b.str() }; break;
+    case T.Expired:
+      m = { type: "Expired", id: b.id(), sender: b.str(), target: b.target(), createdMs: b.varint(), also: b.varint() };
+      break;
+    case T.Accepted: m = { type: "Accepted", id: b.id(), duplicate: b.u8() === 1 }; break;
+    case T.Rejected: m = { type: "Rejected", id: b.id(), code: b.varint(), retryAfterMs: b.varint(), reason: b.str() }; break;
+    case T.Delivery:
+      m = { type: "Delivery", id: b.id(), sender: b.str(), target: b.target(), format: b.format(),
+        createdMs: b.varint(), live: b.u8() === 1 };
+      break;
+    case T.Usage: {
+      m = { type: "Usage", today: b.varint(), days: [] };
+      const n = b.varint();
+      for (let i = 0; i < n; i++) m.days.push({ day: b.varint(), up: b.varint(), down: b.varint() });
+      break;
+    }
+    default: return null; // Unknown (or not ours): skipped, as the spec says.
+  }
+  b.end();
+  return m;
+}
+
+// ---- streams ----------------------------------------------------------
+
+// Buffered reads of one incoming stream: messages, then clip records.
+export class StreamReader {
+  constructor(readable) { this.reader = readable.getReader(); this.buf = new Uint8Array(0); this.at = 0; this.fin = false; }
+  async fill() {
+    if (this.fin) return false;
+    const { value, done } = await this.reader.read();
+    if (done) { this.fin = true; return false; }
+    const rest = this.buf.subarray(this.at);
+    const next = new Uint8Array(rest.length + value.length);
+    next.set(rest); next.set(value, rest.length);
+    this.buf = next; this.at = 0;
+    return true;
+  }
+  // The next known message (unknown types skipped), or null at FIN.
+  async message() {
+    for (;;) {
+      const t = readVarint(this.buf, this.at);
+      const l = t && readVarint(this.buf, this.at + t[1]);
+      if (l) {
+        if (l[0] > MAX_MESSAGE) throw new Error("message too large");
+        const start = this.at + t[1] + l[1];
+        if (start + l[0] <= this.buf.length) {
+          this.at = start + l[0];
+          const m = decodeMessage(t[0], this.buf.subarray(start, start + l[0]));
+          if (m) return m;
+          continue;
+        }
+      }
+      if (!(await this.fill())) {
+        if (this.at < this.buf.length) throw new Error("stream ended inside a message");
+        return null;
+      }
+    }
+  }
+  // The next record: {packet} or {end: {count, granule}}; null at FIN.
+  async record() {
+    for (;;) {
+      const l = readVarint(this.buf, this.at);
+      if (l && l[0] === 0) {
+        const c = readVarint(this.buf, this.at + l[1]);
+        const g = c && readVarint(this.buf, this.at + l[1] + c[1]);
+        if (g) { this.at += l[1] + c[1] + g[1]; return { end: { count: c[0], granule: g[0] } }; }
+      } else if (l && this.at + l[1] + l[0] <= this.buf.length) {
+        const p = this.buf.slice(this.at + l[1], this.at + l[1] + l[0]);
+        this.at += l[1] + l[0];
+        return { packet: p };
+      }
+      if (!(await this.fill())) {
+        if (this.at < this.buf.length) throw new Error("stream ended inside a record");
+        return null;
+      }
+    }
+  }
+  cancel() { this.reader.cancel().catch(() => {}); }
+}
+
+// ---- the session ------------------------------------------------------
+
+// Clip ids this browser has given the app, kept across reloads (bounded):
+// a repeat (an ack that was lost) is dropped by id and acked again.
+class SeenIds {
+  constructor(user, max = 2000) {
+    this.key = `ptt-seen-${user}`; this.max = max;
+    try { this.list = JSON.parse(localStorage.getItem(this.key) ?? "[]"); } catch { this.list = []; }
+    this.set = new Set(this.list);
+  }
+  has(id) { return this.set.has(id); }
+  add(id) {
+    if (this.set.has(id)) return;
+    this.set.add(id); this.list.push(id);
+    while (this.list.length > this.max) this.set.delete(this.list.shift());
+    try { localStorage.setItem(this.key, JSON.stringify(this.list)); } catch { /* private mode */ }
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const hexBytes = (h) => Uint8Array.from(h.match(/../g), (x) => parseInt(x, 16));
+
+// One user's connection to the relay, reconnecting by itself. Events
+// (CustomEvent detail): state {state, words}, welcome, clipstart {d} and
+// packet {d, packet} (live deliveries, as they arrive), clipend {d,
+// packets, end} and clipcut {d, code} (stored ones in order), expired {m},
+// closed {code, reason}.
+export class PttSession extends EventTarget {
+  constructor({ token, configUrl = "config.json" }) {
+    super();
+    this.token = token; this.configUrl = configUrl;
+    this.wt = null; this.ctl = null; this.welcome = null;
+    this.outbox = []; // clips recorded or not yet accepted, sent when back
+    this.stopped = false; this.attempt = 0; this.seen = null;
+  }
+  emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+  get online() { return this.welcome !== null; }
+
+  async start() {
+    while (!this.stopped) {
+      let again = 0;
+      try {
+        again = await this.runOnce();
+      } catch (e) {
+        this.emit("state", { state: "offline", words: `not connected: ${e.message ?? e}` });
+      }
+      if (again === null || this.stopped) return;
+      this.attempt += 1;
+      // Back off with jitter (reconnect storms), or as the relay asked.
+      const backoff = again || Math.min(30000, 500 * 2 ** Math.min(this.attempt, 6)) * (0.5 + Math.random());
+      await sleep(backoff);
+    }
+  }
+
+  stop() {
+    this.stopped = true;
+    if (this.wt) try { this.wt.close({ closeCode: 0, reason: "bye" }); } catch { /* closed */ }
+  }
+
+  // One connection's life; returns the ms to wait before the next one,
+  // or null when the page must not reconnect.
+  async runOnce() {
+    this.emit("state", { state: "connecting", words: "connecting…" });
+    const cfg = await (await fetch(this.configUrl, { cache: "no-store" })).json();
+    const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
+    const url = `https://${host}:${cfg.port}${cfg.path}`;
+    const opts = { congestionControl: "low-latency" };
+    if (cfg.certificate_hashes.length) {
+      opts.serverCertificateHashes = cfg.certificate_hashes.map((h) => ({ algorithm: "sha-256", value: hexBytes(h) }));
+    }
+    const wt = new WebTransport(url, opts);
+    this.wt = wt;
+    let closeInfo = null;
+    wt.closed.then((i) => { closeInfo = i; }, (e) => { closeInfo = { closeCode: null, reason: String(e.message ?? e) }; });
+    await wt.ready;
+    const bidi = await wt.createBidirectionalStream();
+    const writer = bidi.writable.getWriter();
+    const reader = new StreamReader(bidi.readable);
+    await writer.write(encodeAuth(this.token));
+    const welcome = await Promise.race([reader.message(), wt.closed.then(() => null, () => null)]);
+    if (!welcome || welcome.type !== "Welcome") {
+      await wt.closed.catch(() => {});
+      return this.afterClose(closeInfo);
+    }
+    this.ctl = writer; this.welcome = welcome; this.attempt = 0;
+    this.seen = this.seen ?? new SeenIds(welcome.user);
+    this.emit("welcome", welcome);
+    this.emit("state", { state: "online", words: `online as ${welcome.user}` });
+    this.acceptDeliveries(wt);
+    this.flushOutbox();
+    let goAway = null;
+    for (;;) {
+      let m;
+      try { m = await reader.message(); } catch { m = null; }
+      if (!m) break;
+      if (m.type === "GoAway") {
+        goAway = m;
+        this.emit("state", { state: "reconnecting", words: codeWords(m.code) });
+      } else if (m.type === "Expired") {
+        const id = idHex(m.id);
+        if (!this.seen.has(id)) this.emit("expired", m);
+        this.ack(m.id);
+      }
+    }
+    await wt.closed.catch(() => {});
+    this.welcome = null; this.ctl = null;
+    // Uploads of this connection are gone: the outbox sends them again.
+    for (const clip of this.outbox) clip.live = null;
+    if (goAway) {
+      try { wt.close(); } catch { /* closed */ }
+      return goAway.retryAfterMs || 1;
+    }
+    return this.afterClose(closeInfo);
+  }
+
+  afterClose(info) {
+    this.welcome = null; this.ctl = null;
+    for (const clip of this.outbox) clip.live = null;
+    const code = info?.closeCode;
+    this.emit("closed", { code, reason: info?.reason ?? "" });
+    if (code === 0x07 || code === 0x03 || code === 0x04) {
+      this.emit("state", { state: "stopped", words: codeWords(code) });
+      return null;
+    }
+    this.emit("state", { state: "offline", words: code == null ? "connection lost; reconnecting" : codeWords(code) });
+    return 0;
+  }
+
+  ack(id) {
+    if (this.ctl) this.ctl.write(encodeAck(id)).catch(() => {});
+  }
+
+  // Delivery streams come in the order the relay opened them (stream id
+  // order). Stored deliveries are handed to the app in that order (the
+  // spec's acceptance order), each once it is complete or cut; live ones
+  // as they happen.
+  async acceptDeliveries(wt) {
+    const streams = wt.incomingUnidirectionalStreams.getReader();
+    const order = [];
+    const flush = () => {
+      while (order.length && order[0].done) {
+        const slot = order.shift();
+        if (slot.event) this.emit(...slot.event);
+      }
+    };
+    for (;;) {
+      let r;
+      try { r = await streams.read(); } catch { return; }
+      if (r.done) return;
+      const slot = { done: false, event: null };
+      order.push(slot);
+      this.receive(r.value, slot).finally(() => { slot.done = true; flush(); });
+    }
+  }
+
+  async receive(stream, slot) {
+    const rd = new StreamReader(stream);
+    let d = null;
+    const packets = [];
+    // Stored: held for its turn; live: at once.
+    const tell = (type, detail) => { if (d.live) this.emit(type, detail); else slot.event = [type, detail]; };
+    try {
+      d = await rd.message();
+      if (!d) return; // reset before its header: ignored
+      if (d.type !== "Delivery") throw new Error("not a delivery");
+      d.idHex = idHex(d.id);
+      if (this.seen.has(d.idHex)) { rd.cancel(); this.ack(d.id); return; }
+      if (d.live) this.emit("clipstart", { d });
+      for (;;) {
+        const rec = await rd.record();
+        if (!rec) throw new Error("FIN before the end record");
+        if (rec.end) {
+          if (rec.end.count !== packets.length) throw new Error("packet count mismatch");
+          if ((await rd.record()) !== null) throw new Error("bytes after the end record");
+          tell("clipend", { d, packets, end: rec.end });
+          return;
+        }
+        packets.push(rec.packet);
+        if (d.live) this.emit("packet", { d, packet: rec.packet, index: packets.length - 1 });
+      }
+    } catch (e) {
+      if (d?.type === "Delivery") tell("clipcut", { d, code: e.streamErrorCode ?? null, error: String(e.message ?? e) });
+    }
+  }
+
+  // The app kept a clip whole: the relay may drop its copy.
+  keep(d) {
+    this.seen.add(d.idHex);
+    this.ack(d.id);
+  }
+
+  // A new upload: the header goes at once (so "busy" comes back at once),
+  // packets as they are recorded, then end(). The result promise gives
+  // {accepted, duplicate} or {rejected: code, reason, retryAfterMs}.
+  startClip(target, format) {
+    const clip = { id: newClipId(), target, format, packets: [], ended: null, live: null, result: null };
+    clip.done = new Promise((resolve) => { clip.resolve = resolve; });
+    this.outbox.push(clip);
+    if (this.online) clip.live = this.upload(clip);
+    return {
+      id: clip.id,
+      push: (p) => { clip.packets.push(p); clip.live?.push(p); },
+      end: (granule) => { clip.ended = granule; clip.live?.end(); },
+      // Nothing worth sending (no audio): the upload is reset, which the
+      // relay and live listeners take as a cut clip.
+      abort: () => {
+        this.outbox = this.outbox.filter((c) => c !== clip);
+        clip.live?.abort();
+        clip.resolve({ aborted: true });
+      },
+      done: clip.done,
+    };
+  }
+
+  // Sends `clip` on a new stream: what is recorded so far, then the rest
+  // as it comes. Retried with the same id after a lost connection.
+  upload(clip) {
+    const wt = this.wt;
+    let writer = null;
+    let sent = 0;
+    let finished = false;
+    let pending = Promise.resolve();
+    const write = (bytes) => { pending = pending.then(() => writer?.write(bytes)).catch(() => {}); };
+    const flush = () => {
+      while (sent < clip.packets.length) write(encodePacket(clip.packets[sent++]));
+      if (clip.ended !== null && sent === clip.packets.length && !finished) {
+        finished = true;
+        write(encodeEnd(clip.packets.length, clip.ended));
+        pending = pending.then(() => writer?.close()).catch(() => {});
+      }
+    };
+    const run = (async () => {
+      const bidi = await wt.createBidirectionalStream();
+      writer = bidi.writable.getWriter();
+      write(encodeClipHeader(clip.id, clip.target, clip.format));
+      flush();
+      const answer = await new StreamReader(bidi.readable).message();
+      if (!answer) throw new Error("no answer");
+      return answer;
+    })();
+    run.then((a) => this.answered(clip, a), () => { /* connection lost: kept in the outbox */ });
+    return {
+      push: () => { if (writer) flush(); },
+      end: () => { if (writer) flush(); },
+      abort: () => { clip.ended = null; pending = pending.then(() => writer?.abort(0x18)).catch(() => {}); },
+    };
+  }
+
+  answered(clip, a) {
+    if (a.type === "Accepted") {
+      this.outbox = this.outbox.filter((c) => c !== clip);
+      clip.resolve({ accepted: true, duplicate: a.duplicate });
+    } else if (a.type === "Rejected" && RETRYABLE.has(a.code) && clip.ended !== null) {
+      clip.live = null;
+      setTimeout(() => { if (this.online && !clip.live) clip.live = this.upload(clip); }, Math.max(a.retryAfterMs, 1000));
+    } else if (a.type === "Rejected") {
+      this.outbox = this.outbox.filter((c) => c !== clip);
+      clip.resolve({ rejected: a.code, reason: a.reason, retryAfterMs: a.retryAfterMs });
+    }
+  }
+
+  // After a reconnect: every clip not yet accepted goes again, same id.
+  flushOutbox() {
+    for (const clip of this.outbox) {
+      if (!clip.live) clip.live = this.upload(clip);
+    }
+  }
+}
+
+export const claims = (token) => {
+  const part = token.split(".")[1] ?? "";
+  const json = atob(part.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(part.length / 4) * 4, "="));
+  return JSON.parse(new TextDecoder().decode(Uint8Array.from(json, (c) => c.charCodeAt(0))));
+};
