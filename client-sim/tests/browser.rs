@@ -477,3 +477,59 @@ fn opus_packets(path: &Path) -> u64 {
     }
     n - 2
 }
+
+#[tokio::test]
+async fn the_page_rides_out_a_relay_restart_and_sends_what_it_recorded_meanwhile() {
+    let (env, wav, _) = setup().await;
+    let b = Browser::start(&wav).await;
+    b.open(&app(&env), &env.token("carol")).await;
+    b.online().await;
+    b.js("document.getElementById('to-user').value = 'bob'; document.querySelector('input[value=user]').checked = true;")
+        .await;
+    // The relay shuts down (GoAway to every session) and is gone a while.
+    let Env { relay, dir } = env;
+    let (quic, web) = (relay.quic_addr(), relay.web_addr());
+    relay.shutdown().await;
+    b.wait(
+        "window.ptt.status !== 'online as carol'",
+        Duration::from_secs(10),
+    )
+    .await;
+    // carol talks meanwhile: the page keeps the clip.
+    b.js_async(
+        "const done = arguments[0]; window.pttPress().then(() => setTimeout(() => window.pttRelease().then(() => done(true)), 1000));",
+    )
+    .await;
+    let kept = b.js("return window.ptt.talkStatus;").await;
+    assert_eq!(kept, "kept: will be sent when back online");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Back on the same addresses and data dir (a new web certificate: the
+    // page fetches its hash again).
+    let mut cfg = relay::Config::for_tests(dir.path().join("relay"));
+    cfg.listen = quic;
+    cfg.web = relay::config::WebListen(web);
+    let env = Env {
+        relay: relay::Relay::start(cfg).await.unwrap(),
+        dir,
+    };
+    let (inbox, bob) = listen_once(&env, "bob");
+    b.wait(
+        "window.ptt.talkStatus === 'sent to bob'",
+        Duration::from_secs(30),
+    )
+    .await;
+    let out = bob.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = b.js("return window.ptt.sent[0].id;").await;
+    assert!(
+        inbox
+            .join(format!("{}.opus", sent.as_str().unwrap()))
+            .exists()
+    );
+    b.assert_clean().await;
+    b.close().await;
+}
