@@ -67,19 +67,9 @@ pub async fn run(
     };
     let remote = conn.remote_address();
     let link = if crate::webtransport::is_h3(&conn) {
-        // A browser: the HTTP/3 handshake first, on a complete TLS one.
-        let deadline = Instant::now() + shared.config.auth_timeout;
-        if !handshake.complete(&conn, deadline).await {
-            return;
-        }
-        match Box::pin(crate::webtransport::accept(&conn, &shared.config, deadline)).await {
-            Ok(link) => link,
-            Err(why) => {
-                debug!(%remote, %why, "WebTransport session refused");
-                metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "webtransport");
-                quic::close(&conn, ErrorCode::ProtocolViolation, &why);
-                return;
-            }
+        match Box::pin(web_session(&shared, &conn, &mut handshake)).await {
+            Some(link) => link,
+            None => return,
         }
     } else {
         Link::Quic
@@ -148,6 +138,24 @@ pub async fn run(
     }
     let why = conn.close_reason();
     info!(user = %session.user, session = session.id, reason = ?why, "session end");
+}
+
+/// A browser's connection: the HTTP/3 handshake up to its WebTransport
+/// session, on a complete TLS handshake. `None`: refused (closed).
+async fn web_session(shared: &Node, conn: &Connection, handshake: &mut Handshake) -> Option<Link> {
+    let deadline = Instant::now() + shared.config.auth_timeout;
+    if !handshake.complete(conn, deadline).await {
+        return None;
+    }
+    match crate::webtransport::accept(conn, &shared.config, deadline).await {
+        Ok(link) => Some(link),
+        Err(why) => {
+            debug!(remote = %conn.remote_address(), %why, "WebTransport session refused");
+            metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "webtransport");
+            quic::close(conn, ErrorCode::ProtocolViolation, &why);
+            None
+        }
+    }
 }
 
 type Refusal = (ErrorCode, String);

@@ -19,6 +19,30 @@ use ptt_client::Pacing;
 /// largest message plus that: it cannot make the relay buffer megabytes on
 /// streams it never reads.
 #[tokio::test]
+async fn a_native_client_cannot_park_data_on_unidirectional_streams() {
+    // The transport parameters allow three (a browser's HTTP/3 needs
+    // them), but ptt/1 has none from the client: each is stopped at once.
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    for _ in 0..5 {
+        let mut send = alice.connection().open_uni().await.unwrap();
+        let _ = send.write_all(&[0u8; 1000]).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("stopped in time")
+            .unwrap();
+        assert_eq!(stopped, Some(quic::varint(ErrorCode::ProtocolViolation)));
+    }
+    // The session goes on.
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    alice
+        .send_clip(&clip("bob", 3), Pacing::Upload)
+        .await
+        .unwrap();
+    next_complete(&mut bob_ev).await;
+}
+
+#[tokio::test]
 async fn an_unauthenticated_peer_gets_credit_for_its_auth_only() {
     let t = start(|c| c.auth_timeout = Duration::from_secs(3)).await;
     let conn = t.raw_connection().await;
