@@ -245,3 +245,32 @@ async fn presses_from_sleep_reconnect_with_and_without_zero_rtt() {
         assert!(r.press_to_relay_ms.p50 >= 20.0, "{}", r.table());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generators_with_their_own_first_user_share_a_relay_without_collisions() {
+    // How 100,000 sessions are spread over several processes
+    // (`--first-user`): two generators at once, each its own users.
+    let (relay, _d) = relay().await;
+    let w = |first_user| Workload {
+        users: 20,
+        first_user,
+        duration: Duration::from_secs(5),
+        ..Workload::default()
+    };
+    let (a, b) = tokio::join!(run(&relay, w(0)), run(&relay, w(1000)));
+    // A shared name would have replaced the other's session (lost clips).
+    assert_clean(&a);
+    assert_clean(&b);
+    let usage = &relay.shared().usage;
+    let today = relay::usage::today();
+    for (user, seen) in [
+        ("load-000000", true),
+        ("load-000019", true),
+        ("load-001000", true),
+        ("load-001019", true),
+        ("load-000020", false),
+        ("load-001020", false),
+    ] {
+        assert_eq!(!usage.days(user, 0, today).is_empty(), seen, "{user}");
+    }
+}
