@@ -395,7 +395,7 @@ export class PttSession extends EventTarget {
   // packets as they are recorded, then end(). The result promise gives
   // {accepted, duplicate} or {rejected: code, reason, retryAfterMs}.
   startClip(target, format) {
-    const clip = { id: newClipId(), target, format, packets: [], ended: null, live: null, result: null };
+    const clip = { id: newClipId(), target, format, packets: [], ended: null, live: null };
     clip.done = new Promise((resolve) => { clip.resolve = resolve; });
     this.outbox.push(clip);
     if (this.online) clip.live = this.upload(clip);
@@ -421,6 +421,7 @@ export class PttSession extends EventTarget {
     let writer = null;
     let sent = 0;
     let finished = false;
+    let aborted = false;
     let pending = Promise.resolve();
     const write = (bytes) => { pending = pending.then(() => writer?.write(bytes)).catch(() => {}); };
     const flush = () => {
@@ -434,6 +435,7 @@ export class PttSession extends EventTarget {
     const run = (async () => {
       const bidi = await wt.createBidirectionalStream();
       writer = bidi.writable.getWriter();
+      if (aborted) { writer.abort(0x18).catch(() => {}); throw new Error("aborted"); }
       write(encodeClipHeader(clip.id, clip.target, clip.format));
       flush();
       const answer = await new StreamReader(bidi.readable).message();
@@ -444,7 +446,8 @@ export class PttSession extends EventTarget {
     return {
       push: () => { if (writer) flush(); },
       end: () => { if (writer) flush(); },
-      abort: () => { clip.ended = null; pending = pending.then(() => writer?.abort(0x18)).catch(() => {}); },
+      // Before the stream exists, `run` resets it as soon as it does.
+      abort: () => { aborted = true; pending = pending.then(() => writer?.abort(0x18)).catch(() => {}); },
     };
   }
 

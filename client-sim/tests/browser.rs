@@ -533,3 +533,41 @@ async fn the_page_rides_out_a_relay_restart_and_sends_what_it_recorded_meanwhile
     b.assert_clean().await;
     b.close().await;
 }
+
+#[tokio::test]
+async fn a_press_with_nothing_recorded_sends_nothing_and_holds_no_floor() {
+    let (env, wav, _) = setup().await;
+    let opus = speech_opus(
+        env.dir.path(),
+        "after",
+        "Is the channel free?",
+        &["-r", "48000", "-c", "1"],
+        &["--bitrate", "16"],
+    )
+    .await;
+    let b = Browser::start(&wav).await;
+    b.open(&app(&env), &env.token("alice")).await;
+    b.online().await;
+    // A tap on the button (to #ops, the token's channel): released before
+    // a frame was recorded.
+    b.js_async(
+        "const done = arguments[0]; window.pttPress().then(() => window.pttRelease()).then(() => done(true));",
+    )
+    .await;
+    b.wait(
+        "window.ptt.talkStatus.startsWith('nothing recorded')",
+        Duration::from_secs(10),
+    )
+    .await;
+    // The floor is free at once: dave talks in #ops (client-sim send
+    // fails with "busy" otherwise) and alice's page hears him.
+    send(&env, "dave", &["--channel", "ops"], &opus).await;
+    b.wait(
+        "window.ptt.clips.find(c => c.sender === 'dave')",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(b.js("return window.ptt.sent.length;").await == json!(0));
+    b.assert_clean().await;
+    b.close().await;
+}
