@@ -64,6 +64,8 @@ async function signIn(token) {
     return false;
   });
   session = new PttSession({ token });
+  // Whether a connection is up now (Welcome read, not yet closed).
+  Object.defineProperty(state, "connected", { get: () => session?.online ?? false, enumerable: true });
   session.addEventListener("state", (e) => {
     say("status", e.detail.words);
     $("ptt").disabled = false;

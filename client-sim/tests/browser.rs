@@ -490,11 +490,9 @@ async fn the_page_rides_out_a_relay_restart_and_sends_what_it_recorded_meanwhile
     let Env { relay, dir } = env;
     let (quic, web) = (relay.quic_addr(), relay.web_addr());
     relay.shutdown().await;
-    b.wait(
-        "window.ptt.status !== 'online as carol'",
-        Duration::from_secs(10),
-    )
-    .await;
+    // The page learns the connection is gone (GoAway first, then the close).
+    b.wait("window.ptt.connected === false", Duration::from_secs(10))
+        .await;
     // carol talks meanwhile: the page keeps the clip.
     b.js_async(
         "const done = arguments[0]; window.pttPress().then(() => setTimeout(() => window.pttRelease().then(() => done(true)), 1000));",
