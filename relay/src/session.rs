@@ -270,7 +270,7 @@ async fn authenticate(
 ) -> Result<Authenticated, Refusal> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.auth_timeout;
-    let (send, mut recv) = timeout_at(deadline, link.accept_bi(conn))
+    let (send, mut recv) = timeout_at(deadline, conn.accept_bi())
         .await
         .map_err(|_| late(cfg))?
         .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
@@ -384,7 +384,7 @@ async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
     let native = matches!(session.link, Link::Quic);
     loop {
         let (send, mut recv) = tokio::select! {
-            r = session.link.accept_bi(&session.conn) => match r {
+            r = session.conn.accept_bi() => match r {
                 Ok(s) => s,
                 Err(_) => return,
             },

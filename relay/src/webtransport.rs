@@ -63,17 +63,8 @@ impl Link {
         }
     }
 
-    /// The next bidirectional stream the client opened; its header is read
-    /// by [`Link::enter`] (in the stream's own task: one slow stream must
-    /// not hold the others back).
-    pub async fn accept_bi(
-        &self,
-        conn: &Connection,
-    ) -> Result<(SendStream, RecvStream), quinn::ConnectionError> {
-        conn.accept_bi().await
-    }
-
-    /// Reads a client stream's WebTransport header, if any.
+    /// Reads a client stream's WebTransport header, if any (in the stream's
+    /// own task: one slow stream must not hold the others back).
     pub async fn enter(&self, recv: &mut RecvStream) -> Result<(), BadHeader> {
         match self {
             Link::Quic => Ok(()),
@@ -93,7 +84,9 @@ impl Link {
     pub async fn open_uni(&self, conn: &Connection) -> Result<SendStream, ()> {
         let mut send = conn.open_uni().await.map_err(|_| ())?;
         if let Link::Web(_) = self {
-            send.write_chunk(uni_header()).await.map_err(|_| ())?;
+            send.write_chunk(Bytes::from_static(&UNI_HEADER))
+                .await
+                .map_err(|_| ())?;
         }
         Ok(send)
     }
@@ -128,14 +121,12 @@ fn web_code(code: ErrorCode) -> VarInt {
     VarInt::from_u64(web_transport_quinn::proto::error_to_http3(wt)).unwrap_or(VarInt::MAX)
 }
 
-/// `0x54` (2-byte varint) then the session id.
-fn uni_header() -> Bytes {
-    let mut h = Vec::with_capacity(3);
-    codec::varint::put(&mut h, UNI_STREAM);
-    codec::varint::put(&mut h, SESSION_ID);
-    Bytes::from(h)
-}
+/// The header of every stream the relay opens: `0x54` (a 2-byte varint)
+/// then the session id (0), written without an allocation per delivery.
+const UNI_HEADER: [u8; 3] = [0x40, UNI_STREAM as u8, SESSION_ID as u8];
 
+/// One varint from the stream: its first byte gives its length, and
+/// `codec::varint` decodes it.
 async fn read_varint(recv: &mut RecvStream) -> Result<u64, BadHeader> {
     let mut buf = [0u8; 8];
     recv.read_exact(&mut buf[..1])
@@ -145,11 +136,9 @@ async fn read_varint(recv: &mut RecvStream) -> Result<u64, BadHeader> {
     recv.read_exact(&mut buf[1..len])
         .await
         .map_err(|_| BadHeader)?;
-    let mut v = u64::from(buf[0] & 0x3f);
-    for b in &buf[1..len] {
-        v = (v << 8) | u64::from(*b);
-    }
-    Ok(v)
+    codec::varint::get(&buf[..len])
+        .map(|(v, _)| v)
+        .ok_or(BadHeader)
 }
 
 /// Whether the handshake chose ALPN `h3`.
@@ -210,5 +199,16 @@ async fn drain_h3_streams(conn: Connection) {
                 Err(_) => debug!("a browser stream closed before its type"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_stream_header_is_type_0x54_then_session_0() {
+        let mut want = Vec::new();
+        codec::varint::put(&mut want, super::UNI_STREAM);
+        codec::varint::put(&mut want, super::SESSION_ID);
+        assert_eq!(super::UNI_HEADER.as_slice(), want.as_slice());
     }
 }
