@@ -128,14 +128,24 @@ async fn a_priority_talker_preempts() {
     chief.send_clip(&urgent, Pacing::Upload).await.unwrap();
     let (code, _) = rejected(talking.await.unwrap());
     assert_eq!(code, ErrorCode::Preempted);
-    // Carol was told Alice's clip was cut, and has the chief's.
-    let cut = next_matching(&mut carol_ev, |e| match e {
-        Event::Cut { id, code } if id == long.id => Some(code),
-        _ => None,
-    })
-    .await;
-    assert_eq!(cut, ErrorCode::Preempted);
-    let got = next_complete(&mut carol_ev).await;
+    // Carol was told Alice's clip was cut, and has the chief's (the two
+    // come on separate streams, in either order).
+    let (mut cut, mut got) = (None, None);
+    while cut.is_none() || got.is_none() {
+        match next_matching(&mut carol_ev, |e| match e {
+            Event::Cut { id, .. } if id == long.id => Some(e),
+            Event::Complete(_) => Some(e),
+            _ => None,
+        })
+        .await
+        {
+            Event::Cut { code, .. } => cut = Some(code),
+            Event::Complete(c) => got = Some(c),
+            _ => {}
+        }
+    }
+    assert_eq!(cut, Some(ErrorCode::Preempted));
+    let got = got.unwrap();
     assert_eq!(got.id(), urgent.id);
     assert_eq!(got.delivery.sender, "chief");
 }
