@@ -35,6 +35,10 @@ if ((${#missing[@]})); then
   $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
 
+# A one-off build (CI's fresh clone) gains nothing from incremental caches
+# but their gigabytes of disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
