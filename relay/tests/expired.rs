@@ -141,3 +141,84 @@ async fn a_notice_for_a_clip_the_client_already_has_is_acked_not_passed_on() {
     assert_quiet(&mut bob_ev, Duration::from_millis(200)).await;
     drop(bob);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_is_kept_for_expired_notice_ttl_after_its_clip_expired_then_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttls = |c: &mut relay::Config| {
+        c.clip_ttl = Duration::from_secs(1);
+        c.expired_notice_ttl = Duration::from_secs(2);
+    };
+    let t = start_in(dir.path(), ttls).await;
+    let (alice, _a) = t.connect("alice").await;
+    let c = clip("bob", 10);
+    let before = tokio::time::Instant::now();
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let sent = tokio::time::Instant::now();
+    // The copy goes at the TTL and its notice is kept for Bob.
+    let deadline = sent + Duration::from_secs(10);
+    while (t.pending() > 0 || t.relay.shared().expired.is_empty())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.pending(), 0, "the copy did not expire");
+    assert_eq!(t.relay.shared().expired.len(), 1);
+    // Still kept well inside clip_ttl + expired_notice_ttl (3 s).
+    tokio::time::sleep_until(sent + Duration::from_millis(1500)).await;
+    assert_eq!(t.relay.shared().expired.len(), 1, "pruned too early");
+    // Gone a sweep or two after it: Bob, away for longer, is not told.
+    let deadline = sent + Duration::from_secs(15);
+    while !t.relay.shared().expired.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t.relay.shared().expired.is_empty(),
+        "the notice outlived expired_notice_ttl"
+    );
+    assert!(
+        before.elapsed() >= Duration::from_secs(3),
+        "pruned too early"
+    );
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    assert_quiet(&mut bob_ev, Duration::from_millis(500)).await;
+    // And a restart does not bring it back from the notices' file.
+    t.relay.shutdown().await;
+    let t = start_in(dir.path(), ttls).await;
+    assert!(t.relay.shared().expired.is_empty());
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    assert_quiet(&mut bob_ev, Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_of_a_notice_frees_the_expired_delivery_s_place_in_the_window() {
+    let t = start(|c| {
+        c.clip_ttl = Duration::from_secs(3);
+        // Sweeps every 100 ms, so each copy expires close to its TTL.
+        c.dedupe_window = Duration::from_millis(100);
+        c.max_unacked_deliveries = 1;
+    })
+    .await;
+    let (alice, _a) = t.connect("alice").await;
+    let first = clip("bob", 10);
+    let second = clip("bob", 20);
+    let start = tokio::time::Instant::now();
+    alice.send_clip(&first, Pacing::Upload).await.unwrap();
+    tokio::time::sleep_until(start + Duration::from_millis(1500)).await;
+    alice.send_clip(&second, Pacing::Upload).await.unwrap();
+    // Bob takes the first from the store and never acks it: the window
+    // of one is full, the second waits.
+    let (_bob, mut bob_ev) = t.connect("bob").await;
+    assert_eq!(next_complete(&mut bob_ev).await.id(), first.id);
+    let quiet_until = start + Duration::from_millis(2600);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(quiet_until, bob_ev.recv()).await {
+        assert!(!matches!(ev, Event::Complete(_)), "window overrun: {ev:?}");
+    }
+    assert_eq!(t.pending(), 2);
+    // The first copy expires at 3 s; Bob's client already has it, so it
+    // acks the notice itself, and that ack frees the place: the second
+    // comes, long before its own TTL (4.5 s).
+    assert_eq!(next_complete(&mut bob_ev).await.id(), second.id);
+    assert!(start.elapsed() < Duration::from_millis(4500));
+    assert_eq!(t.pending(), 1, "the second copy waits for Bob's ack");
+}
