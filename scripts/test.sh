@@ -35,6 +35,15 @@ if ((${#missing[@]})); then
   $sudo apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
 
+# A first debug build of the workspace with its tests takes ~3 GB
+# (target/); say so plainly instead of failing mid-link with "No space
+# left on device".
+avail_kb=$(df --output=avail -k . | tail -1)
+if [ ! -d target/debug ] && [ "${avail_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
+  echo "error: $((avail_kb / 1024)) MiB free on $(df --output=target . | tail -1); the build and tests need ~5 GiB" >&2
+  exit 1
+fi
+
 # A one-off build (CI's fresh clone) gains nothing from incremental caches
 # but their gigabytes of disk.
 if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
