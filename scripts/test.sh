@@ -39,8 +39,8 @@ fi
 # (target/); say so plainly instead of failing mid-link with "No space
 # left on device".
 avail_kb=$(df --output=avail -k . | tail -1)
-if [ ! -d target/debug ] && [ "${avail_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
-  echo "error: $((avail_kb / 1024)) MiB free on $(df --output=target . | tail -1); the build and tests need ~5 GiB" >&2
+if [ ! -d target/debug ] && [ "${avail_kb:-0}" -lt $((4 * 1024 * 1024)) ]; then
+  echo "error: $((avail_kb / 1024)) MiB free on $(df --output=target . | tail -1); the build and tests need ~4 GiB" >&2
   exit 1
 fi
 
