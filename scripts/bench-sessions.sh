@@ -8,6 +8,7 @@
 #
 #   scripts/bench-sessions.sh PER_PROC PROCS     e.g. 25000 4 (100,000)
 #   EXTRA="--client-keep-alive 5s" scripts/bench-sessions.sh 25000 4
+#   RELAY=/tmp/ptt-relay-old scripts/bench-sessions.sh 25000 4   (another build)
 #
 # Needs `cargo build --release -p relay -p client-sim` first, taskset,
 # curl, and about 9 GB of memory for 100,000 sessions (relay and clients).
@@ -18,8 +19,12 @@ procs=${2:?processes}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 load=target/release/client-sim
-taskset -c 0 target/release/ptt-relay serve --data-dir "$work/data" --listen 127.0.0.1:4475 \
-  --admin 127.0.0.1:9495 --web off --max-handshakes-per-second 0 --max-connections 250000 \
+relay=${RELAY:-target/release/ptt-relay}
+web=()
+# An earlier build may predate the web listener.
+if "$relay" serve --help | grep -q -- '--web '; then web=(--web off); fi
+taskset -c 0 "$relay" serve --data-dir "$work/data" --listen 127.0.0.1:4475 \
+  --admin 127.0.0.1:9495 "${web[@]}" --max-handshakes-per-second 0 --max-connections 250000 \
   >"$work/relay.log" 2>&1 &
 rp=$!
 sleep 2
