@@ -110,10 +110,21 @@ async fn readyz_cluster(State(shared): State<Arc<Shared>>) -> (StatusCode, &'sta
     }
 }
 
+/// Runs `f` on a blocking thread: a scrape or a top list samples every
+/// session (~140 ms at 100,000 sessions), which on a runtime worker held up
+/// the connections queued behind it (first packets waited up to ~360 ms
+/// with a scrape a second).
+async fn off_runtime<T: Send + 'static>(
+    shared: Arc<Shared>,
+    f: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    tokio::task::spawn_blocking(move || f(&*shared)).await.ok()
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match shared.metrics_text() {
-        Some(text) => (
+    match off_runtime(shared, |s| s.metrics_text()).await {
+        Some(Some(text)) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -121,7 +132,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response 
             text,
         )
             .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are off (metrics = false)\n").into_response(),
+        Some(None) => {
+            (StatusCode::NOT_FOUND, "metrics are off (metrics = false)\n").into_response()
+        }
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "metrics failed\n").into_response(),
     }
 }
 
@@ -152,7 +166,12 @@ struct TopParams {
 async fn top_usage(
     State(shared): State<Arc<Shared>>,
     axum::extract::Query(p): axum::extract::Query<TopParams>,
-) -> axum::Json<TopUsage> {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let n = p.n.unwrap_or(10).clamp(1, TOP_MAX);
-    axum::Json(shared.top_usage(p.days.unwrap_or(1), n))
+    let days = p.days.unwrap_or(1);
+    match off_runtime(shared, move |s| s.top_usage(days, n)).await {
+        Some(top) => axum::Json(top).into_response(),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "top usage failed\n").into_response(),
+    }
 }

@@ -686,7 +686,10 @@ async fn usage_loop(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             () = shared.shutdown.cancelled() => return,
         }
-        shared.count_usage();
+        // A pass over every session: off the runtime's workers (see
+        // admin::off_runtime).
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.count_usage()).await;
         shared.usage.prune(crate::usage::today());
         shared.save_usage().await;
     }
