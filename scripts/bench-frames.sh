@@ -22,13 +22,9 @@ rounds=${1:-3}
 sim=target/release/client-sim
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-espeak-ng -w "$work/speech.wav" "Unit seven to base. The north gate is clear, two vehicles \
-waiting at the checkpoint, one truck and one van. Requesting permission to open the gate \
-and let them through. Over."
-sox "$work/speech.wav" -r 48000 "$work/speech48.wav"
-for f in 20 40 60; do
-  "$sim" encode --frame-ms "$f" "$work/speech48.wav" "$work/s$f.opus" >/dev/null
-done
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+speech_opus "$work" "$sim" 20 40 60
 frames=${FRAMES:-20 40 60}
 acks=${ACK_DELAYS:-25ms}
 port=4461

@@ -26,17 +26,13 @@ rounds=${1:-3}
 other=${2:?the other build\'s ptt-relay binary}
 cases=${CASES:-live-default live-lean upload-wire clip-rate idle active}
 sim=target/release/client-sim
-this=target/release/ptt-relay
+declare -A bin=([this]=target/release/ptt-relay [other]=$other)
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
-espeak-ng -w "$work/speech.wav" "Unit seven to base. The north gate is clear, two vehicles \
-waiting at the checkpoint, one truck and one van. Requesting permission to open the gate \
-and let them through. Over."
-sox "$work/speech.wav" -r 48000 "$work/speech48.wav"
-for f in 20 60; do
-  "$sim" encode --frame-ms "$f" "$work/speech48.wav" "$work/s$f.opus" >/dev/null 2>&1
-done
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+speech_opus "$work" "$sim" 20 60
 
 relay_pid=
 start_relay() { # binary flags...
@@ -67,10 +63,9 @@ load() { # report-json args...
 }
 
 # One case against one build; appends a JSON line to $work/results.
-run_case() { # case build-name binary
-  local c=$1 name=$2 bin=$3 extra=()
-  # The earlier build may predate the web listener.
-  if "$bin" serve --help | grep -q -- '--web '; then extra=(--web off); fi
+run_case() { # case build-name binary baseline-clips-per-s
+  local c=$1 name=$2 bin=$3 base=$4 extra
+  mapfile -t extra < <(web_off "$bin")
   local live=(--users 200 --duration 20s --talk-interval 5s --clip-min 3s --clip-max 6s --delay 40ms)
   local rate=(--max-clips-per-minute 0 --max-clip-bytes-per-minute 0 --max-handshakes-per-second 0)
   local r0=0
@@ -101,7 +96,7 @@ run_case() { # case build-name binary
       --clip-min 1s --clip-max 3s ;;
   esac
   stop_relay
-  python3 - "$work/r.json" "$c" "$name" "$r0" "${base:-0}" >>"$work/results" <<'PY'
+  python3 - "$work/r.json" "$c" "$name" "$r0" "$base" >>"$work/results" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 c, name, r0, base = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
@@ -137,7 +132,7 @@ baseline() { # the bare quinn sink's clip rate, same clips, same pinning
 }
 if [[ " $cases " == *" clip-rate "* ]]; then
   # A certificate for the sink: the one a relay makes in its data dir.
-  start_relay "$this" --web off
+  start_relay "${bin[this]}" --web off
   mkdir -p "$work/sink"
   cp "$work/data/cert.pem" "$work/data/key.pem" "$work/sink/"
   stop_relay
@@ -151,7 +146,7 @@ for round in $(seq "$rounds"); do
     base=0
     if [ "$c" = clip-rate ]; then base=$(baseline); echo "  baseline sink $base clips/s"; fi
     for b in $order; do
-      if [ $b = this ]; then run_case "$c" this "$this"; else run_case "$c" other "$other"; fi
+      run_case "$c" "$b" "${bin[$b]}" "$base"
     done
   done
 done

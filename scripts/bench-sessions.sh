@@ -20,9 +20,9 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 load=target/release/client-sim
 relay=${RELAY:-target/release/ptt-relay}
-web=()
-# An earlier build may predate the web listener.
-if "$relay" serve --help | grep -q -- '--web '; then web=(--web off); fi
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+mapfile -t web < <(web_off "$relay")
 taskset -c 0 "$relay" serve --data-dir "$work/data" --listen 127.0.0.1:4475 \
   --admin 127.0.0.1:9495 "${web[@]}" --max-handshakes-per-second 0 --max-connections 250000 \
   >"$work/relay.log" 2>&1 &
