@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   user: null, status: "", talkStatus: "", clips: [], now: {}, busy: null,
   decoded: 0, decodeErrors: 0, sent: [], pressedAt: null, sounding: {},
+  statusLog: [],
 };
 window.ptt = state;
 // Errors (the decoder's included) are kept for whoever checks the page.
@@ -28,6 +29,12 @@ const MAX_RECENT = 50;
 function say(el, words) {
   $(el).textContent = words;
   state[el === "status" ? "status" : "talkStatus"] = words;
+  // The connection's recent history (ms since the page opened), for
+  // whoever checks why a page is not online.
+  if (el === "status") {
+    state.statusLog.push([Math.round(performance.now()), words]);
+    if (state.statusLog.length > 20) state.statusLog.shift();
+  }
 }
 
 function tokenFromLink() {

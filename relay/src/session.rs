@@ -44,8 +44,25 @@ pub async fn run(
     incoming: quinn::Incoming,
     unauthenticated: crate::state::Unauthenticated,
 ) {
-    let connecting = match incoming.accept() {
+    let mut connecting = match incoming.accept() {
         Ok(c) => c,
+        Err(e) => {
+            metrics::count(metrics::HANDSHAKES, "outcome", "failed");
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    // The ALPN is known once the whole ClientHello is in, which can take
+    // more than the first packet (a browser's, with a post-quantum key
+    // share, spans two): deciding before would take a browser for a
+    // native client. A ClientHello not whole within `auth_timeout` is
+    // given up like a missing `Auth`.
+    let hello = timeout(shared.config.auth_timeout, connecting.handshake_data())
+        .await
+        .map_err(|_| "no whole ClientHello in time".to_string())
+        .and_then(|r| r.map(crate::webtransport::is_h3).map_err(|e| e.to_string()));
+    let h3 = match hello {
+        Ok(h3) => h3,
         Err(e) => {
             metrics::count(metrics::HANDSHAKES, "outcome", "failed");
             debug!(error = %e, "handshake failed");
@@ -66,7 +83,7 @@ pub async fn run(
         },
     };
     let remote = conn.remote_address();
-    let link = if crate::webtransport::is_h3(&conn) {
+    let link = if h3 {
         match Box::pin(web_session(&shared, &conn, &mut handshake)).await {
             Some(link) => link,
             None => return,

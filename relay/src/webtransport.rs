@@ -141,10 +141,11 @@ async fn read_varint(recv: &mut RecvStream) -> Result<u64, BadHeader> {
         .ok_or(BadHeader)
 }
 
-/// Whether the handshake chose ALPN `h3`.
-pub fn is_h3(conn: &Connection) -> bool {
-    conn.handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+/// Whether the handshake chose ALPN `h3` (`data`: the connection's
+/// handshake data, once the whole ClientHello is in).
+pub fn is_h3(data: Box<dyn std::any::Any>) -> bool {
+    data.downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()
         .and_then(|d| d.protocol)
         .is_some_and(|p| p == web_transport_quinn::ALPN.as_bytes())
 }

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,6 +15,7 @@ use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use codec::{ClipEnd, ErrorCode};
 use common::*;
 use relay::web::PageConfig;
+use tokio::net::UdpSocket;
 
 /// What the page reads from `/config.json`, and a WebTransport client
 /// that pins its hash.
@@ -227,5 +230,123 @@ async fn refusals_reach_the_page_as_codes_and_words() {
             assert!(reason.contains("invalid token"), "{reason}");
         }
         e => panic!("expected a WebTransport close, got {e:?}"),
+    }
+}
+
+/// Accepts any server certificate (the handshake's signature is still
+/// checked): the test below is about the relay's choice of protocol.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Forwards one client's datagrams to `to` and the answers back, losing
+/// the client's second datagram. Returns the address to connect to.
+async fn lose_second_datagram(to: SocketAddr) -> SocketAddr {
+    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut up, mut down) = ([0u8; 2048], [0u8; 2048]);
+        let mut client = None;
+        let mut sent = 0;
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut up) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    sent += 1;
+                    if sent != 2 {
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                r = back.recv(&mut down) => {
+                    let Ok(n) = r else { return };
+                    if let Some(c) = client {
+                        let _ = front.send_to(&down[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// A browser's ClientHello can span two packets (Chromium's does, with its
+/// post-quantum key share), which can come apart: the relay must wait for
+/// all of it before it reads the ALPN, or it takes the browser for a native ptt/1 client and
+/// the page's session never opens (seen as a page stuck "connecting" for
+/// 10 s, then "Opening handshake failed").
+#[tokio::test]
+async fn a_client_hello_in_two_packets_still_opens_a_browser_session() {
+    let t = start(|_| {}).await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    // h3, then protocols the relay does not speak, long enough to push the
+    // ClientHello past one 1200-byte Initial packet.
+    crypto.alpn_protocols = std::iter::once(web_transport_quinn::ALPN.as_bytes().to_vec())
+        .chain((0..5u8).map(|i| vec![b'a' + i; 250]))
+        .collect();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client =
+        web_transport_quinn::Client::new(endpoint, quinn::ClientConfig::new(Arc::new(quic)));
+    // Its second half is lost: the relay sees the first alone, and the
+    // rest only when the client sends it again.
+    let via = lose_second_datagram(t.relay.quic_addr()).await;
+    let url: url::Url = format!("https://127.0.0.1:{}/ptt", via.port())
+        .parse()
+        .unwrap();
+    let web = tokio::time::timeout(Duration::from_secs(5), client.connect(url))
+        .await
+        .expect("a WebTransport session in time")
+        .unwrap();
+    match sign_in(&web, &t.token("carol")).await.2 {
+        Message::Welcome(w) => assert_eq!(w.user, "carol"),
+        m => panic!("expected Welcome, got {m:?}"),
     }
 }

@@ -97,6 +97,14 @@ impl Env {
         need("opusenc");
         need("opusdec");
         need("opusinfo");
+        // RUST_LOG=... shows the in-process relay's log (nextest shows a
+        // test's output when it fails).
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let relay = Relay::start(Config::for_tests(dir.path().join("relay")))
             .await
