@@ -53,8 +53,8 @@ pub async fn run(
         }
     };
     // The ALPN is known once the whole ClientHello is in, which can take
-    // more than the first packet (a browser's, with a post-quantum key
-    // share, spans two): deciding before would take a browser for a
+    // more than the first packet (Chromium spreads its ClientHello over
+    // two Initial packets): deciding before would take a browser for a
     // native client. A ClientHello not whole within `auth_timeout` is
     // given up like a missing `Auth`.
     let hello = timeout(shared.config.auth_timeout, connecting.handshake_data())
