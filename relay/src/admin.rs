@@ -110,13 +110,13 @@ async fn readyz_cluster(State(shared): State<Arc<Shared>>) -> (StatusCode, &'sta
     }
 }
 
-/// Runs `f` on a blocking thread: a scrape or a top list samples every
-/// session (~140 ms at 100,000 sessions), which on a runtime worker held up
-/// the connections queued behind it (first packets waited up to ~360 ms
-/// with a scrape a second).
-async fn off_runtime<T: Send + 'static>(
-    shared: Arc<Shared>,
-    f: impl FnOnce(&Shared) -> T + Send + 'static,
+/// Runs `f` on a blocking thread: a scrape, a top list or the usage book's
+/// sampling passes over every session (~140 ms at 100,000 sessions), which
+/// on a runtime worker held up the connections queued behind it (first
+/// packets waited up to ~360 ms with a scrape a second).
+pub(crate) async fn off_runtime<S: ?Sized + Send + Sync + 'static, T: Send + 'static>(
+    shared: Arc<S>,
+    f: impl FnOnce(&S) -> T + Send + 'static,
 ) -> Option<T> {
     tokio::task::spawn_blocking(move || f(&*shared)).await.ok()
 }

@@ -686,10 +686,7 @@ async fn usage_loop(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             () = shared.shutdown.cancelled() => return,
         }
-        // A pass over every session: off the runtime's workers (see
-        // admin::off_runtime).
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || s.count_usage()).await;
+        crate::admin::off_runtime(shared.clone(), |s| s.count_usage()).await;
         shared.usage.prune(crate::usage::today());
         shared.save_usage().await;
     }

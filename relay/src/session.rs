@@ -46,28 +46,17 @@ pub async fn run(
 ) {
     let mut connecting = match incoming.accept() {
         Ok(c) => c,
-        Err(e) => {
-            metrics::count(metrics::HANDSHAKES, "outcome", "failed");
-            debug!(error = %e, "handshake failed");
-            return;
-        }
+        Err(e) => return handshake_failed(&e),
     };
     // The ALPN is known once the whole ClientHello is in, which can take
     // more than the first packet (Chromium spreads its ClientHello over
     // two Initial packets): deciding before would take a browser for a
     // native client. A ClientHello not whole within `auth_timeout` is
     // given up like a missing `Auth`.
-    let hello = timeout(shared.config.auth_timeout, connecting.handshake_data())
-        .await
-        .map_err(|_| "no whole ClientHello in time".to_string())
-        .and_then(|r| r.map(crate::webtransport::is_h3).map_err(|e| e.to_string()));
-    let h3 = match hello {
-        Ok(h3) => h3,
-        Err(e) => {
-            metrics::count(metrics::HANDSHAKES, "outcome", "failed");
-            debug!(error = %e, "handshake failed");
-            return;
-        }
+    let h3 = match timeout(shared.config.auth_timeout, connecting.handshake_data()).await {
+        Ok(Ok(data)) => crate::webtransport::is_h3(data),
+        Ok(Err(e)) => return handshake_failed(&e),
+        Err(_) => return handshake_failed(&"no whole ClientHello in time"),
     };
     // Reads the client's 0-RTT data (its `Auth`) as it comes, and answers
     // in 0.5-RTT, before the client has finished the handshake.
@@ -75,11 +64,7 @@ pub async fn run(
         Ok((conn, done)) => (conn, Handshake::Pending(done)),
         Err(connecting) => match Box::pin(connecting).await {
             Ok(conn) => (conn, Handshake::Complete),
-            Err(e) => {
-                metrics::count(metrics::HANDSHAKES, "outcome", "failed");
-                debug!(error = %e, "handshake failed");
-                return;
-            }
+            Err(e) => return handshake_failed(&e),
         },
     };
     let remote = conn.remote_address();
@@ -155,6 +140,11 @@ pub async fn run(
     }
     let why = conn.close_reason();
     info!(user = %session.user, session = session.id, reason = ?why, "session end");
+}
+
+fn handshake_failed(error: &dyn std::fmt::Display) {
+    metrics::count(metrics::HANDSHAKES, "outcome", "failed");
+    debug!(%error, "handshake failed");
 }
 
 /// A browser's connection: the HTTP/3 handshake up to its WebTransport

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,6 @@ use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use codec::{ClipEnd, ErrorCode};
 use common::*;
 use relay::web::PageConfig;
-use tokio::net::UdpSocket;
 
 /// What the page reads from `/config.json`, and a WebTransport client
 /// that pins its hash.
@@ -278,47 +276,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-/// Forwards one client's datagrams to `to` and the answers back, losing
-/// the client's second datagram. Returns the address to connect to.
-async fn lose_second_datagram(to: SocketAddr) -> SocketAddr {
-    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    back.connect(to).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut up, mut down) = ([0u8; 2048], [0u8; 2048]);
-        let mut client = None;
-        let mut sent = 0;
-        loop {
-            tokio::select! {
-                r = front.recv_from(&mut up) => {
-                    let Ok((n, from)) = r else { return };
-                    client = Some(from);
-                    sent += 1;
-                    if sent != 2 {
-                        let _ = back.send(&up[..n]).await;
-                    }
-                }
-                r = back.recv(&mut down) => {
-                    let Ok(n) = r else { return };
-                    if let Some(c) = client {
-                        let _ = front.send_to(&down[..n], c).await;
-                    }
-                }
-            }
-        }
-    });
-    addr
-}
-
-/// A browser's ClientHello can span two packets (Chromium's does, with its
-/// post-quantum key share), which can come apart: the relay must wait for
-/// all of it before it reads the ALPN, or it takes the browser for a native ptt/1 client and
-/// the page's session never opens (seen as a page stuck "connecting" for
-/// 10 s, then "Opening handshake failed").
-#[tokio::test]
-async fn a_client_hello_in_two_packets_still_opens_a_browser_session() {
-    let t = start(|_| {}).await;
+/// A WebTransport client whose ClientHello spans two Initial packets:
+/// after h3 it offers protocols the relay does not speak, long enough to
+/// push the ClientHello past one 1200-byte packet.
+fn two_packet_hello_client() -> web_transport_quinn::Client {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -326,27 +287,72 @@ async fn a_client_hello_in_two_packets_still_opens_a_browser_session() {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    // h3, then protocols the relay does not speak, long enough to push the
-    // ClientHello past one 1200-byte Initial packet.
     crypto.alpn_protocols = std::iter::once(web_transport_quinn::ALPN.as_bytes().to_vec())
         .chain((0..5u8).map(|i| vec![b'a' + i; 250]))
         .collect();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let client =
-        web_transport_quinn::Client::new(endpoint, quinn::ClientConfig::new(Arc::new(quic)));
+    web_transport_quinn::Client::new(endpoint, quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+fn url(to: &Tap) -> url::Url {
+    format!("https://127.0.0.1:{}/ptt", to.addr.port())
+        .parse()
+        .unwrap()
+}
+
+/// A browser's ClientHello can span two packets (Chromium spreads it over
+/// two Initial packets), which can come apart: the relay must wait for all
+/// of it before it reads the ALPN, or it takes the browser for a native
+/// ptt/1 client and the page's session never opens (seen as a page stuck
+/// "connecting" for 10 s, then "Opening handshake failed").
+#[tokio::test]
+async fn a_client_hello_in_two_packets_still_opens_a_browser_session() {
+    let t = start(|_| {}).await;
     // Its second half is lost: the relay sees the first alone, and the
     // rest only when the client sends it again.
-    let via = lose_second_datagram(t.relay.quic_addr()).await;
-    let url: url::Url = format!("https://127.0.0.1:{}/ptt", via.port())
-        .parse()
-        .unwrap();
-    let web = tokio::time::timeout(Duration::from_secs(5), client.connect(url))
-        .await
-        .expect("a WebTransport session in time")
-        .unwrap();
+    let via = Tap::losing(t.relay.quic_addr(), |n| n == 2).await;
+    let web = tokio::time::timeout(
+        Duration::from_secs(5),
+        two_packet_hello_client().connect(url(&via)),
+    )
+    .await
+    .expect("a WebTransport session in time")
+    .unwrap();
     match sign_in(&web, &t.token("carol")).await.2 {
         Message::Welcome(w) => assert_eq!(w.user, "carol"),
         m => panic!("expected Welcome, got {m:?}"),
     }
+}
+
+/// A ClientHello that never comes whole holds the relay's connection (and
+/// its place among the unauthenticated ones) for `auth_timeout`, not until
+/// the connection idles out.
+#[tokio::test]
+async fn a_client_hello_never_completed_is_given_up_after_auth_timeout() {
+    let t = start(|c| {
+        c.auth_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let via = Tap::losing(t.relay.quic_addr(), |n| n >= 2).await;
+    let client = two_packet_hello_client();
+    let connecting = tokio::spawn(async move { client.connect(url(&via)).await });
+    let failed = |body: &str| {
+        body.lines()
+            .any(|l| l.starts_with("ptt_handshakes_total{outcome=\"failed\"} 1"))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get(t.relay.admin_addr(), "/metrics").await;
+        if failed(&body) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the half ClientHello was not given up: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connecting.abort();
 }

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -92,58 +90,6 @@ async fn after_a_restart_a_reconnect_falls_back_to_a_full_handshake() {
     assert!(!alice.zero_rtt());
     assert_eq!(alice.user(), "alice");
     relay.shutdown().await;
-}
-
-/// A UDP forwarder between one client socket and the relay that can keep
-/// a copy of what the client sends.
-struct Tap {
-    addr: SocketAddr,
-    recording: Arc<Mutex<Option<Vec<Vec<u8>>>>>,
-}
-
-impl Tap {
-    async fn start(relay: SocketAddr) -> Tap {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        back.connect(relay).await.unwrap();
-        let addr = front.local_addr().unwrap();
-        let recording: Arc<Mutex<Option<Vec<Vec<u8>>>>> = Arc::default();
-        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (f, b, rec, cl) = (
-            front.clone(),
-            back.clone(),
-            recording.clone(),
-            client.clone(),
-        );
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = f.recv_from(&mut buf).await {
-                *cl.lock().unwrap() = Some(from);
-                if let Some(r) = rec.lock().unwrap().as_mut() {
-                    r.push(buf[..n].to_vec());
-                }
-                let _ = b.send(&buf[..n]).await;
-            }
-        });
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = back.recv(&mut buf).await {
-                let to = *client.lock().unwrap();
-                if let Some(to) = to {
-                    let _ = front.send_to(&buf[..n], to).await;
-                }
-            }
-        });
-        Tap { addr, recording }
-    }
-
-    fn record(&self) {
-        *self.recording.lock().unwrap() = Some(Vec::new());
-    }
-
-    fn take(&self) -> Vec<Vec<u8>> {
-        self.recording.lock().unwrap().take().unwrap_or_default()
-    }
 }
 
 #[tokio::test]

@@ -309,3 +309,70 @@ pub async fn start_binary_at(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, addr)
 }
+
+/// A UDP forwarder between one client socket and the relay that can keep
+/// a copy of what the client sends, and lose some of the client's datagrams.
+pub struct Tap {
+    pub addr: std::net::SocketAddr,
+    recording: Arc<std::sync::Mutex<Option<Vec<Vec<u8>>>>>,
+}
+
+impl Tap {
+    pub async fn start(relay: std::net::SocketAddr) -> Tap {
+        Tap::losing(relay, |_| false).await
+    }
+
+    /// Loses the client's datagrams whose number (1 is the first) `lose`
+    /// picks.
+    pub async fn losing(
+        relay: std::net::SocketAddr,
+        lose: impl Fn(usize) -> bool + Send + 'static,
+    ) -> Tap {
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(relay).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let recording: Arc<std::sync::Mutex<Option<Vec<Vec<u8>>>>> = Arc::default();
+        let client: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let (f, b, rec, cl) = (
+            front.clone(),
+            back.clone(),
+            recording.clone(),
+            client.clone(),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut count = 0;
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *cl.lock().unwrap() = Some(from);
+                count += 1;
+                if lose(count) {
+                    continue;
+                }
+                if let Some(r) = rec.lock().unwrap().as_mut() {
+                    r.push(buf[..n].to_vec());
+                }
+                let _ = b.send(&buf[..n]).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Tap { addr, recording }
+    }
+
+    pub fn record(&self) {
+        *self.recording.lock().unwrap() = Some(Vec::new());
+    }
+
+    pub fn take(&self) -> Vec<Vec<u8>> {
+        self.recording.lock().unwrap().take().unwrap_or_default()
+    }
+}
