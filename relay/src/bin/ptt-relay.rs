@@ -33,8 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the relay (embedded defaults: memory store, self-signed
-    /// certificate and token secret created in the data dir).
+    /// Run the relay (embedded defaults: the durable disk store, a
+    /// self-signed certificate and a token secret, all in the data dir).
     Serve(Box<Settings>),
     /// Print a token (JWT) for a user: HS256 with the data dir's token
     /// secret, or EdDSA / ES256 with `--private-key` and `--kid`.
