@@ -797,7 +797,15 @@ impl LiveUpload {
 /// `Accepted`.
 async fn read_answer(conn: &Connection, recv: RecvStream, id: ClipId) -> Result<bool, ClientError> {
     let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
-    match rd.next().await {
+    let answer = rd.next().await;
+    // The relay ends the stream after its answer, usually in the same
+    // packet: taking that end now (one poll, no wait) closes the stream
+    // without the STOP_SENDING a dropped, unfinished stream sends, which
+    // would cost a datagram per clip each way.
+    if matches!(answer, Ok(Some(_))) {
+        let _ = tokio::time::timeout(Duration::ZERO, rd.next()).await;
+    }
+    match answer {
         Ok(Some(Message::Accepted(a))) if a.clip_id == id => Ok(a.duplicate),
         Ok(Some(Message::Rejected(r))) => Err(ClientError::Rejected {
             code: r.code,

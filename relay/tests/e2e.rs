@@ -173,6 +173,28 @@ async fn stored_clips_are_delivered_in_order_on_connect_and_released_on_ack() {
     assert_no_clip(&mut ev2, Duration::from_millis(300)).await;
 }
 
+/// A sender takes the FIN after each answer (the relay sends it with the
+/// answer) instead of dropping the stream unfinished: no STOP_SENDING, a
+/// frame and its ACK per clip that would cost a datagram each way.
+#[tokio::test]
+async fn a_sender_ends_its_upload_streams_without_stop_sending() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let (bob, mut ev) = t.connect("bob").await;
+    for i in 0..5 {
+        let c = clip("bob", 5 + i);
+        let sent = alice.send_clip(&c, Pacing::Upload).await.unwrap();
+        assert!(!sent.duplicate);
+        bob.ack(next_complete(&mut ev).await.id()).await.unwrap();
+        // A retry gets `Accepted` (duplicate) and the relay's own
+        // STOP_SENDING: the sender still sends none.
+        assert!(alice.send_clip(&c, Pacing::Upload).await.unwrap().duplicate);
+    }
+    let stats = alice.connection().stats();
+    assert_eq!(stats.frame_tx.stop_sending, 0, "{:?}", stats.frame_tx);
+    assert!(stats.frame_rx.stop_sending >= 1, "{:?}", stats.frame_rx);
+}
+
 /// Stored clips reach a recipient in acceptance order, every run: 20 clips
 /// of random sizes, all in flight at once (the delivery window is larger),
 /// open in order (stream ids rise with acceptance), their headers arrive in
