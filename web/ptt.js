@@ -438,8 +438,11 @@ export class PttSession extends EventTarget {
       if (aborted) { writer.abort(0x18).catch(() => {}); throw new Error("aborted"); }
       write(encodeClipHeader(clip.id, clip.target, clip.format));
       flush();
-      const answer = await new StreamReader(bidi.readable).message();
+      const rd = new StreamReader(bidi.readable);
+      const answer = await rd.message();
       if (!answer) throw new Error("no answer");
+      // Read on to the FIN that follows the answer (spec §5, "Sending").
+      rd.message().catch(() => {});
       return answer;
     })();
     run.then((a) => this.answered(clip, a), () => { /* connection lost: kept in the outbox */ });
