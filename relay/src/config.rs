@@ -512,6 +512,18 @@ mod tests {
         assert_eq!(file.fill(), Config::default());
     }
 
+    /// docs/operations.md documents every setting by name.
+    #[test]
+    fn the_operations_guide_names_every_setting() {
+        let text = include_str!("../../docs/operations.md");
+        for name in Settings::NAMES {
+            assert!(
+                text.contains(&format!("`{name}`")),
+                "{name} missing from docs/operations.md"
+            );
+        }
+    }
+
     /// The deployment's cluster config reads and asks for a replicated
     /// 3-node cluster.
     #[test]
