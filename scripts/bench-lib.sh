@@ -21,3 +21,16 @@ and let them through. Over."
 web_off() {
   if "$1" serve --help | grep -q -- '--web '; then printf '%s\n' --web off; fi
 }
+
+# Waits (at most 10 s) until a relay started on DATA_DIR with its admin
+# listener on ADMIN_ADDR has written its token secret and answers /readyz,
+# then a second more.
+#   wait_ready DATA_DIR ADMIN_ADDR
+wait_ready() {
+  local _
+  for _ in $(seq 50); do
+    [ -s "$1/token.secret" ] && curl -sf "$2/readyz" >/dev/null && break
+    sleep 0.2
+  done
+  sleep 1
+}

@@ -42,11 +42,7 @@ start_relay() { # binary flags...
   taskset -c 0 "$bin" serve --data-dir "$work/data" --listen 127.0.0.1:4481 \
     --admin 127.0.0.1:9521 "$@" >"$work/relay.log" 2>&1 &
   relay_pid=$!
-  for _ in $(seq 50); do
-    [ -s "$work/data/token.secret" ] && curl -sf 127.0.0.1:9521/readyz >/dev/null && break
-    sleep 0.2
-  done
-  sleep 1
+  wait_ready "$work/data" 127.0.0.1:9521
 }
 stop_relay() {
   kill "$relay_pid" 2>/dev/null || true
