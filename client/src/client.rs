@@ -798,12 +798,9 @@ impl LiveUpload {
 async fn read_answer(conn: &Connection, recv: RecvStream, id: ClipId) -> Result<bool, ClientError> {
     let mut rd = MessageReader::new(recv, codec::wire::DEFAULT_MAX_MESSAGE_BYTES);
     let answer = rd.next().await;
-    // The relay ends the stream after its answer, usually in the same
-    // packet: taking that end now (one poll, no wait) closes the stream
-    // without the STOP_SENDING a dropped, unfinished stream sends, which
-    // would cost a datagram per clip each way.
+    // The relay ends the stream with its answer, usually in the same packet.
     if matches!(answer, Ok(Some(_))) {
-        let _ = tokio::time::timeout(Duration::ZERO, rd.next()).await;
+        quic::take_end(rd.stream());
     }
     match answer {
         Ok(Some(Message::Accepted(a))) if a.clip_id == id => Ok(a.duplicate),

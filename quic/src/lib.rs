@@ -94,6 +94,16 @@ impl MessageReader {
     }
 }
 
+/// Takes a stream's FIN if it is already in, without waiting (one poll):
+/// the stream then ends read to its end. A stream dropped before its FIN
+/// was read sends STOP_SENDING, a frame (and the ACK it asks for) of no use
+/// when the peer had finished anyway; after an upload's answer that was a
+/// datagram each way per clip (docs/protocol.md §5, "Sending").
+pub fn take_end(recv: &mut RecvStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = recv.poll_read(&mut cx, &mut [0u8; 1]);
+}
+
 /// Writes one message.
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), quinn::WriteError> {
     send.write_all(&msg.to_bytes()).await

@@ -137,8 +137,8 @@ pub async fn run(
                 if recv.read_exact(&mut answer).await.is_err() {
                     break;
                 }
-                // Its end too, as the SDK takes the relay's (no STOP_SENDING).
-                let _ = tokio::time::timeout(Duration::ZERO, recv.read(&mut answer)).await;
+                // Its end too, as the SDK takes the relay's.
+                quic::take_end(&mut recv);
                 lat.record(written.elapsed());
                 clips.fetch_add(1, Ordering::Relaxed);
                 bytes.fetch_add(n, Ordering::Relaxed);
