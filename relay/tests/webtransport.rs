@@ -356,3 +356,94 @@ async fn a_client_hello_never_completed_is_given_up_after_auth_timeout() {
     }
     connecting.abort();
 }
+
+/// A certificate authority and a leaf for `localhost` it signed, as an
+/// operator's `cert`/`key` files (chain, key) in `dir`; the CA's DER.
+fn operator_files(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ptt test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let cert = dir.join("operator-cert.pem");
+    let key = dir.join("operator-key.pem");
+    std::fs::write(&cert, format!("{}{}", leaf.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    (cert, key, ca_cert.der().clone())
+}
+
+/// A WebTransport client that verifies the relay's certificate as a
+/// browser does for any site: a chain to one of `roots`, for the URL's name.
+fn verifying_client(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> web_transport_quinn::Client {
+    let provider = relay::tls::crypto_provider();
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![web_transport_quinn::ALPN.as_bytes().to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    web_transport_quinn::Client::new(endpoint, config)
+}
+
+#[tokio::test]
+async fn with_an_operator_certificate_the_page_connects_like_any_site() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = operator_files(files.path());
+    let t = start(|c| {
+        c.cert = cert;
+        c.key = key;
+    })
+    .await;
+    // The page is told to pin nothing: the browser verifies the chain.
+    let web = t.relay.web_addr().expect("web listener on");
+    let (status, body) = http_get(web, "/config.json").await;
+    assert_eq!(status, 200, "{body}");
+    let cfg: PageConfig = serde_json::from_str(&body).unwrap();
+    assert!(cfg.certificate_hashes.is_empty(), "{body}");
+    assert_eq!(cfg.certificate_expires_ms, 0);
+    let url: url::Url = format!("https://localhost:{}{}", cfg.port, cfg.path)
+        .parse()
+        .unwrap();
+
+    // A client that trusts the operator's CA gets a session and a Welcome.
+    let session = verifying_client(std::slice::from_ref(&ca))
+        .connect(url.clone())
+        .await
+        .expect("a WebTransport session with the operator's certificate");
+    let (_ctl, _rd, welcome) = sign_in(&session, &t.token("dora")).await;
+    match welcome {
+        Message::Welcome(w) => assert_eq!(w.user, "dora"),
+        m => panic!("expected Welcome, got {m:?}"),
+    }
+
+    // One that does not trust it is refused: the certificate is checked,
+    // and it is the operator's, not the development one.
+    let other = tempfile::tempdir().unwrap();
+    let (_, _, other_ca) = operator_files(other.path());
+    let refused = verifying_client(&[other_ca]).connect(url).await;
+    assert!(refused.is_err(), "an untrusted certificate was accepted");
+}
