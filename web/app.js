@@ -198,7 +198,9 @@ async function pressStart() {
       say("talk-status", `no microphone: ${e.message ?? e}`); return;
     }
   }
-  const clip = session.startClip(to, FORMAT);
+  const clip = session.startClip(to, FORMAT, {
+    onRetry: (r) => say("talk-status", `${codeWords(r.code)} (in ${Math.ceil(r.retryAfterMs / 1000)} s)`),
+  });
   press = { clip, to, packets: 0, cancelled: false };
   const mine = press;
   say("talk-status", session.online ? `talking to ${to.channel ? "#" + to.name : to.name}…` : "recording (offline: sent when back)…");

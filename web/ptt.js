@@ -394,8 +394,10 @@ export class PttSession extends EventTarget {
   // A new upload: the header goes at once (so "busy" comes back at once),
   // packets as they are recorded, then end(). The result promise gives
   // {accepted, duplicate} or {rejected: code, reason, retryAfterMs}.
-  startClip(target, format) {
-    const clip = { id: newClipId(), target, format, packets: [], ended: null, live: null };
+  // `onRetry(rejected)`: the relay refused it for now (busy, rate, full
+  // store); it goes again after the relay's hint, recording or not.
+  startClip(target, format, { onRetry = null } = {}) {
+    const clip = { id: newClipId(), target, format, packets: [], ended: null, live: null, onRetry };
     clip.done = new Promise((resolve) => { clip.resolve = resolve; });
     this.outbox.push(clip);
     if (this.online) clip.live = this.upload(clip);
@@ -458,9 +460,16 @@ export class PttSession extends EventTarget {
     if (a.type === "Accepted") {
       this.outbox = this.outbox.filter((c) => c !== clip);
       clip.resolve({ accepted: true, duplicate: a.duplicate });
-    } else if (a.type === "Rejected" && RETRYABLE.has(a.code) && clip.ended !== null) {
+    } else if (a.type === "Rejected" && RETRYABLE.has(a.code)) {
+      // Also while still recording: the next attempt sends what was
+      // recorded so far, then the rest as it comes. Offline by then: the
+      // outbox sends it on reconnect.
       clip.live = null;
-      setTimeout(() => { if (this.online && !clip.live) clip.live = this.upload(clip); }, Math.max(a.retryAfterMs, 1000));
+      const wait = Math.max(a.retryAfterMs, 1000);
+      clip.onRetry?.({ code: a.code, reason: a.reason, retryAfterMs: wait });
+      setTimeout(() => {
+        if (this.online && !clip.live && this.outbox.includes(clip)) clip.live = this.upload(clip);
+      }, wait);
     } else if (a.type === "Rejected") {
       this.outbox = this.outbox.filter((c) => c !== clip);
       clip.resolve({ rejected: a.code, reason: a.reason, retryAfterMs: a.retryAfterMs });

@@ -195,6 +195,19 @@ async fn mic_wav(dir: &Path) -> (PathBuf, f64) {
     (wav, secs)
 }
 
+/// `text` spoken, as Ogg Opus at the app's settings (48 kHz mono, 16
+/// kbit/s).
+async fn app_opus(dir: &Path, name: &str, text: &str) -> PathBuf {
+    speech_opus(
+        dir,
+        name,
+        text,
+        &["-r", "48000", "-c", "1"],
+        &["--bitrate", "16"],
+    )
+    .await
+}
+
 /// A relay, and the fake microphone's speech and its duration.
 async fn setup() -> (Env, PathBuf, f64) {
     let env = Env::new().await;
@@ -231,11 +244,12 @@ fn speech_db(path: &Path) -> f64 {
     10.0 * (loud.iter().sum::<f64>() / loud.len() as f64).log10()
 }
 
-/// `client-sim listen` for one clip as `user`, running: its inbox and the
-/// task that ends with its output.
-fn listen_once(
+/// `client-sim listen` for `count` clips as `user`, running: its inbox
+/// and the task that ends with its output.
+fn listen(
     env: &Env,
     user: &str,
+    count: u32,
 ) -> (
     PathBuf,
     tokio::task::JoinHandle<std::io::Result<std::process::Output>>,
@@ -243,7 +257,8 @@ fn listen_once(
     let inbox = env.dir.path().join(format!("inbox-{user}"));
     let listener = env
         .cmd(user)
-        .args(["listen", "--count", "1", "--timeout", "60s", "--out"])
+        .args(["listen", "--count", &count.to_string()])
+        .args(["--timeout", "60s", "--out"])
         .arg(&inbox)
         .output();
     (inbox, tokio::spawn(listener))
@@ -276,7 +291,7 @@ fn app(env: &Env) -> String {
 #[tokio::test]
 async fn the_browser_talks_to_client_sim_listen() {
     let (env, wav, secs) = setup().await;
-    let (inbox, listener) = listen_once(&env, "bob");
+    let (inbox, listener) = listen(&env, "bob", 1);
     let b = Browser::start(&wav).await;
     b.open(&app(&env), &env.token("carol")).await;
     b.online().await;
@@ -360,7 +375,7 @@ async fn client_sim_send_live_talks_to_the_browser() {
 #[tokio::test]
 async fn two_pages_in_a_channel_busy_and_heard() {
     let (env, wav, _) = setup().await;
-    let (inbox, member) = listen_once(&env, "dave");
+    let (inbox, member) = listen(&env, "dave", 1);
     let b = Browser::start(&wav).await;
     let first = b.open(&app(&env), &env.token("alice")).await;
     b.online().await;
@@ -432,14 +447,7 @@ async fn a_page_that_was_closed_gets_its_stored_clips_in_order() {
         .iter()
         .enumerate()
     {
-        let opus = speech_opus(
-            env.dir.path(),
-            &format!("stored{i}"),
-            text,
-            &["-r", "48000", "-c", "1"],
-            &["--bitrate", "16"],
-        )
-        .await;
+        let opus = app_opus(env.dir.path(), &format!("stored{i}"), text).await;
         sent.push(send(&env, "dave", &["--to", "erin"], &opus).await);
     }
     let b = Browser::start(&wav).await;
@@ -510,7 +518,7 @@ async fn the_page_rides_out_a_relay_restart_and_sends_what_it_recorded_meanwhile
         relay: relay::Relay::start(cfg).await.unwrap(),
         dir,
     };
-    let (inbox, bob) = listen_once(&env, "bob");
+    let (inbox, bob) = listen(&env, "bob", 1);
     b.wait(
         "window.ptt.talkStatus === 'sent to bob'",
         Duration::from_secs(30),
@@ -535,14 +543,7 @@ async fn the_page_rides_out_a_relay_restart_and_sends_what_it_recorded_meanwhile
 #[tokio::test]
 async fn a_press_with_nothing_recorded_sends_nothing_and_holds_no_floor() {
     let (env, wav, _) = setup().await;
-    let opus = speech_opus(
-        env.dir.path(),
-        "after",
-        "Is the channel free?",
-        &["-r", "48000", "-c", "1"],
-        &["--bitrate", "16"],
-    )
-    .await;
+    let opus = app_opus(env.dir.path(), "after", "Is the channel free?").await;
     let b = Browser::start(&wav).await;
     b.open(&app(&env), &env.token("alice")).await;
     b.online().await;
@@ -566,6 +567,66 @@ async fn a_press_with_nothing_recorded_sends_nothing_and_holds_no_floor() {
     )
     .await;
     assert!(b.js("return window.ptt.sent.length;").await == json!(0));
+    b.assert_clean().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_clip_refused_for_now_while_recording_goes_again_by_itself() {
+    // carol may start four clips a minute (one more every 15 s).
+    let env = Env::with(|c| c.max_clips_per_minute = 4).await;
+    let (wav, _) = mic_wav(env.dir.path()).await;
+    let opus = app_opus(env.dir.path(), "burst", "Copy that.").await;
+    // Her budget is spent from her other device (signed out before the
+    // page signs in: one session per user).
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        sent.push(send(&env, "carol", &["--to", "bob"], &opus).await);
+    }
+    let b = Browser::start(&wav).await;
+    b.open(&app(&env), &env.token("carol")).await;
+    b.online().await;
+    b.js("document.getElementById('to-user').value = 'bob'; document.querySelector('input[value=user]').checked = true;")
+        .await;
+    // She presses: the relay refuses the clip for now (rate_limited, with
+    // a retry-after hint) while she is still talking.
+    b.js_async("const done = arguments[0]; window.pttPress().then(() => done(true));")
+        .await;
+    let refused = b
+        .wait(
+            "window.ptt.talkStatus.startsWith('too many clips') && window.ptt.talkStatus",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        refused.as_str().unwrap().contains(" s)"),
+        "the page says when: {refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.js_async("const done = arguments[0]; window.pttRelease().then(() => done(true));")
+        .await;
+    // The page sends it again by itself once the budget allows, whole.
+    b.wait(
+        "window.ptt.talkStatus === 'sent to bob'",
+        Duration::from_secs(40),
+    )
+    .await;
+    let id = b.js("return window.ptt.sent[0].id;").await;
+    sent.push(id.as_str().unwrap().to_owned());
+    let (inbox, bob) = listen(&env, "bob", 5);
+    let out = bob.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in &sent {
+        let clip = inbox.join(format!("{id}.opus"));
+        assert!(clip.exists(), "{} missing", clip.display());
+    }
+    let page = inbox.join(format!("{}.opus", sent[4]));
+    let packets = b.js("return window.ptt.sent[0].packets;").await;
+    assert_eq!(json!(opus_packets(&page)), packets, "the whole clip");
     b.assert_clean().await;
     b.close().await;
 }

@@ -92,6 +92,11 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// A relay with `tweak` applied to the test config.
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
         need("espeak-ng");
         need("sox");
         need("opusenc");
@@ -106,9 +111,9 @@ impl Env {
                 .try_init();
         }
         let dir = tempfile::tempdir().unwrap();
-        let relay = Relay::start(Config::for_tests(dir.path().join("relay")))
-            .await
-            .unwrap();
+        let mut cfg = Config::for_tests(dir.path().join("relay"));
+        tweak(&mut cfg);
+        let relay = Relay::start(cfg).await.unwrap();
         Self { relay, dir }
     }
 
