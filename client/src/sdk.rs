@@ -55,8 +55,10 @@ pub struct Config {
     /// The microphone's sample rate for [`Sdk::pcm`] (mono; a multiple of
     /// 100 Hz: 8, 16, 24, 32, 44.1 or 48 kHz): 48 kHz.
     pub mic_rate: u32,
-    /// Longest press: a press held longer is released by the SDK (the
-    /// relay's `max_clip_duration` is 60 s by default): 60 s.
+    /// Longest press, in microphone audio given to [`Sdk::pcm`]: the
+    /// press is released by the SDK once it has that much (the relay
+    /// refuses a clip longer than its `max_clip_duration`, 60 s by
+    /// default, counted in audio too): 60 s.
     pub max_press: Duration,
     /// Opus frame length of live talk, ms: 20 (10, 40 or 60: longer frames
     /// mean fewer packets, so fewer header and ACK bytes per second of
@@ -269,7 +271,6 @@ struct Press {
     target: Target,
     enc: LiveEncoder,
     tx: mpsc::UnboundedSender<Spoken>,
-    started: std::time::Instant,
     /// Made while offline: the next connection starts the press's upload
     /// with its handshake (in 0-RTT when resuming) and hands it over here.
     handoff: Option<tokio::sync::oneshot::Sender<LiveUpload>>,
@@ -366,7 +367,6 @@ impl Sdk {
             target,
             enc,
             tx,
-            started: std::time::Instant::now(),
             handoff: Some(handoff),
         });
         // Offline: try to connect now rather than at the end of a backoff.
@@ -390,7 +390,7 @@ impl Sdk {
             if !packets.is_empty() {
                 let _ = p.tx.send(Spoken::Packets(packets));
             }
-            p.started.elapsed() >= self.inner.cfg.max_press
+            p.enc.duration() >= self.inner.cfg.max_press
         };
         if over {
             self.release()?;

@@ -371,8 +371,10 @@ async fn a_press_in_60ms_frames_sends_a_third_of_the_packets() {
     }
 }
 
-/// A press held past `max_press` is released by the SDK: the clip ends
-/// there, and more microphone audio is refused.
+/// A press given `max_press` of audio is released by the SDK: the clip
+/// ends there, and more microphone audio is refused (counted in audio,
+/// not wall time, so the clip never passes the relay's limit and the test
+/// does not hang on the machine's timing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_press_held_past_max_press_is_released() {
     let r = Relay::start().await;
@@ -388,9 +390,8 @@ async fn a_press_held_past_max_press_is_released() {
             Err(SdkError::Talk(_)) => break,
             Err(e) => panic!("{e}"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!((300..=360).contains(&fed), "{fed} ms taken");
+    assert_eq!(fed, 300, "{fed} ms taken");
     assert!(alice.release().is_err(), "nothing is held any more");
     let clip = kept(&mut b, id).await;
     lasts(&clip, 280..=380);

@@ -113,6 +113,11 @@ impl LiveEncoder {
         }
     }
 
+    /// Microphone audio taken so far.
+    pub fn duration(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.taken as f64 / f64::from(self.mic_rate))
+    }
+
     /// Takes mono samples in [-1, 1]; returns the packets completed by
     /// them (none until a whole frame is there).
     pub fn push(&mut self, pcm: &[f32]) -> Result<Vec<Bytes>, AudioError> {
@@ -230,6 +235,7 @@ mod tests {
             }
             packets.extend(got);
         }
+        assert_eq!(enc.duration(), std::time::Duration::from_secs(1));
         let (last, granule) = enc.finish().unwrap();
         packets.extend(last);
         assert_eq!(granule, u64::from(format.pre_skip) + 48_000);
