@@ -611,8 +611,8 @@ async fn a_clip_refused_for_now_while_recording_goes_again_by_itself() {
         Duration::from_secs(40),
     )
     .await;
-    let id = b.js("return window.ptt.sent[0].id;").await;
-    sent.push(id.as_str().unwrap().to_owned());
+    let page = b.js("return window.ptt.sent[0];").await;
+    sent.push(page["id"].as_str().unwrap().to_owned());
     let (inbox, bob) = listen(&env, "bob", 5);
     let out = bob.await.unwrap().unwrap();
     assert!(
@@ -624,9 +624,12 @@ async fn a_clip_refused_for_now_while_recording_goes_again_by_itself() {
         let clip = inbox.join(format!("{id}.opus"));
         assert!(clip.exists(), "{} missing", clip.display());
     }
-    let page = inbox.join(format!("{}.opus", sent[4]));
-    let packets = b.js("return window.ptt.sent[0].packets;").await;
-    assert_eq!(json!(opus_packets(&page)), packets, "the whole clip");
+    let kept = inbox.join(format!("{}.opus", sent[4]));
+    assert_eq!(
+        json!(opus_packets(&kept)),
+        page["packets"],
+        "the whole clip"
+    );
     b.assert_clean().await;
     b.close().await;
 }

@@ -15,14 +15,20 @@ use codec::{ClipEnd, ErrorCode};
 use common::*;
 use relay::web::PageConfig;
 
-/// What the page reads from `/config.json`, and a WebTransport client
-/// that pins its hash.
-async fn web_client(t: &TestRelay) -> (PageConfig, web_transport_quinn::Client) {
+/// What the page reads from `/config.json`.
+async fn page_config(t: &TestRelay) -> PageConfig {
     let web = t.relay.web_addr().expect("web listener on");
     let (status, body) = http_get(web, "/config.json").await;
     assert_eq!(status, 200, "{body}");
     let cfg: PageConfig = serde_json::from_str(&body).unwrap();
     assert_eq!(cfg.port, t.relay.quic_addr().port());
+    cfg
+}
+
+/// What the page reads from `/config.json`, and a WebTransport client
+/// that pins its hash.
+async fn web_client(t: &TestRelay) -> (PageConfig, web_transport_quinn::Client) {
+    let cfg = page_config(t).await;
     assert_eq!(cfg.certificate_hashes.len(), 1);
     let hash: Vec<u8> = (0..64)
         .step_by(2)
@@ -357,7 +363,7 @@ async fn a_client_hello_never_completed_is_given_up_after_auth_timeout() {
     connecting.abort();
 }
 
-/// A certificate authority and a leaf for `localhost` it signed, as an
+/// A certificate authority and a leaf for 127.0.0.1 it signed, as an
 /// operator's `cert`/`key` files (chain, key) in `dir`; the CA's DER.
 fn operator_files(
     dir: &std::path::Path,
@@ -375,7 +381,7 @@ fn operator_files(
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
         .unwrap()
         .signed_by(&leaf_key, &issuer)
         .unwrap();
@@ -387,16 +393,13 @@ fn operator_files(
 }
 
 /// A WebTransport client that verifies the relay's certificate as a
-/// browser does for any site: a chain to one of `roots`, for the URL's name.
+/// browser does for any site: a chain to `root`, for the URL's host.
 fn verifying_client(
-    roots: &[rustls::pki_types::CertificateDer<'static>],
+    root: rustls::pki_types::CertificateDer<'static>,
 ) -> web_transport_quinn::Client {
-    let provider = relay::tls::crypto_provider();
     let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+    store.add(root).unwrap();
+    let mut crypto = rustls::ClientConfig::builder_with_provider(relay::tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(store)
@@ -419,19 +422,12 @@ async fn with_an_operator_certificate_the_page_connects_like_any_site() {
     })
     .await;
     // The page is told to pin nothing: the browser verifies the chain.
-    let web = t.relay.web_addr().expect("web listener on");
-    let (status, body) = http_get(web, "/config.json").await;
-    assert_eq!(status, 200, "{body}");
-    let cfg: PageConfig = serde_json::from_str(&body).unwrap();
-    assert!(cfg.certificate_hashes.is_empty(), "{body}");
+    let cfg = page_config(&t).await;
+    assert!(cfg.certificate_hashes.is_empty(), "{cfg:?}");
     assert_eq!(cfg.certificate_expires_ms, 0);
-    let url: url::Url = format!("https://localhost:{}{}", cfg.port, cfg.path)
-        .parse()
-        .unwrap();
 
     // A client that trusts the operator's CA gets a session and a Welcome.
-    let session = verifying_client(std::slice::from_ref(&ca))
-        .connect(url.clone())
+    let session = open_session(&verifying_client(ca), &cfg, "/ptt")
         .await
         .expect("a WebTransport session with the operator's certificate");
     let (_ctl, _rd, welcome) = sign_in(&session, &t.token("dora")).await;
@@ -440,10 +436,9 @@ async fn with_an_operator_certificate_the_page_connects_like_any_site() {
         m => panic!("expected Welcome, got {m:?}"),
     }
 
-    // One that does not trust it is refused: the certificate is checked,
-    // and it is the operator's, not the development one.
-    let other = tempfile::tempdir().unwrap();
-    let (_, _, other_ca) = operator_files(other.path());
-    let refused = verifying_client(&[other_ca]).connect(url).await;
+    // One that trusts another certificate is refused: the certificate is
+    // checked, and it is the operator's, not the development one.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let refused = open_session(&verifying_client(other.cert.der().clone()), &cfg, "/ptt").await;
     assert!(refused.is_err(), "an untrusted certificate was accepted");
 }
