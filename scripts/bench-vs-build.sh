@@ -6,20 +6,33 @@
 #
 #   scripts/bench-vs-build.sh ROUNDS OTHER_PTT_RELAY_BINARY
 #
+# CLUSTER=1 runs each relay clustered, on a `nats-server -js` of its own
+# (also on core 0): the clustered relay's clip rate, build against build.
+#
 # Needs `cargo build --release -p relay -p client-sim` first, and taskset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 rounds=${1:-3}
 other=${2:?the other build\'s ptt-relay binary}
 load=target/release/client-sim
 flags=(--max-clips-per-minute 0 --max-clip-bytes-per-minute 0 --max-handshakes-per-second 0)
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+cluster_this=() cluster_other=()
+if [ -n "${CLUSTER:-}" ]; then
+  for p in 14231 14232; do
+    taskset -c 0 nats-server -a 127.0.0.1 -p $p -js -sd "$work/nats-$p" >/dev/null 2>&1 &
+  done
+  sleep 1
+  cluster_this=(--cluster nats://127.0.0.1:14231) cluster_other=(--cluster nats://127.0.0.1:14232)
+fi
 taskset -c 0 target/release/ptt-relay serve --data-dir "$work/this" --listen 127.0.0.1:4441 \
-  --admin 127.0.0.1:9481 --web off "${flags[@]}" 2>"$work/this.log" >/dev/null &
+  --admin 127.0.0.1:9481 --web off "${flags[@]}" "${cluster_this[@]}" 2>"$work/this.log" >/dev/null &
 pid_this=$!
+mapfile -t web < <(web_off "$other")
 taskset -c 0 "$other" serve --data-dir "$work/other" --listen 127.0.0.1:4442 \
-  --admin 127.0.0.1:9482 "${flags[@]}" 2>"$work/other.log" >/dev/null &
+  --admin 127.0.0.1:9482 "${web[@]}" "${flags[@]}" "${cluster_other[@]}" 2>"$work/other.log" >/dev/null &
 pid_other=$!
 sleep 2
 cat >"$work/show.py" <<'PY'

@@ -52,6 +52,12 @@ PANELS = [
     ("Memory (RSS)", "bytes", [q(f'process_resident_memory_bytes{{job="ptt-relay",{J}}}', "{{instance}}")]),
     ("Up / ready", "short", [q(f'up{{job="ptt-relay",{J}}}', "up {{instance}}"),
                             q(f'ptt_ready{{{J}}}', "ready {{instance}}")]),
+    ("Row: cluster", None, None),
+    ("Cluster link and held clips", "short", [q(f'ptt_cluster_connected{{{J}}}', "linked {{instance}}"),
+                                             q(f'ptt_cluster_held_clips{{{J}}}', "held here only {{instance}}")]),
+    ("Cluster backfill / s", "ops", [q(f'sum by (kind) (rate(ptt_cluster_backfilled_total{{{J}}}[$__rate_interval]))', "written {{kind}}"),
+                                    q(f'sum by (kind) (rate(ptt_cluster_caught_up_total{{{J}}}[$__rate_interval]))', "caught up {{kind}}"),
+                                    q(f'sum(rate(ptt_cluster_link_lost_total{{{J}}}[$__rate_interval]))', "links lost")]),
 ]
 
 panels, y, x, pid = [], 0, 0, 1

@@ -469,7 +469,11 @@ impl Sdk {
 /// The connection loop: connect, serve, and on any loss wait and connect
 /// again.
 async fn drive(inner: Arc<Inner>) {
-    let mut backoff = Backoff::new(inner.cfg.reconnect_min, inner.cfg.reconnect_max);
+    let mut backoff = codec::retry::Backoff {
+        min: inner.cfg.reconnect_min,
+        max: inner.cfg.reconnect_max,
+    }
+    .attempts();
     while !inner.stopping.load(Ordering::SeqCst) {
         inner.listener.status(Status::Connecting);
         let wait = match connect(&inner).await {
@@ -525,7 +529,7 @@ async fn drive(inner: Arc<Inner>) {
                         }
                     }
                 }
-                let w = backoff.next();
+                let w = backoff.next(rand::random());
                 inner.listener.status(Status::Offline {
                     why: e.to_string(),
                     retry_in_ms: w.as_millis() as u64,
@@ -544,37 +548,9 @@ async fn drive(inner: Arc<Inner>) {
     inner.stopped.notify_waiters();
 }
 
-/// `d` give or take a quarter, so clients that lost the relay together
-/// do not come back together.
+/// `d` give or take a quarter ([`codec::retry::jitter`]).
 fn jitter(d: Duration) -> Duration {
-    let f = 0.75 + rand::random::<f64>() * 0.5;
-    d.mul_f64(f)
-}
-
-/// Waits between failed connection attempts: from `min`, doubling up to
-/// `max`, each jittered.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    cur: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, cur: min }
-    }
-
-    /// The wait before the next attempt.
-    fn next(&mut self) -> Duration {
-        let w = jitter(self.cur);
-        self.cur = (self.cur * 2).min(self.max);
-        w
-    }
-
-    /// A connection succeeded: start again from `min`.
-    fn reset(&mut self) {
-        self.cur = self.min;
-    }
+    codec::retry::jitter(d, rand::random())
 }
 
 async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
@@ -991,26 +967,5 @@ async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
         if lock(&inner.outbox).is_empty() {
             inner.wake.notified().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_within_its_bounds_with_jitter_and_resets() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_millis(1000));
-        let mut b = Backoff::new(min, max);
-        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
-        for (i, w) in waits.iter().enumerate() {
-            let base = (min * 2u32.pow(i as u32)).min(max);
-            assert!(
-                *w >= base.mul_f64(0.75) && *w <= base.mul_f64(1.25),
-                "{i}: {w:?}"
-            );
-        }
-        b.reset();
-        assert!(b.next() <= min.mul_f64(1.25));
     }
 }

@@ -45,6 +45,26 @@ pub fn put_packet(buf: &mut impl BufMut, packet: &[u8]) {
     buf.put_slice(packet);
 }
 
+/// The byte offset just past the first `n` packet records of `buf`; `None`
+/// if `buf` ends first or holds an end record before them. (The records
+/// were validated once; this only steps over them.)
+pub fn skip_packets(buf: &[u8], n: u64) -> Option<usize> {
+    let mut pos = 0;
+    for _ in 0..n {
+        let (len, used) = varint::get(buf.get(pos..)?)?;
+        if len == 0 {
+            return None;
+        }
+        pos = pos
+            .checked_add(used)?
+            .checked_add(usize::try_from(len).ok()?)?;
+        if pos > buf.len() {
+            return None;
+        }
+    }
+    Some(pos)
+}
+
 /// Limits a [`Framer`] enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameLimits {
@@ -301,6 +321,18 @@ mod tests {
         assert_eq!(seen[1].0, 1 + 40 + 2);
         assert_eq!(f.samples(), 3 * 960);
         assert!(f.scan(&[1]).is_err(), "bytes after the end");
+    }
+
+    #[test]
+    fn skip_packets_steps_over_whole_records_only() {
+        let packets = vec![pkt(40, 1), pkt(70, 2), pkt(1, 0)];
+        let b = clip(&packets, 312);
+        assert_eq!(skip_packets(&b, 0), Some(0));
+        assert_eq!(skip_packets(&b, 2), Some(1 + 40 + 2 + 70));
+        assert_eq!(skip_packets(&b, 3), Some(1 + 40 + 2 + 70 + 1 + 1));
+        // The end record is not a packet; and bytes that end mid-record.
+        assert_eq!(skip_packets(&b, 4), None);
+        assert_eq!(skip_packets(&b[..50], 2), None);
     }
 
     /// A 60.000 s recording (opusenc: pre-skip 312, 3,001 packets of

@@ -6,6 +6,7 @@
 //! - [`ogg_opus`]: Ogg Opus files (RFC 7845), read and written in pure Rust.
 //! - [`code`]: the protocol's error codes.
 //! - [`cluster`]: messages between the relays of a cluster.
+//! - [`retry`]: how long to wait before trying again (one rule for all).
 //!
 //! Nothing here does I/O or knows about tokio: the relay and the clients
 //! feed bytes in and get messages and events out.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod framing;
 pub mod ogg_opus;
 pub mod opus_packet;
+pub mod retry;
 #[cfg(feature = "token")]
 pub mod token;
 pub mod varint;

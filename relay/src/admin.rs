@@ -87,11 +87,20 @@ pub async fn serve(
     }
 }
 
+/// Ready to serve (200) or not (503). In a cluster the body also says
+/// whether the link to NATS is up; a relay cut off stays ready (it serves
+/// its own users and keeps every clip for the others), since every relay
+/// of a cluster loses NATS together and a load balancer taking them all
+/// out would stop the whole service. `/readyz/cluster` answers 503 then.
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match (shared.ready(), shared.cluster_linked()) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (true, None) => (StatusCode::OK, "ready\n"),
+        (true, Some(true)) => (StatusCode::OK, "ready; cluster linked\n"),
+        (true, Some(false)) => (
+            StatusCode::OK,
+            "ready; cluster unreachable: serving local users, clips for other relays held until it is back\n",
+        ),
     }
 }
 

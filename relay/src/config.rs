@@ -238,10 +238,22 @@ settings! {
     /// Cluster: JetStream replicas of stored clips (3 on a 3-node NATS
     /// cluster: a clip survives the loss of one NATS node).
     cluster_replicas: usize = 1, "PTT_CLUSTER_REPLICAS";
-    /// Cluster: channel clips said while cut off from NATS, held in memory
-    /// for the cluster history until the link is back; past this the
-    /// oldest are in this relay's own history only.
+    /// Cluster: acks for other relays (and JetStream deletions, floor
+    /// releases) held while cut off from NATS, sent when the link is back;
+    /// past this the newest are dropped (counted): a clip whose ack is
+    /// dropped may be offered once more and is dropped by id. (The clips
+    /// accepted while cut off are on disk here, not in this queue.)
     cluster_backlog_clips: usize = 10_000, "PTT_CLUSTER_BACKLOG_CLIPS";
+    /// Cluster: how often the relay pings NATS. A NATS that stops
+    /// answering without closing the connection (a dead host, a partition)
+    /// is given up after three unanswered pings; a closed connection is
+    /// noticed at once.
+    cluster_ping_interval: Duration = Duration::from_secs(2), "PTT_CLUSTER_PING_INTERVAL", parse_duration;
+    /// Cluster: the longest wait between attempts to reconnect to NATS
+    /// (the first is at once, then 100 ms doubling up to this, jittered),
+    /// so cross-relay talk resumes within about this much of NATS coming
+    /// back.
+    cluster_reconnect_max: Duration = Duration::from_secs(1), "PTT_CLUSTER_RECONNECT_MAX", parse_duration;
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
     /// Channel clips kept per channel for members who were offline (they

@@ -151,6 +151,16 @@ catalogue! {
         "1 while the relay is connected to its cluster's NATS; 0 when cut off (cross-relay delivery stops, local service goes on) or not clustered.";
     CLUSTER_CLIPS = "ptt_cluster_clips_total", Counter, Count, ["direction"],
         "Live clips crossing between relays: out (published once per subject for users on other relays), in (received for users here).";
+    CLUSTER_HELD = "ptt_cluster_held_clips", Gauge, Count, [],
+        "Clips this relay accepted while its cluster's JetStream could not take them (NATS unreachable), kept on its own disk and not yet written to the cluster; they are written and announced when the link is back (since this process started).";
+    CLUSTER_BACKFILLED = "ptt_cluster_backfilled_total", Counter, Count, ["kind"],
+        "Clips written to the cluster's JetStream after the link came back (or at start) that it did not have, by kind: direct (stored clips) or channel (channel history); each is announced to the relays of its recipients.";
+    CLUSTER_CAUGHT_UP = "ptt_cluster_caught_up_total", Counter, Count, ["kind"],
+        "Clips for users connected here that the relay took from the cluster's JetStream after its link came back, not having them (their announcements were missed while cut off), by kind: direct or channel.";
+    CLUSTER_LINK_LOST = "ptt_cluster_link_lost_total", Counter, Count, [],
+        "Times the NATS link was lost (a closed connection, or three unanswered pings).";
+    CLUSTER_CHORES_DROPPED = "ptt_cluster_chores_dropped_total", Counter, Count, [],
+        "Acks for other relays, JetStream deletions and floor releases dropped because cluster_backlog_clips were already waiting for the link (a clip may then be offered once more and is dropped by id).";
 }
 
 /// Labelled counters whose values are known in advance.
@@ -169,6 +179,8 @@ const KNOWN_LABELS: &[(&str, &str, &[&str])] = &[
     (CLIPS_ACCEPTED, "target", &["user", "channel"]),
     (DELIVERIES, "path", &["live", "stored"]),
     (CLUSTER_CLIPS, "direction", &["out", "in"]),
+    (CLUSTER_BACKFILLED, "kind", &["direct", "channel"]),
+    (CLUSTER_CAUGHT_UP, "kind", &["direct", "channel"]),
 ];
 
 /// Latency buckets, seconds: 50 µs to 10 s.
@@ -298,6 +310,7 @@ pub struct Gauges {
     pub connections: usize,
     pub sessions: usize,
     pub cluster_connected: bool,
+    pub cluster_held: usize,
     pub inflight_bytes: u64,
     pub inflight_limit: u64,
     pub token_keys: usize,
@@ -317,6 +330,7 @@ pub fn render(s: &Gauges) -> Option<String> {
     g(CONNECTIONS_OPEN, s.connections as f64);
     g(SESSIONS_OPEN, s.sessions as f64);
     g(CLUSTER_CONNECTED, f64::from(u8::from(s.cluster_connected)));
+    g(CLUSTER_HELD, s.cluster_held as f64);
     g(INFLIGHT_BYTES, s.inflight_bytes as f64);
     g(INFLIGHT_LIMIT, s.inflight_limit as f64);
     g(TOKEN_KEYS, s.token_keys as f64);

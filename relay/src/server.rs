@@ -42,6 +42,7 @@ impl crate::admin::AdminState for Node {
             connections: self.connections.load(Ordering::SeqCst),
             sessions: self.router.online(),
             cluster_connected: self.cluster.as_ref().is_some_and(|c| c.connected()),
+            cluster_held: self.cluster.as_ref().map_or(0, |c| c.held()),
             inflight_bytes: self.inflight.load(Ordering::Relaxed),
             inflight_limit: self.config.max_inflight_bytes,
             token_keys: self.public_keys().len(),

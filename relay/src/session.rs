@@ -350,9 +350,8 @@ async fn control_loop(
                     Err(e) => warn!(error = %e, "store ack failed"),
                 }
                 if let Some(c) = &shared.cluster {
-                    // Boxed, as every rare branch here: this future is
-                    // held by every idle session.
-                    Box::pin(c.acked(&id, &session.user)).await;
+                    // Never waits on NATS (held while cut off).
+                    c.acked(&id, &session.user);
                 }
                 session.finish(&id);
             }
@@ -570,7 +569,7 @@ async fn upload(
     if let Some(c) = &channel {
         shared.router.release_floor(c, upload_no);
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
-            cl.release_floor(rev).await;
+            cl.release_floor(rev);
         }
     }
     // The answer is ready (stored, or refused): what the sender waits for
@@ -616,7 +615,7 @@ async fn take_floors(
     }
     if let Err(r) = take_floor(shared, session, c, upload_no, stop) {
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
-            cl.release_floor(rev).await;
+            cl.release_floor(rev);
         }
         return Err(r);
     }

@@ -18,6 +18,10 @@ pub struct TimePoint {
     pub t_s: u64,
     pub clips_delivered: u64,
     pub first_frame_max_ms: f64,
+    /// The longest delivery (the sender wrote the clip's end → the
+    /// recipient had it whole) of the clips delivered in this second: a
+    /// backlog held back by an outage shows as a run of long ones.
+    pub delivery_max_ms: f64,
 }
 
 /// The relay's resource use, when it ran locally (`--relay-pid`).
@@ -103,6 +107,10 @@ pub struct Report {
     pub relay: Option<RelayReport>,
     pub talking_s: f64,
     pub elapsed_s: f64,
+    /// When the run started (Unix ms): `timeline` seconds count from it,
+    /// so events outside the run (a relay or NATS killed and started) can
+    /// be placed on it.
+    pub started_unix_ms: u64,
     pub workload: Workload,
     pub timeline: Vec<TimePoint>,
     /// Latency CDFs, (ms, quantile), for plots.
@@ -116,6 +124,7 @@ pub struct Inputs {
     pub counts: Counts,
     pub talking_secs: f64,
     pub elapsed: Duration,
+    pub started_unix_ms: u64,
     pub clips_started: u64,
     pub clips_accepted: u64,
     pub send_failed: u64,
@@ -217,6 +226,7 @@ impl Report {
             relay,
             talking_s: i.talking_secs,
             elapsed_s: i.elapsed.as_secs_f64(),
+            started_unix_ms: i.started_unix_ms,
             workload: i.workload,
             timeline: i.timeline,
             cdfs: vec![
@@ -232,6 +242,19 @@ impl Report {
     pub fn failed(&self) -> bool {
         let c = &self.counts;
         c.lost > 0 || c.duplicated > 0 || c.corrupted > 0
+    }
+
+    /// The end of the last second (from the run's start) in which a clip
+    /// arrived more than `over` after its sender finished it: with an
+    /// outage in the run, when its held-back backlog was all delivered.
+    /// `None` if no clip took that long.
+    pub fn held_back_until(&self, over: std::time::Duration) -> Option<u64> {
+        let ms = over.as_secs_f64() * 1000.0;
+        self.timeline
+            .iter()
+            .rev()
+            .find(|p| p.delivery_max_ms > ms)
+            .map(|p| p.t_s + 1)
     }
 
     /// The summary table printed at the end.
@@ -377,6 +400,18 @@ impl Report {
             )],
             "time (s)",
             "clips/s",
+            false,
+        ));
+        h.push_str("<h2>Longest delivery per second</h2>");
+        h.push_str(&svg_plot(
+            &[(
+                "delivery max",
+                t.iter()
+                    .map(|p| (p.t_s as f64, p.delivery_max_ms))
+                    .collect(),
+            )],
+            "time (s)",
+            "ms",
             false,
         ));
         h.push_str("<h2>Worst first-frame latency per second</h2>");

@@ -104,6 +104,8 @@ struct Shared {
     hists: Mutex<Hists>,
     c: Counters,
     start: Instant,
+    /// `start` on the wall clock (Unix ms).
+    started_unix_ms: u64,
     /// Users stop starting clips.
     stop_talking: watch::Sender<bool>,
     /// Users disconnect for good.
@@ -227,6 +229,9 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         hists: Mutex::new(Hists::default()),
         c: Counters::default(),
         start: Instant::now(),
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         stop_talking: watch::Sender::new(false),
         quit: watch::Sender::new(false),
         storm: watch::Sender::new(0),
@@ -332,6 +337,7 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         counts,
         talking_secs,
         elapsed,
+        started_unix_ms: shared.started_unix_ms,
         clips_started: c.clips_started.load(Ordering::Relaxed),
         clips_accepted: c.clips_accepted.load(Ordering::Relaxed),
         send_failed: c.send_failed.load(Ordering::Relaxed),
@@ -700,6 +706,10 @@ fn join_times(s: &Shared, t: &mut HashMap<(ClipId, u32), ClipTimes>, id: (ClipId
         }
         let p = &mut sec[now];
         p.clips_delivered += 1;
+        if let (Some(finished), Some(complete)) = (e.finished, e.complete) {
+            let ms = complete.saturating_duration_since(finished).as_secs_f64() * 1000.0;
+            p.delivery_max_ms = p.delivery_max_ms.max(ms);
+        }
         if let (Some(a), Some(b)) = (e.first_sent, e.first_recv)
             && e.live
         {

@@ -11,6 +11,8 @@ use ptt_client::{Client, ClientError, ClientOptions, Event, OutgoingClip, net};
 use relay::{Config, Relay};
 use tokio::sync::mpsc;
 
+pub mod nats;
+
 pub struct TestRelay {
     pub relay: Relay,
     pub endpoint: quinn::Endpoint,
@@ -27,6 +29,14 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestRelay {
 
 /// Starts a relay on data dir `dir` (kept by the caller, for restarts).
 pub async fn start_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestRelay {
+    // RUST_LOG=... shows the in-process relays' log (nextest shows a
+    // failed test's output).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let mut cfg = Config::for_tests(dir);
     tweak(&mut cfg);
     wrap(Relay::start(cfg).await.unwrap())

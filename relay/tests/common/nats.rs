@@ -1,0 +1,210 @@
+//! A real `nats-server` on loopback for cluster tests, and relays joined
+//! over it.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{TestRelay, start, start_in};
+
+/// A `nats-server` on loopback, killed on drop.
+pub struct Nats {
+    child: Child,
+    port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+pub fn spawn_nats(port: u16, dir: &std::path::Path) -> Child {
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (apt-get install nats-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        Nats {
+            child: spawn_nats(port, dir.path()),
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// Kills the server and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.resume();
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn resume(&mut self) {
+        self.child = spawn_nats(self.port, self.dir.path());
+    }
+
+    /// Sends the server a signal by name (`STOP`: it stops answering
+    /// without closing its connections; `CONT`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new data dir holding the certificate, key and token secret of the
+/// data dir `from` (relays of a cluster share them).
+pub fn sharing_keys(from: &std::path::Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["cert.pem", "key.pem", "token.secret"] {
+        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+pub fn data_dir(t: &TestRelay) -> &std::path::Path {
+    t.relay.files().cert.parent().unwrap()
+}
+
+/// Two relays in one cluster, sharing certificate and token secret.
+pub async fn pair(nats: &Nats) -> (TestRelay, TestRelay, tempfile::TempDir) {
+    let url = nats.url.clone();
+    let one = start(|c| c.cluster = url.clone()).await;
+    let dir = sharing_keys(data_dir(&one));
+    let two = start_in(dir.path(), |c| c.cluster = url).await;
+    (one, two, dir)
+}
+
+pub async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (at most `secs`) until `path` on the admin listener answers
+/// `status`.
+pub async fn until_answer(
+    admin: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    secs: u64,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while super::http_get(admin, path).await.0 != status {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Clip `id` complete on `events` within `secs` (a bound, not a measure).
+pub async fn complete_within(
+    events: &mut tokio::sync::mpsc::Receiver<ptt_client::Event>,
+    id: codec::wire::ClipId,
+    secs: u64,
+    what: &str,
+) -> ptt_client::ReceivedClip {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match events.recv().await.expect("event channel closed") {
+                ptt_client::Event::Complete(g) if g.id() == id => return g,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not delivered in {secs} s: {what}"))
+}
+
+/// A TCP forwarder to NATS that can cut its connections and refuse new
+/// ones for a while: one relay loses NATS while the others keep it.
+pub struct Cuttable {
+    pub url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    pub async fn to(nats: &Nats) -> Cuttable {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let upstream = format!("127.0.0.1:{}", nats.port);
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, c) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Cuttable {
+            url,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    /// Closes every connection through it and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
