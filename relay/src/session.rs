@@ -692,14 +692,17 @@ async fn store_clip(
             None => {
                 for r in recipients {
                     let elsewhere = !shared.router.is_online(r);
+                    // Cut off: held here, written when the link is back
+                    // (counted in ptt_cluster_held_clips; the loss of the
+                    // link is logged once).
                     if let Err(e) = c.keep(&clip, r, elsewhere).await {
-                        warn!(error = %e, "cluster: clip kept on this relay only");
+                        debug!(error = %e, "cluster: clip held on this relay until the link is back");
                     }
                 }
             }
             Some(ch) => {
                 if let Err(e) = c.keep_history(ch, &clip).await {
-                    warn!(error = %e, "cluster: channel clip in this relay's history only");
+                    debug!(error = %e, "cluster: channel clip held on this relay until the link is back");
                 }
             }
         }
