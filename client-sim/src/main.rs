@@ -411,9 +411,19 @@ impl Relay {
     }
 }
 
+/// The wait before retry `attempt` (from 1): the shared rule
+/// (`codec::retry`), 200 ms doubling to 6.4 s, never sooner than the
+/// relay's hint.
 fn backoff(attempt: u32, hint_ms: u64) -> Duration {
-    let base = Duration::from_millis(200 * 2u64.pow(attempt.min(5)));
-    base.max(Duration::from_millis(hint_ms))
+    codec::retry::Backoff {
+        min: Duration::from_millis(200),
+        max: Duration::from_millis(6400),
+    }
+    .after_hint(
+        attempt.saturating_sub(1),
+        Duration::from_millis(hint_ms),
+        rand::random(),
+    )
 }
 
 async fn send(

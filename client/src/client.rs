@@ -51,25 +51,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the same request may succeed on a new connection.
+    /// Whether the same request may succeed on a new connection (the
+    /// protocol's one rule: [`ErrorCode::is_retryable`] for a refused
+    /// clip, [`ErrorCode::reconnects`] for a closed connection).
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect(_) | ClientError::Lost(_) => true,
-            ClientError::Closed { code, .. } => matches!(
-                code,
-                ErrorCode::GoingAway
-                    | ErrorCode::ServerBusy
-                    | ErrorCode::NoError
-                    | ErrorCode::Internal
-            ),
-            ClientError::Rejected { code, .. } => matches!(
-                code,
-                ErrorCode::StorageFull
-                    | ErrorCode::RateLimited
-                    | ErrorCode::Internal
-                    | ErrorCode::CutOff
-                    | ErrorCode::ServerBusy
-            ),
+            ClientError::Closed { code, .. } => code.reconnects(),
+            ClientError::Rejected { code, .. } => code.is_retryable(),
             ClientError::Protocol(_) => false,
         }
     }

@@ -926,8 +926,16 @@ impl Hearing {
     }
 }
 
-/// Sends the outbox's clips, oldest first, whenever there are any.
+/// Sends the outbox's clips, oldest first, whenever there are any. A clip
+/// refused for now (the protocol's retryable codes: the relay busy, the
+/// upload behind real time on a poor link, ...) stays and goes again after
+/// the relay's hint or the shared backoff.
 async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
+    let mut retries = codec::retry::Backoff {
+        min: inner.cfg.reconnect_min,
+        max: inner.cfg.reconnect_max,
+    }
+    .attempts();
     loop {
         let entries = lock(&inner.outbox).entries().unwrap_or_default();
         for e in entries {
@@ -939,6 +947,7 @@ async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
             clip.id = e.id;
             match client.send_clip(&clip, Pacing::Upload).await {
                 Ok(o) => {
+                    retries.reset();
                     lock(&inner.outbox).remove(&e.id);
                     inner.listener.sent(
                         e.id,
@@ -950,11 +959,12 @@ async fn send_outbox(inner: Arc<Inner>, client: Arc<Client>) {
                 Err(err) if err.is_retryable() => {
                     // The connection is failing or the relay is busy: the
                     // clip stays; a later connection (or wake) sends it.
-                    let pause = match &err {
+                    let hint = match &err {
                         ClientError::Rejected { retry_after_ms, .. } => *retry_after_ms,
-                        _ => 1000,
+                        _ => 0,
                     };
-                    tokio::time::sleep(Duration::from_millis(pause.max(100))).await;
+                    let pause = retries.next_after(Duration::from_millis(hint), rand::random());
+                    tokio::time::sleep(pause).await;
                     break;
                 }
                 Err(ClientError::Rejected { code, reason, .. }) => {

@@ -47,10 +47,14 @@ struct Relay {
 
 impl Relay {
     async fn start() -> Relay {
+        Relay::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut relay::Config)) -> Relay {
         let dir = tempfile::tempdir().unwrap();
-        let relay = relay::Relay::start(relay::Config::for_tests(dir.path().join("relay")))
-            .await
-            .unwrap();
+        let mut cfg = relay::Config::for_tests(dir.path().join("relay"));
+        tweak(&mut cfg);
+        let relay = relay::Relay::start(cfg).await.unwrap();
         Relay { relay, dir }
     }
 
@@ -208,6 +212,49 @@ async fn a_press_is_heard_live_then_kept_whole() {
         !accepted(&mut a, id).await,
         "accepted once, not a duplicate"
     );
+}
+
+/// A press whose upload falls behind real time (a poor link: here the
+/// microphone stalls) is refused `upload_idle_timeout` while it is held:
+/// a refusal for now (docs/protocol.md §6). The SDK keeps the whole
+/// recording and sends it again by itself, with the same id: the listener,
+/// whose live run was cut, gets the clip once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_refused_for_falling_behind_goes_again_by_itself_once() {
+    let r = Relay::start_with(|c| c.max_upload_lag = Duration::from_millis(200)).await;
+    let (alice, mut a) = r.sdk("alice", &[]);
+    let (_bob, mut b) = r.sdk("bob", &[]);
+    connected(&mut a).await;
+    connected(&mut b).await;
+    let id = alice.press(Target::User("bob".into())).unwrap();
+    speak(&alice, 200).await;
+    // Alice's microphone stalls (nothing fed while this waits): the
+    // relay gives up on the upload once it is 200 ms behind real time, and
+    // Bob's live run is cut while Alice still holds the button.
+    until(&mut b, |h| match h {
+        Heard::Talk(TalkEvent::CutOff { id: got, .. }, _) if got == id => Some(()),
+        _ => None,
+    })
+    .await;
+    speak(&alice, 200).await;
+    alice.release().unwrap();
+    let clip = kept(&mut b, id).await;
+    // All of it: 200 ms before the stall and 200 ms after.
+    lasts(&clip, 360..=440);
+    assert!(!accepted(&mut a, id).await);
+    assert_eq!(alice.pending(), 0);
+    // Once.
+    let again = tokio::time::timeout(Duration::from_millis(700), async {
+        loop {
+            if let Some(Heard::Clip(c)) = b.recv().await
+                && c.id == id
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(again.is_err(), "the clip came twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,38 @@ codes! {
     Preempted = 0x1d, "preempted";
 }
 
+impl ErrorCode {
+    /// The codes a client retries a refused clip on (`Rejected`, §6 of
+    /// docs/protocol.md), with the same clip id, after the relay's
+    /// `retry_after_ms` or a backoff ([`crate::retry::Backoff`]). The one
+    /// list every client uses (the SDK, `client-sim`; the web app's copy
+    /// is checked against it).
+    pub const RETRYABLE: &'static [ErrorCode] = &[
+        ErrorCode::ServerBusy,
+        ErrorCode::GoingAway,
+        ErrorCode::Internal,
+        ErrorCode::UploadIdleTimeout,
+        ErrorCode::StorageFull,
+        ErrorCode::RateLimited,
+    ];
+
+    /// Whether a clip refused with this code may be sent again (same id):
+    /// the relay was busy, going away, failing, the upload fell behind
+    /// real time on a poor link, or the user is over a rate. Unknown codes
+    /// count as `internal`.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::Other(_)) || Self::RETRYABLE.contains(&self)
+    }
+
+    /// Whether a connection the relay closed with this code should be made
+    /// again by itself (after a backoff): a normal close, or a retryable
+    /// code. Not after a token problem (get a new one), `session_replaced`
+    /// (another device took over) or a protocol violation.
+    pub fn reconnects(self) -> bool {
+        self == ErrorCode::NoError || self.is_retryable()
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -114,5 +146,35 @@ mod tests {
             assert!(seen.insert(c.to_u64()), "duplicate value for {c}");
         }
         assert_eq!(ErrorCode::from_u64(0xdead), ErrorCode::Other(0xdead));
+    }
+
+    /// The retry rule as docs/protocol.md §6 states it.
+    #[test]
+    fn the_retryable_codes_are_the_specs() {
+        let retried: Vec<&str> = ErrorCode::ALL
+            .iter()
+            .filter(|c| c.is_retryable())
+            .map(|c| c.name())
+            .collect();
+        assert_eq!(
+            retried,
+            [
+                "server_busy",
+                "going_away",
+                "internal",
+                "upload_idle_timeout",
+                "storage_full",
+                "rate_limited"
+            ]
+        );
+        assert!(ErrorCode::Other(0x99).is_retryable(), "unknown is internal");
+        for c in ["cut_off", "floor_busy", "preempted", "clip_id_conflict"] {
+            let code = ErrorCode::ALL.iter().find(|x| x.name() == c).unwrap();
+            assert!(!code.is_retryable(), "{c}");
+        }
+        assert!(ErrorCode::NoError.reconnects());
+        assert!(ErrorCode::GoingAway.reconnects());
+        assert!(!ErrorCode::SessionReplaced.reconnects());
+        assert!(!ErrorCode::TokenExpired.reconnects());
     }
 }

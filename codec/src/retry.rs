@@ -25,6 +25,12 @@ impl Backoff {
         jitter(base, unit)
     }
 
+    /// The wait before retry number `attempt` of a request the relay
+    /// refused with a hint (`retry_after_ms`): never sooner than the hint.
+    pub fn after_hint(&self, attempt: u32, hint: Duration, unit: f64) -> Duration {
+        self.delay(attempt, unit).max(hint)
+    }
+
     /// A counter of attempts over this rule.
     pub fn attempts(self) -> Attempts {
         Attempts {
@@ -49,9 +55,19 @@ pub struct Attempts {
 impl Attempts {
     /// The wait before the next attempt; counts one more failure.
     pub fn next(&mut self, unit: f64) -> Duration {
-        let w = self.rule.delay(self.attempt, unit);
+        self.next_after(Duration::ZERO, unit)
+    }
+
+    /// [`Attempts::next`], never sooner than the relay's `hint`.
+    pub fn next_after(&mut self, hint: Duration, unit: f64) -> Duration {
+        let w = self.rule.after_hint(self.attempt, hint, unit);
         self.attempt = self.attempt.saturating_add(1);
         w
+    }
+
+    /// Failed attempts since the last success.
+    pub fn failures(&self) -> u32 {
+        self.attempt
     }
 
     /// An attempt succeeded: start again from `min`.
@@ -81,5 +97,13 @@ mod tests {
         assert_eq!(a.next(0.0), min.mul_f64(0.75));
         // Randomness outside 0..1 stays within the spread.
         assert_eq!(jitter(min, 7.0), min.mul_f64(1.25));
+        // A relay's hint is a floor, not a replacement.
+        let rule = Backoff { min, max };
+        assert_eq!(
+            rule.after_hint(0, Duration::from_secs(3), 0.5),
+            Duration::from_secs(3)
+        );
+        assert_eq!(rule.after_hint(3, Duration::from_millis(1), 0.5), 8 * min);
+        assert_eq!(a.failures(), 1);
     }
 }

@@ -124,3 +124,37 @@ fn asset(name: &str) -> Response {
         None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use codec::ErrorCode;
+
+    const PTT_JS: &str = include_str!("../../web/ptt.js");
+
+    /// The hex numbers in the JavaScript line that starts with `start`.
+    fn numbers_after(start: &str) -> Vec<u64> {
+        let line = PTT_JS
+            .lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("web/ptt.js has no `{start}`"));
+        line.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter_map(|w| w.strip_prefix("0x"))
+            .filter_map(|h| u64::from_str_radix(h, 16).ok())
+            .collect()
+    }
+
+    /// The web app retries the codes every client retries
+    /// (`ErrorCode::RETRYABLE`), and names every code as the protocol does.
+    #[test]
+    fn the_web_app_retries_and_names_the_codes_as_the_protocol_does() {
+        let mut web = numbers_after("const RETRYABLE");
+        web.sort_unstable();
+        let mut ours: Vec<u64> = ErrorCode::RETRYABLE.iter().map(|c| c.to_u64()).collect();
+        ours.sort_unstable();
+        assert_eq!(web, ours, "web/ptt.js RETRYABLE against codec's list");
+        for c in ErrorCode::ALL {
+            let row = format!("0x{:02x}: [\"{}\"", c.to_u64(), c.name());
+            assert!(PTT_JS.contains(&row), "web/ptt.js CODES lacks {row}");
+        }
+    }
+}

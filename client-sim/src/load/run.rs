@@ -28,6 +28,20 @@ use ptt_client::client::{
 };
 use ptt_client::net;
 
+/// Waits between a user's failed connection attempts (the shared rule,
+/// `codec::retry`): 50 ms doubling to 3.2 s.
+const RECONNECT: codec::retry::Backoff = codec::retry::Backoff {
+    min: Duration::from_millis(50),
+    max: Duration::from_millis(3200),
+};
+
+/// Waits before sending a refused clip again: 20 ms doubling to 2 s,
+/// never sooner than the relay's `retry_after_ms`.
+const RESEND: codec::retry::Backoff = codec::retry::Backoff {
+    min: Duration::from_millis(20),
+    max: Duration::from_secs(2),
+};
+
 /// Where and as whom to load.
 pub struct LoadTarget {
     /// The relays; users are spread over them round-robin (user `i` on
@@ -413,10 +427,9 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
                     tracing::warn!(user = %u.name, error = %e, "giving up connecting");
                     return;
                 }
-                let backoff = Duration::from_millis(50 * 2u64.pow(attempt.min(6)));
-                let jitter = backoff.mul_f64(rand::random::<f64>());
+                let wait = RECONNECT.delay(attempt - 1, rand::random());
                 tokio::select! {
-                    () = sleep(jitter + Duration::from_millis(10)) => continue,
+                    () = sleep(wait) => continue,
                     _ = quit.wait_for(|q| *q) => return,
                 }
             }
@@ -870,28 +883,30 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                     count(&s.rejections, "floor_busy");
                     break;
                 }
-                Err(ClientError::Rejected {
-                    code,
-                    retry_after_ms,
-                    ..
-                }) if retry_after_ms > 0 && attempt < 10 => {
-                    // Shed by the relay: back off as told, then retry.
-                    attempt += 1;
-                    count(&s.rejections, code.name());
-                    s.c.send_retries.fetch_add(1, Ordering::Relaxed);
-                    sleep(Duration::from_millis(retry_after_ms.min(60_000))).await;
-                }
                 Err(e) if e.is_retryable() && attempt < 10 => {
-                    attempt += 1;
-                    if let ClientError::Rejected { code, .. } = &e {
-                        count(&s.rejections, code.name());
-                    }
+                    let hint = match &e {
+                        ClientError::Rejected {
+                            code,
+                            retry_after_ms,
+                            ..
+                        } => {
+                            count(&s.rejections, code.name());
+                            Duration::from_millis((*retry_after_ms).min(60_000))
+                        }
+                        // The connection went: wait for the connection
+                        // task to reconnect.
+                        _ => {
+                            if !asleep && let Some(c) = &client {
+                                let _ =
+                                    tokio::time::timeout(Duration::from_secs(2), c.closed()).await;
+                            }
+                            Duration::ZERO
+                        }
+                    };
                     s.c.send_retries.fetch_add(1, Ordering::Relaxed);
-                    // Wait for the connection task to reconnect.
-                    if !asleep && let Some(c) = &client {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), c.closed()).await;
-                    }
-                    sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    // Shed by the relay: back off as told (the shared rule).
+                    sleep(RESEND.after_hint(attempt, hint, rand::random())).await;
+                    attempt += 1;
                 }
                 Err(e) => {
                     if let ClientError::Rejected { code, .. } = &e {
