@@ -164,6 +164,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Register (or, with --remove, unregister) a device to be woken by a
+    /// push when a clip starts for this user while it has no connected
+    /// session; prints the relay's answer (for operators and tests).
+    PushRegister {
+        #[command(flatten)]
+        conn: Conn,
+        /// Who wakes the device.
+        #[arg(long, value_parser = ["apns", "fcm"])]
+        provider: String,
+        /// The provider's token for the device (APNs device token, FCM
+        /// registration token).
+        #[arg(long, default_value = "")]
+        push_token: String,
+        /// APNs: the PushToTalk topic, `<bundle id>.voip-ptt`.
+        #[arg(long, default_value = "")]
+        topic: String,
+        /// The device's id (one user may have several devices; the same
+        /// id registered again replaces the old registration).
+        #[arg(long, default_value = "client-sim")]
+        device_id: String,
+        /// Remove this device's registration instead.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Encode a WAV file (any rate, any channels) into an Ogg Opus clip:
     /// resample to 48 kHz mono, clean up, trim silence, Opus.
     Encode {
@@ -264,6 +288,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
         } => listen(conn, &out, wav, count, timeout).await,
         Cmd::Usage { conn, days, json } => usage(conn, days, json).await,
+        Cmd::PushRegister {
+            conn,
+            provider,
+            push_token,
+            topic,
+            device_id,
+            remove,
+        } => {
+            let r = codec::wire::PushRegister {
+                provider: codec::wire::PushProvider::from_name(&provider)
+                    .context("--provider is apns or fcm")?,
+                device_id,
+                token: push_token,
+                topic,
+            };
+            push_register(conn, r, remove).await
+        }
         Cmd::Encode {
             input,
             output,
@@ -493,6 +534,38 @@ struct UsageReport {
     days: Vec<UsageDay>,
     bytes_up: u64,
     bytes_down: u64,
+}
+
+async fn push_register(
+    conn: Conn,
+    r: codec::wire::PushRegister,
+    remove: bool,
+) -> anyhow::Result<()> {
+    if !remove && r.token.is_empty() {
+        bail!("--push-token is needed to register (or --remove)");
+    }
+    let t = prepare(&conn).await?;
+    let (client, _events) = t.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let device = r.device_id.clone();
+    let answer = if remove {
+        client.unregister_push(&device).await
+    } else {
+        client.register_push(r).await
+    };
+    client.close();
+    t.finish().await;
+    let a = answer.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if a.code != codec::ErrorCode::NoError {
+        bail!("device {device} not registered: {}: {}", a.code, a.reason);
+    }
+    println!(
+        "device {device} {} ({} device(s) registered for {}): {}",
+        if remove { "removed" } else { "registered" },
+        a.devices,
+        client.user(),
+        a.reason
+    );
+    Ok(())
 }
 
 async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {

@@ -336,3 +336,63 @@ async fn usage_prints_each_users_own_figures() {
         "{table}"
     );
 }
+
+/// `client-sim push-register` registers a device (the relay says how many
+/// the user has), refuses an APNs topic that is not PushToTalk's with the
+/// relay's reason and exit 1, and removes the device with `--remove`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_register_registers_refuses_and_removes() {
+    let env = Env::new().await;
+    let reg = |args: &[&str]| {
+        let mut c = env.cmd("bob");
+        c.arg("push-register").args(args);
+        async move { run(&mut c).await }
+    };
+    let out = reg(&[
+        "--provider",
+        "apns",
+        "--push-token",
+        "a1b2c3",
+        "--topic",
+        "com.example.ptt.voip-ptt",
+        "--device-id",
+        "phone",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = stdout(&out);
+    assert!(
+        said.contains("device phone registered (1 device(s) registered for bob)"),
+        "{said}"
+    );
+    let out = reg(&[
+        "--provider",
+        "apns",
+        "--push-token",
+        "a1",
+        "--topic",
+        "com.example.ptt",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("protocol_violation") && err.contains(".voip-ptt"),
+        "{err}"
+    );
+    let out = reg(&["--provider", "apns", "--device-id", "phone", "--remove"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("removed (0 device(s)"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -14,7 +14,8 @@ use bytes::{Bytes, BytesMut};
 use codec::framing::{self, FrameLimits};
 use codec::ogg_opus::OggOpus;
 use codec::wire::{
-    AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, Target, Usage, UsageQuery,
+    AudioFormat, Auth, ClipHeader, ClipId, Delivery, Limits, Message, PushRegister, PushResult,
+    Target, Usage, UsageQuery,
 };
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError, Turn, Turns};
@@ -361,11 +362,18 @@ pub struct Client {
     packet_events: bool,
     in_order: bool,
     /// Callers waiting for a `Usage` answer, in the order they asked.
-    usage_waiters: Mutex<VecDeque<oneshot::Sender<Usage>>>,
+    usage_waiters: Waiters<Usage>,
+    /// Callers waiting for a `PushResult`, in the order they asked.
+    push_waiters: Waiters<PushResult>,
 }
 
-/// How long [`Client::usage`] waits for the relay's answer.
-const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Callers waiting for the relay's answers of one kind, in the order the
+/// questions went out on the control stream.
+type Waiters<T> = Mutex<VecDeque<oneshot::Sender<T>>>;
+
+/// How long [`Client::usage`] and [`Client::register_push`] wait for the
+/// relay's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the control stream and sends `Auth`.
 async fn send_auth(
@@ -481,6 +489,7 @@ impl Connecting {
             packet_events: opts.packet_events,
             in_order: opts.in_order,
             usage_waiters: Mutex::new(VecDeque::new()),
+            push_waiters: Mutex::new(VecDeque::new()),
         });
         let (tx, rx) = mpsc::channel(opts.event_queue.max(1));
         tokio::spawn(read_control(client.clone(), rd, tx.clone()));
@@ -591,27 +600,54 @@ impl Client {
     /// ways, per UTC day, oldest first) over the last `days` days (1:
     /// today; 0: every day the relay keeps). Current to the answer.
     pub async fn usage(&self, days: u64) -> Result<Usage, ClientError> {
+        let q = Message::UsageQuery(UsageQuery { days });
+        self.ask(&self.usage_waiters, q, "UsageQuery").await
+    }
+
+    /// Tells the relay where this device can be woken when a clip starts
+    /// for its user while it has no connected session (the relay keeps it
+    /// durably, for this user, until removed or the provider says the
+    /// token is gone). The answer says whether it was kept.
+    pub async fn register_push(&self, r: PushRegister) -> Result<PushResult, ClientError> {
+        self.ask(&self.push_waiters, Message::PushRegister(r), "PushRegister")
+            .await
+    }
+
+    /// This device (`device_id`) wants no more pushes.
+    pub async fn unregister_push(&self, device_id: &str) -> Result<PushResult, ClientError> {
+        let m = Message::PushUnregister(device_id.to_owned());
+        self.ask(&self.push_waiters, m, "PushUnregister").await
+    }
+
+    /// Sends `msg` on the control stream and waits (a bounded time) for
+    /// its answer, which comes through `waiters` in the order asked.
+    async fn ask<T>(
+        &self,
+        waiters: &Waiters<T>,
+        msg: Message,
+        what: &str,
+    ) -> Result<T, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
             // Queued under the control stream's lock: answers come in the
-            // order the queries were written.
+            // order the questions were written.
             let mut ctl = self.control.lock().await;
-            self.usage_waiters
+            waiters
                 .lock()
-                .map_err(|_| ClientError::Protocol("usage waiters poisoned".into()))?
+                .map_err(|_| ClientError::Protocol("answer waiters poisoned".into()))?
                 .push_back(tx);
-            quic::write_message(&mut ctl, &Message::UsageQuery(UsageQuery { days }))
+            quic::write_message(&mut ctl, &msg)
                 .await
                 .map_err(|e| ClientError::Lost(e.to_string()))?;
         }
-        match tokio::time::timeout(USAGE_TIMEOUT, rx).await {
+        match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
             Ok(Ok(u)) => Ok(u),
-            Ok(Err(_)) => Err(ClientError::Lost(
-                "connection ended before the usage answer".into(),
-            )),
-            Err(_) => Err(ClientError::Protocol(
-                "no usage answer (the relay may not support UsageQuery)".into(),
-            )),
+            Ok(Err(_)) => Err(ClientError::Lost(format!(
+                "connection ended before the answer to {what}"
+            ))),
+            Err(_) => Err(ClientError::Protocol(format!(
+                "no answer to {what} (the relay may not support it)"
+            ))),
         }
     }
 
@@ -830,22 +866,25 @@ async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::
                     let _ = events.send(Event::Expired(x)).await;
                 }
             }
-            Message::Usage(u) => {
-                let waiter = client
-                    .usage_waiters
-                    .lock()
-                    .ok()
-                    .and_then(|mut w| w.pop_front());
-                if let Some(w) = waiter {
-                    let _ = w.send(u);
-                }
-            }
+            Message::Usage(u) => answered(&client.usage_waiters, u),
+            Message::PushResult(r) => answered(&client.push_waiters, r),
             _ => {}
         }
     }
     // The control stream ended: nobody waits for an answer in vain.
     if let Ok(mut w) = client.usage_waiters.lock() {
         w.clear();
+    }
+    if let Ok(mut w) = client.push_waiters.lock() {
+        w.clear();
+    }
+}
+
+/// Hands an answer to the first caller waiting for one of its kind.
+fn answered<T>(waiters: &Waiters<T>, answer: T) {
+    let waiter = waiters.lock().ok().and_then(|mut w| w.pop_front());
+    if let Some(w) = waiter {
+        let _ = w.send(answer);
     }
 }
 

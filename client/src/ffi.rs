@@ -53,6 +53,28 @@ fn target(kind: TargetKind, name: String) -> Target {
     }
 }
 
+/// Who wakes this device (`register_push`).
+#[derive(uniffi::Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushKind {
+    /// Apple Push Notification service: iOS PushToTalk (`pushtotalk`
+    /// pushes to the `<bundle id>.voip-ptt` topic).
+    Apns,
+    /// Firebase Cloud Messaging: Android high-priority data messages.
+    Fcm,
+}
+
+/// The relay's answer to a push registration.
+#[derive(uniffi::Record, Debug, Clone, PartialEq, Eq)]
+pub struct PushAnswer {
+    /// Kept by the relay.
+    pub kept: bool,
+    /// Devices the user has registered now.
+    pub devices: u32,
+    /// What the relay said (why not kept, or a note such as a dropped
+    /// oldest device).
+    pub reason: String,
+}
+
 /// One UTC day of this user's data use, as the relay counted it.
 #[derive(uniffi::Record, Debug, Clone, PartialEq, Eq)]
 pub struct DataUse {
@@ -425,6 +447,33 @@ impl PttClient {
                 bytes_down: d.bytes_down,
             })
             .collect())
+    }
+
+    /// Tells the relay where this device can be woken while the app sleeps
+    /// (the token from APNs PushToTalk or FCM; `topic`: APNs
+    /// `<bundle id>.voip-ptt`, FCM empty). Kept and sent again on every
+    /// connection; offline it fails with `Offline` and goes with the next.
+    pub async fn register_push(
+        &self,
+        kind: PushKind,
+        token: String,
+        topic: String,
+    ) -> Result<PushAnswer, PttError> {
+        let sdk = self.sdk.clone();
+        let provider = match kind {
+            PushKind::Apns => codec::wire::PushProvider::Apns,
+            PushKind::Fcm => codec::wire::PushProvider::Fcm,
+        };
+        let r = self
+            .rt()
+            .spawn(async move { sdk.register_push(provider, &token, &topic).await })
+            .await
+            .map_err(|e| PttError::Offline { msg: e.to_string() })??;
+        Ok(PushAnswer {
+            kept: r.code == codec::ErrorCode::NoError,
+            devices: u32::try_from(r.devices).unwrap_or(u32::MAX),
+            reason: r.reason,
+        })
     }
 
     /// Signs out cleanly: acks sent reach the relay, then the connection

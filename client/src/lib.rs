@@ -10,6 +10,7 @@ pub mod ffi;
 pub mod inbox;
 pub mod net;
 pub mod outbox;
+pub mod push;
 pub mod sdk;
 
 pub use client::{

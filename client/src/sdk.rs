@@ -427,6 +427,39 @@ impl Sdk {
             .map_err(|e| SdkError::Offline(e.to_string()))
     }
 
+    /// Tells the relay where this device can be woken (APNs or FCM, the
+    /// provider's token for it, and for APNs the PushToTalk topic
+    /// `<bundle id>.voip-ptt`): when a clip starts for this user while it
+    /// has no connected session, the relay pushes to it. Kept in the data
+    /// dir and sent again on every connection (call again with a new
+    /// token). Returns the relay's answer; offline, the registration goes
+    /// with the next connection and this says so.
+    pub async fn register_push(
+        &self,
+        provider: codec::wire::PushProvider,
+        token: &str,
+        topic: &str,
+    ) -> Result<codec::wire::PushResult, SdkError> {
+        let dir = &self.inner.cfg.data_dir;
+        let r = codec::wire::PushRegister {
+            provider,
+            device_id: crate::push::device_id(dir).map_err(|e| SdkError::Storage(e.to_string()))?,
+            token: token.to_owned(),
+            topic: topic.to_owned(),
+        };
+        crate::push::save(dir, &r).map_err(|e| SdkError::Storage(e.to_string()))?;
+        let client = lock(&self.inner.client).clone();
+        let Some(client) = client else {
+            return Err(SdkError::Offline(
+                "kept: the registration goes with the next connection".into(),
+            ));
+        };
+        client
+            .register_push(r)
+            .await
+            .map_err(|e| SdkError::Offline(e.to_string()))
+    }
+
     /// A new token (after [`Status::SignedOut`], or ahead of expiry: used
     /// from the next connection).
     pub fn set_token(&self, token: &str) {
@@ -607,6 +640,11 @@ async fn serve(
     mut events: mpsc::Receiver<Event>,
 ) -> Duration {
     let sender = tokio::spawn(send_outbox(inner.clone(), client.clone()));
+    // The push registration kept, again on every connection.
+    if let Some(r) = crate::push::load(&inner.cfg.data_dir) {
+        let client = client.clone();
+        tokio::spawn(async move { client.register_push(r).await });
+    }
     let mut wait = Duration::ZERO;
     let mut hearing = Hearing::default();
     while let Some(ev) = events.recv().await {

@@ -30,6 +30,9 @@ pub mod kind {
     pub const USAGE_QUERY: u64 = 0x05;
     pub const USAGE: u64 = 0x06;
     pub const EXPIRED: u64 = 0x07;
+    pub const PUSH_REGISTER: u64 = 0x08;
+    pub const PUSH_UNREGISTER: u64 = 0x09;
+    pub const PUSH_RESULT: u64 = 0x0a;
     pub const CLIP_HEADER: u64 = 0x10;
     pub const ACCEPTED: u64 = 0x11;
     pub const REJECTED: u64 = 0x12;
@@ -232,6 +235,82 @@ pub struct GoAway {
     pub reason: String,
 }
 
+/// Longest push token (`PushRegister`): APNs device tokens are 64 hex
+/// digits, FCM registration tokens a few hundred characters.
+pub const MAX_PUSH_TOKEN_BYTES: usize = 4096;
+
+/// Who wakes a device when a clip waits for its user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PushProvider {
+    /// Apple Push Notification service (iOS PushToTalk, `pushtotalk`).
+    Apns,
+    /// Firebase Cloud Messaging (Android, high-priority data messages).
+    Fcm,
+}
+
+impl PushProvider {
+    pub fn to_u64(self) -> u64 {
+        match self {
+            PushProvider::Apns => 1,
+            PushProvider::Fcm => 2,
+        }
+    }
+
+    pub fn from_u64(v: u64) -> Option<Self> {
+        match v {
+            1 => Some(PushProvider::Apns),
+            2 => Some(PushProvider::Fcm),
+            _ => None,
+        }
+    }
+
+    /// `apns` or `fcm` (settings, metrics labels, CLI).
+    pub fn name(self) -> &'static str {
+        match self {
+            PushProvider::Apns => "apns",
+            PushProvider::Fcm => "fcm",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "apns" => Some(PushProvider::Apns),
+            "fcm" => Some(PushProvider::Fcm),
+            _ => None,
+        }
+    }
+}
+
+/// A device tells the relay where it can be woken (`PushRegister`): the
+/// relay pushes to it when a clip starts for its user while the user has
+/// no connected session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRegister {
+    pub provider: PushProvider,
+    /// The app's id of this device (stable across app runs): a new
+    /// registration of the same device replaces the old one.
+    pub device_id: String,
+    /// The provider's token for the device (APNs device token, FCM
+    /// registration token).
+    pub token: String,
+    /// APNs: the push topic, `<bundle id>.voip-ptt`; FCM: empty (or the
+    /// app's package name, kept for the operator).
+    pub topic: String,
+}
+
+/// The relay's answer to `PushRegister` and `PushUnregister`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushResult {
+    pub device_id: String,
+    /// `no_error`: kept (or removed); otherwise why not (`not_allowed`:
+    /// the relay sends no pushes for this provider; `protocol_violation`:
+    /// a malformed registration).
+    pub code: ErrorCode,
+    /// Devices the user has registered now.
+    pub devices: u64,
+    pub reason: String,
+}
+
 /// A client asks for its own data use (`UsageQuery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageQuery {
@@ -363,6 +442,10 @@ pub enum Message {
     UsageQuery(UsageQuery),
     Usage(Usage),
     Expired(Expired),
+    PushRegister(PushRegister),
+    /// A device no longer wants pushes (its `device_id`).
+    PushUnregister(String),
+    PushResult(PushResult),
     ClipHeader(ClipHeader),
     Accepted(Accepted),
     Rejected(Rejected),
@@ -381,6 +464,9 @@ impl Message {
             Message::UsageQuery(_) => kind::USAGE_QUERY,
             Message::Usage(_) => kind::USAGE,
             Message::Expired(_) => kind::EXPIRED,
+            Message::PushRegister(_) => kind::PUSH_REGISTER,
+            Message::PushUnregister(_) => kind::PUSH_UNREGISTER,
+            Message::PushResult(_) => kind::PUSH_RESULT,
             Message::ClipHeader(_) => kind::CLIP_HEADER,
             Message::Accepted(_) => kind::ACCEPTED,
             Message::Rejected(_) => kind::REJECTED,
@@ -429,6 +515,19 @@ impl Message {
                 m.target.put(&mut body);
                 varint::put(&mut body, m.created_ms);
                 varint::put(&mut body, m.also);
+            }
+            Message::PushRegister(m) => {
+                varint::put(&mut body, m.provider.to_u64());
+                varint::put_str(&mut body, &m.device_id);
+                varint::put_str(&mut body, &m.token);
+                varint::put_str(&mut body, &m.topic);
+            }
+            Message::PushUnregister(device_id) => varint::put_str(&mut body, device_id),
+            Message::PushResult(m) => {
+                varint::put_str(&mut body, &m.device_id);
+                varint::put(&mut body, m.code.to_u64());
+                varint::put(&mut body, m.devices);
+                varint::put_str(&mut body, &m.reason);
             }
             Message::ClipHeader(m) => {
                 body.put_slice(&m.clip_id.0);
@@ -499,6 +598,9 @@ impl Message {
             kind::USAGE_QUERY => "UsageQuery",
             kind::USAGE => "Usage",
             kind::EXPIRED => "Expired",
+            kind::PUSH_REGISTER => "PushRegister",
+            kind::PUSH_UNREGISTER => "PushUnregister",
+            kind::PUSH_RESULT => "PushResult",
             kind::CLIP_HEADER => "ClipHeader",
             kind::ACCEPTED => "Accepted",
             kind::REJECTED => "Rejected",
@@ -566,6 +668,24 @@ impl Message {
                     also: r.varint()?,
                 })
             }
+            kind::PUSH_REGISTER => Message::PushRegister(PushRegister {
+                provider: PushProvider::from_u64(r.varint()?).ok_or(WireError::Invalid {
+                    field: "provider",
+                    why: "not 1 (apns) or 2 (fcm)",
+                })?,
+                device_id: r.string("device_id", MAX_NAME_BYTES)?.to_owned(),
+                token: r.string("token", MAX_PUSH_TOKEN_BYTES)?.to_owned(),
+                topic: r.string("topic", MAX_NAME_BYTES)?.to_owned(),
+            }),
+            kind::PUSH_UNREGISTER => {
+                Message::PushUnregister(r.string("device_id", MAX_NAME_BYTES)?.to_owned())
+            }
+            kind::PUSH_RESULT => Message::PushResult(PushResult {
+                device_id: r.string("device_id", MAX_NAME_BYTES)?.to_owned(),
+                code: ErrorCode::from_u64(r.varint()?),
+                devices: r.varint()?,
+                reason: r.string("reason", MAX_REASON_BYTES)?.to_owned(),
+            }),
             kind::CLIP_HEADER => Message::ClipHeader(ClipHeader {
                 clip_id: ClipId(r.array()?),
                 target: Target::read(&mut r)?,
@@ -631,6 +751,36 @@ mod tests {
         let mut expect = vec![0x03, 0x10];
         expect.extend([0x11; 16]);
         assert_eq!(&b[..], &expect[..]);
+    }
+
+    /// The byte examples in docs/protocol.md ("PushRegister", "PushResult").
+    #[test]
+    fn push_bytes_match_spec() {
+        let reg = Message::PushRegister(PushRegister {
+            provider: PushProvider::Fcm,
+            device_id: "d1".into(),
+            token: "t".into(),
+            topic: String::new(),
+        });
+        assert_eq!(
+            &reg.to_bytes()[..],
+            [0x08, 0x07, 0x02, 0x02, 0x64, 0x31, 0x01, 0x74, 0x00]
+        );
+        let res = Message::PushResult(PushResult {
+            device_id: "d1".into(),
+            code: ErrorCode::NoError,
+            devices: 1,
+            reason: "kept".into(),
+        });
+        assert_eq!(
+            &res.to_bytes()[..],
+            [
+                0x0a, 0x0a, 0x02, 0x64, 0x31, 0x00, 0x01, 0x04, 0x6b, 0x65, 0x70, 0x74
+            ]
+        );
+        // A provider this version does not know is malformed.
+        let bad = [0x08, 0x03, 0x03, 0x00, 0x00];
+        assert!(Message::decode(&bad, 1024).is_err());
     }
 
     /// The byte example in docs/protocol.md ("ClipHeader").
@@ -872,6 +1022,27 @@ mod tests {
                     target,
                     created_ms,
                     also
+                })
+            ),
+            (any::<bool>(), arb_name(), "[0-9a-f]{0,200}", "[ -~]{0,100}").prop_map(
+                |(apns, device_id, token, topic)| Message::PushRegister(PushRegister {
+                    provider: if apns {
+                        PushProvider::Apns
+                    } else {
+                        PushProvider::Fcm
+                    },
+                    device_id,
+                    token,
+                    topic
+                })
+            ),
+            arb_name().prop_map(Message::PushUnregister),
+            (arb_name(), arb_code(), v.clone(), "[ -~]{0,100}").prop_map(
+                |(device_id, code, devices, reason)| Message::PushResult(PushResult {
+                    device_id,
+                    code,
+                    devices,
+                    reason
                 })
             ),
             (id.clone(), arb_target(), arb_format()).prop_map(|(clip_id, target, format)| {

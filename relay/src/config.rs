@@ -254,6 +254,44 @@ settings! {
     /// so cross-relay talk resumes within about this much of NATS coming
     /// back.
     cluster_reconnect_max: Duration = Duration::from_secs(1), "PTT_CLUSTER_RECONNECT_MAX", parse_duration;
+    /// Push: the APNs signing key (`AuthKey_<key id>.p8`, an ES256 key
+    /// from the Apple developer account). With `apns_key_id` and
+    /// `apns_team_id`, the relay wakes iOS devices (PushToTalk,
+    /// `apns-push-type: pushtotalk`). Empty: no APNs pushes.
+    apns_key: PathBuf = PathBuf::new(), "PTT_APNS_KEY";
+    /// Push: the APNs key's id (the provider JWT's `kid`).
+    apns_key_id: String = String::new(), "PTT_APNS_KEY_ID";
+    /// Push: the Apple developer team id (the provider JWT's `iss`).
+    apns_team_id: String = String::new(), "PTT_APNS_TEAM_ID";
+    /// Push: the APNs host (the sandbox is
+    /// `https://api.sandbox.push.apple.com`).
+    apns_url: String = "https://api.push.apple.com".to_owned(), "PTT_APNS_URL";
+    /// Push: a Firebase service-account JSON file (its `project_id`,
+    /// `client_email`, `private_key` and `token_uri`): the relay wakes
+    /// Android devices with FCM high-priority data messages. Empty: no FCM
+    /// pushes.
+    fcm_credentials: PathBuf = PathBuf::new(), "PTT_FCM_CREDENTIALS";
+    /// Push: the FCM HTTP v1 host.
+    fcm_url: String = "https://fcm.googleapis.com".to_owned(), "PTT_FCM_URL";
+    /// Push: extra root certificates (PEM) trusted for the provider hosts
+    /// besides the system's (tests, private push gateways).
+    push_ca: PathBuf = PathBuf::new(), "PTT_PUSH_CA";
+    /// Push: devices one user may register; past it the oldest
+    /// registration is dropped.
+    max_push_devices_per_user: usize = 5, "PTT_MAX_PUSH_DEVICES_PER_USER";
+    /// Push: the shortest time between two pushes to one device for one
+    /// channel (a busy channel wakes a phone once; a pending push is
+    /// replaced, never stacked: `apns-collapse-id`, FCM `collapse_key`).
+    push_min_interval: Duration = Duration::from_secs(10), "PTT_PUSH_MIN_INTERVAL", parse_duration;
+    /// Push: how long a push is worth sending (FCM `ttl`; retries of a
+    /// push the provider refused for now stop after it).
+    push_ttl: Duration = Duration::from_secs(30), "PTT_PUSH_TTL", parse_duration;
+    /// Push: pushes waiting to be sent at most; past it new ones are
+    /// dropped (counted): a push never holds a clip.
+    push_queue: usize = 10_000, "PTT_PUSH_QUEUE";
+    /// Push: requests in flight to the providers at once (over one HTTP/2
+    /// connection per provider).
+    push_concurrency: usize = 64, "PTT_PUSH_CONCURRENCY";
     /// How long shutdown waits for uploads in flight.
     drain_timeout: Duration = Duration::from_secs(10), "PTT_DRAIN_TIMEOUT", parse_duration;
     /// Channel clips kept per channel for members who were offline (they
@@ -387,6 +425,21 @@ impl Config {
         ensure(
             self.expired_notices_per_user >= 1,
             "expired_notices_per_user must be at least 1",
+        )?;
+        let apns = [
+            self.apns_key.as_os_str().is_empty(),
+            self.apns_key_id.is_empty(),
+            self.apns_team_id.is_empty(),
+        ];
+        ensure(
+            apns.iter().all(|e| *e) || apns.iter().all(|e| !*e),
+            "apns_key, apns_key_id and apns_team_id go together: set all three or none",
+        )?;
+        ensure(
+            self.max_push_devices_per_user >= 1
+                && self.push_queue >= 1
+                && self.push_concurrency >= 1,
+            "max_push_devices_per_user, push_queue and push_concurrency must be at least 1",
         )?;
         // A `Usage` answer holds one entry per day.
         ensure(

@@ -15,6 +15,7 @@ pub mod json_file;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod push;
 pub mod router;
 pub mod segment_log;
 pub mod server;

@@ -151,6 +151,12 @@ catalogue! {
         "1 while the relay is connected to its cluster's NATS; 0 when cut off (cross-relay delivery stops, local service goes on) or not clustered.";
     CLUSTER_CLIPS = "ptt_cluster_clips_total", Counter, Count, ["direction"],
         "Live clips crossing between relays: out (published once per subject for users on other relays), in (received for users here).";
+    PUSH_SENT = "ptt_push_sent_total", Counter, Count, ["provider", "outcome"],
+        "Pushes to wake devices, by provider (apns, fcm) and outcome: sent; unregistered (the provider said the token is gone: its registration was dropped); retried (refused for now: sent again after Retry-After or a backoff); expired (still refused after push_ttl); failed (refused for good); dropped (push_queue full); unconfigured (the relay has no credentials for the provider).";
+    PUSH_DELAY = "ptt_push_delay_seconds", Histogram, Seconds, [],
+        "From a clip's first packet to its push request leaving for the provider (one sample per push).";
+    PUSH_USERS = "ptt_push_users", Gauge, Count, [],
+        "Users with at least one registered push device.";
     CLUSTER_HELD = "ptt_cluster_held_clips", Gauge, Count, [],
         "Clips this relay accepted while its cluster's JetStream could not take them (NATS unreachable), kept on its own disk and not yet written to the cluster; they are written and announced when the link is back (since this process started).";
     CLUSTER_BACKFILLED = "ptt_cluster_backfilled_total", Counter, Count, ["kind"],
@@ -181,6 +187,17 @@ const KNOWN_LABELS: &[(&str, &str, &[&str])] = &[
     (CLUSTER_CLIPS, "direction", &["out", "in"]),
     (CLUSTER_BACKFILLED, "kind", &["direct", "channel"]),
     (CLUSTER_CAUGHT_UP, "kind", &["direct", "channel"]),
+];
+
+/// The outcomes `ptt_push_sent_total` counts.
+pub const PUSH_OUTCOMES: &[&str] = &[
+    "sent",
+    "unregistered",
+    "retried",
+    "expired",
+    "failed",
+    "dropped",
+    "unconfigured",
 ];
 
 /// Latency buckets, seconds: 50 µs to 10 s.
@@ -228,6 +245,13 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             for (name, label, values) in KNOWN_LABELS {
                 for v in *values {
                     drop(metrics::counter!(*name, *label => *v));
+                }
+            }
+            for provider in ["apns", "fcm"] {
+                for outcome in PUSH_OUTCOMES {
+                    drop(
+                        metrics::counter!(PUSH_SENT, "provider" => provider, "outcome" => *outcome),
+                    );
                 }
             }
             let process = PROCESS.get_or_init(metrics_process::Collector::default);
@@ -311,6 +335,7 @@ pub struct Gauges {
     pub sessions: usize,
     pub cluster_connected: bool,
     pub cluster_held: usize,
+    pub push_users: usize,
     pub inflight_bytes: u64,
     pub inflight_limit: u64,
     pub token_keys: usize,
@@ -331,6 +356,7 @@ pub fn render(s: &Gauges) -> Option<String> {
     g(SESSIONS_OPEN, s.sessions as f64);
     g(CLUSTER_CONNECTED, f64::from(u8::from(s.cluster_connected)));
     g(CLUSTER_HELD, s.cluster_held as f64);
+    g(PUSH_USERS, s.push_users as f64);
     g(INFLIGHT_BYTES, s.inflight_bytes as f64);
     g(INFLIGHT_LIMIT, s.inflight_limit as f64);
     g(TOKEN_KEYS, s.token_keys as f64);

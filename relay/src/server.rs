@@ -43,6 +43,7 @@ impl crate::admin::AdminState for Node {
             sessions: self.router.online(),
             cluster_connected: self.cluster.as_ref().is_some_and(|c| c.connected()),
             cluster_held: self.cluster.as_ref().map_or(0, |c| c.held()),
+            push_users: self.push.users(),
             inflight_bytes: self.inflight.load(Ordering::Relaxed),
             inflight_limit: self.config.max_inflight_bytes,
             token_keys: self.public_keys().len(),
@@ -217,10 +218,15 @@ impl Relay {
         } else {
             Some(crate::cluster::Cluster::connect(&config).await?)
         };
+        let push = Arc::new(
+            crate::push::Pusher::open(&config).map_err(|e| StartError::Config(e.to_string()))?,
+        );
         let shared = Arc::new(Shared::new(config, key, public_keys, store, cache));
+        push.start(&shared.tracker, shared.shutdown.clone());
         let node = Arc::new(Node {
             state: shared.clone(),
             cluster,
+            push,
         });
         shared.restore_history();
         if let Some(path) = &shared.usage_file {

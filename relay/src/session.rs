@@ -28,6 +28,8 @@ pub struct Node {
     pub state: Arc<Shared>,
     /// The cluster link (`--cluster`); `None` for a relay on its own.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// Push registrations, and the pushes that wake sleeping devices.
+    pub push: Arc<crate::push::Pusher>,
 }
 
 impl std::ops::Deref for Node {
@@ -118,6 +120,12 @@ pub async fn run(
         debug!(error = %e, "Welcome not sent");
     }
     Box::pin(replay_history(&shared, &session)).await;
+    Box::pin(
+        shared
+            .push
+            .session_started(&session.user, session.channels.keys()),
+    )
+    .await;
     Box::pin(session.send_expired(shared.expired.notices(&session.user))).await;
     info!(%remote, user = %session.user, session = session.id, "session start");
     let cancel = shared.shutdown.child_token();
@@ -365,6 +373,20 @@ async fn control_loop(
                 });
                 if let Err(e) = Box::pin(session.send_control(&usage)).await {
                     debug!(error = %e, "Usage not sent");
+                }
+            }
+            Ok(Some(Message::PushRegister(r))) => {
+                let push = &shared.push;
+                let result =
+                    Box::pin(push.register(&session.user, session.channels.keys(), r)).await;
+                if let Err(e) = Box::pin(session.send_control(&Message::PushResult(result))).await {
+                    debug!(error = %e, "PushResult not sent");
+                }
+            }
+            Ok(Some(Message::PushUnregister(device_id))) => {
+                let result = Box::pin(shared.push.unregister(&session.user, device_id)).await;
+                if let Err(e) = Box::pin(session.send_control(&Message::PushResult(result))).await {
+                    debug!(error = %e, "PushResult not sent");
                 }
             }
             Ok(Some(Message::Unknown(_))) => {}
@@ -1000,6 +1022,14 @@ async fn receive_packets(
             }
             live.push(buf.split_to(scan.records).freeze(), packets)
                 .map_err(|e| Refused::new(ErrorCode::Internal, e.to_string()))?;
+            if before == 0 {
+                // The clip's first packet: wake its recipients who have no
+                // connected session (never waits).
+                let m = &live.meta;
+                shared
+                    .push
+                    .clip_started(m.id, &m.sender, &m.target, |u| shared.router.is_online(u));
+            }
         }
         if let Some((e, n)) = scan.end {
             let _ = buf.split_to(n);

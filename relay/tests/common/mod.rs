@@ -12,6 +12,7 @@ use relay::{Config, Relay};
 use tokio::sync::mpsc;
 
 pub mod nats;
+pub mod push;
 
 pub struct TestRelay {
     pub relay: Relay,

@@ -1,0 +1,348 @@
+//! Pushes that wake sleeping phones, against local stand-ins for APNs and
+//! FCM (`common/push.rs`, written from the providers' rules): a clip for
+//! a user with no connected session pushes each of the user's devices as
+//! it starts; every provider answer is handled as the provider asks; and
+//! the clip is delivered once whatever the answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use codec::ErrorCode;
+use codec::token::Right::{Listen, Talk};
+use codec::wire::{PushProvider, PushRegister, Target};
+use common::push::{Reply, Rules, Seen, Standin};
+use common::*;
+use ptt_client::Pacing;
+
+const TEAM: &str = "TEAM123456";
+const KEY_ID: &str = "KEY1234567";
+const TOPIC: &str = "com.example.ptt.voip-ptt";
+const PROJECT: &str = "ptt-test";
+const EMAIL: &str = "relay@ptt-test.iam.gserviceaccount.com";
+
+/// A relay that pushes through a stand-in for `provider`.
+struct Pushing {
+    t: TestRelay,
+    standin: Standin,
+    provider: PushProvider,
+    _keys: tempfile::TempDir,
+}
+
+async fn pushing(provider: PushProvider) -> Pushing {
+    let keys = tempfile::tempdir().unwrap();
+    let (rules, files) = match provider {
+        PushProvider::Apns => {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let p8 = keys.path().join(format!("AuthKey_{KEY_ID}.p8"));
+            std::fs::write(&p8, key.serialize_pem()).unwrap();
+            let rules = Rules::Apns {
+                public_key_pem: key.public_key_pem(),
+                key_id: KEY_ID.into(),
+                team_id: TEAM.into(),
+            };
+            (rules, p8)
+        }
+        PushProvider::Fcm => {
+            let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+            let rules = Rules::Fcm {
+                public_key_pem: std::fs::read_to_string(data.join("fcm-test-key.pub.pem")).unwrap(),
+                client_email: EMAIL.into(),
+                project: PROJECT.into(),
+            };
+            (rules, data.join("fcm-test-key.pem"))
+        }
+    };
+    let standin = Standin::start(rules).await;
+    let (url, ca) = (standin.url.clone(), standin.ca.clone());
+    let sa = keys.path().join("service-account.json");
+    if provider == PushProvider::Fcm {
+        let json = serde_json::json!({
+            "type": "service_account",
+            "project_id": PROJECT,
+            "private_key_id": "k1",
+            "private_key": std::fs::read_to_string(&files).unwrap(),
+            "client_email": EMAIL,
+            "token_uri": format!("{url}/token"),
+        });
+        std::fs::write(&sa, json.to_string()).unwrap();
+    }
+    let t = start(|c| {
+        c.push_ca = ca;
+        match provider {
+            PushProvider::Apns => {
+                c.apns_key = files;
+                c.apns_key_id = KEY_ID.into();
+                c.apns_team_id = TEAM.into();
+                c.apns_url = url;
+            }
+            PushProvider::Fcm => {
+                c.fcm_credentials = sa;
+                c.fcm_url = url;
+            }
+        }
+    })
+    .await;
+    Pushing {
+        t,
+        standin,
+        provider,
+        _keys: keys,
+    }
+}
+
+impl Pushing {
+    /// `user`'s device `device` registers (its token: "tok-DEVICE"), with
+    /// `channels`, then the user goes offline.
+    async fn registered(&self, user: &str, device: &str, channels: &[(&str, codec::token::Right)]) {
+        let (c, _) = self
+            .t
+            .try_connect_with(&self.t.token_with(user, channels), Default::default())
+            .await
+            .unwrap();
+        let r = c
+            .register_push(PushRegister {
+                provider: self.provider,
+                device_id: device.into(),
+                token: format!("tok-{device}"),
+                topic: if self.provider == PushProvider::Apns {
+                    TOPIC.into()
+                } else {
+                    String::new()
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.code, ErrorCode::NoError, "{}", r.reason);
+        c.close();
+        let router = &self.t.relay.shared().router;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while router.is_online(user) {
+            assert!(Instant::now() < deadline, "{user} still online");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        self.provider.name()
+    }
+
+    async fn metric(&self, outcome: &str) -> u64 {
+        let m = http_get(self.t.relay.admin_addr(), "/metrics").await.1;
+        let line = format!(
+            "ptt_push_sent_total{{provider=\"{}\",outcome=\"{outcome}\"}} ",
+            self.label()
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+}
+
+fn good(seen: &[Seen]) {
+    for s in seen {
+        assert!(s.broken.is_empty(), "a request broke the rules: {s:?}");
+    }
+}
+
+/// Bob (offline, one device) gets a push when Alice's clip starts, and
+/// the clip when he connects: once, whatever the provider answered.
+async fn one_answer(provider: PushProvider, answer: Reply) {
+    let p = pushing(provider).await;
+    p.registered("bob", "phone", &[]).await;
+    p.standin.script(&[answer]);
+    let (alice, _) = p.t.connect("alice").await;
+    let sent = clip("bob", 30);
+    alice.send_clip(&sent, Pacing::Upload).await.unwrap();
+    let first = p.standin.until(1, 10).await;
+    good(&first);
+    assert_eq!(first[0].token, "tok-phone");
+    match provider {
+        PushProvider::Apns => {
+            assert_eq!(first[0].header("apns-topic"), Some(TOPIC));
+            assert_eq!(
+                first[0].header("apns-collapse-id"),
+                None,
+                "direct clips do not collapse"
+            );
+            let body = &first[0].body;
+            assert_eq!(body["activeRemoteParticipant"]["name"], "alice");
+            assert_eq!(body["ptt"]["target"]["user"], "bob");
+            assert_eq!(body["ptt"]["clip_id"], sent.id.to_hex());
+        }
+        PushProvider::Fcm => {
+            let data = &first[0].body["message"]["data"];
+            assert_eq!(data["sender"], "alice");
+            assert_eq!(data["clip_id"], sent.id.to_hex());
+        }
+    }
+    let started = Instant::now();
+    let mut owed = 1;
+    match answer {
+        Reply::Ok => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(p.standin.seen().len(), 1, "once per device per clip");
+            assert_eq!(p.metric("sent").await, 1);
+        }
+        Reply::Gone => {
+            // The registration is dropped: the next clip pushes nobody.
+            let until = Instant::now() + Duration::from_secs(5);
+            while p.metric("unregistered").await == 0 {
+                assert!(Instant::now() < until, "the gone token was not counted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let m = http_get(p.t.relay.admin_addr(), "/metrics").await.1;
+            assert!(m.contains("ptt_push_users 0"), "{m}");
+            alice
+                .send_clip(&clip("bob", 3), Pacing::Upload)
+                .await
+                .unwrap();
+            owed += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(p.standin.seen().len(), 1, "pushed to a gone token");
+        }
+        Reply::TooMany(secs) => {
+            let again = p.standin.until(2, 10).await;
+            good(&again);
+            assert!(
+                started.elapsed() >= Duration::from_secs(secs) - Duration::from_millis(200),
+                "retried before Retry-After"
+            );
+            assert_eq!(again[1].token, "tok-phone");
+            assert_eq!(p.metric("retried").await, 1);
+            assert_eq!(p.metric("sent").await, 1);
+        }
+        Reply::Internal => {
+            let again = p.standin.until(2, 10).await;
+            good(&again);
+            assert_eq!(p.metric("retried").await, 1);
+            assert_eq!(p.metric("sent").await, 1);
+        }
+    }
+    // Whatever the provider said, Bob gets the clips (once each) when he
+    // comes.
+    let (bob, mut ev) = p.t.connect("bob").await;
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..owed {
+        let c = next_complete(&mut ev).await;
+        bob.ack(c.id()).await.unwrap();
+        assert!(got.insert(c.id(), c).is_none(), "a clip came twice");
+    }
+    assert_eq!(got[&sent.id].packets, sent.packets);
+    assert_no_clip(&mut ev, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_accepted() {
+    one_answer(PushProvider::Apns, Reply::Ok).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_unregistered_drops_the_registration() {
+    one_answer(PushProvider::Apns, Reply::Gone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_too_many_requests_is_retried_after_retry_after() {
+    one_answer(PushProvider::Apns, Reply::TooMany(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_internal_error_is_retried() {
+    one_answer(PushProvider::Apns, Reply::Internal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_accepted() {
+    one_answer(PushProvider::Fcm, Reply::Ok).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_unregistered_drops_the_registration() {
+    one_answer(PushProvider::Fcm, Reply::Gone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_too_many_requests_is_retried_after_retry_after() {
+    one_answer(PushProvider::Fcm, Reply::TooMany(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_internal_error_is_retried() {
+    one_answer(PushProvider::Fcm, Reply::Internal).await;
+}
+
+/// A channel clip pushes the members with no connected session (not the
+/// online ones, not the talker), with the channel's collapse id; a second
+/// clip within `push_min_interval` pushes nobody again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_clip_wakes_its_offline_members_once_per_interval() {
+    let p = pushing(PushProvider::Apns).await;
+    for u in ["carol", "dan", "erin"] {
+        p.registered(u, &format!("{u}-phone"), &[("ops", Listen)])
+            .await;
+    }
+    p.registered("alice", "alice-phone", &[("ops", Talk)]).await;
+    // Erin is back online: no push for her.
+    let (_erin, _) = p.t.member("erin", &[("ops", Listen)]).await;
+    let (alice, _) = p.t.member("alice", &[("ops", Talk)]).await;
+    let mut c = clip("x", 5);
+    c.target = Target::Channel("ops".into());
+    alice.send_clip(&c, Pacing::Upload).await.unwrap();
+    let seen = p.standin.until(2, 10).await;
+    good(&seen);
+    let mut tokens: Vec<&str> = seen.iter().map(|s| s.token.as_str()).collect();
+    tokens.sort_unstable();
+    assert_eq!(tokens, ["tok-carol-phone", "tok-dan-phone"]);
+    let collapse: Vec<_> = seen.iter().map(|s| s.header("apns-collapse-id")).collect();
+    assert!(
+        collapse[0].is_some() && collapse[0] == collapse[1],
+        "{collapse:?}"
+    );
+    assert_eq!(seen[0].body["ptt"]["target"]["channel"], "ops");
+    let mut again = clip("x", 5);
+    again.target = Target::Channel("ops".into());
+    alice.send_clip(&again, Pacing::Upload).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.standin.seen().len(), 2, "within push_min_interval");
+}
+
+/// A registration the relay keeps survives a restart (the disk store's
+/// data dir), and a bad one is refused with a clear reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_are_durable_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_in(dir.path(), |_| {}).await;
+    let (c, _) = t.connect("bob").await;
+    let bad = c
+        .register_push(PushRegister {
+            provider: PushProvider::Apns,
+            device_id: "phone".into(),
+            token: "abc".into(),
+            topic: "com.example.ptt".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(bad.code, ErrorCode::ProtocolViolation);
+    assert!(bad.reason.contains(".voip-ptt"), "{}", bad.reason);
+    let ok = c
+        .register_push(PushRegister {
+            provider: PushProvider::Fcm,
+            device_id: "phone".into(),
+            token: "abc".into(),
+            topic: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((ok.code, ok.devices), (ErrorCode::NoError, 1));
+    assert!(ok.reason.contains("no fcm credentials"), "{}", ok.reason);
+    c.close();
+    drop(t);
+    let t = start_in(dir.path(), |_| {}).await;
+    let m = http_get(t.relay.admin_addr(), "/metrics").await.1;
+    assert!(m.contains("ptt_push_users 1"), "{m}");
+    let (c, _) = t.connect("bob").await;
+    let gone = c.unregister_push("phone").await.unwrap();
+    assert_eq!((gone.code, gone.devices), (ErrorCode::NoError, 0));
+}
