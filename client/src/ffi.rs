@@ -120,6 +120,9 @@ pub enum LinkStatus {
     SignedOut {
         why: String,
     },
+    /// `sleep` was called: no connection, nothing on the wire, until `wake`
+    /// (or a press, or a clip to send).
+    Asleep,
 }
 
 /// The relay's final answer to a clip from the outbox.
@@ -318,6 +321,7 @@ impl sdk::Listener for Bridge {
             sdk::Status::Connected { user } => LinkStatus::Connected { user },
             sdk::Status::Offline { why, retry_in_ms } => LinkStatus::Offline { why, retry_in_ms },
             sdk::Status::SignedOut { why } => LinkStatus::SignedOut { why },
+            sdk::Status::Asleep => LinkStatus::Asleep,
         });
     }
 
@@ -474,6 +478,19 @@ impl PttClient {
             devices: u32::try_from(r.devices).unwrap_or(u32::MAX),
             reason: r.reason,
         })
+    }
+
+    /// The app goes to the background: the outbox is sent (bounded), then
+    /// the connection closes and nothing goes on the wire until `wake`.
+    pub async fn sleep(&self) {
+        let sdk = self.sdk.clone();
+        let _ = self.rt().spawn(async move { sdk.sleep().await }).await;
+    }
+
+    /// A push arrived (or the app is in the foreground again): connect
+    /// now, in 0-RTT with a ticket, and take what waits.
+    pub fn wake(&self) {
+        self.sdk.wake();
     }
 
     /// Signs out cleanly: acks sent reach the relay, then the connection

@@ -52,6 +52,10 @@ pub struct Config {
     /// A connection attempt that has not completed its handshake and
     /// sign-in by then counts as failed (the relay is unreachable): 5 s.
     pub connect_timeout: Duration,
+    /// [`Sdk::sleep`] waits at most this long for the outbox to empty
+    /// before it closes the connection (what is left goes at the next
+    /// wake): 10 s.
+    pub sleep_drain: Duration,
     /// The microphone's sample rate for [`Sdk::pcm`] (mono; a multiple of
     /// 100 Hz: 8, 16, 24, 32, 44.1 or 48 kHz): 48 kHz.
     pub mic_rate: u32,
@@ -84,6 +88,7 @@ impl Config {
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            sleep_drain: Duration::from_secs(10),
             mic_rate: 48_000,
             max_press: Duration::from_secs(60),
             frame_ms: 20,
@@ -177,6 +182,9 @@ pub enum Status {
     SignedOut {
         why: String,
     },
+    /// [`Sdk::sleep`]: no connection and nothing on the wire until
+    /// [`Sdk::wake`] (or a press, or a clip to send).
+    Asleep,
 }
 
 /// The relay's final answer to a clip from the outbox.
@@ -258,6 +266,14 @@ struct Inner {
     wake: Notify,
     stopping: AtomicBool,
     stopped: Notify,
+    /// [`Sdk::sleep`] was called and no [`Sdk::wake`] since.
+    asleep: AtomicBool,
+    /// Sleep was asked for (the connection's loop leaves).
+    sleep_asked: Notify,
+    /// Woken (the driver connects again).
+    woken: Notify,
+    /// The connection of a sleep request has closed.
+    slept: Notify,
     endpoint: Mutex<Option<Endpoint>>,
     client: Mutex<Option<Arc<Client>>>,
     /// The press being held.
@@ -310,6 +326,10 @@ impl Sdk {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
+            asleep: AtomicBool::new(false),
+            sleep_asked: Notify::new(),
+            woken: Notify::new(),
+            slept: Notify::new(),
             endpoint: Mutex::new(None),
             client: Mutex::new(None),
             talk: Mutex::new(None),
@@ -329,6 +349,8 @@ impl Sdk {
         let id = ClipId(rand::random());
         lock(&self.inner.outbox).put(id, &target, ogg)?;
         self.inner.wake.notify_one();
+        // Asleep: a clip to send wakes the SDK.
+        wake_up(&self.inner);
         Ok(id)
     }
 
@@ -369,8 +391,10 @@ impl Sdk {
             tx,
             handoff: Some(handoff),
         });
-        // Offline: try to connect now rather than at the end of a backoff.
+        // Offline: try to connect now rather than at the end of a backoff
+        // (asleep: a press wakes the SDK).
         self.inner.wake.notify_one();
+        wake_up(&self.inner);
         Ok(id)
     }
 
@@ -460,6 +484,33 @@ impl Sdk {
             .map_err(|e| SdkError::Offline(e.to_string()))
     }
 
+    /// The app goes to the background: what is in the outbox is sent (for
+    /// at most `Config::sleep_drain`), then the connection closes, cleanly
+    /// (acks sent reach the relay), and nothing more goes on the wire (no
+    /// keep-alives, no reconnects) until [`Sdk::wake`]. Clips for this user
+    /// wait in the relay, which pushes the device (`register_push`) when
+    /// one starts. Returns once the connection is closed.
+    pub async fn sleep(&self) {
+        let slept = self.inner.slept.notified();
+        tokio::pin!(slept);
+        slept.as_mut().enable();
+        self.inner.asleep.store(true, Ordering::SeqCst);
+        self.inner.sleep_asked.notify_one();
+        let connected = lock(&self.inner.client).is_some();
+        if connected {
+            let _ =
+                tokio::time::timeout(self.inner.cfg.sleep_drain + Duration::from_secs(3), slept)
+                    .await;
+        }
+    }
+
+    /// A push arrived, or the app came to the foreground: connects at once
+    /// (in 0-RTT when it holds a ticket from the last connection), takes
+    /// the clips stored meanwhile and joins a live one still being spoken.
+    pub fn wake(&self) {
+        wake_up(&self.inner);
+    }
+
     /// A new token (after [`Status::SignedOut`], or ahead of expiry: used
     /// from the next connection).
     pub fn set_token(&self, token: &str) {
@@ -491,6 +542,7 @@ impl Sdk {
         done.as_mut().enable();
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+        self.inner.woken.notify_one();
         let client = lock(&self.inner.client).clone();
         if let Some(c) = client {
             c.shutdown().await;
@@ -508,6 +560,16 @@ async fn drive(inner: Arc<Inner>) {
     }
     .attempts();
     while !inner.stopping.load(Ordering::SeqCst) {
+        if inner.asleep.load(Ordering::SeqCst) {
+            // Nothing on the wire until `wake` (or a press, or a clip).
+            inner.slept.notify_waiters();
+            inner.listener.status(Status::Asleep);
+            while inner.asleep.load(Ordering::SeqCst) && !inner.stopping.load(Ordering::SeqCst) {
+                inner.woken.notified().await;
+            }
+            backoff.reset();
+            continue;
+        }
         inner.listener.status(Status::Connecting);
         let wait = match connect(&inner).await {
             Ok((client, events)) => {
@@ -647,7 +709,17 @@ async fn serve(
     }
     let mut wait = Duration::ZERO;
     let mut hearing = Hearing::default();
-    while let Some(ev) = events.recv().await {
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            () = wait_asleep(inner) => {
+                drain_then_leave(inner, client).await;
+                break;
+            }
+        };
         hearing.event(inner, &ev);
         match ev {
             Event::Complete(c) => keep(inner, client, &c).await,
@@ -680,6 +752,30 @@ async fn serve(
     }
     sender.abort();
     wait
+}
+
+/// Resolves once [`Sdk::sleep`] asked for sleep.
+async fn wait_asleep(inner: &Inner) {
+    while !inner.asleep.load(Ordering::SeqCst) {
+        inner.sleep_asked.notified().await;
+    }
+}
+
+/// Ends a sleep (a wake, a press, a clip to send): the driver connects.
+fn wake_up(inner: &Inner) {
+    inner.asleep.store(false, Ordering::SeqCst);
+    inner.woken.notify_one();
+}
+
+/// Going to sleep: lets the outbox empty (at most `sleep_drain`), then
+/// leaves cleanly (the control stream finished, acks applied, the relay's
+/// close awaited).
+async fn drain_then_leave(inner: &Inner, client: &Client) {
+    let deadline = tokio::time::Instant::now() + inner.cfg.sleep_drain;
+    while !lock(&inner.outbox).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.shutdown().await;
 }
 
 /// Hands a clip to the app; acks it once the app kept it and its id is on

@@ -346,3 +346,102 @@ async fn registrations_are_durable_and_checked() {
     let gone = c.unregister_push("phone").await.unwrap();
     assert_eq!((gone.code, gone.devices), (ErrorCode::NoError, 0));
 }
+
+/// What an app's listener hears from the SDK.
+enum Heard {
+    Clip(ptt_client::sdk::IncomingClip),
+    Status(ptt_client::sdk::Status),
+}
+
+struct App(tokio::sync::mpsc::UnboundedSender<Heard>);
+
+impl ptt_client::sdk::Listener for App {
+    fn clip(&self, c: ptt_client::sdk::IncomingClip) -> bool {
+        let _ = self.0.send(Heard::Clip(c));
+        true
+    }
+    fn sent(&self, _: codec::wire::ClipId, _: ptt_client::sdk::Sent) {}
+    fn status(&self, s: ptt_client::sdk::Status) {
+        let _ = self.0.send(Heard::Status(s));
+    }
+}
+
+async fn heard<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Heard>,
+    what: &str,
+    mut f: impl FnMut(Heard) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(t) = f(rx.recv().await.expect("the SDK runs")) {
+                return t;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// An app's SDK goes to sleep: its connection closes and not one datagram
+/// leaves the phone while it sleeps (counted at a UDP forwarder in front
+/// of the relay, where keep-alives of a connected SDK do show). A clip for
+/// the user pushes the device; the app wakes the SDK on the push and gets
+/// the stored clip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asleep_nothing_leaves_the_phone_and_a_push_wakes_it_for_the_clip() {
+    use ptt_client::sdk::{Config, Sdk, Status};
+    let p = pushing(PushProvider::Fcm).await;
+    let tap = Tap::start(p.t.relay.quic_addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(
+        &tap.addr.to_string(),
+        p.t.relay.files().cert.clone(),
+        dir.path().to_path_buf(),
+        &p.t.token("bob"),
+    );
+    cfg.transport.keep_alive = Duration::from_secs(1);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let bob = Sdk::start(cfg, std::sync::Arc::new(App(tx))).unwrap();
+    heard(&mut rx, "connected", |h| {
+        matches!(h, Heard::Status(Status::Connected { .. })).then_some(())
+    })
+    .await;
+    let r = bob
+        .register_push(PushProvider::Fcm, "tok-bob-phone", "")
+        .await
+        .unwrap();
+    assert_eq!(r.code, ErrorCode::NoError, "{}", r.reason);
+    // Connected and idle, the SDK keeps its connection alive.
+    tap.record();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let idle = tap.take().len();
+    assert!(idle >= 2, "{idle} datagrams while connected and idle");
+    bob.sleep().await;
+    heard(&mut rx, "asleep", |h| {
+        matches!(h, Heard::Status(Status::Asleep)).then_some(())
+    })
+    .await;
+    tap.record();
+    let (alice, _) = p.t.connect("alice").await;
+    let sent = clip("bob", 20);
+    alice.send_clip(&sent, Pacing::Upload).await.unwrap();
+    let push = p.standin.until(1, 10).await;
+    good(&push);
+    assert_eq!(push[0].token, "tok-bob-phone");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let asleep = tap.take();
+    assert!(
+        asleep.is_empty(),
+        "{} datagrams left while asleep",
+        asleep.len()
+    );
+    // The push reaches the app, which wakes the SDK.
+    bob.wake();
+    let got = heard(&mut rx, "the clip", |h| match h {
+        Heard::Clip(c) if c.id == sent.id => Some(c),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got.sender, "alice");
+    bob.stop().await;
+}
