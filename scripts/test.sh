@@ -13,6 +13,7 @@ declare -A need=(
   [promtool]=prometheus [prometheus]=prometheus
   [nats-server]=nats-server
   [chromium]=chromium [chromedriver]=chromium-driver
+  [java]=openjdk-17-jdk-headless [npm]=npm
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -21,7 +22,9 @@ done
 # build dependencies of the audio path (libopus is built with cmake;
 # webrtc-audio-processing binds Debian's library with bindgen); python3-venv
 # for the Kubernetes manifest check; python3 for the SDK's Python bindings
-for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev python3 python3-venv; do
+# libjna-java for the Kotlin bindings on a JVM (kotlinc itself comes from
+# the npm registry, fetched by scripts/kotlin.sh into target/kotlin/)
+for pkg in cmake pkg-config libclang-dev libwebrtc-audio-processing-dev python3 python3-venv libjna-java; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
