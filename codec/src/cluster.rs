@@ -26,6 +26,7 @@
 //! | 7 `Data` | `offset:u64` (packets of the clip before this run) `packets:u32` then packet records (`varint len | Opus packet`...) as validated by the origin |
 //! | 8 `Kept` | `seq:u64` (stream sequence) `origin:u64` then the recipient's user id (UTF-8) |
 //! | 9 `HistoryKept` | `seq:u64` (sequence in the history stream) |
+//! | 10 `Present` | nothing (the clip id is all zeros): a request on a user's subject, "is this user connected to you?"; a relay where it is answers (an empty reply), NATS says "no responders" when none is |
 //!
 //! Kinds 2 and 6 were `Data` and `Kept` without offset and origin; a relay
 //! drops them (and any unknown kind) as it drops a malformed message, so a
@@ -45,6 +46,7 @@ const ACK: u8 = 5;
 const DATA: u8 = 7;
 const KEPT: u8 = 8;
 const HISTORY_KEPT: u8 = 9;
+const PRESENT: u8 = 10;
 
 /// One message between relays.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +82,8 @@ pub enum Relayed {
     },
     /// The channel clip is in the channel's history at sequence `seq`.
     HistoryKept { clip: ClipId, seq: u64 },
+    /// Is the user of this subject connected to you? (A request.)
+    Present,
 }
 
 /// Why bytes are not a relay message.
@@ -105,6 +109,7 @@ impl Relayed {
             | Relayed::Ack { clip, .. }
             | Relayed::Kept { clip, .. }
             | Relayed::HistoryKept { clip, .. } => *clip,
+            Relayed::Present => ClipId([0; 16]),
         }
     }
 
@@ -127,6 +132,7 @@ impl Relayed {
             Relayed::Ack { recipient, .. } => (ACK, recipient.len()),
             Relayed::Kept { recipient, .. } => (KEPT, 16 + recipient.len()),
             Relayed::HistoryKept { .. } => (HISTORY_KEPT, 8),
+            Relayed::Present => (PRESENT, 0),
         };
         let mut b = BytesMut::with_capacity(17 + extra);
         b.put_u8(kind);
@@ -154,6 +160,7 @@ impl Relayed {
                 b.put_slice(recipient.as_bytes());
             }
             Relayed::HistoryKept { seq, .. } => b.put_u64(*seq),
+            Relayed::Present => {}
         }
         b.freeze()
     }
@@ -244,6 +251,13 @@ impl Relayed {
                 let seq = u64_at(&rest, 0)?;
                 exact(&rest, 8)?;
                 Relayed::HistoryKept { clip, seq }
+            }
+            PRESENT => {
+                exact(&rest, 0)?;
+                if clip != ClipId([0; 16]) {
+                    return Err(ClusterError::Trailing);
+                }
+                Relayed::Present
             }
             k => return Err(ClusterError::Kind(k)),
         })
@@ -386,6 +400,7 @@ mod tests {
                 clip: id(8),
                 seq: 1_000_001,
             },
+            Relayed::Present,
         ]
     }
 
@@ -420,7 +435,7 @@ mod tests {
             }
         }
         // Unknown kinds, and the older layouts of Data (2) and Kept (6).
-        for kind in [2, 6, 10] {
+        for kind in [2, 6, 11] {
             let mut bad = samples()[0].encode().to_vec();
             bad[0] = kind;
             assert_eq!(

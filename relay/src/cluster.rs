@@ -49,6 +49,7 @@ use codec::{ErrorCode, Framer, Message};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::live::{LiveClip, Next};
@@ -199,6 +200,15 @@ pub fn store_subject(user: &str) -> String {
     format!("ptt.store.{}", subject_token(user))
 }
 
+/// JetStream stream of push registrations: each user's whole entry (its
+/// devices and channels, a JSON push-book record) on `ptt.push.<hex
+/// user>`, the last one kept; every relay mirrors it into its book.
+pub const PUSH: &str = "PTT_PUSH";
+
+/// JetStream stream that makes a push to one device for one clip happen
+/// once in the cluster (its message id is the clip and device).
+pub const PUSHED: &str = "PTT_PUSHED";
+
 /// JetStream stream of channel floors: subject `ptt.floor.<hex channel>`,
 /// at most one message per subject (the holder, [`FloorHolder`]); taken by
 /// publishing with an expected last subject sequence (0: free; else the
@@ -269,6 +279,11 @@ pub struct Cluster {
     configs: Vec<stream::Config>,
     stream: stream::Stream,
     floors: stream::Stream,
+    /// Push entries of every user ([`PUSH`]).
+    push: stream::Stream,
+    /// Push entries that could not be shared (cut off): shared at the
+    /// next link.
+    push_unshared: Mutex<HashMap<String, crate::push::book::Record>>,
     history: stream::Stream,
     /// Stored direct clips in the stream, by (recipient, clip): their
     /// stream sequence (deleted when the recipient acks) and when noted.
@@ -346,6 +361,23 @@ fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
             max_messages_per_subject: 1,
             // A floor whose relay died goes after the longest clip.
             max_age: cfg.max_clip_duration + cfg.max_upload_lag + Duration::from_secs(10),
+            storage: stream::StorageType::Memory,
+            num_replicas: cfg.cluster_replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: PUSH.into(),
+            subjects: vec!["ptt.push.>".into()],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.cluster_replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: PUSHED.into(),
+            subjects: vec!["ptt.pushed.>".into()],
+            max_age: cfg.dedupe_window,
+            duplicate_window: cfg.dedupe_window,
             storage: stream::StorageType::Memory,
             num_replicas: cfg.cluster_replicas,
             ..Default::default()
@@ -457,7 +489,7 @@ impl Cluster {
                 )))?;
             opened.push(s);
         }
-        let [stream, floors, history]: [stream::Stream; 3] =
+        let [stream, floors, push, _pushed, history]: [stream::Stream; 5] =
             opened.try_into().map_err(|_| ClusterError::NotConnected)?;
         let (chores, chores_rx) = mpsc::channel(cfg.cluster_backlog_clips.max(1));
         Ok(Arc::new(Cluster {
@@ -466,6 +498,8 @@ impl Cluster {
             configs,
             stream,
             floors,
+            push,
+            push_unshared: Mutex::new(HashMap::new()),
             history,
             kept: DashMap::new(),
             id: rand::random(),
@@ -579,7 +613,7 @@ impl Cluster {
                 flag.store(true, Ordering::SeqCst);
             }
             while let Some(msg) = sub.next().await {
-                me.handle(&shared, &msg.payload);
+                me.handle(&shared, &msg.payload, msg.reply.as_ref());
             }
         });
         subs.insert(
@@ -972,6 +1006,7 @@ impl Cluster {
                     .await
                     .map_err(nats(format!("opening JetStream stream {}", c.name)))?;
             }
+            self.share_unshared().await?;
             let direct = self.backfill_direct(shared).await?;
             let channel = self.backfill_channels(shared, w.all_channels).await?;
             let caught = match w.since {
@@ -1376,7 +1411,12 @@ impl Cluster {
     /// waiting: what waits on the store or JetStream (End, Ack, Kept,
     /// HistoryKept) runs beside, so the next clip on this subject is not
     /// held behind a disk sync.
-    fn handle(self: &Arc<Self>, shared: &Arc<Shared>, payload: &Bytes) {
+    fn handle(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        payload: &Bytes,
+        reply: Option<&async_nats::Subject>,
+    ) {
         let msg = match Relayed::decode(payload) {
             Ok(m) => m,
             Err(e) => {
@@ -1455,6 +1495,14 @@ impl Cluster {
             ),
             Relayed::HistoryKept { clip, seq } => {
                 self.announced(shared, clip, Announced::History { seq }, None);
+            }
+            // Asked on a user's subject: this relay has the user (it is
+            // subscribed for a session of it), so it answers.
+            Relayed::Present => {
+                if let Some(to) = reply {
+                    let (client, to) = (self.client.clone(), to.clone());
+                    tokio::spawn(async move { client.publish(to, Bytes::new()).await });
+                }
             }
         }
     }
@@ -1764,11 +1812,12 @@ impl Cluster {
             }
             // Subscribed first: a clip kept after the reads below is
             // announced on the user's subject (`Kept`).
-            if !self
-                .subscribed(&user_subject(&session.user), Duration::from_secs(5))
-                .await
-            {
-                warn!(user = %session.user, "cluster: subscription not confirmed");
+            let subject = user_subject(&session.user);
+            tokio::select! {
+                ok = self.subscribed(&subject, Duration::from_secs(5)) => if !ok {
+                    warn!(user = %session.user, "cluster: subscription not confirmed");
+                },
+                _ = session.conn.closed() => return,
             }
             let load = async {
                 let n = self.load_kept(shared, session).await?;
@@ -1822,6 +1871,175 @@ fn catch_up_target(subject: &str) -> Option<CaughtUp> {
     }
     let t = subject.strip_prefix("ptt.hist.")?;
     codec::cluster::subject_name(t).map(CaughtUp::Channel)
+}
+
+fn push_subject(user: &str) -> String {
+    format!("ptt.push.{}", subject_token(user))
+}
+
+impl Cluster {
+    /// Shares the push entries held while cut off.
+    async fn share_unshared(&self) -> Result<(), ClusterError> {
+        let held: Vec<(String, crate::push::book::Record)> = self
+            .push_unshared
+            .lock()
+            .map(|mut h| h.drain().collect())
+            .unwrap_or_default();
+        for (i, (user, entry)) in held.iter().enumerate() {
+            if let Err(e) = self.put_push(user, entry).await {
+                if let Ok(mut h) = self.push_unshared.lock() {
+                    for (u, e) in &held[i..] {
+                        h.entry(u.clone()).or_insert_with(|| e.clone());
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_push(
+        &self,
+        user: &str,
+        entry: &crate::push::book::Record,
+    ) -> Result<(), ClusterError> {
+        let payload = serde_json::to_vec(entry).map_err(|e| ClusterError::Nats {
+            what: "encoding a push entry".into(),
+            source: Box::new(e),
+        })?;
+        let publish = async {
+            self.js
+                .publish(push_subject(user), Bytes::from(payload))
+                .await
+                .map_err(nats("sharing a push entry"))?
+                .await
+                .map_err(nats("JetStream's ack of a push entry"))
+        };
+        self.while_linked(publish)
+            .await
+            .unwrap_or(Err(ClusterError::NotConnected))
+            .map(|_| ())
+    }
+
+    /// Keeps `pusher`'s book in step with every relay's registrations: the
+    /// last entry of each user from [`PUSH`], then each change as it comes;
+    /// again from the start after every lost link.
+    pub fn mirror_push(
+        self: &Arc<Self>,
+        pusher: Arc<crate::push::Pusher>,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut link = me.link.subscribe();
+            let mut waits = codec::retry::Backoff {
+                min: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+            }
+            .attempts();
+            loop {
+                tokio::select! {
+                    r = link.wait_for(|s| s.up) => if r.is_err() { return },
+                    () = stop.cancelled() => return,
+                }
+                let read = me.while_linked(me.follow_push(&pusher, &mut waits));
+                tokio::select! {
+                    r = read => {
+                        if let Some(Err(e)) = r {
+                            debug!(error = %e, "cluster: push entries not followed; again shortly");
+                        }
+                    }
+                    () = stop.cancelled() => return,
+                }
+                tokio::time::sleep(waits.next(rand::random())).await;
+            }
+        });
+    }
+
+    async fn follow_push(
+        &self,
+        pusher: &crate::push::Pusher,
+        waits: &mut codec::retry::Attempts,
+    ) -> Result<(), ClusterError> {
+        use consumer::{DeliverPolicy, push};
+        let consumer = self
+            .push
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: "ptt.push.>".into(),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats("following push entries"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats("following push entries"))?;
+        waits.reset();
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(nats("following push entries"))?;
+            match serde_json::from_slice::<crate::push::book::Record>(&m.payload) {
+                Ok(r @ crate::push::book::Record::User { .. }) => pusher.apply_shared(r).await,
+                _ => warn!(subject = %m.subject, "cluster: unreadable push entry skipped"),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::push::PushCluster for Cluster {
+    /// Asks on the user's subject: a relay with a session of the user
+    /// answers; "no responders" (or no answer) means nowhere. Cut off, the
+    /// relay cannot tell and pushes (a woken phone finds itself connected).
+    async fn present(&self, user: &str) -> bool {
+        if !self.connected() {
+            return false;
+        }
+        let ask = self
+            .client
+            .request(user_subject(user), Relayed::Present.encode());
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), ask).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Takes the push of `device` for `clip` for this relay: the first
+    /// relay to write it to [`PUSHED`] (message id = clip and device)
+    /// pushes; a duplicate means another did. Cut off: this relay pushes.
+    async fn first_push(&self, clip: ClipId, device: &str) -> bool {
+        let h = ring::digest::digest(&ring::digest::SHA256, device.as_bytes());
+        let key: String = h.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(Bytes::new())
+            .message_id(format!("{}-{key}", clip.to_hex()));
+        let publish = async {
+            self.js
+                .send_publish(format!("ptt.pushed.{}", clip.to_hex()), msg)
+                .await
+                .map_err(nats("claiming a push"))?
+                .await
+                .map_err(nats("claiming a push"))
+        };
+        match self.while_linked(publish).await {
+            Some(Ok(ack)) => !ack.duplicate,
+            _ => true,
+        }
+    }
+
+    /// Writes the user's whole entry for every relay (held while cut off).
+    async fn share(&self, user: &str, entry: crate::push::book::Record) {
+        if self.put_push(user, &entry).await.is_err()
+            && let Ok(mut h) = self.push_unshared.lock()
+        {
+            h.insert(user.to_owned(), entry);
+        }
+    }
 }
 
 /// Waits for the link while `live` is still open; false once the clip has

@@ -223,6 +223,10 @@ impl Relay {
         );
         let shared = Arc::new(Shared::new(config, key, public_keys, store, cache));
         push.start(&shared.tracker, shared.shutdown.clone());
+        if let Some(c) = &cluster {
+            push.set_cluster(c.clone());
+            c.mirror_push(push.clone(), shared.shutdown.clone());
+        }
         let node = Arc::new(Node {
             state: shared.clone(),
             cluster,

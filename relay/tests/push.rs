@@ -31,6 +31,10 @@ struct Pushing {
 }
 
 async fn pushing(provider: PushProvider) -> Pushing {
+    pushing_with(provider, |_| {}).await
+}
+
+async fn pushing_with(provider: PushProvider, tweak: impl FnOnce(&mut relay::Config)) -> Pushing {
     let keys = tempfile::tempdir().unwrap();
     let (rules, files) = match provider {
         PushProvider::Apns => {
@@ -82,6 +86,7 @@ async fn pushing(provider: PushProvider) -> Pushing {
                 c.fcm_url = url;
             }
         }
+        tweak(c);
     })
     .await;
     Pushing {
@@ -444,4 +449,81 @@ async fn asleep_nothing_leaves_the_phone_and_a_push_wakes_it_for_the_clip() {
     .await;
     assert_eq!(got.sender, "alice");
     bob.stop().await;
+}
+
+/// In a cluster: a device registered on relay one is pushed for a clip
+/// accepted by relay two (registrations are shared); not while its user is
+/// connected to relay one (relays answer for their users); and a clip sent
+/// again through the other relay pushes it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_device_is_pushed_once_by_whichever_relay_accepts() {
+    use common::nats::{Nats, data_dir, sharing_keys};
+    let nats = Nats::start();
+    let url = nats.url.clone();
+    let one = pushing_with(PushProvider::Apns, |c| c.cluster = url.clone()).await;
+    // Relay two: the same keys and the same stand-in.
+    let dir = sharing_keys(data_dir(&one.t));
+    let (key, ca, apns_url) = {
+        let c = one.t.relay.shared().config.clone();
+        (c.apns_key, c.push_ca, c.apns_url)
+    };
+    let two = start_in(dir.path(), |c| {
+        c.cluster = url.clone();
+        c.apns_key = key;
+        c.apns_key_id = KEY_ID.into();
+        c.apns_team_id = TEAM.into();
+        c.apns_url = apns_url;
+        c.push_ca = ca;
+    })
+    .await;
+    one.registered("bob", "phone", &[]).await;
+    // Relay two has Bob's device from the cluster.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_get(two.relay.admin_addr(), "/metrics")
+        .await
+        .1
+        .contains("ptt_push_users 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "relay two never saw bob's device"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (alice, _) = two.connect("alice").await;
+    let first = clip("bob", 5);
+    alice.send_clip(&first, Pacing::Upload).await.unwrap();
+    let seen = one.standin.until(1, 10).await;
+    good(&seen);
+    assert_eq!(seen[0].body["ptt"]["clip_id"], first.id.to_hex());
+    // Bob is on relay one now: relay two's clip for him pushes nobody.
+    let (bob, mut bob_ev) = one.t.connect("bob").await;
+    let got = next_complete(&mut bob_ev).await;
+    bob.ack(got.id()).await.unwrap();
+    let second = clip("bob", 5);
+    alice.send_clip(&second, Pacing::Upload).await.unwrap();
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!(got.id(), second.id);
+    bob.ack(got.id()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(one.standin.seen().len(), 1, "pushed a connected user");
+    // Bob gone again: a clip through relay one, then the same clip
+    // through relay two (a sender's retry elsewhere): one push.
+    bob.close();
+    let router = &one.t.relay.shared().router;
+    while router.is_online("bob") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (alice_one, _) = one.t.connect("alice").await;
+    let third = clip("bob", 5);
+    alice_one.send_clip(&third, Pacing::Upload).await.unwrap();
+    one.standin.until(2, 10).await;
+    alice.send_clip(&third, Pacing::Upload).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = one.standin.seen();
+    let for_third = seen
+        .iter()
+        .filter(|s| s.body["ptt"]["clip_id"] == third.id.to_hex())
+        .count();
+    assert_eq!(for_third, 1, "{seen:?}");
 }

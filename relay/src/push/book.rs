@@ -42,6 +42,13 @@ pub enum Record {
         provider: PushProvider,
         token: String,
     },
+    /// `user`'s whole entry as another relay of the cluster has it (its
+    /// devices and channels replace these).
+    User {
+        user: String,
+        devices: Vec<Device>,
+        channels: Vec<String>,
+    },
 }
 
 /// What applying a record changed.
@@ -53,6 +60,8 @@ pub struct Applied {
     /// Devices dropped to stay within `max_push_devices_per_user` (the
     /// oldest).
     pub evicted: Vec<String>,
+    /// Users whose entry changed (a cluster shares their new entries).
+    pub users: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -84,7 +93,9 @@ impl PushBook {
         let mut out = Applied::default();
         match r {
             Record::Register { user, device } => {
-                out.changed |= self.drop_token(device.provider, &device.token, Some(user));
+                let others = self.drop_token(device.provider, &device.token, Some(user));
+                out.changed |= !others.is_empty();
+                out.users.extend(others.iter().map(|u| u.to_string()));
                 let max = self.max_devices;
                 let u = self.user(user);
                 match u
@@ -128,10 +139,47 @@ impl PushBook {
                 self.index(user);
             }
             Record::Gone { provider, token } => {
-                out.changed = self.drop_token(*provider, token, None);
+                let gone = self.drop_token(*provider, token, None);
+                out.changed = !gone.is_empty();
+                out.users = gone.iter().map(|u| u.to_string()).collect();
+                return out;
+            }
+            Record::User {
+                user,
+                devices,
+                channels,
+            } => {
+                let u = self.user(user);
+                let channels: BTreeSet<String> = channels.iter().cloned().collect();
+                if u.devices != *devices || u.channels != channels {
+                    u.devices = devices.clone();
+                    u.channels = channels;
+                    out.changed = true;
+                }
+                self.index(user);
             }
         }
+        if out.changed
+            && let Record::Register { user, .. }
+            | Record::Unregister { user, .. }
+            | Record::Channels { user, .. }
+            | Record::User { user, .. } = r
+        {
+            out.users.push(user.clone());
+        }
         out
+    }
+
+    /// `user`'s whole entry, as a record (what a cluster shares).
+    pub fn entry(&self, user: &str) -> Record {
+        let u = self.users.get(user);
+        Record::User {
+            user: user.to_owned(),
+            devices: u.map(|u| u.devices.clone()).unwrap_or_default(),
+            channels: u
+                .map(|u| u.channels.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
     }
 
     /// `user`'s devices.
@@ -185,8 +233,14 @@ impl PushBook {
     }
 
     /// Drops registrations of `token` (except `keep`'s own: a user
-    /// registering again keeps its entry, replaced by device id).
-    fn drop_token(&mut self, provider: PushProvider, token: &str, keep: Option<&str>) -> bool {
+    /// registering again keeps its entry, replaced by device id); returns
+    /// the users who lost one.
+    fn drop_token(
+        &mut self,
+        provider: PushProvider,
+        token: &str,
+        keep: Option<&str>,
+    ) -> Vec<Arc<str>> {
         let mut changed = Vec::new();
         for (name, u) in &mut self.users {
             if keep == Some(&**name) {
@@ -202,7 +256,7 @@ impl PushBook {
         for name in &changed {
             self.index(name);
         }
-        !changed.is_empty()
+        changed
     }
 
     /// Keeps `members` true to `user`'s devices and channels; forgets a
@@ -336,6 +390,36 @@ mod tests {
             token: "t3".into(),
         };
         assert!(!b.apply(&fcm).changed);
+    }
+
+    /// Another relay's whole entry for a user replaces this one's, and a
+    /// change says whom it touched.
+    #[test]
+    fn a_whole_entry_replaces_and_changes_say_whom() {
+        let mut b = PushBook::new(5);
+        let out = b.apply(&reg("alice", dev("phone", "t1", 1)));
+        assert_eq!(out.users, ["alice"]);
+        let moved = b.apply(&reg("bob", dev("phone", "t1", 2)));
+        let mut whom = moved.users.clone();
+        whom.sort();
+        assert_eq!(whom, ["alice", "bob"], "the token moved from alice");
+        let theirs = Record::User {
+            user: "carol".into(),
+            devices: vec![dev("tablet", "t9", 3)],
+            channels: vec!["ops".into()],
+        };
+        assert_eq!(b.apply(&theirs).users, ["carol"]);
+        assert_eq!(members(&b, "ops"), ["carol"]);
+        assert!(!b.apply(&theirs).changed, "the same entry again");
+        assert_eq!(b.entry("carol"), theirs);
+        let empty = Record::User {
+            user: "carol".into(),
+            devices: vec![],
+            channels: vec![],
+        };
+        b.apply(&empty);
+        assert!(members(&b, "ops").is_empty());
+        assert_eq!(b.users(), 1);
     }
 
     #[test]

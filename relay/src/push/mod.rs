@@ -24,6 +24,19 @@ use book::{Device, PushBook, Record};
 use plan::{Answer, Planner, Push};
 use provider::{Apns, Fcm, Https, PushError};
 
+/// What pushing asks of the cluster (`cluster.rs` answers): whether a
+/// user is connected to any relay, whether this relay is the first to push
+/// a device for a clip, and sharing a user's entry with every relay.
+#[async_trait::async_trait]
+pub trait PushCluster: Send + Sync {
+    /// Whether `user` has a connected session on any relay.
+    async fn present(&self, user: &str) -> bool;
+    /// Whether no relay pushed `device` for `clip` yet (this one takes it).
+    async fn first_push(&self, clip: ClipId, device: &str) -> bool;
+    /// `entry` (a [`Record::User`]) for every relay's book.
+    async fn share(&self, user: &str, entry: Record);
+}
+
 /// Counts one push outcome (`ptt_push_sent_total`).
 fn count(provider: PushProvider, outcome: &'static str) {
     metrics::counter!(crate::metrics::PUSH_SENT, "provider" => provider.name(), "outcome" => outcome)
@@ -44,6 +57,8 @@ pub struct Pusher {
     fcm: Option<Fcm>,
     ttl: Duration,
     concurrency: usize,
+    /// In a cluster: presence, dedupe across relays, shared entries.
+    cluster: std::sync::OnceLock<Arc<dyn PushCluster>>,
 }
 
 impl Pusher {
@@ -87,7 +102,20 @@ impl Pusher {
             fcm,
             ttl: cfg.push_ttl,
             concurrency: cfg.push_concurrency,
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Joins the cluster: pushes follow users across relays.
+    pub fn set_cluster(&self, c: Arc<dyn PushCluster>) {
+        let _ = self.cluster.set(c);
+    }
+
+    /// Another relay's entry for a user (the cluster's copy of its book).
+    pub async fn apply_shared(&self, entry: Record) {
+        if let Err(why) = self.record_here(vec![entry]).await {
+            warn!(%why, "push: a shared entry not kept");
+        }
     }
 
     /// Whether the relay can send pushes of `p`.
@@ -114,20 +142,44 @@ impl Pusher {
         }
     }
 
-    /// Applies records and writes them (synced) before returning.
+    /// Applies records and writes them (synced) before returning; in a
+    /// cluster, then shares each changed user's whole entry.
     async fn record(&self, records: Vec<Record>) -> Result<Vec<String>, String> {
+        let (evicted, users) = self.record_here(records).await?;
+        if let Some(c) = self.cluster.get() {
+            for u in users {
+                let entry = match self.book.lock() {
+                    Ok(b) => b.entry(&u),
+                    Err(_) => continue,
+                };
+                c.share(&u, entry).await;
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// [`Pusher::record`] on this relay only: returns the devices evicted
+    /// and the users changed.
+    async fn record_here(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
         let mut evicted = Vec::new();
         let mut changed = Vec::new();
+        let mut users = Vec::new();
         {
             let mut book = self.book.lock().map_err(|_| "push book poisoned")?;
             for r in records {
                 let a = book.apply(&r);
                 evicted.extend(a.evicted);
+                users.extend(a.users);
                 if a.changed {
                     changed.push(r);
                 }
             }
         }
+        users.sort();
+        users.dedup();
         if let Some(log) = &self.log
             && !changed.is_empty()
         {
@@ -142,7 +194,7 @@ impl Pusher {
             .await
             .map_err(|e| e.to_string())??;
         }
-        Ok(evicted)
+        Ok((evicted, users))
     }
 
     /// A device of `user` (whose token grants `channels`) registers.
@@ -268,19 +320,72 @@ impl Pusher {
     /// at most once per clip, channel pushes at most once per
     /// `push_min_interval`. Never waits: a full queue drops the push
     /// (counted).
+    /// In a cluster the relay first asks whether each candidate is
+    /// connected elsewhere, and takes each device's push for the clip from
+    /// the cluster (beside, so the clip never waits).
     pub fn clip_started(
-        &self,
+        self: &Arc<Self>,
         clip: ClipId,
         sender: &Arc<str>,
         target: &Target,
         online: impl Fn(&str) -> bool,
     ) {
-        let Ok(book) = self.book.lock() else { return };
+        if let Some(c) = self.cluster.get() {
+            let candidates: Vec<Arc<str>> = match self.book.lock() {
+                Ok(book) => match target {
+                    Target::User(u) if !book.devices(u).is_empty() && !online(u) => {
+                        vec![Arc::from(u.as_str())]
+                    }
+                    Target::User(_) => return,
+                    Target::Channel(ch) => book
+                        .members(ch)
+                        .filter(|u| ***u != **sender && !online(u))
+                        .cloned()
+                        .collect(),
+                },
+                Err(_) => return,
+            };
+            if candidates.is_empty() {
+                return;
+            }
+            let (me, c, sender, target) = (self.clone(), c.clone(), sender.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut away = Vec::new();
+                for u in candidates {
+                    if !c.present(&u).await {
+                        away.push(u);
+                    }
+                }
+                for p in me.plan(clip, &sender, &target, |u| !away.iter().any(|a| **a == *u)) {
+                    let key = format!("{}:{}", p.device.provider.name(), p.device.token);
+                    if c.first_push(clip, &key).await {
+                        me.enqueue(p);
+                    }
+                }
+            });
+            return;
+        }
+        for p in self.plan(clip, sender, target, online) {
+            self.enqueue(p);
+        }
+    }
+
+    /// The pushes a clip start asks for, `online` saying who has a session.
+    fn plan(
+        &self,
+        clip: ClipId,
+        sender: &Arc<str>,
+        target: &Target,
+        online: impl Fn(&str) -> bool,
+    ) -> Vec<Push> {
+        let Ok(book) = self.book.lock() else {
+            return Vec::new();
+        };
         let offline: Vec<(Arc<str>, &[Device])> = match target {
             Target::User(u) => {
                 let d = book.devices(u);
                 if d.is_empty() || online(u) {
-                    return;
+                    return Vec::new();
                 }
                 vec![(Arc::from(u.as_str()), d)]
             }
@@ -291,9 +396,9 @@ impl Pusher {
                 .collect(),
         };
         if offline.is_empty() {
-            return;
+            return Vec::new();
         }
-        let pushes = match self.planner.lock() {
+        match self.planner.lock() {
             Ok(mut p) => p.handle_clip_start(
                 clip,
                 sender,
@@ -301,16 +406,17 @@ impl Pusher {
                 offline.iter().map(|(u, d)| (u, *d)),
                 crate::now_ms(),
             ),
-            Err(_) => return,
-        };
-        drop(book);
-        for p in pushes {
-            let provider = p.device.provider;
-            if !self.sends(provider) {
-                count(provider, "unconfigured");
-            } else if self.jobs.try_send(p).is_err() {
-                count(provider, "dropped");
-            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Queues a push for the sending task (never waits).
+    fn enqueue(&self, p: Push) {
+        let provider = p.device.provider;
+        if !self.sends(provider) {
+            count(provider, "unconfigured");
+        } else if self.jobs.try_send(p).is_err() {
+            count(provider, "dropped");
         }
     }
 
