@@ -7,17 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use relay::{Config, Relay};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::*;
 
 fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd
@@ -59,22 +56,6 @@ fn build(dir: &Path) -> (PathBuf, String) {
     )
 }
 
-fn tool(args: &[&str]) {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .unwrap_or_else(|e| panic!("`{}` is missing ({e})", args[0]));
-    assert!(st.success(), "{args:?} failed");
-}
-
-async fn start(dir: &Path, listen: Option<SocketAddr>) -> Relay {
-    let mut cfg = Config::for_tests(dir);
-    if let Some(l) = listen {
-        cfg.listen = l;
-    }
-    Relay::start(cfg).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kotlin_app_talks_listens_registers_and_survives_a_relay_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,34 +67,9 @@ async fn a_kotlin_app_talks_listens_registers_and_survives_a_relay_restart() {
             .unwrap()
     };
     // Real speech: a 16 kHz microphone's WAV, and an Ogg Opus recording.
-    let raw = d.join("raw.wav");
-    let (wav, opus) = (d.join("mic.wav"), d.join("said.opus"));
-    tool(&[
-        "espeak-ng",
-        "-w",
-        raw.to_str().unwrap(),
-        "Unit seven to base, the north gate is clear.",
-    ]);
-    tool(&[
-        "sox",
-        "-R",
-        raw.to_str().unwrap(),
-        "-r",
-        "16000",
-        "-c",
-        "1",
-        "-b",
-        "16",
-        wav.to_str().unwrap(),
-    ]);
-    tool(&[
-        "opusenc",
-        "--quiet",
-        "--bitrate",
-        "16",
-        wav.to_str().unwrap(),
-        opus.to_str().unwrap(),
-    ]);
+    let text = "Unit seven to base, the north gate is clear.";
+    let wav = speech_wav(d, text, 16_000);
+    let opus = speech(d, text);
     let relay_dir = d.join("relay");
     let mut relay = Some(start(&relay_dir, None).await);
     let r = relay.as_ref().unwrap();

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,13 +15,10 @@ use std::time::Duration;
 
 use codec::ogg_opus::OggOpus;
 use codec::wire::{ClipId, Target};
+use common::*;
 use ptt_client::{Client, ClientOptions, OutgoingClip, Pacing};
-use relay::{Config, Relay};
+use relay::Relay;
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Builds the shared library and the Python bindings into `out`.
 fn bindings(out: &Path) -> PathBuf {
@@ -31,61 +30,6 @@ fn bindings(out: &Path) -> PathBuf {
         .expect("running scripts/sdk.sh");
     assert!(st.success(), "scripts/sdk.sh python failed");
     out.join("python")
-}
-
-/// Runs each tool with its arguments; all must succeed.
-fn run_tools(steps: &[(&str, Vec<&str>)]) {
-    for (tool, args) in steps {
-        let st = Command::new(tool).args(args).status().unwrap_or_else(|e| {
-            panic!("`{tool}` is missing ({e}): install espeak-ng, sox and opus-tools (the README's test command does)")
-        });
-        assert!(st.success(), "{tool} failed");
-    }
-}
-
-/// Real speech (espeak-ng) as a mono 16-bit WAV at `rate`: a microphone's
-/// output.
-fn speech_wav(dir: &Path, text: &str, rate: u32) -> PathBuf {
-    let raw = dir.join(format!("speech-espeak-{rate}.wav"));
-    let wav = dir.join(format!("speech-{rate}.wav"));
-    let rate = rate.to_string();
-    run_tools(&[
-        ("espeak-ng", vec!["-w", raw.to_str().unwrap(), text]),
-        (
-            "sox",
-            vec![
-                "-R",
-                raw.to_str().unwrap(),
-                "-r",
-                &rate,
-                "-c",
-                "1",
-                "-b",
-                "16",
-                wav.to_str().unwrap(),
-            ],
-        ),
-    ]);
-    wav
-}
-
-/// Real speech, encoded by opusenc (opus-tools) at voice settings.
-fn speech(dir: &Path, text: &str) -> PathBuf {
-    let wav = speech_wav(dir, text, 48_000);
-    let opus = dir.join("speech.opus");
-    run_tools(&[(
-        "opusenc",
-        vec![
-            "--quiet",
-            "--bitrate",
-            "16",
-            "--framesize",
-            "20",
-            wav.to_str().unwrap(),
-            opus.to_str().unwrap(),
-        ],
-    )]);
-    opus
 }
 
 struct App<'a> {
@@ -144,13 +88,6 @@ fn inbox(dir: &Path) -> PathBuf {
     p
 }
 
-fn token(relay: &Relay, user: &str) -> String {
-    relay
-        .token_key()
-        .mint(user, Duration::from_secs(3600))
-        .unwrap()
-}
-
 fn ids(v: &Value) -> Vec<String> {
     v["clips"]
         .as_array()
@@ -158,14 +95,6 @@ fn ids(v: &Value) -> Vec<String> {
         .iter()
         .map(|c| c["id"].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn start(dir: &Path, listen: Option<SocketAddr>) -> Relay {
-    let mut cfg = Config::for_tests(dir);
-    if let Some(l) = listen {
-        cfg.listen = l;
-    }
-    Relay::start(cfg).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

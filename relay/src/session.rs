@@ -109,6 +109,14 @@ pub async fn run(
         }
     };
     shared.router.join(&session, session.channels.keys());
+    // Clips being spoken to this user now (a phone woken by their push):
+    // joined live from their first packet.
+    for clip in shared
+        .speaking
+        .for_session(&session.user, session.channels.keys())
+    {
+        session.offer_live(clip);
+    }
     // Other relays' live clips for this user and its channels.
     let subjects = match &shared.cluster {
         Some(c) => c.join(&shared.state, &session),
@@ -552,6 +560,7 @@ async fn upload(
     });
     let live = LiveClip::new(meta.clone());
     fan_out(shared, &live, &recipients, channel.as_deref());
+    shared.speaking.begin(&live);
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
@@ -588,6 +597,7 @@ async fn upload(
         }
     };
     shared.end_upload(id, upload_no);
+    shared.speaking.end(&live);
     if let Some(c) = &channel {
         shared.router.release_floor(c, upload_no);
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {

@@ -61,6 +61,8 @@ pub struct Shared {
     pub inflight: AtomicU64,
     /// Recent clips of each channel, for members who were offline.
     pub history: DashMap<String, History>,
+    /// Clips being spoken now (joined live by sessions that start).
+    pub speaking: Speaking,
     /// The history entries each (user, channel) has been given (recent
     /// ones; bounded by the history depth).
     pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
@@ -77,6 +79,56 @@ pub struct Shared {
     pub expired: crate::expired::ExpiredBook,
     /// Where the notices are kept (disk store only).
     pub expired_file: Option<std::path::PathBuf>,
+}
+
+/// Clips being spoken now, by whom they are for: a session that starts
+/// while one is spoken (a phone woken by its push) joins it live, from its
+/// first packet, instead of waiting for it to be stored.
+#[derive(Default)]
+pub struct Speaking {
+    by_target: DashMap<String, Vec<Arc<LiveClip>>>,
+}
+
+fn speaking_key(target: &codec::wire::Target) -> String {
+    match target {
+        codec::wire::Target::User(u) => format!("u:{u}"),
+        codec::wire::Target::Channel(c) => format!("c:{c}"),
+    }
+}
+
+impl Speaking {
+    /// `clip` started.
+    pub fn begin(&self, clip: &Arc<LiveClip>) {
+        self.by_target
+            .entry(speaking_key(&clip.meta.target))
+            .or_default()
+            .push(clip.clone());
+    }
+
+    /// `clip` ended (stored or cut).
+    pub fn end(&self, clip: &LiveClip) {
+        let key = speaking_key(&clip.meta.target);
+        self.by_target.remove_if_mut(&key, |_, v| {
+            v.retain(|c| c.meta.id != clip.meta.id);
+            v.is_empty()
+        });
+    }
+
+    /// The clips being spoken to `user` or in `channels`, not by `user`.
+    pub fn for_session<'a>(
+        &self,
+        user: &str,
+        channels: impl Iterator<Item = &'a String>,
+    ) -> Vec<Arc<LiveClip>> {
+        let keys = std::iter::once(format!("u:{user}")).chain(channels.map(|c| format!("c:{c}")));
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(v) = self.by_target.get(&k) {
+                out.extend(v.iter().filter(|c| &*c.meta.sender != user).cloned());
+            }
+        }
+        out
+    }
 }
 
 /// A channel's recent clips: (sequence number, clip), oldest first. The
@@ -133,6 +185,7 @@ impl Shared {
             )),
             inflight: AtomicU64::new(0),
             history: DashMap::new(),
+            speaking: Speaking::default(),
             history_seen: DashMap::new(),
             cursors: (config.store == StoreKind::Disk)
                 .then(|| crate::cursors::path(&config.data_dir)),

@@ -346,3 +346,45 @@ async fn an_expired_copy_is_announced_after_welcome_until_acked() {
         "acked: no notice any more"
     );
 }
+
+/// §2, §3: `PushRegister` and `PushUnregister` on the control stream, as
+/// bytes written from the spec's tables, are answered with one
+/// `PushResult` each, in order; a provider number the spec does not know
+/// is malformed and closes the connection with `protocol_violation`.
+#[tokio::test]
+async fn push_registrations_are_answered_in_order_and_checked() {
+    let t = start(|_| {}).await;
+    let (_conn, (mut send, mut rd)) = ctl_conn(&t, "bob").await;
+    // PushRegister: provider 2 (fcm), device_id "d1", token "t", topic "".
+    send.write_all(&[0x08, 0x07, 0x02, 0x02, b'd', b'1', 0x01, b't', 0x00])
+        .await
+        .unwrap();
+    // PushUnregister "d1", then "zz" (never registered).
+    send.write_all(&[0x09, 0x03, 0x02, b'd', b'1'])
+        .await
+        .unwrap();
+    send.write_all(&[0x09, 0x03, 0x02, b'z', b'z'])
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        match rd.next().await.unwrap() {
+            Some(Message::PushResult(r)) => answers.push((r.device_id, r.code, r.devices)),
+            other => panic!("expected PushResult, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        answers,
+        [
+            ("d1".to_owned(), ErrorCode::NoError, 1),
+            ("d1".to_owned(), ErrorCode::NoError, 0),
+            ("zz".to_owned(), ErrorCode::NoError, 0),
+        ]
+    );
+    // Provider 3 is no provider: a malformed message.
+    let (conn, (mut send, _rd)) = ctl_conn(&t, "carol").await;
+    send.write_all(&[0x08, 0x07, 0x03, 0x02, b'd', b'1', 0x01, b't', 0x00])
+        .await
+        .unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
+}

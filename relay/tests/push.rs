@@ -527,3 +527,205 @@ async fn in_a_cluster_a_device_is_pushed_once_by_whichever_relay_accepts() {
         .count();
     assert_eq!(for_third, 1, "{seen:?}");
 }
+
+/// A phone woken by its push connects while the clip is still spoken: it
+/// joins it live, from its first packet, and the clip is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_connects_while_a_clip_is_spoken_joins_it_live() {
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    let c = clip("bob", 100); // two seconds, sent in real time
+    let sending = {
+        let (alice, c) = (alice.clone(), c.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (bob, mut ev) = t.connect("bob").await;
+    let live = next_matching(&mut ev, |e| match e {
+        ptt_client::Event::Started { delivery, .. } => Some(delivery.live),
+        _ => None,
+    })
+    .await;
+    assert!(live, "joined as a live delivery");
+    let got = next_complete(&mut ev).await;
+    assert_eq!(got.id(), c.id);
+    assert_eq!(got.packets, c.packets, "from its first packet");
+    bob.ack(got.id()).await.unwrap();
+    sending.await.unwrap().unwrap();
+    assert_no_clip(&mut ev, Duration::from_millis(500)).await;
+}
+
+/// Median and 99th percentile of `v` (ms), sorted here.
+fn p50_p99(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    (at(0.5), at(0.99))
+}
+
+/// Benchmark (docs/benchmarks.md, "Waking phones"; not a test): from a
+/// channel clip's first packet to each push request reaching the provider,
+/// with 1,000 offline members registered in the channel, three rounds.
+///
+///   cargo nextest run --release -p relay --test push --run-ignored only bench_push_delay --no-capture
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --run-ignored only, in release"]
+async fn bench_push_delay_with_1000_offline_members() {
+    use futures_util::StreamExt;
+    let p = pushing_with(PushProvider::Apns, |c| {
+        c.push_min_interval = Duration::ZERO;
+        c.max_connections = 5000;
+        c.max_handshakes_per_second = 0;
+    })
+    .await;
+    let n = 1000;
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let p = &p;
+            async move {
+                let user = format!("m{i:04}");
+                let (c, _) =
+                    p.t.try_connect_with(
+                        &p.t.token_with(&user, &[("big", Listen)]),
+                        Default::default(),
+                    )
+                    .await
+                    .unwrap();
+                let r = c
+                    .register_push(PushRegister {
+                        provider: PushProvider::Apns,
+                        device_id: "phone".into(),
+                        token: format!("tok-{user}"),
+                        topic: TOPIC.into(),
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(r.code, ErrorCode::NoError);
+                c.close();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let router = &p.t.relay.shared().router;
+    while router.online() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (alice, _) = p.t.member("alice", &[("big", Talk)]).await;
+    for round in 0..3 {
+        let mut c = clip("x", 5);
+        c.target = Target::Channel("big".into());
+        let before = p.standin.seen().len();
+        let t0 = Instant::now();
+        alice.send_clip(&c, Pacing::Upload).await.unwrap();
+        let seen = p.standin.until(before + n, 60).await;
+        let mut ms: Vec<f64> = seen[before..]
+            .iter()
+            .map(|s| s.at.duration_since(t0).as_secs_f64() * 1000.0)
+            .collect();
+        let (p50, p99) = p50_p99(&mut ms);
+        println!(
+            "round {round}: {n} pushes, first packet to push request: p50 {p50:.1} ms, p99 {p99:.1} ms, last {:.1} ms",
+            ms[ms.len() - 1]
+        );
+    }
+}
+
+/// Benchmark (docs/benchmarks.md, "Waking phones"; not a test): from
+/// `wake()` to the first audio of a clip being spoken to the user, over a
+/// path of 50 ms each way: an SDK that was connected before (it holds a
+/// ticket: 0-RTT) against a new SDK process (no ticket: a full
+/// handshake). Five rounds, alternating.
+///
+///   cargo nextest run --release -p relay --test push --run-ignored only bench_wake --no-capture
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --run-ignored only, in release"]
+async fn bench_wake_to_first_audio() {
+    use ptt_client::sdk::{Config, Sdk, Status};
+    struct Ear(tokio::sync::mpsc::UnboundedSender<(Instant, bool)>);
+    impl ptt_client::sdk::Listener for Ear {
+        fn clip(&self, _: ptt_client::sdk::IncomingClip) -> bool {
+            true
+        }
+        fn sent(&self, _: codec::wire::ClipId, _: ptt_client::sdk::Sent) {}
+        fn status(&self, s: Status) {
+            if matches!(s, Status::Connected { .. }) {
+                let _ = self.0.send((Instant::now(), false));
+            }
+        }
+        fn talk(&self, e: ptt_client::sdk::TalkEvent) {
+            if matches!(e, ptt_client::sdk::TalkEvent::Audio { .. }) {
+                let _ = self.0.send((Instant::now(), true));
+            }
+        }
+    }
+    let t = start(|_| {}).await;
+    let (alice, _) = t.connect("alice").await;
+    // Each SDK behind a forwarder of its own (one forwarder follows one
+    // client address).
+    // A user of its own per run: nothing stored from an earlier run comes
+    // first.
+    let sdk = |dir: &std::path::Path, tap: &Tap, user: &str| {
+        let cfg = Config::new(
+            &tap.addr.to_string(),
+            t.relay.files().cert.clone(),
+            dir.to_path_buf(),
+            &t.token(user),
+        );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Sdk::start(cfg, std::sync::Arc::new(Ear(tx))).unwrap(), rx)
+    };
+
+    let speak = |to: String| {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let c = clip(&to, 150);
+            alice.send_clip(&c, Pacing::Live).await.unwrap();
+        })
+    };
+    async fn first_audio(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, bool)>,
+    ) -> Instant {
+        loop {
+            let (at, audio) = rx.recv().await.unwrap();
+            if audio {
+                return at;
+            }
+        }
+    }
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    let router = &t.relay.shared().router;
+    for round in 0..5 {
+        // 0-RTT: connected once (a ticket), asleep, woken.
+        let (warm_user, cold_user) = (format!("warm{round}"), format!("cold{round}"));
+        let dir = tempfile::tempdir().unwrap();
+        let tap = Tap::delayed(t.relay.quic_addr(), Duration::from_millis(50)).await;
+        let (bob, mut rx) = sdk(dir.path(), &tap, &warm_user);
+        rx.recv().await.unwrap(); // connected
+        bob.sleep().await;
+        while router.is_online(&warm_user) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let talking = speak(warm_user.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        bob.wake();
+        warm.push(first_audio(&mut rx).await.duration_since(t0).as_secs_f64() * 1000.0);
+        bob.stop().await;
+        talking.await.unwrap();
+        // A new app process: no ticket, a full handshake.
+        let talking = speak(cold_user.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let tap = Tap::delayed(t.relay.quic_addr(), Duration::from_millis(50)).await;
+        let t0 = Instant::now();
+        let (bob, mut rx) = sdk(dir.path(), &tap, &cold_user);
+        cold.push(first_audio(&mut rx).await.duration_since(t0).as_secs_f64() * 1000.0);
+        bob.stop().await;
+        talking.await.unwrap();
+    }
+    println!("wake to first audio, 50 ms one-way: 0-RTT (ticket held) {warm:.1?} ms");
+    println!("wake to first audio, 50 ms one-way: full handshake (new process) {cold:.1?} ms");
+    let (w, _) = p50_p99(&mut warm);
+    let (c, _) = p50_p99(&mut cold);
+    println!("medians: 0-RTT {w:.1} ms, full handshake {c:.1} ms");
+}

@@ -333,11 +333,25 @@ impl Tap {
         Tap::losing(relay, |_| false).await
     }
 
+    /// A forwarder that holds every datagram `delay` in each direction
+    /// (a path with 2 x `delay` of round trip).
+    pub async fn delayed(relay: std::net::SocketAddr, delay: Duration) -> Tap {
+        Tap::with(relay, |_| false, delay).await
+    }
+
     /// Loses the client's datagrams whose number (1 is the first) `lose`
     /// picks.
     pub async fn losing(
         relay: std::net::SocketAddr,
         lose: impl Fn(usize) -> bool + Send + 'static,
+    ) -> Tap {
+        Tap::with(relay, lose, Duration::ZERO).await
+    }
+
+    async fn with(
+        relay: std::net::SocketAddr,
+        lose: impl Fn(usize) -> bool + Send + 'static,
+        delay: Duration,
     ) -> Tap {
         use tokio::net::UdpSocket;
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -352,6 +366,30 @@ impl Tap {
             recording.clone(),
             client.clone(),
         );
+        // Delayed datagrams leave in the order they came (one queue and
+        // one sender per direction: a timer per datagram would reorder
+        // those that came within a millisecond).
+        let (to_relay, mut relay_q) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let (to_client, mut client_q) = tokio::sync::mpsc::unbounded_channel::<(
+            tokio::time::Instant,
+            Vec<u8>,
+            std::net::SocketAddr,
+        )>();
+        let b2 = back.clone();
+        tokio::spawn(async move {
+            while let Some((at, d)) = relay_q.recv().await {
+                tokio::time::sleep_until(at).await;
+                let _ = b2.send(&d).await;
+            }
+        });
+        let f2 = front.clone();
+        tokio::spawn(async move {
+            while let Some((at, d, to)) = client_q.recv().await {
+                tokio::time::sleep_until(at).await;
+                let _ = f2.send_to(&d, to).await;
+            }
+        });
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             let mut count = 0;
@@ -364,7 +402,11 @@ impl Tap {
                 if let Some(r) = rec.lock().unwrap().as_mut() {
                     r.push(buf[..n].to_vec());
                 }
-                let _ = b.send(&buf[..n]).await;
+                if delay.is_zero() {
+                    let _ = b.send(&buf[..n]).await;
+                } else {
+                    let _ = to_relay.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                }
             }
         });
         tokio::spawn(async move {
@@ -372,7 +414,15 @@ impl Tap {
             while let Ok(n) = back.recv(&mut buf).await {
                 let to = *client.lock().unwrap();
                 if let Some(to) = to {
-                    let _ = front.send_to(&buf[..n], to).await;
+                    if delay.is_zero() {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    } else {
+                        let _ = to_client.send((
+                            tokio::time::Instant::now() + delay,
+                            buf[..n].to_vec(),
+                            to,
+                        ));
+                    }
                 }
             }
         });

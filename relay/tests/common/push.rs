@@ -51,6 +51,8 @@ pub struct Seen {
     pub body: Value,
     /// Every rule the request broke (empty: a good request).
     pub broken: Vec<String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Seen {
@@ -272,6 +274,7 @@ async fn handle(
     let next = {
         let mut s = st.lock().unwrap();
         s.seen.push(Seen {
+            at: std::time::Instant::now(),
             token: token.clone(),
             headers: headers.clone(),
             body: json_body,
