@@ -11,7 +11,7 @@ pub mod log;
 pub mod plan;
 pub mod provider;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use codec::ErrorCode;
@@ -45,7 +45,8 @@ fn count(provider: PushProvider, outcome: &'static str) {
 
 /// The relay's push side.
 pub struct Pusher {
-    book: Mutex<PushBook>,
+    /// Read at every clip's first packet, written at registrations.
+    book: RwLock<PushBook>,
     /// The book on disk (with the disk store; memory-only relays forget
     /// registrations at restart, as they forget clips).
     log: Option<Arc<Mutex<log::PushLog>>>,
@@ -92,7 +93,7 @@ impl Pusher {
         }
         let (jobs, queue) = mpsc::channel(cfg.push_queue);
         Ok(Pusher {
-            book: Mutex::new(book),
+            book: RwLock::new(book),
             log,
             planner: Mutex::new(Planner::new(cfg.push_min_interval, cfg.dedupe_window)),
             jobs,
@@ -128,7 +129,7 @@ impl Pusher {
 
     /// Users with at least one device.
     pub fn users(&self) -> usize {
-        self.book.lock().map_or(0, |b| b.users())
+        self.book.read().map_or(0, |b| b.users())
     }
 
     /// Starts the sending task (once).
@@ -148,7 +149,7 @@ impl Pusher {
         let (evicted, users) = self.record_here(records).await?;
         if let Some(c) = self.cluster.get() {
             for u in users {
-                let entry = match self.book.lock() {
+                let entry = match self.book.read() {
                     Ok(b) => b.entry(&u),
                     Err(_) => continue,
                 };
@@ -168,7 +169,7 @@ impl Pusher {
         let mut changed = Vec::new();
         let mut users = Vec::new();
         {
-            let mut book = self.book.lock().map_err(|_| "push book poisoned")?;
+            let mut book = self.book.write().map_err(|_| "push book poisoned")?;
             for r in records {
                 let a = book.apply(&r);
                 evicted.extend(a.evicted);
@@ -291,14 +292,14 @@ impl Pusher {
     }
 
     fn devices(&self, user: &str) -> u64 {
-        self.book.lock().map_or(0, |b| b.devices(user).len() as u64)
+        self.book.read().map_or(0, |b| b.devices(user).len() as u64)
     }
 
     /// A session of `user` started with these channel grants: a user with
     /// devices is a member of them from now on (grants change with tokens).
     pub async fn session_started(&self, user: &str, channels: impl Iterator<Item = &String>) {
         let channels: Vec<String> = channels.cloned().collect();
-        let same = self.book.lock().is_ok_and(|b| {
+        let same = self.book.read().is_ok_and(|b| {
             b.devices(user).is_empty()
                 || b.channels(user)
                     .is_some_and(|c| c.iter().eq(channels.iter()))
@@ -331,7 +332,7 @@ impl Pusher {
         online: impl Fn(&str) -> bool,
     ) {
         if let Some(c) = self.cluster.get() {
-            let candidates: Vec<Arc<str>> = match self.book.lock() {
+            let candidates: Vec<Arc<str>> = match self.book.read() {
                 Ok(book) => match target {
                     Target::User(u) if !book.devices(u).is_empty() && !online(u) => {
                         vec![Arc::from(u.as_str())]
@@ -378,7 +379,7 @@ impl Pusher {
         target: &Target,
         online: impl Fn(&str) -> bool,
     ) -> Vec<Push> {
-        let Ok(book) = self.book.lock() else {
+        let Ok(book) = self.book.read() else {
             return Vec::new();
         };
         let offline: Vec<(Arc<str>, &[Device])> = match target {
