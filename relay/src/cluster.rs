@@ -1106,7 +1106,7 @@ impl Cluster {
         let ids: HashSet<ClipId> = theirs.iter().map(|(_, _, c)| c.meta.id).collect();
         let full = theirs.len() >= cfg.channel_history_depth.max(1);
         let oldest = theirs.iter().map(|(_, _, c)| c.meta.created_ms).min();
-        let too_old = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
+        let too_old = cfg.history_cutoff_ms(crate::now_ms());
         let mut n = 0;
         for clip in local {
             let at = clip.meta.created_ms;

@@ -376,6 +376,12 @@ impl Config {
     }
 
     /// Checks every setting's range; the first one out of it is the error.
+    /// Channel history holds no clip created before this (Unix ms), at
+    /// `now_ms`: the one age rule of `channel_history_age`.
+    pub fn history_cutoff_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.channel_history_age.as_millis() as u64)
+    }
+
     pub fn validate(&self) -> Result<(), crate::error::StartError> {
         let ensure = |ok: bool, why: &str| {
             if ok {

@@ -14,8 +14,9 @@ use codec::token::{PublicKeys, TokenKey};
 use tracing::{info, warn};
 
 use crate::config::{Config, StoreKind};
+use crate::credit::auth_window;
 use crate::session::{self, Node};
-use crate::state::{Shared, Unauthenticated, auth_window};
+use crate::state::{Shared, Unauthenticated};
 use crate::store::{ClipStore, ClusterCache, MemoryStore};
 use crate::tls::{self, DataFiles};
 
@@ -619,18 +620,18 @@ async fn renew_web_certs(
 /// Drops history entries older than `channel_history_age` (quiet channels
 /// are not trimmed by new clips).
 async fn trim_history(shared: &Shared, now: u64) {
-    let oldest = now.saturating_sub(shared.config.channel_history_age.as_millis() as u64);
+    let (depth, cutoff) = (
+        shared.config.channel_history_depth,
+        shared.config.history_cutoff_ms(now),
+    );
     let mut gone = Vec::new();
     for mut h in shared.history.iter_mut() {
-        while h
-            .clips
-            .front()
-            .is_some_and(|(_, c)| c.meta.created_ms < oldest)
-        {
-            if let Some((_, c)) = h.clips.pop_front() {
-                gone.push((h.key().clone(), c.meta.id));
-            }
-        }
+        let channel = h.key().clone();
+        gone.extend(
+            h.trim(depth, cutoff)
+                .into_iter()
+                .map(|id| (channel.clone(), id)),
+        );
     }
     for (c, id) in gone {
         let _ = shared.store.drop_history(&c, &id).await;

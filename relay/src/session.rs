@@ -20,7 +20,7 @@ use crate::live::{LiveClip, Next};
 use crate::metrics;
 use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
-use crate::webtransport::Link;
+use crate::webtransport::{Gone, Link};
 
 /// This relay as a connection sees it: the state every connection shares
 /// and, in a cluster, the link to the other relays.
@@ -98,7 +98,7 @@ pub async fn run(
             metrics::count(metrics::CONNECTIONS_ACCEPTED, "transport", link.transport());
             x
         }
-        Err((code, reason)) => {
+        Err(Refusal { code, reason, .. }) => {
             if code != ErrorCode::NoError {
                 metrics::count(metrics::AUTH_FAILURES, "reason", code.name());
                 metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "auth");
@@ -139,8 +139,8 @@ pub async fn run(
     let cancel = shared.shutdown.child_token();
     tokio::select! {
         r = control_loop(&shared, &session, ctl) => {
-            if let Err((code, reason)) = r {
-                session.link.close(&conn, code, &reason);
+            if let Err(r) = r {
+                session.link.close(&conn, r.code, &r.reason);
             }
         }
         () = accept_uploads(&shared, &session) => {}
@@ -181,7 +181,7 @@ async fn web_session(shared: &Node, conn: &Connection, handshake: &mut Handshake
     }
 }
 
-type Refusal = (ErrorCode, String);
+use crate::refusal::Refusal;
 
 /// A session registered, its live queue, the control stream's reader, and
 /// the `Welcome` to send once it has joined its channels.
@@ -254,7 +254,7 @@ impl Handshake {
 }
 
 fn late(cfg: &crate::Config) -> Refusal {
-    (
+    Refusal::new(
         ErrorCode::Unauthenticated,
         format!("no Auth within {:?}", cfg.auth_timeout),
     )
@@ -269,19 +269,21 @@ async fn check_auth(
     let msg = timeout_at(deadline, rd.next())
         .await
         .map_err(|_| late(&shared.config))?
-        .map_err(|e| (e.code(), e.to_string()))?;
+        .map_err(Refusal::from)?;
     let token = match msg {
         Some(Message::Auth(a)) => a.token,
         _ => {
-            return Err((
+            return Err(Refusal::new(
                 ErrorCode::Unauthenticated,
-                "the first message must be Auth".into(),
+                "the first message must be Auth",
             ));
         }
     };
     shared.verify_token(&token).map_err(|e| match e {
-        codec::token::TokenError::Expired => (ErrorCode::TokenExpired, e.to_string()),
-        codec::token::TokenError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
+        codec::token::TokenError::Expired => Refusal::new(ErrorCode::TokenExpired, e.to_string()),
+        codec::token::TokenError::Invalid(_) => {
+            Refusal::new(ErrorCode::TokenInvalid, e.to_string())
+        }
     })
 }
 
@@ -296,11 +298,11 @@ async fn authenticate(
     let (send, mut recv) = timeout_at(deadline, conn.accept_bi())
         .await
         .map_err(|_| late(cfg))?
-        .map_err(|e| (ErrorCode::NoError, e.to_string()))?;
+        .map_err(|e| Refusal::new(ErrorCode::NoError, e.to_string()))?;
     timeout_at(deadline, link.enter(&mut recv))
         .await
         .map_err(|_| late(cfg))?
-        .map_err(|e| (ErrorCode::ProtocolViolation, e.to_string()))?;
+        .map_err(|e| Refusal::new(ErrorCode::ProtocolViolation, e.to_string()))?;
     let mut rd = MessageReader::new(recv, cfg.max_message_bytes);
     let claims = match check_auth(shared, &mut rd, deadline).await {
         Ok(c) => c,
@@ -314,7 +316,7 @@ async fn authenticate(
             return Err(refusal);
         }
     };
-    crate::state::open_credit(cfg, conn, link.extra_bidi());
+    crate::credit::open_credit(cfg, conn, link.extra_bidi());
     let id = shared.next_session_id();
     let welcome = Message::Welcome(Welcome {
         user: claims.sub.clone(),
@@ -399,7 +401,7 @@ async fn control_loop(
             }
             Ok(Some(Message::Unknown(_))) => {}
             Ok(Some(other)) => {
-                return Err((
+                return Err(Refusal::new(
                     ErrorCode::ProtocolViolation,
                     format!(
                         "message type 0x{:x} not allowed on the control stream",
@@ -407,9 +409,9 @@ async fn control_loop(
                     ),
                 ));
             }
-            Ok(None) => return Err((ErrorCode::NoError, "control stream finished".into())),
+            Ok(None) => return Err(Refusal::new(ErrorCode::NoError, "control stream finished")),
             Err(StreamError::Read(_)) => return Ok(()),
-            Err(e) => return Err((e.code(), e.to_string())),
+            Err(e) => return Err(Refusal::from(e)),
         }
     }
 }
@@ -447,41 +449,6 @@ async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
             }
             upload(&shared, &session, send, recv).await;
         });
-    }
-}
-
-/// A refused upload: the code and the reason sent in `Rejected`.
-struct Refused {
-    code: ErrorCode,
-    reason: String,
-    retry_after_ms: u64,
-}
-
-impl Refused {
-    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-            retry_after_ms: 0,
-        }
-    }
-
-    fn conflict() -> Self {
-        Self::new(
-            ErrorCode::ClipIdConflict,
-            "clip id in use by another sender",
-        )
-    }
-
-    fn retry_after(mut self, wait: std::time::Duration) -> Self {
-        self.retry_after_ms = (wait.as_millis() as u64).max(1);
-        self
-    }
-}
-
-impl From<StreamError> for Refused {
-    fn from(e: StreamError) -> Self {
-        Refused::new(e.code(), e.to_string())
     }
 }
 
@@ -535,7 +502,7 @@ async fn upload(
         Err(r) => return refuse(&session.link, &mut send, &mut rd, id, r).await,
     };
     let Some((upload_no, stop)) = shared.begin_upload(id, &session.user) else {
-        return refuse(&session.link, &mut send, &mut rd, id, Refused::conflict()).await;
+        return refuse(&session.link, &mut send, &mut rd, id, Refusal::conflict()).await;
     };
     let channel = match &header.target {
         Target::Channel(c) => Some(c.clone()),
@@ -564,7 +531,7 @@ async fn upload(
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, &mut rd, &live, &mut held) => r,
-        (code, reason) = stop.stopped() => Err(Refused::new(code, reason)),
+        (code, reason) = stop.stopped() => Err(Refusal::new(code, reason)),
     };
     shared
         .inflight
@@ -576,7 +543,7 @@ async fn upload(
     let ended = std::time::Instant::now();
     let result = result.and_then(|end| match live.body() {
         Ok(body) => Ok((body, end)),
-        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+        Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
     });
     let outcome = match result {
         Ok((body, end)) => {
@@ -622,7 +589,7 @@ async fn take_floors(
     id: ClipId,
     upload_no: u64,
     stop: &Stop,
-) -> Result<Option<u64>, Refused> {
+) -> Result<Option<u64>, Refusal> {
     let mut cluster_floor = None;
     if let Some(cl) = &shared.cluster {
         let me = cluster::FloorHolder {
@@ -635,7 +602,7 @@ async fn take_floors(
             Ok(cluster::FloorAnswer::Granted(rev)) => cluster_floor = Some(rev),
             Ok(cluster::FloorAnswer::Busy(holder)) => {
                 metrics::count1(metrics::FLOOR_BUSY);
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::FloorBusy,
                     format!("busy: {holder} holds the floor of {c}"),
                 ));
@@ -696,7 +663,7 @@ async fn store_clip(
     clip: Arc<StoredClip>,
     recipients: &[Arc<str>],
     channel: Option<&str>,
-) -> Result<bool, Refused> {
+) -> Result<bool, Refusal> {
     let appended = if shared.cluster.is_none() {
         let end_now = || live.complete(clip.clone());
         shared
@@ -709,12 +676,12 @@ async fn store_clip(
     let stored = match appended {
         Ok(Appended::New) => Ok(false),
         Ok(Appended::Duplicate) => Ok(true),
-        Ok(Appended::Conflict) => Err(Refused::conflict()),
-        Err(StoreError::Full { limit }) => Err(Refused::new(
+        Ok(Appended::Conflict) => Err(Refusal::conflict()),
+        Err(StoreError::Full { limit }) => Err(Refusal::new(
             ErrorCode::StorageFull,
             format!("relay store full ({limit} bytes)"),
         )),
-        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+        Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
     };
     // A direct clip is also kept in the cluster before it counts as
     // accepted: any relay can deliver it, and it outlives this one. A
@@ -748,7 +715,7 @@ async fn store_clip(
 }
 
 /// Counts and sends an upload's one answer.
-async fn answer(send: &mut SendStream, id: ClipId, outcome: Result<bool, Refused>, channel: bool) {
+async fn answer(send: &mut SendStream, id: ClipId, outcome: Result<bool, Refusal>, channel: bool) {
     match outcome {
         Ok(duplicate) => {
             let hot = metrics::hot();
@@ -774,11 +741,11 @@ async fn answer(send: &mut SendStream, id: ClipId, outcome: Result<bool, Refused
     }
 }
 
-fn rejected(clip_id: ClipId, r: Refused) -> Message {
+fn rejected(clip_id: ClipId, r: Refusal) -> Message {
     Message::Rejected(Rejected {
         clip_id,
         code: r.code,
-        retry_after_ms: r.retry_after_ms,
+        retry_after_ms: r.retry_after_ms(),
         reason: r.reason,
     })
 }
@@ -789,7 +756,7 @@ async fn refuse(
     send: &mut SendStream,
     rd: &mut MessageReader,
     id: ClipId,
-    r: Refused,
+    r: Refusal,
 ) {
     metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
     let _ = rd.stream().stop(link.code(r.code));
@@ -797,11 +764,11 @@ async fn refuse(
 }
 
 /// The user's clip budget and the relay's in-flight memory budget.
-fn budget(shared: &Node, session: &Session) -> Result<(), Refused> {
+fn budget(shared: &Node, session: &Session) -> Result<(), Refusal> {
     let cfg = &shared.config;
     let inflight = shared.inflight.load(std::sync::atomic::Ordering::Relaxed);
     if inflight >= cfg.max_inflight_bytes {
-        return Err(Refused::new(
+        return Err(Refusal::new(
             ErrorCode::ServerBusy,
             format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
         )
@@ -822,7 +789,7 @@ fn budget(shared: &Node, session: &Session) -> Result<(), Refused> {
             )
         });
     b.admit(now).map_err(|wait| {
-        Refused::new(
+        Refusal::new(
             ErrorCode::RateLimited,
             format!(
                 "over {} clips or {} bytes per minute",
@@ -837,8 +804,7 @@ fn budget(shared: &Node, session: &Session) -> Result<(), Refused> {
 /// (within the history's depth and age), once, merged with the clips
 /// already waiting for it in the order the relay accepted them.
 async fn replay_history(shared: &Node, session: &Arc<Session>) {
-    let oldest =
-        crate::now_ms().saturating_sub(shared.config.channel_history_age.as_millis() as u64);
+    let oldest = shared.config.history_cutoff_ms(crate::now_ms());
     let mut missed: Vec<(u64, &String, Arc<StoredClip>)> = Vec::new();
     for c in session.channels.keys() {
         if let Some(h) = shared.history.get(c) {
@@ -883,7 +849,7 @@ fn take_floor(
     c: &str,
     upload: u64,
     stop: &Stop,
-) -> Result<(), Refused> {
+) -> Result<(), Refusal> {
     use crate::router::{FloorClaim, FloorDecision};
     let claim = FloorClaim {
         user: session.user.clone(),
@@ -904,7 +870,7 @@ fn take_floor(
         }
         FloorDecision::Busy { holder } => {
             metrics::count1(metrics::FLOOR_BUSY);
-            return Err(Refused::new(
+            return Err(Refusal::new(
                 ErrorCode::FloorBusy,
                 format!("busy: {holder} holds the floor of {c}"),
             ));
@@ -920,11 +886,11 @@ enum Admit {
 }
 
 /// Checks the header: target, and whether this id was seen.
-async fn admit(shared: &Node, session: &Session, h: &ClipHeader) -> Result<Admit, Refused> {
+async fn admit(shared: &Node, session: &Session, h: &ClipHeader) -> Result<Admit, Refusal> {
     if let Target::Channel(c) = &h.target
         && session.channels.get(c).is_none_or(|r| *r < Right::Talk)
     {
-        return Err(Refused::new(
+        return Err(Refusal::new(
             ErrorCode::NotAllowed,
             format!("no talk right in channel {c}"),
         ));
@@ -934,10 +900,10 @@ async fn admit(shared: &Node, session: &Session, h: &ClipHeader) -> Result<Admit
     match shared.store.sender_of(&h.clip_id).await {
         Ok(Some(s)) => match Appended::for_known(&s, &session.user) {
             Appended::Duplicate => Ok(Admit::Duplicate),
-            _ => Err(Refused::conflict()),
+            _ => Err(Refusal::conflict()),
         },
         Ok(None) => Ok(Admit::New(recipients)),
-        Err(e) => Err(Refused::new(ErrorCode::Internal, e.to_string())),
+        Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
     }
 }
 
@@ -945,14 +911,14 @@ async fn admit(shared: &Node, session: &Session, h: &ClipHeader) -> Result<Admit
 /// of unknown types before it (as everywhere in ptt/1). Anything else, a
 /// header that breaks its rules, a stream that ends first or nothing for
 /// `upload_idle_timeout` is refused.
-async fn read_clip_header(shared: &Node, rd: &mut MessageReader) -> Result<ClipHeader, Refused> {
+async fn read_clip_header(shared: &Node, rd: &mut MessageReader) -> Result<ClipHeader, Refusal> {
     let idle = shared.config.upload_idle_timeout;
     loop {
         match timeout(idle, rd.next()).await {
             Ok(Ok(Some(Message::ClipHeader(h)))) => return Ok(h),
             Ok(Ok(Some(Message::Unknown(_)))) => {}
             Ok(Ok(Some(other))) => {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::ProtocolViolation,
                     format!(
                         "an upload starts with ClipHeader, not message type 0x{:x}",
@@ -961,14 +927,14 @@ async fn read_clip_header(shared: &Node, rd: &mut MessageReader) -> Result<ClipH
                 ));
             }
             Ok(Ok(None)) => {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::ProtocolViolation,
                     "upload stream finished before its ClipHeader",
                 ));
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::UploadIdleTimeout,
                     format!("no ClipHeader within {idle:?}"),
                 ));
@@ -984,7 +950,7 @@ async fn receive_packets(
     rd: &mut MessageReader,
     live: &LiveClip,
     held: &mut u64,
-) -> Result<ClipEnd, Refused> {
+) -> Result<ClipEnd, Refusal> {
     let cfg = &shared.config;
     let mut framer = Framer::for_clip(cfg.frame_limits(), live.meta.format.pre_skip);
     let mut end = None;
@@ -998,7 +964,7 @@ async fn receive_packets(
     };
     loop {
         if Instant::now() >= behind(&framer) {
-            return Err(Refused::new(
+            return Err(Refusal::new(
                 ErrorCode::UploadIdleTimeout,
                 format!(
                     "upload more than {:?} behind real time ({} ms of audio in {:?})",
@@ -1012,7 +978,7 @@ async fn receive_packets(
         let before = framer.packets();
         let scan = framer
             .scan(buf)
-            .map_err(|e| Refused::new(e.code(), e.to_string()))?;
+            .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
         if scan.records > 0 {
             let n = scan.records as u64;
             let packets = framer.packets() - before;
@@ -1024,14 +990,14 @@ async fn receive_packets(
                 + n;
             *held += n;
             if inflight > cfg.max_inflight_bytes {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::ServerBusy,
                     format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
                 )
                 .retry_after(std::time::Duration::from_millis(500)));
             }
             live.push(buf.split_to(scan.records).freeze(), packets)
-                .map_err(|e| Refused::new(ErrorCode::Internal, e.to_string()))?;
+                .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
             if before == 0 {
                 // The clip's first packet: wake its recipients who have no
                 // connected session (never waits).
@@ -1051,7 +1017,7 @@ async fn receive_packets(
             // Behind real time: refused at the top of the loop.
             Err(_) if Instant::now() >= behind => {}
             Err(_) => {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::UploadIdleTimeout,
                     format!("no data for {:?}", cfg.upload_idle_timeout),
                 ));
@@ -1060,18 +1026,18 @@ async fn receive_packets(
             Ok(Ok(false)) => {
                 return match end {
                     Some(e) if rd.buffer().is_empty() => Ok(e),
-                    Some(_) => Err(Refused::new(
+                    Some(_) => Err(Refusal::new(
                         ErrorCode::ProtocolViolation,
                         "bytes after the clip end",
                     )),
-                    None => Err(Refused::new(
+                    None => Err(Refusal::new(
                         ErrorCode::ProtocolViolation,
                         "stream finished before the clip end",
                     )),
                 };
             }
             Ok(Err(e)) => {
-                return Err(Refused::new(
+                return Err(Refusal::new(
                     ErrorCode::CutOff,
                     format!("upload aborted: {e}"),
                 ));
@@ -1152,14 +1118,14 @@ async fn start_live(
     shared: &Arc<Node>,
     session: &Arc<Session>,
     live: Arc<LiveClip>,
-) -> Result<(), ()> {
+) -> Result<(), Gone> {
     let id = live.meta.id;
     if !session.begin_live(id) {
         return Ok(());
     }
     let send = match session.link.open_uni(&session.conn).await {
         Ok(s) => s,
-        Err(_) => return Err(()),
+        Err(_) => return Err(Gone),
     };
     metrics::hot().deliveries_live.increment(1);
     let session = session.clone();
@@ -1258,7 +1224,7 @@ async fn start_stored(
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     order: &mut StoredOrder,
-) -> Result<(), ()> {
+) -> Result<(), Gone> {
     let fault = shared.faults.pick();
     if fault == Fault::Duplicate {
         start_stored_copy(shared, session, clip.clone(), Fault::None, None).await?;
@@ -1274,10 +1240,10 @@ async fn start_stored_copy(
     clip: Arc<StoredClip>,
     fault: Fault,
     order: Option<&mut StoredOrder>,
-) -> Result<(), ()> {
+) -> Result<(), Gone> {
     let mut send = match session.link.open_uni(&session.conn).await {
         Ok(s) => s,
-        Err(_) => return Err(()),
+        Err(_) => return Err(Gone),
     };
     let mut turn = match order {
         Some(o) => {

@@ -138,6 +138,27 @@ pub struct History {
     pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
 }
 
+impl History {
+    /// The one rule of what a channel's history keeps: at most `depth`
+    /// entries, none created before `cutoff_ms`
+    /// ([`Config::history_cutoff_ms`]). Drops the rest, oldest first, and
+    /// returns their ids (for the store to release).
+    pub fn trim(&mut self, depth: usize, cutoff_ms: u64) -> Vec<ClipId> {
+        let mut gone = Vec::new();
+        while self.clips.len() > depth
+            || self
+                .clips
+                .front()
+                .is_some_and(|(_, c)| c.meta.created_ms < cutoff_ms)
+        {
+            if let Some((_, old)) = self.clips.pop_front() {
+                gone.push(old.meta.id);
+            }
+        }
+        gone
+    }
+}
+
 /// The relay's router: sessions are `Arc<Session>`, a floor holder is
 /// stopped through its upload's `Stop`.
 pub type Router = crate::router::Router<Arc<Session>, Stop>;
@@ -286,20 +307,14 @@ impl Shared {
     }
 }
 
-/// Connection-level receive window before `Auth`: the largest message and
-/// its type and length varints, and `early_upload_bytes` for one upload.
-pub fn auth_window(cfg: &Config) -> quinn::VarInt {
-    quinn::VarInt::from_u64(cfg.max_message_bytes as u64 + 16 + cfg.early_upload_bytes)
-        .unwrap_or(quinn::VarInt::MAX)
-}
-
-/// Gives an authenticated connection its full credit: the control stream
-/// plus `max_clip_streams` uploads, and quinn's usual connection window.
-/// `extra_bidi`: streams the transport keeps open besides ptt/1's (a
-/// WebTransport session's CONNECT stream).
-pub fn open_credit(cfg: &Config, conn: &quinn::Connection, extra_bidi: u32) {
-    conn.set_max_concurrent_bi_streams((cfg.max_clip_streams + 1 + extra_bidi).into());
-    conn.set_receive_window(quinn::VarInt::MAX);
+/// Why a message did not go out on a session's control stream: the
+/// session is ending either way (log it at debug and go on).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the control stream was given up (GoAway)")]
+    GivenUp,
+    #[error("writing on the control stream: {0}")]
+    Write(#[from] quinn::WriteError),
 }
 
 /// Counts a connection as not yet authenticated while it lives.
@@ -451,13 +466,11 @@ impl Session {
     }
 
     /// Sends a message on the control stream (`Welcome`, `Usage`).
-    pub async fn send_control(&self, msg: &Message) -> Result<(), String> {
+    pub async fn send_control(&self, msg: &Message) -> Result<(), ControlError> {
         let mut control = self.control.lock().await;
         match control.as_mut() {
-            Some(send) => quic::write_message(send, msg)
-                .await
-                .map_err(|e| e.to_string()),
-            None => Err("the control stream was given up (GoAway)".into()),
+            Some(send) => Ok(quic::write_message(send, msg).await?),
+            None => Err(ControlError::GivenUp),
         }
     }
 
@@ -545,18 +558,10 @@ pub(crate) async fn record_history(
         // In sequence order (entries of one channel rarely race).
         let at = h.clips.partition_point(|(s, _)| *s < seq);
         h.clips.insert(at, (seq, clip.clone()));
-        let oldest = crate::now_ms().saturating_sub(cfg.channel_history_age.as_millis() as u64);
-        let mut gone = Vec::new();
-        while h.clips.len() > cfg.channel_history_depth
-            || h.clips
-                .front()
-                .is_some_and(|(_, c)| c.meta.created_ms < oldest)
-        {
-            if let Some((_, old)) = h.clips.pop_front() {
-                gone.push(old.meta.id);
-            }
-        }
-        gone
+        h.trim(
+            cfg.channel_history_depth,
+            cfg.history_cutoff_ms(crate::now_ms()),
+        )
     };
     for id in gone {
         let _ = shared.store.drop_history(c, &id).await;
@@ -641,6 +646,42 @@ mod tests {
     use super::*;
 
     const X: ClipId = ClipId([1; 16]);
+
+    fn entry(n: u8, created_ms: u64) -> (u64, Arc<StoredClip>) {
+        let meta = Arc::new(crate::store::ClipMeta {
+            id: ClipId([n; 16]),
+            sender: "a".into(),
+            target: codec::wire::Target::Channel("ops".into()),
+            format: codec::wire::AudioFormat::default(),
+            created_ms,
+        });
+        let end = codec::ClipEnd {
+            packet_count: 1,
+            final_granule: 960,
+        };
+        let clip = StoredClip::new(meta, bytes::Bytes::from_static(&[2, 0xf8, 1]), end);
+        (u64::from(n), Arc::new(clip))
+    }
+
+    /// A channel's history keeps at most `depth` entries, none older than
+    /// the cutoff, and says which it dropped, oldest first.
+    #[test]
+    fn history_keeps_its_depth_and_age() {
+        let mut h = History::default();
+        for n in 1..=5u8 {
+            h.clips.push_back(entry(n, u64::from(n) * 1000));
+        }
+        assert_eq!(h.trim(3, 0), [ClipId([1; 16]), ClipId([2; 16])]);
+        assert_eq!(h.trim(3, 4000), [ClipId([3; 16])], "older than the cutoff");
+        assert!(h.trim(3, 4000).is_empty(), "nothing more to drop");
+        assert_eq!(h.clips.len(), 2);
+        let cfg = Config {
+            channel_history_age: std::time::Duration::from_secs(60),
+            ..Config::default()
+        };
+        assert_eq!(cfg.history_cutoff_ms(100_000), 40_000);
+        assert_eq!(cfg.history_cutoff_ms(10), 0);
+    }
 
     /// The pump read stored clip X (its live delivery is open), then X's
     /// ack released the copy and finished the live delivery, then the pump

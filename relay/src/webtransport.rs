@@ -46,6 +46,12 @@ pub enum Link {
 #[error("not a WebTransport stream of this session")]
 pub struct BadHeader;
 
+/// The connection is gone (a stream could not be opened or written): the
+/// session is ending; nothing more to do for this delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the connection is gone")]
+pub struct Gone;
+
 impl Link {
     /// For metrics: `quic` or `webtransport`.
     pub fn transport(&self) -> &'static str {
@@ -80,13 +86,14 @@ impl Link {
         }
     }
 
-    /// Opens a unidirectional stream to the client, header written.
-    pub async fn open_uni(&self, conn: &Connection) -> Result<SendStream, ()> {
-        let mut send = conn.open_uni().await.map_err(|_| ())?;
+    /// Opens a unidirectional stream to the client, header written; `Err`
+    /// when the connection is gone.
+    pub async fn open_uni(&self, conn: &Connection) -> Result<SendStream, Gone> {
+        let mut send = conn.open_uni().await.map_err(|_| Gone)?;
         if let Link::Web(_) = self {
             send.write_chunk(Bytes::from_static(&UNI_HEADER))
                 .await
-                .map_err(|_| ())?;
+                .map_err(|_| Gone)?;
         }
         Ok(send)
     }
@@ -163,7 +170,7 @@ pub async fn accept(
     conn.set_max_concurrent_uni_streams(H3_UNI_STREAMS.into());
     // CONNECT, then ptt/1's control stream and early upload.
     conn.set_max_concurrent_bi_streams((2 + early).into());
-    let window = crate::state::auth_window(cfg).into_inner() + H3_HANDSHAKE_BYTES;
+    let window = crate::credit::auth_window(cfg).into_inner() + H3_HANDSHAKE_BYTES;
     conn.set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
     let request = timeout_at(deadline, web_transport_quinn::Request::accept(conn.clone()))
         .await

@@ -1,0 +1,72 @@
+//! Why the relay says no, one type everywhere: to an upload (`Rejected`,
+//! with STOP_SENDING while the client may still write) and to a
+//! connection (CONNECTION_CLOSE). docs/protocol.md §6 lists what a client
+//! does with each code.
+
+use std::time::Duration;
+
+use codec::ErrorCode;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    /// Said to the client (`Rejected.reason`, the close reason).
+    pub reason: String,
+    /// When the client may try again (`Rejected.retry_after_ms`).
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Another sender used this clip id.
+    pub fn conflict() -> Self {
+        Self::new(
+            ErrorCode::ClipIdConflict,
+            "clip id in use by another sender",
+        )
+    }
+
+    /// Try again after `wait` (at least 1 ms on the wire).
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// `retry_after` as `Rejected` carries it (0: no hint).
+    pub fn retry_after_ms(&self) -> u64 {
+        self.retry_after.map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+impl From<quic::StreamError> for Refusal {
+    fn from(e: quic::StreamError) -> Self {
+        Refusal::new(e.code(), e.to_string())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.name(), self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_is_at_least_a_millisecond_and_absent_is_zero() {
+        let r = Refusal::new(ErrorCode::RateLimited, "slow down");
+        assert_eq!(r.retry_after_ms(), 0);
+        assert_eq!(r.clone().retry_after(Duration::ZERO).retry_after_ms(), 1);
+        assert_eq!(r.retry_after(Duration::from_secs(2)).retry_after_ms(), 2000);
+        assert_eq!(Refusal::conflict().code, ErrorCode::ClipIdConflict);
+    }
+}
