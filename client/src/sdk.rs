@@ -496,6 +496,9 @@ impl Sdk {
         slept.as_mut().enable();
         self.inner.asleep.store(true, Ordering::SeqCst);
         self.inner.sleep_asked.notify_one();
+        // Offline, the driver waits out a backoff: it sleeps now instead of
+        // trying once more.
+        self.inner.wake.notify_one();
         let connected = lock(&self.inner.client).is_some();
         if connected {
             let _ =

@@ -18,6 +18,7 @@ use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
+use crate::refusal::Refusal;
 use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
 use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
 use crate::webtransport::{Gone, Link};
@@ -180,8 +181,6 @@ async fn web_session(shared: &Node, conn: &Connection, handshake: &mut Handshake
         }
     }
 }
-
-use crate::refusal::Refusal;
 
 /// A session registered, its live queue, the control stream's reader, and
 /// the `Welcome` to send once it has joined its channels.

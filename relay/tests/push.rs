@@ -729,3 +729,47 @@ async fn bench_wake_to_first_audio() {
     let (c, _) = p50_p99(&mut cold);
     println!("medians: 0-RTT {w:.1} ms, full handshake {c:.1} ms");
 }
+
+/// An SDK that cannot reach its relay retries with backoff; told to sleep,
+/// it stops at once: not one more datagram (counted at a forwarder in
+/// front of the relay's address, with nothing behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asleep_an_offline_sdk_stops_trying() {
+    use ptt_client::sdk::{Config, Sdk, Status};
+    let t = start(|_| {}).await;
+    let (cert, token) = (t.relay.files().cert.clone(), t.token("bob"));
+    let nowhere = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tap = Tap::start(nowhere).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(
+        &tap.addr.to_string(),
+        cert,
+        dir.path().to_path_buf(),
+        &token,
+    );
+    cfg.reconnect_min = Duration::from_millis(100);
+    cfg.reconnect_max = Duration::from_millis(400);
+    cfg.connect_timeout = Duration::from_millis(300);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tap.record();
+    let bob = Sdk::start(cfg, std::sync::Arc::new(App(tx))).unwrap();
+    heard(&mut rx, "a failed attempt", |h| {
+        matches!(h, Heard::Status(Status::Offline { .. })).then_some(())
+    })
+    .await;
+    assert!(!tap.take().is_empty(), "it tried");
+    bob.sleep().await;
+    heard(&mut rx, "asleep", |h| {
+        matches!(h, Heard::Status(Status::Asleep)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tap.record();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = tap.take();
+    assert!(sent.is_empty(), "{} datagrams while asleep", sent.len());
+    bob.stop().await;
+}
