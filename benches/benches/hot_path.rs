@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use codec::{ClipEnd, FrameLimits, Framer};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use relay::store::{ClipMeta, ClipStore, MemoryStore, StoredClip};
+use relay::testing::{ClipMeta, ClipStore, MemoryStore, StoredClip};
 
 fn header() -> Message {
     Message::ClipHeader(ClipHeader {
@@ -146,7 +146,7 @@ fn store(c: &mut Criterion) {
 /// shared `LiveClip`, then every recipient's reader takes it (no copy: each
 /// gets the same `Bytes`). Time per packet for all N.
 fn routing(c: &mut Criterion) {
-    use relay::live::{LiveClip, Next};
+    use relay::testing::{LiveClip, Next};
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

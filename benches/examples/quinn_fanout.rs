@@ -105,11 +105,11 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let per_stream = a.mode == Mode::Streams;
     let dir = tempfile::tempdir()?;
-    let (files, _) = relay::tls::ensure_data_dir(dir.path(), None)?;
+    let (files, _) = relay::testing::ensure_data_dir(dir.path(), None)?;
     let mut server =
-        quinn::ServerConfig::with_crypto(Arc::new(relay::tls::server_crypto(&files, None, 0)?));
+        quinn::ServerConfig::with_crypto(Arc::new(relay::testing::server_crypto(&files, None, 0)?));
     // The relay's own transport settings (ACK frequency, no MTU probes).
-    let t = relay::server::transport(&relay::Config::default())?;
+    let t = relay::testing::transport(&relay::Config::default())?;
     server.transport_config(Arc::new(t));
     let cert = files.cert.clone();
 

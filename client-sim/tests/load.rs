@@ -262,7 +262,7 @@ async fn generators_with_their_own_first_user_share_a_relay_without_collisions()
     assert_clean(&a);
     assert_clean(&b);
     let usage = &relay.shared().usage;
-    let today = relay::usage::today();
+    let today = relay::testing::today();
     for (user, seen) in [
         ("load-000000", true),
         ("load-000019", true),

@@ -79,7 +79,7 @@ async fn a_kotlin_app_talks_listens_registers_and_survives_a_relay_restart() {
     let expired = key
         .mint_claims(&codec::token::Claims {
             sub: "carol".into(),
-            exp: relay::now_ms() / 1000 - 3600,
+            exp: relay::testing::now_ms() / 1000 - 3600,
             iat: None,
             channels: Default::default(),
         })

@@ -30,7 +30,7 @@ impl Listener for Statuses {
 #[tokio::test]
 async fn an_unanswered_connection_attempt_ends_at_connect_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let (files, _) = relay::tls::ensure_data_dir(&dir.path().join("relay"), None).unwrap();
+    let (files, _) = relay::testing::ensure_data_dir(&dir.path().join("relay"), None).unwrap();
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut cfg = Config::new(
         &silent.local_addr().unwrap().to_string(),

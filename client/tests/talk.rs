@@ -339,7 +339,7 @@ async fn a_press_made_while_reconnecting_goes_live_when_the_relay_is_back() {
         .local_addr()
         .unwrap();
     let relay_dir = dir.path().join("relay");
-    let (files, _) = relay::tls::ensure_data_dir(&relay_dir, None).unwrap();
+    let (files, _) = relay::testing::ensure_data_dir(&relay_dir, None).unwrap();
     let secret = codec::token::TokenKey::from_file(&files.secret, Duration::ZERO).unwrap();
     let mut cfg = Config::new(
         &addr.to_string(),

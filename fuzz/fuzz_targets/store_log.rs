@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay::segment_log::{SEGMENT_MAGIC, parse};
+use relay::testing::{SEGMENT_MAGIC, parse_segment as parse};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(p) = parse(data, SEGMENT_MAGIC, Some(1)) {

@@ -325,7 +325,7 @@ pub fn relay_subject(id: u64) -> String {
     format!("ptt.r.{id:016x}")
 }
 
-pub use crate::error::{BoxError, ClusterError};
+pub use crate::error::ClusterError;
 
 /// Maps a NATS error to [`ClusterError::Nats`] saying what was being done.
 fn nats<E: std::error::Error + Send + Sync + 'static>(

@@ -206,7 +206,10 @@ async fn late_joiners_get_what_they_missed_in_order_once() {
 /// merged with the clips waiting for it, not queued behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_member_gets_direct_clips_and_history_in_acceptance_order() {
-    for store in [relay::StoreKind::Memory, relay::StoreKind::Disk] {
+    for store in [
+        relay::config::StoreKind::Memory,
+        relay::config::StoreKind::Disk,
+    ] {
         let t = start(|c| c.store = store).await;
         let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
         let (bob, _) = t.member("bob", &[("ops", Talk)]).await;

@@ -12,9 +12,9 @@ use codec::wire::Target;
 use common::nats::*;
 use common::*;
 use ptt_client::Pacing;
-use relay::cluster::{channel_subject, user_subject};
+use relay::testing::{channel_subject, user_subject};
 
-fn cluster(t: &TestRelay) -> &relay::cluster::Cluster {
+fn cluster(t: &TestRelay) -> &relay::testing::Cluster {
     t.relay.cluster().unwrap()
 }
 

@@ -18,9 +18,9 @@ use bytes::Bytes;
 use codec::ClipEnd;
 use codec::wire::{AudioFormat, ClipId, Target};
 use rand::{Rng, SeedableRng};
-use relay::disk_store::{DiskStore, LogOptions};
-use relay::segment_log::{LogDir, LogFile};
-use relay::store::{Appended, ClipMeta, ClipStore, StoredClip};
+use relay::testing::{Appended, ClipMeta, ClipStore, StoredClip};
+use relay::testing::{DiskStore, LogOptions};
+use relay::testing::{LogDir, LogFile};
 
 /// One simulated file.
 #[derive(Debug, Default, Clone)]
@@ -220,7 +220,7 @@ fn clip(n: u32, rng: &mut impl Rng) -> Arc<StoredClip> {
             sender: "alice".into(),
             target: Target::User("bob".into()),
             format: AudioFormat::default(),
-            created_ms: relay::now_ms(),
+            created_ms: relay::testing::now_ms(),
         }),
         Bytes::from(body),
         ClipEnd {

@@ -19,7 +19,7 @@ use codec::ErrorCode;
 use codec::wire::Target;
 use common::*;
 use ptt_client::{ClientError, ClientOptions, Pacing};
-use relay::metrics::CATALOGUE;
+use relay::testing::CATALOGUE;
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

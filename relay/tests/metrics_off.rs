@@ -20,5 +20,5 @@ async fn metrics_off_means_404_and_nothing_else_changes() {
     let admin = t.relay.admin_addr();
     assert_eq!(http_get(admin, "/metrics").await.0, 404);
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
-    assert!(relay::metrics::handle().is_none());
+    assert!(relay::testing::metrics_handle().is_none());
 }

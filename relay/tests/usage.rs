@@ -69,7 +69,7 @@ async fn a_known_clip_is_counted_for_its_sender_and_its_recipient_each_their_own
     let admin = t.relay.admin_addr();
     let (code, body) = http_get(admin, "/usage?user=alice").await;
     assert_eq!(code, 200, "{body}");
-    let u: relay::admin::UserUsage = serde_json::from_str(&body).unwrap();
+    let u: relay::testing::UserUsage = serde_json::from_str(&body).unwrap();
     assert_eq!(u.user, "alice");
     assert_eq!(u.days.len(), 1);
     assert_eq!(u.days[0].date, u.today);
@@ -98,6 +98,6 @@ async fn a_known_clip_is_counted_for_its_sender_and_its_recipient_each_their_own
     t.relay.shutdown().await;
     let t = start_in(dir.path(), |_| {}).await;
     let (_, body) = http_get(t.relay.admin_addr(), "/usage?user=bob").await;
-    let u: relay::admin::UserUsage = serde_json::from_str(&body).unwrap();
+    let u: relay::testing::UserUsage = serde_json::from_str(&body).unwrap();
     assert!(u.bytes_down >= b_down1, "{body}");
 }

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use codec::wire::{AudioFormat, ClipHeader, ClipId, Message, Target};
 use codec::{ClipEnd, ErrorCode};
 use common::*;
-use relay::web::PageConfig;
+use relay::testing::PageConfig;
 
 /// What the page reads from `/config.json`.
 async fn page_config(t: &TestRelay) -> PageConfig {
@@ -399,7 +399,7 @@ fn verifying_client(
 ) -> web_transport_quinn::Client {
     let mut store = rustls::RootCertStore::empty();
     store.add(root).unwrap();
-    let mut crypto = rustls::ClientConfig::builder_with_provider(relay::tls::crypto_provider())
+    let mut crypto = rustls::ClientConfig::builder_with_provider(relay::testing::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(store)

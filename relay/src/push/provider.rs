@@ -151,9 +151,6 @@ pub struct Apns {
 /// hour and refuses new ones more often than every 20 minutes.
 const APNS_JWT_REFRESH: Duration = Duration::from_secs(40 * 60);
 
-/// Longest APNs payload (bytes) for this push type.
-pub const APNS_MAX_PAYLOAD: usize = 4096;
-
 impl Apns {
     /// From the settings; `None` when APNs is not configured.
     pub fn from_config(cfg: &crate::Config) -> Result<Option<Apns>, PushError> {
@@ -458,6 +455,9 @@ mod tests {
     use super::*;
     use crate::push::book::Device;
     use codec::wire::{ClipId, PushProvider};
+
+    /// Longest APNs payload (bytes) for this push type.
+    const APNS_MAX_PAYLOAD: usize = 4096;
 
     fn push(target: Target) -> Push {
         Push {
