@@ -5,6 +5,7 @@
 
 mod admin;
 mod cluster;
+mod conn;
 mod credit;
 mod cursors;
 mod disk_store;
@@ -12,15 +13,11 @@ mod error;
 mod expired;
 mod faults;
 mod json_file;
-mod limits;
 mod live;
 mod metrics;
 mod push;
-mod refusal;
-mod router;
 mod segment_log;
 mod server;
-mod session;
 mod signal;
 mod state;
 mod store;

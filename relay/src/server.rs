@@ -14,8 +14,8 @@ use codec::token::{PublicKeys, TokenKey};
 use tracing::{info, warn};
 
 use crate::config::{Config, StoreKind};
+use crate::conn::{self, Node};
 use crate::credit::auth_window;
-use crate::session::{self, Node};
 use crate::state::{Shared, Unauthenticated};
 use crate::store::{ClipStore, ClusterCache, MemoryStore};
 use crate::tls::{self, DataFiles};
@@ -111,7 +111,7 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     // `early_upload_bytes` is 0) for one upload stream of that many bytes,
     // so a 0-RTT reconnect can carry a press's first audio: an
     // unauthenticated connection cannot make the relay buffer more.
-    // `session::authenticate` then raises both (`open_credit`).
+    // `conn::authenticate` then raises both (`open_credit`).
     let early = u32::from(cfg.early_upload_bytes > 0);
     t.max_concurrent_bidi_streams((1 + early).into());
     t.receive_window(auth_window(cfg));
@@ -588,7 +588,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
                     );
                 }
             } else {
-                session::run(shared2.clone(), incoming, unauthenticated).await;
+                conn::run(shared2.clone(), incoming, unauthenticated).await;
             }
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
         });

@@ -22,13 +22,8 @@ use std::time::Duration;
 use crate::config::{Config, StoreKind};
 use crate::live::LiveClip;
 use crate::store::{ClipStore, ClusterCache, StoredClip};
-
-/// An upload in progress, so a retry of the same clip id can take over.
-pub struct Upload {
-    pub sender: Arc<str>,
-    pub number: u64,
-    pub stop: Stop,
-}
+use relay_core::refusal::Refusal;
+use relay_core::upload::Begin;
 
 /// State every connection task shares.
 pub struct Shared {
@@ -41,7 +36,7 @@ pub struct Shared {
     pub cache: Arc<dyn ClusterCache>,
     /// Sessions by user, channel members and floors (`router.rs`).
     pub router: Router,
-    uploads: DashMap<ClipId, Upload>,
+    uploads: relay_core::upload::Uploads<Stop>,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
     /// Connections handshaking or waiting for `Auth`.
@@ -54,9 +49,9 @@ pub struct Shared {
     /// Test-only delivery faults (feature `fault-injection`).
     pub faults: crate::faults::Faults,
     /// Per-user clip budgets (`max_clips_per_minute`, bytes per minute).
-    pub budgets: DashMap<Arc<str>, crate::limits::UserBudget>,
+    pub budgets: DashMap<Arc<str>, relay_core::limits::UserBudget>,
     /// New handshakes per second.
-    handshakes: std::sync::Mutex<crate::limits::Bucket>,
+    handshakes: std::sync::Mutex<relay_core::limits::Bucket>,
     /// Bytes of clips being uploaded now.
     pub inflight: AtomicU64,
     /// Recent clips of each channel, for members who were offline.
@@ -161,9 +156,9 @@ impl History {
 
 /// The relay's router: sessions are `Arc<Session>`, a floor holder is
 /// stopped through its upload's `Stop`.
-pub type Router = crate::router::Router<Arc<Session>, Stop>;
+pub type Router = relay_core::router::Router<Arc<Session>, Stop>;
 
-impl crate::router::Member for Arc<Session> {
+impl relay_core::router::Member for Session {
     fn session_id(&self) -> u64 {
         self.id
     }
@@ -189,7 +184,7 @@ impl Shared {
             store,
             cache,
             router: Router::default(),
-            uploads: DashMap::new(),
+            uploads: Default::default(),
             next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             unauthenticated: AtomicUsize::new(0),
@@ -199,7 +194,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             faults: crate::faults::Faults::default(),
             budgets: DashMap::new(),
-            handshakes: std::sync::Mutex::new(crate::limits::Bucket::new(
+            handshakes: std::sync::Mutex::new(relay_core::limits::Bucket::new(
                 f64::from(config.max_handshakes_per_second.max(1)),
                 Duration::from_secs(1),
                 std::time::Instant::now(),
@@ -271,39 +266,25 @@ impl Shared {
     /// it is stopped and this one takes over. `None` if another sender
     /// holds the id.
     pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, Stop)> {
-        let entry = Upload {
-            sender: sender.clone(),
-            number: self.next_session_id(),
-            stop: Stop::default(),
-        };
-        let mine = (entry.number, entry.stop.clone());
-        match self.uploads.entry(id) {
-            dashmap::Entry::Occupied(mut e) => {
-                if e.get().sender != *sender {
-                    return None;
-                }
-                e.get()
-                    .stop
-                    .stop(ErrorCode::CutOff, "superseded by a retry of the same clip");
-                e.insert(entry);
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(entry);
-            }
+        let (number, stop) = (self.next_session_id(), Stop::default());
+        match self.uploads.begin(id, sender, number, stop.clone()) {
+            Begin::Started => {}
+            Begin::TookOver(old) => old.refuse(Refusal::superseded()),
+            Begin::Conflict => return None,
         }
-        Some(mine)
+        Some((number, stop))
     }
 
     /// Stops the running upload of `id`, if any (a priority talker on
     /// another relay took its floor).
     pub fn stop_upload(&self, id: &ClipId, code: ErrorCode, reason: &str) {
-        if let Some(u) = self.uploads.get(id) {
-            u.stop.stop(code, reason);
+        if let Some(stop) = self.uploads.stop_of(id) {
+            stop.stop(code, reason);
         }
     }
 
     pub fn end_upload(&self, id: ClipId, number: u64) {
-        self.uploads.remove_if(&id, |_, u| u.number == number);
+        self.uploads.end(id, number);
     }
 }
 
@@ -629,6 +610,11 @@ impl Stop {
     pub fn stop(&self, code: ErrorCode, reason: impl Into<String>) {
         let _ = self.why.set((code, reason.into()));
         self.token.cancel();
+    }
+
+    /// Stops the upload with `r`'s code and reason.
+    pub fn refuse(&self, r: Refusal) {
+        self.stop(r.code, r.reason);
     }
 
     /// Resolves once stopped, with the code and reason to refuse with.

@@ -33,6 +33,12 @@ impl Refusal {
         )
     }
 
+    /// An upload taken over by a retry of the same clip by its sender
+    /// (listeners hear it cut off; the retry goes on).
+    pub fn superseded() -> Self {
+        Self::new(ErrorCode::CutOff, "superseded by a retry of the same clip")
+    }
+
     /// Try again after `wait` (at least 1 ms on the wire).
     pub fn retry_after(mut self, wait: Duration) -> Self {
         self.retry_after = Some(wait.max(Duration::from_millis(1)));
@@ -45,15 +51,20 @@ impl Refusal {
     }
 }
 
-impl From<quic::StreamError> for Refusal {
-    fn from(e: quic::StreamError) -> Self {
-        Refusal::new(e.code(), e.to_string())
-    }
-}
-
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code.name(), self.reason)
+    }
+}
+
+/// What listeners of a clip hear when its upload ends without it: a
+/// pre-emption as such (a higher priority took the floor), anything else
+/// as a cut.
+pub fn heard_as(upload_ended_by: ErrorCode) -> ErrorCode {
+    if upload_ended_by == ErrorCode::Preempted {
+        ErrorCode::Preempted
+    } else {
+        ErrorCode::CutOff
     }
 }
 
@@ -68,5 +79,20 @@ mod tests {
         assert_eq!(r.clone().retry_after(Duration::ZERO).retry_after_ms(), 1);
         assert_eq!(r.retry_after(Duration::from_secs(2)).retry_after_ms(), 2000);
         assert_eq!(Refusal::conflict().code, ErrorCode::ClipIdConflict);
+    }
+
+    /// Listeners hear a pre-emption as one; every other end of an upload
+    /// (taken over, too slow, the sender gone, a bad packet) as a cut.
+    #[test]
+    fn listeners_hear_a_preemption_as_such_and_the_rest_as_a_cut() {
+        assert_eq!(heard_as(ErrorCode::Preempted), ErrorCode::Preempted);
+        for code in [
+            ErrorCode::ClipIdConflict,
+            ErrorCode::UploadIdleTimeout,
+            ErrorCode::ProtocolViolation,
+            ErrorCode::NoError,
+        ] {
+            assert_eq!(heard_as(code), ErrorCode::CutOff, "{code:?}");
+        }
     }
 }

@@ -11,12 +11,23 @@ use std::sync::Arc;
 use codec::wire::Target;
 use dashmap::DashMap;
 
-/// What the router needs of a session handle.
-pub trait Member: Clone {
+/// What the router needs of a session (its handle, `M`, is a `Member`
+/// that is `Clone`, such as an `Arc` of one).
+pub trait Member {
     /// Unique per connection (a user's newer connection has a new id).
     fn session_id(&self) -> u64;
     /// The authenticated user id.
     fn user(&self) -> &Arc<str>;
+}
+
+impl<S: Member + ?Sized> Member for Arc<S> {
+    fn session_id(&self) -> u64 {
+        (**self).session_id()
+    }
+
+    fn user(&self) -> &Arc<str> {
+        (**self).user()
+    }
 }
 
 /// A talker asking for a channel's floor.
@@ -65,7 +76,7 @@ pub struct Router<M, T> {
     floors: DashMap<String, Floor<T>>,
 }
 
-impl<M: Member, T: Clone> Default for Router<M, T> {
+impl<M: Member + Clone, T: Clone> Default for Router<M, T> {
     fn default() -> Self {
         Self {
             sessions: DashMap::new(),
@@ -75,7 +86,7 @@ impl<M: Member, T: Clone> Default for Router<M, T> {
     }
 }
 
-impl<M: Member, T: Clone> Router<M, T> {
+impl<M: Member + Clone, T: Clone> Router<M, T> {
     /// `m` is its user's session from now on. Returns the session it
     /// replaced (an older connection of the same user), which the caller
     /// closes with `session_replaced`.
