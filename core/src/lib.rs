@@ -9,6 +9,7 @@
 //! no clock of its own (a unit test in `relay/src/house.rs` reads the lock
 //! file to keep it so).
 
+pub mod admission;
 pub mod limits;
 pub mod refusal;
 pub mod router;

@@ -33,6 +33,27 @@ impl Refusal {
         )
     }
 
+    /// A channel's floor is held by `holder`.
+    pub fn floor_busy(holder: &str, channel: &str) -> Self {
+        Self::new(
+            ErrorCode::FloorBusy,
+            format!("busy: {holder} holds the floor of {channel}"),
+        )
+    }
+
+    /// The floor's holder, pre-empted by `by` (who has priority).
+    pub fn preempted(by: &str, channel: &str) -> Self {
+        Self::new(
+            ErrorCode::Preempted,
+            format!("{by} (priority) took the floor of {channel}"),
+        )
+    }
+
+    /// The floor's holder, superseded by the same user's newer clip.
+    pub fn superseded_by_newer() -> Self {
+        Self::new(ErrorCode::CutOff, "superseded by a newer clip")
+    }
+
     /// An upload taken over by a retry of the same clip by its sender
     /// (listeners hear it cut off; the retry goes on).
     pub fn superseded() -> Self {

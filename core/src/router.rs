@@ -34,11 +34,39 @@ impl<S: Member + ?Sized> Member for Arc<S> {
 pub struct FloorClaim<T> {
     pub user: Arc<str>,
     /// The upload's number (unique per upload).
-    pub upload: u64,
+    pub upload_no: u64,
     /// The talker has `priority` in the channel.
     pub priority: bool,
     /// What stops this upload if another claim displaces it.
     pub stop: T,
+}
+
+/// The floor rule, in one place for this relay's router and the
+/// cluster's floor: what a claim by `user` (with `priority` or not) does
+/// against the floor's holder (its user and priority), if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorRule {
+    /// No holder: the claim takes the floor.
+    Free,
+    /// The same user holds it with an older upload (a retry, or a new press
+    /// before the old clip ended): the claim takes over.
+    SameUser,
+    /// A talker without priority holds it and the claim has priority: the
+    /// claim pre-empts it.
+    Preempts,
+    /// Someone else holds it: refused (`floor_busy`).
+    Busy,
+}
+
+impl FloorRule {
+    pub fn of(holder: Option<(&str, bool)>, user: &str, priority: bool) -> Self {
+        match holder {
+            None => FloorRule::Free,
+            Some((h, _)) if h == user => FloorRule::SameUser,
+            Some((_, false)) if priority => FloorRule::Preempts,
+            Some(_) => FloorRule::Busy,
+        }
+    }
 }
 
 /// The router's answer to a [`FloorClaim`]. The caller stops the displaced
@@ -61,7 +89,7 @@ pub enum FloorDecision<T> {
 
 struct Floor<T> {
     user: Arc<str>,
-    upload: u64,
+    upload_no: u64,
     priority: bool,
     stop: T,
 }
@@ -192,7 +220,7 @@ impl<M: Member + Clone, T: Clone> Router<M, T> {
     pub fn take_floor(&self, c: &str, claim: FloorClaim<T>) -> FloorDecision<T> {
         let mine = Floor {
             user: claim.user,
-            upload: claim.upload,
+            upload_no: claim.upload_no,
             priority: claim.priority,
             stop: claim.stop,
         };
@@ -203,28 +231,31 @@ impl<M: Member + Clone, T: Clone> Router<M, T> {
             }
             dashmap::Entry::Occupied(mut o) => {
                 let held = o.get();
-                if held.user == mine.user {
-                    let old = o.insert(mine);
-                    FloorDecision::Superseded(old.stop)
-                } else if mine.priority && !held.priority {
-                    let old = o.insert(mine);
-                    FloorDecision::Preempted {
-                        holder: old.user,
-                        stop: old.stop,
-                    }
-                } else {
-                    FloorDecision::Busy {
+                match FloorRule::of(Some((&held.user, held.priority)), &mine.user, mine.priority) {
+                    FloorRule::Busy => FloorDecision::Busy {
                         holder: held.user.clone(),
+                    },
+                    FloorRule::Preempts => {
+                        let old = o.insert(mine);
+                        FloorDecision::Preempted {
+                            holder: old.user,
+                            stop: old.stop,
+                        }
+                    }
+                    // (`Free` cannot be: the floor has a holder.)
+                    FloorRule::Free | FloorRule::SameUser => {
+                        let old = o.insert(mine);
+                        FloorDecision::Superseded(old.stop)
                     }
                 }
             }
         }
     }
 
-    /// Upload `upload` ended: it releases channel `c`'s floor if it still
+    /// Upload `upload_no` ended: it releases channel `c`'s floor if it still
     /// holds it (a later holder keeps it).
-    pub fn release_floor(&self, c: &str, upload: u64) {
-        self.floors.remove_if(c, |_, f| f.upload == upload);
+    pub fn release_floor(&self, c: &str, upload_no: u64) {
+        self.floors.remove_if(c, |_, f| f.upload_no == upload_no);
     }
 
     /// Who holds channel `c`'s floor.
@@ -253,13 +284,26 @@ mod tests {
         S(id, user.into())
     }
 
-    fn claim(user: &str, upload: u64, priority: bool) -> FloorClaim<u64> {
+    fn claim(user: &str, upload_no: u64, priority: bool) -> FloorClaim<u64> {
         FloorClaim {
             user: user.into(),
-            upload,
+            upload_no,
             priority,
-            stop: upload,
+            stop: upload_no,
         }
+    }
+
+    /// The rule alone: free, the same user, pre-emption only of a holder
+    /// without priority by a claim with it, otherwise busy.
+    #[test]
+    fn the_floor_rule() {
+        use FloorRule::*;
+        assert_eq!(FloorRule::of(None, "a", false), Free);
+        assert_eq!(FloorRule::of(Some(("a", true)), "a", false), SameUser);
+        assert_eq!(FloorRule::of(Some(("a", false)), "b", true), Preempts);
+        assert_eq!(FloorRule::of(Some(("a", true)), "b", true), Busy);
+        assert_eq!(FloorRule::of(Some(("a", false)), "b", false), Busy);
+        assert_eq!(FloorRule::of(Some(("a", true)), "b", false), Busy);
     }
 
     fn names(v: &[Arc<str>]) -> Vec<&str> {

@@ -18,7 +18,7 @@ pub struct Uploads<T> {
 
 struct Running<T> {
     sender: Arc<str>,
-    number: u64,
+    upload_no: u64,
     stop: T,
 }
 
@@ -45,11 +45,12 @@ impl<T: Clone> Default for Uploads<T> {
 }
 
 impl<T: Clone> Uploads<T> {
-    /// Upload `number` of `id` by `sender` begins, stopped through `stop`.
-    pub fn begin(&self, id: ClipId, sender: &Arc<str>, number: u64, stop: T) -> Begin<T> {
+    /// Upload `upload_no` of `id` by `sender` begins, stopped through
+    /// `stop`.
+    pub fn begin(&self, id: ClipId, sender: &Arc<str>, upload_no: u64, stop: T) -> Begin<T> {
         let new = Running {
             sender: sender.clone(),
-            number,
+            upload_no,
             stop,
         };
         match self.running.entry(id) {
@@ -72,9 +73,10 @@ impl<T: Clone> Uploads<T> {
         self.running.get(id).map(|r| r.stop.clone())
     }
 
-    /// Upload `number` of `id` ended; a newer attempt that took over stays.
-    pub fn end(&self, id: ClipId, number: u64) {
-        self.running.remove_if(&id, |_, r| r.number == number);
+    /// Upload `upload_no` of `id` ended; a newer attempt that took over
+    /// stays.
+    pub fn end(&self, id: ClipId, upload_no: u64) {
+        self.running.remove_if(&id, |_, r| r.upload_no == upload_no);
     }
 
     pub fn len(&self) -> usize {

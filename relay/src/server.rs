@@ -137,6 +137,95 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     Ok(t)
 }
 
+/// The token secret (HS256) and the public keys (`token_keys`).
+fn token_keys(config: &Config, files: &DataFiles) -> Result<(TokenKey, PublicKeys), StartError> {
+    let key = TokenKey::from_file(&files.secret, config.token_leeway)
+        .map_err(StartError::file("reading the token secret", &files.secret))?;
+    let public_keys = match token_keys_path(config) {
+        Some(p) => PublicKeys::from_path(&p).map_err(StartError::file("reading token_keys", &p))?,
+        None => PublicKeys::default(),
+    };
+    if !public_keys.is_empty() {
+        info!(kids = ?public_keys.kids(), "token keys loaded");
+    }
+    Ok((key, public_keys))
+}
+
+/// The store, as the relay and as the cluster's cache.
+type Stores = (Arc<dyn ClipStore>, Arc<dyn ClusterCache>);
+
+/// The store `config` names, opened (a disk store recovered).
+fn open_store(config: &Config) -> Result<Stores, StartError> {
+    Ok(match config.store {
+        StoreKind::Memory => {
+            let s = Arc::new(MemoryStore::new(config.max_store_bytes));
+            (s.clone(), s)
+        }
+        StoreKind::Disk => {
+            let (s, rec) = crate::disk_store::DiskStore::open(
+                &config.data_dir,
+                config.max_store_bytes,
+                crate::disk_store::LogOptions {
+                    commit_interval: config.store_commit_interval,
+                    ..Default::default()
+                },
+            )?;
+            if rec.damaged > 0 {
+                warn!(
+                    damaged = rec.damaged,
+                    "the store held damaged records; they were skipped"
+                );
+            }
+            let s = Arc::new(s);
+            (s.clone(), s)
+        }
+    })
+}
+
+/// What the relay keeps beside the store, read back: channel history,
+/// the usage book, expiry notices.
+fn restore(shared: &Shared) {
+    shared.restore_history();
+    if let Some(path) = &shared.usage_file {
+        shared
+            .usage
+            .restore(crate::json_file::load(path, "usage book"));
+    }
+    if let Some(path) = &shared.expired_file {
+        shared
+            .expired
+            .restore(crate::json_file::load(path, "expired notices"));
+    }
+}
+
+/// A TCP listener on `addr` and the address it got.
+async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let bind = |source| StartError::Bind { what, addr, source };
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+    let bound = l.local_addr().map_err(bind)?;
+    Ok((l, bound))
+}
+
+/// The web listener (`web`): the browser app and its `/config.json`.
+async fn serve_web(
+    shared: &Shared,
+    addr: SocketAddr,
+    quic_port: u16,
+    certs: &tls::WebCerts,
+) -> Result<SocketAddr, StartError> {
+    let (web, bound) = bind_tcp("web TCP", addr).await?;
+    let info = crate::web::WebInfo {
+        quic_port,
+        certs: certs.clone(),
+    };
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(crate::web::serve(web, Arc::new(info), shutdown));
+    Ok(bound)
+}
+
 impl Relay {
     /// Prepares the data dir, binds the QUIC endpoint and the admin
     /// listener, and starts serving.
@@ -151,17 +240,7 @@ impl Relay {
         if created.secret {
             info!(path = %files.secret.display(), "created a random token secret");
         }
-        let key = TokenKey::from_file(&files.secret, config.token_leeway)
-            .map_err(StartError::file("reading the token secret", &files.secret))?;
-        let public_keys = match token_keys_path(&config) {
-            Some(p) => {
-                PublicKeys::from_path(&p).map_err(StartError::file("reading token_keys", &p))?
-            }
-            None => PublicKeys::default(),
-        };
-        if !public_keys.is_empty() {
-            info!(kids = ?public_keys.kids(), "token keys loaded");
-        }
+        let (key, public_keys) = token_keys(&config, &files)?;
         // Browsers (WebTransport, ALPN h3) get the operator's certificate,
         // or a short-lived one the page pins by hash.
         let web_certs = match operator {
@@ -190,30 +269,7 @@ impl Relay {
             addr: config.listen,
             source,
         })?;
-        let (store, cache): (Arc<dyn ClipStore>, Arc<dyn ClusterCache>) = match config.store {
-            StoreKind::Memory => {
-                let s = Arc::new(MemoryStore::new(config.max_store_bytes));
-                (s.clone(), s)
-            }
-            StoreKind::Disk => {
-                let (s, rec) = crate::disk_store::DiskStore::open(
-                    &config.data_dir,
-                    config.max_store_bytes,
-                    crate::disk_store::LogOptions {
-                        commit_interval: config.store_commit_interval,
-                        ..Default::default()
-                    },
-                )?;
-                if rec.damaged > 0 {
-                    warn!(
-                        damaged = rec.damaged,
-                        "the store held damaged records; they were skipped"
-                    );
-                }
-                let s = Arc::new(s);
-                (s.clone(), s)
-            }
-        };
+        let (store, cache) = open_store(&config)?;
         let cluster = if config.cluster.is_empty() {
             None
         } else {
@@ -233,32 +289,11 @@ impl Relay {
             cluster,
             push,
         });
-        shared.restore_history();
-        if let Some(path) = &shared.usage_file {
-            shared
-                .usage
-                .restore(crate::json_file::load(path, "usage book"));
-        }
-        if let Some(path) = &shared.expired_file {
-            shared
-                .expired
-                .restore(crate::json_file::load(path, "expired notices"));
-        }
+        restore(&shared);
         if let Some(c) = &node.cluster {
             c.start(&shared);
         }
-        let admin = tokio::net::TcpListener::bind(shared.config.admin)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "admin TCP",
-                addr: shared.config.admin,
-                source,
-            })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-            what: "admin TCP",
-            addr: shared.config.admin,
-            source,
-        })?;
+        let (admin, admin_addr) = bind_tcp("admin TCP", shared.config.admin).await?;
         tokio::spawn(crate::admin::serve(
             admin,
             node.clone(),
@@ -266,28 +301,8 @@ impl Relay {
         ));
         let web_addr = match shared.config.web.0 {
             Some(addr) => {
-                let web = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: "web TCP",
-                        addr,
-                        source,
-                    })?;
-                let bound = web.local_addr().map_err(|source| StartError::Bind {
-                    what: "web TCP",
-                    addr,
-                    source,
-                })?;
-                let info = crate::web::WebInfo {
-                    quic_port: endpoint.local_addr().map_or(0, |a| a.port()),
-                    certs: web_certs.clone(),
-                };
-                tokio::spawn(crate::web::serve(
-                    web,
-                    Arc::new(info),
-                    shared.shutdown.clone(),
-                ));
-                Some(bound)
+                let quic_port = endpoint.local_addr().map_or(0, |a| a.port());
+                Some(serve_web(&shared, addr, quic_port, &web_certs).await?)
             }
             None => None,
         };
@@ -527,68 +542,59 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iter
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
+    use relay_core::admission::{Admission, Arrival, Caps, admit};
+    let caps = Caps {
+        max_unauthenticated_connections: shared.config.max_unauthenticated_connections,
+        max_connections: shared.config.max_connections,
+    };
+    let refused = |reason: &'static str| {
+        crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
+        crate::metrics::count(crate::metrics::CONNECTIONS_REJECTED, "reason", reason);
+    };
     while let Some(incoming) = endpoint.accept().await {
-        if shared.draining.load(Ordering::SeqCst) {
-            incoming.refuse();
-            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
-            crate::metrics::count(crate::metrics::CONNECTIONS_REJECTED, "reason", "draining");
-            continue;
-        }
-        let pending = shared.unauthenticated.fetch_add(1, Ordering::SeqCst);
-        let unauthenticated = Unauthenticated(shared.state.clone());
-        if pending >= shared.config.max_unauthenticated_connections {
-            incoming.refuse();
-            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "refused");
-            crate::metrics::count(
-                crate::metrics::CONNECTIONS_REJECTED,
-                "reason",
-                "unauthenticated_limit",
-            );
-            continue;
-        }
-        if !shared.handshake_allowed() {
-            // A flood: make unvalidated clients prove their address (a
-            // Retry costs us no state), refuse the validated ones.
-            let outcome = if incoming.remote_address_validated() {
+        let arrival = Arrival {
+            draining: shared.draining.load(Ordering::SeqCst),
+            unauthenticated: shared.unauthenticated.load(Ordering::SeqCst),
+            connections: shared.connections.load(Ordering::SeqCst),
+            validated: incoming.remote_address_validated(),
+        };
+        let busy = match admit(arrival, caps, || shared.handshake_allowed()) {
+            Admission::Refuse(reason) => {
                 incoming.refuse();
-                "refused"
-            } else if let Err(e) = incoming.retry() {
-                e.into_incoming().refuse();
-                "refused"
-            } else {
-                "retry"
-            };
-            crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", outcome);
-            if outcome == "refused" {
-                crate::metrics::count(
-                    crate::metrics::CONNECTIONS_REJECTED,
-                    "reason",
-                    "handshake_rate",
-                );
+                refused(reason);
+                continue;
             }
-            continue;
-        }
-        let n = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+            Admission::Retry => {
+                match incoming.retry() {
+                    Ok(()) => crate::metrics::count(crate::metrics::HANDSHAKES, "outcome", "retry"),
+                    Err(e) => {
+                        e.into_incoming().refuse();
+                        refused("handshake_rate");
+                    }
+                }
+                continue;
+            }
+            Admission::Busy(r) => Some(r),
+            Admission::Serve => None,
+        };
+        shared.unauthenticated.fetch_add(1, Ordering::SeqCst);
+        let unauthenticated = Unauthenticated(shared.state.clone());
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         let shared2 = shared.clone();
         tokio::spawn(async move {
-            if n > shared2.config.max_connections {
-                crate::metrics::count(
-                    crate::metrics::CONNECTIONS_REJECTED,
-                    "reason",
-                    "max_connections",
-                );
-                if let Ok(conn) = incoming.await {
-                    quic::close(
-                        &conn,
-                        ErrorCode::ServerBusy,
-                        &format!(
-                            "relay at max_connections ({}); retry later",
-                            shared2.config.max_connections
-                        ),
+            match busy {
+                Some(r) => {
+                    crate::metrics::count(
+                        crate::metrics::CONNECTIONS_REJECTED,
+                        "reason",
+                        "max_connections",
                     );
+                    if let Ok(conn) = incoming.await {
+                        quic::close(&conn, r.code, &r.reason);
+                    }
+                    drop(unauthenticated);
                 }
-            } else {
-                conn::run(shared2.clone(), incoming, unauthenticated).await;
+                None => conn::run(shared2.clone(), incoming, unauthenticated).await,
             }
             shared2.connections.fetch_sub(1, Ordering::SeqCst);
         });

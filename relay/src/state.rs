@@ -261,18 +261,40 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Offers a starting clip live to each of `recipients` with a session
+    /// here (one whose queue is full gets it from the store instead);
+    /// `elsewhere` is told of each without one. The one live fan-out, for
+    /// this relay's uploads and for other relays' clips.
+    pub fn offer_live(
+        &self,
+        live: &Arc<LiveClip>,
+        recipients: &[Arc<str>],
+        mut elsewhere: impl FnMut(&Arc<str>),
+    ) {
+        for r in recipients {
+            match self.router.session(r) {
+                Some(s) if !s.offer_live(live.clone()) => {
+                    crate::metrics::hot().live_fallbacks.increment(1);
+                    tracing::debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
+                }
+                Some(_) => {}
+                None => elsewhere(r),
+            }
+        }
+    }
+
     /// Registers an upload of `id` by `sender`. A running upload of the same
     /// id by the same sender is a stale attempt (its connection is dying):
     /// it is stopped and this one takes over. `None` if another sender
     /// holds the id.
     pub fn begin_upload(&self, id: ClipId, sender: &Arc<str>) -> Option<(u64, Stop)> {
-        let (number, stop) = (self.next_session_id(), Stop::default());
-        match self.uploads.begin(id, sender, number, stop.clone()) {
+        let (upload_no, stop) = (self.next_session_id(), Stop::default());
+        match self.uploads.begin(id, sender, upload_no, stop.clone()) {
             Begin::Started => {}
             Begin::TookOver(old) => old.refuse(Refusal::superseded()),
             Begin::Conflict => return None,
         }
-        Some((number, stop))
+        Some((upload_no, stop))
     }
 
     /// Stops the running upload of `id`, if any (a priority talker on
@@ -283,8 +305,8 @@ impl Shared {
         }
     }
 
-    pub fn end_upload(&self, id: ClipId, number: u64) {
-        self.uploads.end(id, number);
+    pub fn end_upload(&self, id: ClipId, upload_no: u64) {
+        self.uploads.end(id, upload_no);
     }
 }
 

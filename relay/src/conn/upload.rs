@@ -194,20 +194,17 @@ pub(super) async fn take_floors(
 ) -> Result<Option<u64>, Refusal> {
     let mut cluster_floor = None;
     if let Some(cl) = &shared.cluster {
-        let me = cluster::FloorHolder {
+        let me = cluster::FloorRecord {
             priority: session.channels.get(c) == Some(&Right::Priority),
             relay: cl.id,
             clip: id,
             user: session.user.to_string(),
         };
         match cl.take_floor(c, me).await {
-            Ok(cluster::FloorAnswer::Granted(rev)) => cluster_floor = Some(rev),
-            Ok(cluster::FloorAnswer::Busy(holder)) => {
+            Ok(cluster::FloorDecision::Granted { seq }) => cluster_floor = Some(seq),
+            Ok(cluster::FloorDecision::Busy { holder }) => {
                 metrics::count1(metrics::FLOOR_BUSY);
-                return Err(Refusal::new(
-                    ErrorCode::FloorBusy,
-                    format!("busy: {holder} holds the floor of {c}"),
-                ));
+                return Err(Refusal::floor_busy(&holder, c));
             }
             Err(e) => {
                 warn!(error = %e, channel = %c, "cluster floor unavailable: this relay decides alone");
@@ -232,21 +229,12 @@ pub(super) fn fan_out(
     recipients: &[Arc<str>],
     channel: Option<&str>,
 ) {
-    for r in recipients {
-        match shared.router.session(r) {
-            Some(s) if !s.offer_live(live.clone()) => {
-                metrics::hot().live_fallbacks.increment(1);
-                debug!(recipient = %r, "live queue full; recipient gets the clip from the store");
-            }
-            Some(_) => {}
-            // Maybe on another relay: published once for it.
-            None => {
-                if let Some(c) = &shared.cluster {
-                    c.forward(&shared.state, live.clone(), cluster::user_subject(r));
-                }
-            }
+    shared.offer_live(live, recipients, |r| {
+        // Maybe on another relay: published once for it.
+        if let Some(c) = &shared.cluster {
+            c.forward(&shared.state, live.clone(), cluster::user_subject(r));
         }
-    }
+    });
     if let (Some(c), Some(ch)) = (&shared.cluster, channel) {
         c.forward(&shared.state, live.clone(), cluster::channel_subject(ch));
     }
@@ -414,33 +402,27 @@ pub(super) fn take_floor(
     shared: &Node,
     session: &Session,
     c: &str,
-    upload: u64,
+    upload_no: u64,
     stop: &Stop,
 ) -> Result<(), Refusal> {
     use relay_core::router::{FloorClaim, FloorDecision};
     let claim = FloorClaim {
         user: session.user.clone(),
-        upload,
+        upload_no,
         priority: session.channels.get(c) == Some(&Right::Priority),
         stop: stop.clone(),
     };
     // The holder's clip, when displaced, is cut for its listeners.
     match shared.router.take_floor(c, claim) {
         FloorDecision::Granted => {}
-        FloorDecision::Superseded(old) => old.stop(ErrorCode::CutOff, "superseded by a newer clip"),
+        FloorDecision::Superseded(old) => old.refuse(Refusal::superseded_by_newer()),
         FloorDecision::Preempted { stop: old, .. } => {
-            old.stop(
-                ErrorCode::Preempted,
-                format!("{} (priority) took the floor of {c}", session.user),
-            );
+            old.refuse(Refusal::preempted(&session.user, c));
             metrics::count1(metrics::FLOOR_PREEMPTIONS);
         }
         FloorDecision::Busy { holder } => {
             metrics::count1(metrics::FLOOR_BUSY);
-            return Err(Refusal::new(
-                ErrorCode::FloorBusy,
-                format!("busy: {holder} holds the floor of {c}"),
-            ));
+            return Err(Refusal::floor_busy(&holder, c));
         }
     }
     metrics::count1(metrics::FLOOR_GRANTS);

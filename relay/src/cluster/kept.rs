@@ -1,0 +1,345 @@
+//! Clips kept in JetStream for recipients on other relays, and the
+//! chores (acks, deletions, floor releases) done off the control loop.
+
+use super::*;
+
+impl Cluster {
+    /// Queues a chore; when `cluster_backlog_clips` are waiting already it
+    /// is dropped (counted): an ack or a deletion not made costs a clip
+    /// offered once more (and dropped by id), a floor not released expires.
+    pub(super) fn chore(&self, c: Chore) {
+        if self.chores.try_send(c).is_err() {
+            metrics::count1(metrics::CLUSTER_CHORES_DROPPED);
+        }
+    }
+
+    /// Runs chores, a batch at a time, whenever the link is up.
+    pub(super) async fn run_chores(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Chore>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut link = self.link.subscribe();
+        let mut batch = Vec::with_capacity(CHORE_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, CHORE_BATCH) => if n == 0 { return },
+                () = stop.cancelled() => return,
+            }
+            tokio::select! {
+                r = link.wait_for(|s| s.up) => if r.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+            futures_util::future::join_all(batch.drain(..).map(|c| self.do_chore(c))).await;
+        }
+    }
+
+    pub(super) async fn do_chore(&self, c: Chore) {
+        match c {
+            Chore::Ack {
+                origin,
+                clip,
+                recipient,
+            } => {
+                let ack = Relayed::Ack {
+                    clip,
+                    recipient: recipient.to_string(),
+                };
+                let _ = self.publish(&relay_subject(origin), ack).await;
+            }
+            Chore::Delete(seq) => self.delete_kept(seq).await,
+            Chore::ReleaseFloor(seq) => {
+                let _ = self.floors.delete_message(seq).await;
+            }
+        }
+    }
+
+    /// Keeps an accepted direct clip in JetStream for `recipient`, so any
+    /// relay can deliver it (and it outlives this one). Returns once
+    /// JetStream has it (its publish ack). With `elsewhere` (the recipient
+    /// is not connected here) the relay it is connected to is told, so it
+    /// queues the clip even if it missed the live run. Cut off, the clip
+    /// is held: written when the link is back.
+    pub async fn keep(
+        &self,
+        clip: &StoredClip,
+        recipient: &Arc<str>,
+        elsewhere: bool,
+    ) -> Result<(), ClusterError> {
+        let r = self.keep_direct(clip, recipient, elsewhere).await;
+        self.note_held(clip.meta.id, r.is_err().then_some(true));
+        r.map(|_| ())
+    }
+
+    /// [`Cluster::keep`] without the bookkeeping of held clips; returns
+    /// whether JetStream had it already.
+    pub(super) async fn keep_direct(
+        &self,
+        clip: &StoredClip,
+        recipient: &Arc<str>,
+        elsewhere: bool,
+    ) -> Result<bool, ClusterError> {
+        // Cut off, this fails at once: this relay's own store has the clip.
+        let ack = self.publish_clip(store_subject(recipient), clip).await?;
+        self.kept.insert(
+            (recipient.clone(), clip.meta.id),
+            (ack.sequence, Instant::now()),
+        );
+        if elsewhere {
+            let kept = Relayed::Kept {
+                clip: clip.meta.id,
+                seq: ack.sequence,
+                origin: self.id,
+                recipient: recipient.to_string(),
+            };
+            let _ = self.publish(&user_subject(recipient), kept).await;
+        }
+        Ok(ack.duplicate)
+    }
+
+    /// Keeps an accepted channel clip in the cluster's channel history, so
+    /// members who were offline get it from any relay, and announces it to
+    /// the relays of the channel's members (any whose live run broke take
+    /// it from there). Cut off, the channel is marked: its history here is
+    /// compared with the cluster's when the link is back.
+    pub async fn keep_history(
+        &self,
+        channel: &str,
+        clip: &Arc<StoredClip>,
+    ) -> Result<(), ClusterError> {
+        let r = self.put_history(channel, clip).await;
+        self.note_held(clip.meta.id, r.is_err().then_some(false));
+        if r.is_err()
+            && let Ok(mut d) = self.dirty.lock()
+        {
+            d.insert(channel.to_owned());
+        }
+        r.map(|_| ())
+    }
+
+    /// Publishes a channel clip to the cluster history and announces it;
+    /// returns whether the history had it already.
+    pub(super) async fn put_history(
+        &self,
+        channel: &str,
+        clip: &StoredClip,
+    ) -> Result<bool, ClusterError> {
+        let ack = self.publish_clip(history_subject(channel), clip).await?;
+        let kept = Relayed::HistoryKept {
+            clip: clip.meta.id,
+            seq: ack.sequence,
+        };
+        let _ = self.publish(&channel_subject(channel), kept).await;
+        Ok(ack.duplicate)
+    }
+
+    /// Counts `id` as held here only (`Some(direct)`: JetStream could not
+    /// take it) or no longer (`None`).
+    pub(super) fn note_held(&self, id: ClipId, held: Option<bool>) {
+        let Ok(mut h) = self.held.lock() else {
+            return;
+        };
+        match held {
+            Some(direct) => {
+                h.insert(id, direct);
+            }
+            None => {
+                h.remove(&id);
+            }
+        }
+    }
+
+    /// Publishes a stored clip to a JetStream subject, its id as the
+    /// message id (a clip JetStream has is not stored twice) and this
+    /// relay as its origin, and waits for JetStream's ack. Cut off, fails
+    /// at once instead of holding the caller for JetStream's timeout.
+    pub(super) async fn publish_clip(
+        &self,
+        subject: String,
+        clip: &StoredClip,
+    ) -> Result<jetstream::publish::PublishAck, ClusterError> {
+        if !self.connected() {
+            return Err(ClusterError::NotConnected);
+        }
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(clip.to_record()))
+            .message_id(clip.meta.id.to_hex())
+            .header(ORIGIN_HEADER, format!("{:016x}", self.id).as_str());
+        let publish = async {
+            self.js
+                .send_publish(subject, msg)
+                .await
+                .map_err(nats("publishing a clip to JetStream"))?
+                .await
+                .map_err(nats("JetStream's ack of a clip"))
+        };
+        self.while_linked(publish)
+            .await
+            .unwrap_or(Err(ClusterError::NotConnected))
+    }
+
+    /// Every clip of `stream` on `subject` (all subjects: `None`), in
+    /// order.
+    pub(super) async fn read(
+        &self,
+        stream: &stream::Stream,
+        subject: Option<String>,
+    ) -> Result<Vec<Read>, ClusterError> {
+        let mut out = Vec::new();
+        self.consume(
+            stream,
+            subject,
+            None,
+            false,
+            |seq, m| match StoredClip::from_record(&m.payload) {
+                Some(c) => out.push((seq, origin_of(m.headers.as_ref()), c)),
+                None => warn!(seq, "cluster: unreadable stored clip skipped"),
+            },
+        )
+        .await?;
+        Ok(out)
+    }
+
+    /// Feeds `each` every message of `stream` on `subject` (all: `None`),
+    /// from its start or from `since`, in order, with its sequence; with
+    /// `headers_only` the messages carry no payload.
+    pub(super) async fn consume(
+        &self,
+        stream: &stream::Stream,
+        subject: Option<String>,
+        since: Option<SystemTime>,
+        headers_only: bool,
+        mut each: impl FnMut(u64, &async_nats::Message),
+    ) -> Result<(), ClusterError> {
+        use consumer::{AckPolicy, DeliverPolicy, pull};
+        let deliver_policy = match since {
+            Some(t) => DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from(t),
+            },
+            None => DeliverPolicy::All,
+        };
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: subject.unwrap_or_default(),
+                deliver_policy,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                headers_only,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats("reading a JetStream stream"))?;
+        let mut left = consumer.cached_info().num_pending;
+        while left > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(left.min(256) as usize)
+                .messages()
+                .await
+                .map_err(nats("fetching from JetStream"))?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| ClusterError::Nats {
+                    what: "fetching from JetStream".into(),
+                    source: e,
+                })?;
+                got += 1;
+                let seq = m
+                    .info()
+                    .map_err(|e| ClusterError::Nats {
+                        what: "a JetStream message's info".into(),
+                        source: e,
+                    })?
+                    .stream_sequence;
+                each(seq, &m.message);
+            }
+            if got == 0 {
+                break;
+            }
+            left = left.saturating_sub(got);
+        }
+        Ok(())
+    }
+
+    /// Loads what JetStream holds for `session`'s user into this relay's
+    /// store (in memory: JetStream keeps it durably); returns how many
+    /// were new here.
+    pub(super) async fn load_kept(
+        &self,
+        shared: &Shared,
+        session: &Session,
+    ) -> Result<usize, ClusterError> {
+        let mut new = 0;
+        for (seq, origin, clip) in self
+            .read(&self.stream, Some(store_subject(&session.user)))
+            .await?
+        {
+            if self
+                .take_kept(shared, session, seq, origin, Arc::new(clip))
+                .await
+            {
+                new += 1;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Takes into this relay's history the clips of `session`'s channels'
+    /// cluster history it does not have (said on other relays while the
+    /// user was away); returns how many.
+    pub(super) async fn load_history(
+        &self,
+        shared: &Shared,
+        session: &Session,
+    ) -> Result<usize, ClusterError> {
+        let mut new = 0;
+        for ch in session.channels.keys() {
+            for (_, _, clip) in self.read(&self.history, Some(history_subject(ch))).await? {
+                if self.adopt(shared, ch, Arc::new(clip)).await {
+                    new += 1;
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// A local recipient acked `clip`: JetStream's copy for it goes; if it
+    /// came from another relay as a direct clip, that relay drops its
+    /// stored copy too. Never waits (see [`Cluster::chore`]).
+    pub fn acked(&self, clip: &ClipId, recipient: &Arc<str>) {
+        // A direct clip held here only, delivered here: the cluster needs
+        // it no more.
+        if let Ok(mut h) = self.held.lock()
+            && h.get(clip) == Some(&true)
+        {
+            h.remove(clip);
+        }
+        if let Some((_, (seq, _))) = self.kept.remove(&(recipient.clone(), *clip)) {
+            self.chore(Chore::Delete(seq));
+        }
+        if let Some((_, (origin, _))) = self.acks_to.remove(clip) {
+            self.chore(Chore::Ack {
+                origin,
+                clip: *clip,
+                recipient: recipient.clone(),
+            });
+        }
+    }
+
+    /// Deletes a delivered clip from the stream. Without `no_erase` (the
+    /// client library's `delete_message`) the server overwrites the
+    /// message on disk with random bytes: measured, that held a clustered
+    /// relay to a quarter of its clip rate.
+    pub(super) async fn delete_kept(&self, seq: u64) {
+        let req = serde_json::json!({ "seq": seq, "no_erase": true });
+        let r: Result<serde_json::Value, _> = self
+            .js
+            .request(format!("STREAM.MSG.DELETE.{STREAM}"), &req)
+            .await;
+        match r {
+            Ok(v) if v.get("error").is_none() => {}
+            Ok(v) => debug!(seq, error = %v["error"], "cluster: stored clip already gone"),
+            Err(e) => debug!(seq, error = %e, "cluster: stored clip not deleted (it expires)"),
+        }
+    }
+}
