@@ -10,6 +10,8 @@
 //! file to keep it so).
 
 pub mod admission;
+pub mod deliver;
+pub mod history;
 pub mod limits;
 pub mod refusal;
 pub mod router;

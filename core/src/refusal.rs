@@ -33,6 +33,25 @@ impl Refusal {
         )
     }
 
+    /// The relay holds `max_inflight_bytes` of clips being received: the
+    /// sender tries again shortly.
+    pub fn inflight_full(max_inflight_bytes: u64) -> Self {
+        Self::new(
+            ErrorCode::ServerBusy,
+            format!("relay at max_inflight_bytes ({max_inflight_bytes})"),
+        )
+        .retry_after(Duration::from_millis(500))
+    }
+
+    /// The sender's clip budget is spent; `wait` until it allows one more.
+    pub fn rate_limited(clips_per_minute: u32, bytes_per_minute: u64, wait: Duration) -> Self {
+        Self::new(
+            ErrorCode::RateLimited,
+            format!("over {clips_per_minute} clips or {bytes_per_minute} bytes per minute"),
+        )
+        .retry_after(wait)
+    }
+
     /// A channel's floor is held by `holder`.
     pub fn floor_busy(holder: &str, channel: &str) -> Self {
         Self::new(

@@ -379,7 +379,7 @@ impl Config {
     /// Channel history holds no clip created before this (Unix ms), at
     /// `now_ms`: the one age rule of `channel_history_age`.
     pub fn history_cutoff_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.channel_history_age.as_millis() as u64)
+        relay_core::history::cutoff_ms(now_ms, self.channel_history_age)
     }
 
     pub fn validate(&self) -> Result<(), crate::error::StartError> {

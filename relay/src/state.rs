@@ -1,9 +1,8 @@
 //! What every connection task shares: the sessions (`Session`), uploads
 //! in progress, channel history, and the step that follows storing a new
-//! clip. The connection logic (`session.rs`) and the cluster link
-//! (`cluster.rs`) both build on this module; it depends on neither.
+//! clip. The connection logic (`conn/`) and the cluster link
+//! (`cluster/`) both build on this module; it depends on neither.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -126,31 +125,16 @@ impl Speaking {
     }
 }
 
-/// A channel's recent clips: (sequence number, clip), oldest first. The
-/// store numbers the entries (and keeps them, with the disk store).
-#[derive(Default)]
-pub struct History {
-    pub clips: std::collections::VecDeque<(u64, Arc<crate::store::StoredClip>)>,
-}
+/// A channel's recent clips (the rule: `relay_core::history`).
+pub type History = relay_core::history::History<Arc<StoredClip>>;
 
-impl History {
-    /// The one rule of what a channel's history keeps: at most `depth`
-    /// entries, none created before `cutoff_ms`
-    /// ([`Config::history_cutoff_ms`]). Drops the rest, oldest first, and
-    /// returns their ids (for the store to release).
-    pub fn trim(&mut self, depth: usize, cutoff_ms: u64) -> Vec<ClipId> {
-        let mut gone = Vec::new();
-        while self.clips.len() > depth
-            || self
-                .clips
-                .front()
-                .is_some_and(|(_, c)| c.meta.created_ms < cutoff_ms)
-        {
-            if let Some((_, old)) = self.clips.pop_front() {
-                gone.push(old.meta.id);
-            }
-        }
-        gone
+impl relay_core::history::Aged for StoredClip {
+    fn id(&self) -> ClipId {
+        self.meta.id
+    }
+
+    fn created_ms(&self) -> u64 {
+        self.meta.created_ms
     }
 }
 
@@ -341,51 +325,13 @@ pub struct Session {
     pub(crate) dirty: Notify,
     /// An ack freed room in the delivery window.
     pub(crate) window: Notify,
-    deliveries: Mutex<Deliveries>,
+    deliveries: Mutex<relay_core::deliver::Deliveries>,
     /// The relay's side of the control stream, for `GoAway`.
     control: tokio::sync::Mutex<Option<SendStream>>,
     /// Talk channels from the token, with the right in each.
     pub channels: std::collections::BTreeMap<String, Right>,
     /// The connection's byte counters as last added to the usage book.
     usage: Mutex<crate::usage::Sampler>,
-}
-
-#[derive(Default)]
-struct Deliveries {
-    /// Clips started on this connection and not yet acknowledged; the value
-    /// says whether it came from the store (and counts in the window).
-    open: HashMap<ClipId, bool>,
-    stored_open: usize,
-}
-
-impl Deliveries {
-    /// Starts delivering `id` unless it is open already. A stored clip
-    /// starts only if `held` says the store still holds the copy, asked
-    /// after the open check: the pump reads a batch of stored clips and
-    /// starts them one by one, and an ack (the store releases the copy,
-    /// then [`Deliveries::finish`]) may land in between. Checked in this
-    /// order, the clip is either still open (its ack has not finished) or
-    /// no longer held, so an acked clip never starts again.
-    fn begin(&mut self, id: ClipId, stored: bool, held: impl FnOnce() -> bool) -> bool {
-        if self.open.contains_key(&id) || !held() {
-            return false;
-        }
-        self.open.insert(id, stored);
-        if stored {
-            self.stored_open += 1;
-        }
-        true
-    }
-
-    /// `id` is acknowledged, or its delivery was abandoned. True when that
-    /// freed room in the stored-delivery window.
-    fn finish(&mut self, id: &ClipId) -> bool {
-        if self.open.remove(id) == Some(true) {
-            self.stored_open -= 1;
-            return true;
-        }
-        false
-    }
 }
 
 impl Session {
@@ -408,7 +354,7 @@ impl Session {
             live_tx,
             dirty: Notify::new(),
             window: Notify::new(),
-            deliveries: Mutex::new(Deliveries::default()),
+            deliveries: Mutex::new(Default::default()),
             control: tokio::sync::Mutex::new(Some(control)),
             channels,
             usage: Mutex::new(crate::usage::Sampler::default()),
@@ -507,11 +453,13 @@ impl Session {
     /// Live clips waiting to start plus deliveries not yet acknowledged.
     pub fn queue_depth(&self) -> usize {
         let waiting = self.live_tx.max_capacity() - self.live_tx.capacity();
-        waiting + self.deliveries.lock().map_or(0, |d| d.open.len())
+        waiting + self.deliveries.lock().map_or(0, |d| d.open())
     }
 
     pub(crate) fn stored_open(&self) -> usize {
-        self.deliveries.lock().map_or(usize::MAX, |d| d.stored_open)
+        self.deliveries
+            .lock()
+            .map_or(usize::MAX, |d| d.stored_open())
     }
 }
 
@@ -653,8 +601,6 @@ impl Stop {
 mod tests {
     use super::*;
 
-    const X: ClipId = ClipId([1; 16]);
-
     fn entry(n: u8, created_ms: u64) -> (u64, Arc<StoredClip>) {
         let meta = Arc::new(crate::store::ClipMeta {
             id: ClipId([n; 16]),
@@ -671,63 +617,19 @@ mod tests {
         (u64::from(n), Arc::new(clip))
     }
 
-    /// A channel's history keeps at most `depth` entries, none older than
-    /// the cutoff, and says which it dropped, oldest first.
+    /// The relay's history ages clips by their creation time and names
+    /// them by their id (the rule itself: `relay_core::history`).
     #[test]
-    fn history_keeps_its_depth_and_age() {
+    fn the_history_reads_a_clips_id_and_age() {
         let mut h = History::default();
-        for n in 1..=5u8 {
-            h.clips.push_back(entry(n, u64::from(n) * 1000));
-        }
-        assert_eq!(h.trim(3, 0), [ClipId([1; 16]), ClipId([2; 16])]);
-        assert_eq!(h.trim(3, 4000), [ClipId([3; 16])], "older than the cutoff");
-        assert!(h.trim(3, 4000).is_empty(), "nothing more to drop");
-        assert_eq!(h.clips.len(), 2);
+        h.clips.push_back(entry(1, 1_000));
+        h.clips.push_back(entry(2, 90_000));
         let cfg = Config {
             channel_history_age: std::time::Duration::from_secs(60),
             ..Config::default()
         };
-        assert_eq!(cfg.history_cutoff_ms(100_000), 40_000);
-        assert_eq!(cfg.history_cutoff_ms(10), 0);
-    }
-
-    /// The pump read stored clip X (its live delivery is open), then X's
-    /// ack released the copy and finished the live delivery, then the pump
-    /// reached X in its batch: X must not start again.
-    #[test]
-    fn an_acked_clip_read_before_its_ack_does_not_start_again() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, false, || true), "live delivery");
-        // The pump's batch has X. Then the ack: the store releases the
-        // copy (so it no longer holds it), then the delivery ends.
-        let held = false;
-        assert!(!d.finish(&X), "a live delivery holds no window room");
-        assert!(!d.begin(X, true, || held), "acked: not delivered twice");
-        assert_eq!(d.stored_open, 0);
-    }
-
-    /// The same race with the ack not yet finished: X is still open.
-    #[test]
-    fn a_clip_open_live_does_not_start_from_the_store() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, false, || true));
-        assert!(!d.begin(X, true, || true));
-        assert!(!d.begin(X, false, || true));
-    }
-
-    /// A stored clip the store holds starts once and counts in the window
-    /// until acked; after the ack (and the copy released) it is not
-    /// started again, while a redelivery on a later read would need the
-    /// store to hold it again.
-    #[test]
-    fn stored_deliveries_count_in_the_window_until_acked() {
-        let mut d = Deliveries::default();
-        assert!(d.begin(X, true, || true));
-        assert_eq!(d.stored_open, 1);
-        assert!(!d.begin(X, true, || true), "open already");
-        assert!(d.finish(&X), "the ack frees window room");
-        assert_eq!(d.stored_open, 0);
-        assert!(!d.begin(X, true, || false), "released by the ack");
-        assert!(!d.finish(&X), "a repeated ack changes nothing");
+        let cutoff = cfg.history_cutoff_ms(100_000);
+        assert_eq!(h.trim(10, cutoff), [ClipId([1; 16])]);
+        assert_eq!(h.clips.len(), 1);
     }
 }

@@ -1,6 +1,8 @@
 //! Clips going out to one session: the pump's live-first order and
 //! window, live writers and stored copies.
 
+use relay_core::deliver::{Step, next_step};
+
 use super::*;
 
 /// Starts deliveries: live clips as they are offered, stored clips from the
@@ -14,59 +16,69 @@ pub(super) async fn pump(
     let mut cursor = 0;
     let mut scan = true;
     let mut order = StoredOrder::default();
+    // A failed store read waits for the next event before reading again.
+    let mut stalled = false;
+    // What to do next is the core's rule (`next_step`: live first, stored
+    // clips within the window); this loop carries it out.
     loop {
-        // Live offers first: an offer always precedes the store's change for
-        // the same clip, so draining them here keeps a clip relayed live
-        // from being sent again from the store.
-        while let Ok(live) = live_rx.try_recv() {
-            if start_live(shared, session, live).await.is_err() {
-                return;
-            }
-        }
-        while scan {
-            let room = window.saturating_sub(session.stored_open());
-            if room == 0 {
-                break;
-            }
-            let batch = match shared.store.read(&session.user, cursor, room).await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "store read failed");
-                    break;
-                }
-            };
-            if batch.is_empty() {
-                scan = false;
-            }
-            for (c, clip) in batch {
-                // A live clip that starts meanwhile is not held behind
-                // the batch (it goes out at a higher send priority).
-                while let Ok(live) = live_rx.try_recv() {
-                    if start_live(shared, session, live).await.is_err() {
-                        return;
-                    }
-                }
-                cursor = c;
-                let id = clip.meta.id;
-                if session.begin_stored(id, || shared.store.holds(&session.user, &id))
-                    && start_stored(shared, session, clip, &mut order)
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-            }
-        }
-        tokio::select! {
-            live = live_rx.recv() => {
-                let Some(live) = live else { return };
+        let live_waiting = !live_rx.is_empty();
+        match next_step(
+            live_waiting,
+            scan && !stalled,
+            window,
+            session.stored_open(),
+        ) {
+            Step::Live => {
+                let Ok(live) = live_rx.try_recv() else {
+                    continue;
+                };
                 if start_live(shared, session, live).await.is_err() {
                     return;
                 }
             }
-            () = session.dirty.notified() => scan = true,
-            () = session.window.notified() => {}
-            _ = session.conn.closed() => return,
+            Step::Stored(room) => {
+                let batch = match shared.store.read(&session.user, cursor, room).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(error = %e, "store read failed");
+                        stalled = true;
+                        continue;
+                    }
+                };
+                scan = !batch.is_empty();
+                for (c, clip) in batch {
+                    // A live clip that starts meanwhile is not held behind
+                    // the batch (it goes out at a higher send priority).
+                    while let Ok(live) = live_rx.try_recv() {
+                        if start_live(shared, session, live).await.is_err() {
+                            return;
+                        }
+                    }
+                    cursor = c;
+                    let id = clip.meta.id;
+                    if session.begin_stored(id, || shared.store.holds(&session.user, &id))
+                        && start_stored(shared, session, clip, &mut order)
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Step::Wait => {
+                tokio::select! {
+                    live = live_rx.recv() => {
+                        let Some(live) = live else { return };
+                        if start_live(shared, session, live).await.is_err() {
+                            return;
+                        }
+                    }
+                    () = session.dirty.notified() => scan = true,
+                    () = session.window.notified() => {}
+                    _ = session.conn.closed() => return,
+                }
+                stalled = false;
+            }
         }
     }
 }

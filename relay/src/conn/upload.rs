@@ -363,11 +363,7 @@ pub(super) fn budget(shared: &Node, session: &Session) -> Result<(), Refusal> {
     let cfg = &shared.config;
     let inflight = shared.inflight.load(std::sync::atomic::Ordering::Relaxed);
     if inflight >= cfg.max_inflight_bytes {
-        return Err(Refusal::new(
-            ErrorCode::ServerBusy,
-            format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
-        )
-        .retry_after(std::time::Duration::from_millis(500)));
+        return Err(Refusal::inflight_full(cfg.max_inflight_bytes));
     }
     if cfg.max_clips_per_minute == 0 && cfg.max_clip_bytes_per_minute == 0 {
         return Ok(());
@@ -384,14 +380,11 @@ pub(super) fn budget(shared: &Node, session: &Session) -> Result<(), Refusal> {
             )
         });
     b.admit(now).map_err(|wait| {
-        Refusal::new(
-            ErrorCode::RateLimited,
-            format!(
-                "over {} clips or {} bytes per minute",
-                cfg.max_clips_per_minute, cfg.max_clip_bytes_per_minute
-            ),
+        Refusal::rate_limited(
+            cfg.max_clips_per_minute,
+            cfg.max_clip_bytes_per_minute,
+            wait,
         )
-        .retry_after(wait)
     })
 }
 
@@ -535,11 +528,7 @@ pub(super) async fn receive_packets(
                 + n;
             *held += n;
             if inflight > cfg.max_inflight_bytes {
-                return Err(Refusal::new(
-                    ErrorCode::ServerBusy,
-                    format!("relay at max_inflight_bytes ({})", cfg.max_inflight_bytes),
-                )
-                .retry_after(std::time::Duration::from_millis(500)));
+                return Err(Refusal::inflight_full(cfg.max_inflight_bytes));
             }
             live.push(buf.split_to(scan.records).freeze(), packets)
                 .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
