@@ -205,6 +205,23 @@ pub struct StoreStats {
 /// A channel history entry: (channel, sequence number, clip).
 pub type HistoryEntry = (String, u64, Arc<StoredClip>);
 
+/// How a store reports that a clip is committing
+/// ([`ClipStore::append_reporting`]); dropped unreported when it never is.
+pub struct CommitReport(tokio::sync::oneshot::Sender<()>);
+
+impl CommitReport {
+    /// A report and the caller's side of it (ready once reported; an error
+    /// when the store dropped it unreported).
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(tx), rx)
+    }
+
+    pub fn report(self) {
+        let _ = self.0.send(());
+    }
+}
+
 #[async_trait]
 pub trait ClipStore: Send + Sync + 'static {
     /// Stores a complete clip for `recipients`. Returns once the clip is as
@@ -216,19 +233,19 @@ pub trait ClipStore: Send + Sync + 'static {
         recipients: &[Arc<str>],
     ) -> Result<Appended, StoreError>;
 
-    /// [`ClipStore::append`], for a clip whose live recipients are waiting
-    /// for its end. A store that takes time to make a clip safe (a disk
-    /// commit) and keeps the acks that come meanwhile calls `end_now` once,
-    /// after it knows the clip is new and fits and from the moment it keeps
-    /// those acks, so the relay gives live recipients the end before the
-    /// commit: an ack that follows `end_now` is never lost. A store that
-    /// makes a clip safe at once never calls it (the relay ends live
-    /// deliveries after `append` returns).
-    async fn append_ending_early(
+    /// [`ClipStore::append`], reporting when the clip is committing: a
+    /// store that takes time to make a clip safe (a disk commit) and keeps
+    /// the acks that come meanwhile reports it once it knows the clip is
+    /// new and fits and from the moment it keeps those acks; an ack that
+    /// follows the report is never lost. What that means for the clip's
+    /// live recipients is the caller's to decide (the relay gives them the
+    /// end before the commit). A store that makes a clip safe at once never
+    /// reports (the caller learns from `append` returning).
+    async fn append_reporting(
         &self,
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
-        _end_now: &(dyn Fn() + Send + Sync),
+        _committing: CommitReport,
     ) -> Result<Appended, StoreError> {
         self.append(clip, recipients).await
     }

@@ -32,7 +32,7 @@ use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
 use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
-use crate::store::{Appended, ClipMeta, StoreError, StoredClip};
+use crate::store::{Appended, ClipMeta, CommitReport, StoreError, StoredClip};
 use crate::webtransport::{Gone, Link};
 use relay_core::refusal::Refusal;
 

@@ -255,11 +255,18 @@ pub(super) async fn store_clip(
     channel: Option<&str>,
 ) -> Result<bool, Refusal> {
     let appended = if shared.cluster.is_none() {
-        let end_now = || live.complete(clip.clone());
-        shared
+        // Live recipients get the end as soon as the store keeps their
+        // acks (it reports the clip committing), not after the commit.
+        let (committing, reported) = CommitReport::new();
+        let append = shared
             .store
-            .append_ending_early(clip.clone(), recipients, &end_now)
-            .await
+            .append_reporting(clip.clone(), recipients, committing);
+        let end_early = async {
+            if reported.await.is_ok() {
+                live.complete(clip.clone());
+            }
+        };
+        tokio::join!(append, end_early).0
     } else {
         shared.store.append(clip.clone(), recipients).await
     };

@@ -62,8 +62,8 @@ use copies::Copies;
 use recover::recover;
 
 use crate::store::{
-    Appended, ClipStore, ClusterCache, Cursor, HistoryEntry, MemoryStore, StoreError, StoreStats,
-    StoredClip,
+    Appended, ClipStore, ClusterCache, CommitReport, Cursor, HistoryEntry, MemoryStore, StoreError,
+    StoreStats, StoredClip,
 };
 
 /// Most operations one commit takes.
@@ -168,7 +168,7 @@ pub struct DiskStore {
     mem: MemoryStore,
     /// Clips being committed, with the recipients that acked them before
     /// the commit ended (live recipients have a clip whole before it is
-    /// on disk: see [`ClipStore::append_ending_early`]).
+    /// on disk: see [`ClipStore::append_reporting`]).
     committing: DashMap<ClipId, Committing>,
     ops: mpsc::Sender<Op>,
     /// History entries found on open, until the relay takes them.
@@ -363,14 +363,14 @@ struct Committer {
 }
 
 impl DiskStore {
-    /// [`ClipStore::append`] and [`ClipStore::append_ending_early`]: the
+    /// [`ClipStore::append`] and [`ClipStore::append_reporting`]: the
     /// clip's id is registered as committing (so acks of it are kept)
-    /// before `end_now` lets live recipients have the clip whole.
+    /// before it is reported so.
     async fn put(
         &self,
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
-        end_now: Option<&(dyn Fn() + Send + Sync)>,
+        committing: Option<CommitReport>,
     ) -> Result<Appended, StoreError> {
         // Answered from memory when possible: no disk write for retries or
         // a full store.
@@ -381,8 +381,8 @@ impl DiskStore {
         let in_flight = InFlight::new(&self.committing, id);
         // From here on an ack of this clip is kept (see `ack`): the
         // recipients may have its end.
-        if let Some(end_now) = end_now {
-            end_now();
+        if let Some(c) = committing {
+            c.report();
         }
         let put = |reply| Op::Put {
             clip: clip.clone(),
@@ -433,13 +433,13 @@ impl ClipStore for DiskStore {
         self.put(clip, recipients, None).await
     }
 
-    async fn append_ending_early(
+    async fn append_reporting(
         &self,
         clip: Arc<StoredClip>,
         recipients: &[Arc<str>],
-        end_now: &(dyn Fn() + Send + Sync),
+        committing: CommitReport,
     ) -> Result<Appended, StoreError> {
-        self.put(clip, recipients, Some(end_now)).await
+        self.put(clip, recipients, Some(committing)).await
     }
 
     fn holds(&self, recipient: &str, id: &ClipId) -> bool {
@@ -873,7 +873,8 @@ mod tests {
     }
 
     /// The earliest ack there can be: one that arrives the moment the store
-    /// lets live recipients have the clip's end (inside `end_now` itself).
+    /// reports the clip committing (when the relay gives live recipients
+    /// its end).
     /// It is kept and releases the copy, so the clip is never queued, or
     /// delivered, again to whoever acked it live. (When the end went out
     /// before the store tracked the commit, such an ack found nothing to
@@ -884,29 +885,28 @@ mod tests {
         let (bob, carol): (Arc<str>, Arc<str>) = ("bob".into(), "carol".into());
         let (s, _) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         let id = ClipId([8; 16]);
-        let ended = std::sync::atomic::AtomicBool::new(false);
-        let end_now = || {
-            ended.store(true, std::sync::atomic::Ordering::SeqCst);
-            let acked = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(s.ack("bob", &id))
-            });
-            assert_eq!(acked, Ok(true), "the ack is kept, not dropped");
-        };
         let to = [bob.clone(), carol.clone()];
-        assert_eq!(
-            s.append_ending_early(clip(8, "alice"), &to, &end_now).await,
-            Ok(Appended::New)
-        );
-        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+        let (committing, reported) = CommitReport::new();
+        let append = s.append_reporting(clip(8, "alice"), &to, committing);
+        // Bob acks the moment the store reports the clip committing (the
+        // relay has given him its end then), before the commit is done.
+        let ack = async {
+            reported.await.expect("a new clip is reported committing");
+            s.ack("bob", &id).await
+        };
+        let (appended, acked) = tokio::join!(append, ack);
+        assert_eq!(appended, Ok(Appended::New));
+        assert_eq!(acked, Ok(true), "the ack is kept, not dropped");
         assert!(!s.holds("bob", &id), "bob acked it: no copy left for him");
         assert!(s.holds("carol", &id));
         assert!(s.read("bob", 0, 10).await.unwrap().is_empty());
-        // A retry or a clip the store already has never ends early.
-        let never = || panic!("a known clip must not end early");
+        // A retry or a clip the store already has is never reported.
+        let (committing, reported) = CommitReport::new();
         assert_eq!(
-            s.append_ending_early(clip(8, "alice"), &to, &never).await,
+            s.append_reporting(clip(8, "alice"), &to, committing).await,
             Ok(Appended::Duplicate)
         );
+        assert!(reported.await.is_err(), "a known clip is not committing");
         s.close().await;
         let (s, rec) = DiskStore::open(dir.path(), u64::MAX, LogOptions::default()).unwrap();
         assert_eq!(rec.copies, 1, "after a reopen only carol's copy is left");
