@@ -6,6 +6,7 @@
 #
 #   scripts/bench-vs-build.sh ROUNDS OTHER_PTT_RELAY_BINARY
 #
+# CHANNEL=1 adds a channel run (one talker, 999 members) to each round.
 # CLUSTER=1 runs each relay clustered, on a `nats-server -js` of its own
 # (also on core 0): the clustered relay's clip rate, build against build.
 #
@@ -59,5 +60,11 @@ for round in $(seq "$rounds"); do
       --mode upload --talk-interval 1ms
     run $b $port "$pid" live --users 1000 --duration 15s --talk-interval 2s \
       --clip-min 1s --clip-max 3s
+    if [ -n "${CHANNEL:-}" ]; then
+      # One talker, 999 listening members of its channel: relay CPU per
+      # delivered frame.
+      run $b $port "$pid" channel --users 1000 --channel-size 1000 --talkers-per-channel 1 \
+        --talk-interval 1s --duration 15s --clip-min 1s --clip-max 2s --endpoints 16 --grace 30s
+    fi
   done
 done

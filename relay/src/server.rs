@@ -443,7 +443,7 @@ impl Shared {
                 .unwrap_or_default();
             seen.insert(cur.seq);
             self.history_seen
-                .insert((Arc::from(cur.user.as_str()), cur.channel), seen);
+                .restore(Arc::from(cur.user.as_str()), cur.channel, seen);
         }
     }
 
@@ -452,22 +452,12 @@ impl Shared {
         let Some(path) = self.cursors.clone() else {
             return;
         };
-        if !self.cursors_dirty.swap(false, Ordering::SeqCst) {
+        let Some(snapshot) = self.history_seen.changed_cursors() else {
             return;
-        }
-        let snapshot: std::collections::BTreeMap<(String, String), u64> = self
-            .history_seen
-            .iter()
-            .filter_map(|e| {
-                let (user, c) = e.key();
-                e.value()
-                    .last()
-                    .map(|m| ((user.to_string(), c.clone()), *m))
-            })
-            .collect();
+        };
         let list = crate::cursors::to_list(&snapshot);
         if !crate::json_file::save_off_thread(path, list, "history cursors").await {
-            self.cursors_dirty.store(true, Ordering::SeqCst);
+            self.history_seen.unsaved();
         }
     }
 

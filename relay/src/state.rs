@@ -59,11 +59,9 @@ pub struct Shared {
     pub speaking: Speaking,
     /// The history entries each (user, channel) has been given (recent
     /// ones; bounded by the history depth).
-    pub history_seen: DashMap<(Arc<str>, String), std::collections::BTreeSet<u64>>,
+    pub history_seen: relay_core::history::Seen,
     /// Where members' history cursors are kept (disk store only).
     pub cursors: Option<std::path::PathBuf>,
-    /// `history_seen` changed since the cursors were last written.
-    pub cursors_dirty: AtomicBool,
     /// Each user's data use per day.
     pub usage: crate::usage::UsageBook,
     /// Where the usage book is kept (disk store only).
@@ -186,10 +184,9 @@ impl Shared {
             inflight: AtomicU64::new(0),
             history: DashMap::new(),
             speaking: Speaking::default(),
-            history_seen: DashMap::new(),
+            history_seen: relay_core::history::Seen::new(config.channel_history_depth),
             cursors: (config.store == StoreKind::Disk)
                 .then(|| crate::cursors::path(&config.data_dir)),
-            cursors_dirty: AtomicBool::new(false),
             usage: crate::usage::UsageBook::new(config.usage_days, config.usage_max_users),
             usage_file: (config.store == StoreKind::Disk)
                 .then(|| crate::usage::path(&config.data_dir)),
@@ -504,27 +501,24 @@ pub(crate) async fn record_history(
             return;
         }
     };
-    let gone = {
-        let mut h = shared.history.entry(c.to_owned()).or_default();
-        // In sequence order (entries of one channel rarely race).
-        let at = h.clips.partition_point(|(s, _)| *s < seq);
-        h.clips.insert(at, (seq, clip.clone()));
-        h.trim(
-            cfg.channel_history_depth,
-            cfg.history_cutoff_ms(crate::now_ms()),
-        )
-    };
+    let cutoff = cfg.history_cutoff_ms(crate::now_ms());
+    let gone = shared.history.entry(c.to_owned()).or_default().insert(
+        seq,
+        clip.clone(),
+        cfg.channel_history_depth,
+        cutoff,
+    );
     for id in gone {
         let _ = shared.store.drop_history(c, &id).await;
     }
     for u in recipients.iter().chain(std::iter::once(sender)) {
-        claim_seen(shared, u, c, seq);
+        shared.history_seen.claim(u, c, seq);
     }
     // Members online now that were not recipients (they connected while the
     // clip was being sent): the only ones whose claim is still open.
     for s in shared.router.channel_members(c) {
         // Claim the entry first: a replay at connect may race with this.
-        if !claim_seen(shared, &s.user, c, seq) {
+        if !shared.history_seen.claim(&s.user, c, seq) {
             continue;
         }
         if shared
@@ -535,36 +529,6 @@ pub(crate) async fn record_history(
         {
             s.store_changed();
         }
-    }
-}
-
-/// Marks history entry `seq` of channel `c` as given to `user`; false if
-/// it already was.
-pub(crate) fn claim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) -> bool {
-    let mut e = shared
-        .history_seen
-        .entry((user.clone(), c.to_owned()))
-        .or_default();
-    let new = e.insert(seq);
-    if new {
-        shared
-            .cursors_dirty
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    // Entries older than the history are never offered again.
-    while e.len() > shared.config.channel_history_depth.max(1) * 2 {
-        e.pop_first();
-    }
-    new
-}
-
-/// Undoes [`claim_seen`] for an entry that could not be given.
-pub(crate) fn unclaim_seen(shared: &Shared, user: &Arc<str>, c: &str, seq: u64) {
-    if let Some(mut e) = shared.history_seen.get_mut(&(user.clone(), c.to_owned())) {
-        e.remove(&seq);
-        shared
-            .cursors_dirty
-            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

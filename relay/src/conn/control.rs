@@ -90,7 +90,7 @@ pub(super) async fn replay_history(shared: &Node, session: &Arc<Session>) {
         }
     }
     // Whoever claims an entry first gives the copy: once.
-    missed.retain(|(seq, c, _)| claim_seen(shared, &session.user, c, *seq));
+    missed.retain(|(seq, c, _)| shared.history_seen.claim(&session.user, c, *seq));
     if missed.is_empty() {
         return;
     }
@@ -105,7 +105,7 @@ pub(super) async fn replay_history(shared: &Node, session: &Arc<Session>) {
             // Not given: offered again at the next connection.
             warn!(error = %e, "channel history replay failed");
             for (seq, c, _) in &missed {
-                unclaim_seen(shared, &session.user, c, *seq);
+                shared.history_seen.unclaim(&session.user, c, *seq);
             }
         }
     }

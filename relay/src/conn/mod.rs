@@ -31,7 +31,7 @@ use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
-use crate::state::{Session, Shared, Stop, claim_seen, stored_new, unclaim_seen};
+use crate::state::{Session, Shared, Stop, stored_new};
 use crate::store::{Appended, ClipMeta, CommitReport, StoreError, StoredClip};
 use crate::webtransport::{Gone, Link};
 use relay_core::refusal::Refusal;
