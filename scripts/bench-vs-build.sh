@@ -3,9 +3,12 @@
 # the same `client-sim load` against each in turn on core 1, builds
 # alternating round by round: the upload clip rate and the relay's CPU per
 # delivered packet (live), with lost/duplicated/corrupted for every run.
+# ONLY_UPLOAD=1 leaves out the live run.
 #
 #   scripts/bench-vs-build.sh ROUNDS OTHER_PTT_RELAY_BINARY
 #
+# SINK=1 adds, each round, the same upload workload against a bare quinn
+# sink (`client-sim sink` on core 0): the reference for the clip rate.
 # CHANNEL=1 adds a channel run (one talker, 999 members) to each round.
 # CLUSTER=1 runs each relay clustered, on a `nats-server -js` of its own
 # (also on core 0): the clustered relay's clip rate, build against build.
@@ -19,7 +22,8 @@ other=${2:?the other build\'s ptt-relay binary}
 load=target/release/client-sim
 flags=(--max-clips-per-minute 0 --max-clip-bytes-per-minute 0 --max-handshakes-per-second 0)
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+echo "work dir $work" >&2
 cluster_this=() cluster_other=()
 if [ -n "${CLUSTER:-}" ]; then
   for p in 14231 14232; do
@@ -39,9 +43,9 @@ sleep 2
 cat >"$work/show.py" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+cpu = r['relay']['cpu_us_per_packet'] if r.get('relay') else float('nan')
 print(f"{sys.argv[3]:7} {sys.argv[2]:6} clips/s {r['clips_per_s']:9.1f}  relay us/packet "
-      f"{r['relay']['cpu_us_per_packet']:6.2f}  lost {r['lost']} dup {r['duplicated']} "
-      f"corrupt {r['corrupted']}")
+      f"{cpu:6.2f}  lost {r['lost']} dup {r['duplicated']} corrupt {r['corrupted']}")
 PY
 run() { # name port pid label load-args...
   local name=$1 port=$2 pid=$3 label=$4
@@ -49,15 +53,35 @@ run() { # name port pid label load-args...
   rm -f "$work/r.json"
   taskset -c 1 "$load" load --relay "127.0.0.1:$port" --ca "$work/$name/cert.pem" \
     --secret "$work/$name/token.secret" --relay-pid "$pid" "$@" \
-    --report-json "$work/r.json" >/dev/null 2>&1 || true
+    --report-json "$work/r.json" >"$work/load.log" 2>&1 || { tail -3 "$work/load.log"; tail -3 "$work/$name.log"; }
   python3 "$work/show.py" "$work/r.json" "$name" "$label"
+}
+sink() { # the upload workload against a bare quinn sink on core 0
+  rm -f "$work/b.json"
+  taskset -c 0 "$load" sink --listen 127.0.0.1:4443 --cert "$work/this/cert.pem" \
+    --key "$work/this/key.pem" >/dev/null 2>&1 &
+  local sp=$!
+  sleep 1
+  taskset -c 1 "$load" baseline --sink 127.0.0.1:4443 --cert "$work/this/cert.pem" "$@" \
+    --report-json "$work/b.json" >/dev/null 2>&1 || true
+  kill "$sp" 2>/dev/null || true
+  wait "$sp" 2>/dev/null || true
+  python3 -c "import json; print(f\"upload  sink   clips/s {json.load(open('$work/b.json'))['clips_per_s']:9.1f}\")"
 }
 for round in $(seq "$rounds"); do
   echo "round $round"
-  for b in this other; do
+  if [ -n "${SINK:-}" ]; then
+    sink --users 200 --duration 8s --clip-min 1s --clip-max 1s --mode upload --talk-interval 1ms
+  fi
+  # The order flips every round (the first run of a round may find the
+  # machine in another state than the second).
+  order="this other"
+  [ $((round % 2)) -eq 0 ] && order="other this"
+  for b in $order; do
     if [ $b = this ]; then port=4441 pid=$pid_this; else port=4442 pid=$pid_other; fi
     run $b $port "$pid" upload --users 200 --duration 8s --clip-min 1s --clip-max 1s \
       --mode upload --talk-interval 1ms
+    [ -n "${ONLY_UPLOAD:-}" ] && continue
     run $b $port "$pid" live --users 1000 --duration 15s --talk-interval 2s \
       --clip-min 1s --clip-max 3s
     if [ -n "${CHANNEL:-}" ]; then
