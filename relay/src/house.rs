@@ -1,8 +1,9 @@
 //! The house rules of the relay's sources (docs/architecture.md, "Modules
 //! of the relay"), checked by reading them: no import circle, at most three
-//! public modules, and the size limits (no function over
-//! `MAX_FN_LINES`, no file over `MAX_FILE_LINES`, counting non-blank lines
-//! and leaving test modules out).
+//! public modules, a core that reaches no tokio and no quinn, and the size
+//! limits in the relay and its core (no function over `MAX_FN_LINES`, no
+//! file over `MAX_FILE_LINES`, counting non-blank lines and leaving test
+//! modules out).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

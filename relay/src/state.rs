@@ -27,50 +27,50 @@ use relay_core::upload::Begin;
 /// State every connection task shares.
 pub struct Shared {
     pub config: Config,
-    pub key: TokenKey,
+    pub(crate) key: TokenKey,
     /// Public keys for EdDSA and ES256 tokens (`token_keys`), reloaded.
     public_keys: std::sync::RwLock<Arc<PublicKeys>>,
     pub store: Arc<dyn ClipStore>,
     /// The same store, as the cluster uses it.
-    pub cache: Arc<dyn ClusterCache>,
+    pub(crate) cache: Arc<dyn ClusterCache>,
     /// Sessions by user, channel members and floors (`router.rs`).
     pub router: Router,
     uploads: relay_core::upload::Uploads<Stop>,
     next_id: AtomicU64,
-    pub connections: AtomicUsize,
+    pub(crate) connections: AtomicUsize,
     /// Connections handshaking or waiting for `Auth`.
-    pub unauthenticated: AtomicUsize,
-    pub ready: AtomicBool,
+    pub(crate) unauthenticated: AtomicUsize,
+    pub(crate) ready: AtomicBool,
     /// Shutting down: new handshakes are refused.
-    pub draining: AtomicBool,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
+    pub(crate) draining: AtomicBool,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
     /// Test-only delivery faults (feature `fault-injection`).
     pub faults: crate::faults::Faults,
     /// Per-user clip budgets (`max_clips_per_minute`, bytes per minute).
-    pub budgets: DashMap<Arc<str>, relay_core::limits::UserBudget>,
+    pub(crate) budgets: DashMap<Arc<str>, relay_core::limits::UserBudget>,
     /// New handshakes per second.
     handshakes: std::sync::Mutex<relay_core::limits::Bucket>,
     /// Bytes of clips being uploaded now.
     pub inflight: AtomicU64,
     /// Recent clips of each channel, for members who were offline.
-    pub history: DashMap<String, History>,
+    pub(crate) history: DashMap<String, History>,
     /// Clips being spoken now (joined live by sessions that start).
-    pub speaking: Speaking,
+    pub(crate) speaking: Speaking,
     /// The history entries each (user, channel) has been given (recent
     /// ones; bounded by the history depth).
-    pub history_seen: relay_core::history::Seen,
+    pub(crate) history_seen: relay_core::history::Seen,
     /// Where members' history cursors are kept (disk store only).
-    pub cursors: Option<std::path::PathBuf>,
+    pub(crate) cursors: Option<std::path::PathBuf>,
     /// Each user's data use per day.
     pub usage: crate::usage::UsageBook,
     /// Where the usage book is kept (disk store only).
-    pub usage_file: Option<std::path::PathBuf>,
+    pub(crate) usage_file: Option<std::path::PathBuf>,
     /// Copies dropped at `clip_ttl` unacked, until each user's client acks
     /// its `Expired` notices.
     pub expired: crate::expired::ExpiredBook,
     /// Where the notices are kept (disk store only).
-    pub expired_file: Option<std::path::PathBuf>,
+    pub(crate) expired_file: Option<std::path::PathBuf>,
 }
 
 /// Clips being spoken now, by whom they are for: a session that starts

@@ -39,11 +39,11 @@ use relay_core::refusal::Refusal;
 /// This relay as a connection sees it: the state every connection shares
 /// and, in a cluster, the link to the other relays.
 pub struct Node {
-    pub state: Arc<Shared>,
+    pub(crate) state: Arc<Shared>,
     /// The cluster link (`--cluster`); `None` for a relay on its own.
-    pub cluster: Option<Arc<cluster::Cluster>>,
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     /// Push registrations, and the pushes that wake sleeping devices.
-    pub push: Arc<crate::push::Pusher>,
+    pub(crate) push: Arc<crate::push::Pusher>,
 }
 
 impl std::ops::Deref for Node {
