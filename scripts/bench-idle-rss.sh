@@ -36,13 +36,13 @@ one() { # label binary
   lp=$!
   t0=$(date +%s)
   while true; do
-    s=$(curl -s 127.0.0.1:9496/metrics | awk '/^ptt_sessions_open /{printf "%d", $2}')
+    s=$(sessions_open 127.0.0.1:9496)
     [ "${s:-0}" -ge "$n" ] && break
     [ $(($(date +%s) - t0)) -gt 200 ] && break
     sleep 2
   done
   sleep 20
-  s=$(curl -s 127.0.0.1:9496/metrics | awk '/^ptt_sessions_open /{printf "%d", $2}')
+  s=$(sessions_open 127.0.0.1:9496)
   awk -v s0="$s0" -v n="${s:-0}" -v label="$label" '/VmRSS/{
     printf "%-6s sessions %6d  RSS %7.1f MiB  per idle session %5.1f KiB\n",
       label, n, $2 / 1024, ($2 - s0) / (n > 0 ? n : 1) }' /proc/$rp/status

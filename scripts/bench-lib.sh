@@ -22,6 +22,12 @@ web_off() {
   if "$1" serve --help | grep -q -- '--web '; then printf '%s\n' --web off; fi
 }
 
+# Sessions open on the relay whose admin listener is ADMIN_ADDR.
+#   sessions_open ADMIN_ADDR
+sessions_open() {
+  curl -s "$1/metrics" | awk '/^ptt_sessions_open /{printf "%d", $2}'
+}
+
 # Waits (at most 10 s) until a relay started on DATA_DIR with its admin
 # listener on ADMIN_ADDR has written its token secret and answers /readyz,
 # then a second more.

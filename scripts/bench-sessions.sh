@@ -29,7 +29,7 @@ taskset -c 0 "$relay" serve --data-dir "$work/data" --listen 127.0.0.1:4475 \
 rp=$!
 sleep 2
 rss() { awk '/VmRSS/{print $2" kB"}' /proc/$rp/status; }
-sessions() { curl -s 127.0.0.1:9495/metrics | awk '/^ptt_sessions_open /{printf "%d", $2}'; }
+sessions() { sessions_open 127.0.0.1:9495; }
 wire() { curl -s 127.0.0.1:9495/metrics | awk '/^ptt_wire_bytes_total/{s+=$2} END{printf "%d", s}'; }
 cpu() { awk '{print $14+$15}' /proc/$rp/stat; }
 echo "relay RSS at start: $(rss)"

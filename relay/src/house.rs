@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 
@@ -175,10 +174,13 @@ fn lines(text: &[&str], first: usize, last: usize) -> usize {
         .count()
 }
 
+/// `#[cfg(test)]`, `#[test]` or `#[tokio::test(...)]`.
 fn is_test(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
-        let text = a.to_token_stream().to_string();
-        text.contains("cfg (test)") || a.path().is_ident("test") || text.contains("tokio :: test")
+        let test_fn = a.path().segments.last().is_some_and(|s| s.ident == "test");
+        let cfg_test =
+            a.path().is_ident("cfg") && a.parse_args::<syn::Ident>().is_ok_and(|i| i == "test");
+        test_fn || cfg_test
     })
 }
 

@@ -111,7 +111,8 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     // `early_upload_bytes` is 0) for one upload stream of that many bytes,
     // so a 0-RTT reconnect can carry a press's first audio: an
     // unauthenticated connection cannot make the relay buffer more.
-    // `conn::authenticate` then raises both (`open_credit`).
+    // `conn::handshake::authenticate` then raises both
+    // (`credit::open_credit`).
     let early = u32::from(cfg.early_upload_bytes > 0);
     t.max_concurrent_bidi_streams((1 + early).into());
     t.receive_window(auth_window(cfg));
