@@ -14,13 +14,13 @@ use codec::token::{PublicKeys, TokenKey};
 use tracing::{info, warn};
 
 use crate::config::{Config, StoreKind};
-use crate::conn::{self, Node};
+use crate::conn;
 use crate::credit::auth_window;
 use crate::state::{Shared, Unauthenticated};
 use crate::store::{ClipStore, ClusterCache, MemoryStore};
 use crate::tls::{self, DataFiles};
 
-impl crate::admin::AdminState for Node {
+impl crate::admin::AdminState for Shared {
     fn ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
@@ -96,7 +96,9 @@ impl crate::admin::AdminState for Node {
 
 /// A running relay.
 pub struct Relay {
-    node: Arc<Node>,
+    shared: Arc<Shared>,
+    /// The cluster link, as tests look at it.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     endpoint: quinn::Endpoint,
     admin_addr: SocketAddr,
     web_addr: Option<SocketAddr>,
@@ -270,34 +272,11 @@ impl Relay {
             addr: config.listen,
             source,
         })?;
-        let (store, cache) = open_store(&config)?;
-        let cluster = if config.cluster.is_empty() {
-            None
-        } else {
-            Some(crate::cluster::Cluster::connect(&config).await?)
-        };
-        let push = Arc::new(
-            crate::push::Pusher::open(&config).map_err(|e| StartError::Config(e.to_string()))?,
-        );
-        let shared = Arc::new(Shared::new(config, key, public_keys, store, cache));
-        push.start(&shared.tracker, shared.shutdown.clone());
-        if let Some(c) = &cluster {
-            push.set_cluster(c.clone());
-            c.mirror_push(push.clone(), shared.shutdown.clone());
-        }
-        let node = Arc::new(Node {
-            state: shared.clone(),
-            cluster,
-            push,
-        });
-        restore(&shared);
-        if let Some(c) = &node.cluster {
-            c.start(&shared);
-        }
+        let (shared, cluster) = assemble(config, key, public_keys).await?;
         let (admin, admin_addr) = bind_tcp("admin TCP", shared.config.admin).await?;
         tokio::spawn(crate::admin::serve(
             admin,
-            node.clone(),
+            shared.clone(),
             shared.shutdown.clone(),
         ));
         let web_addr = match shared.config.web.0 {
@@ -310,7 +289,7 @@ impl Relay {
         if let tls::WebCerts::Ephemeral(certs) = &web_certs {
             tokio::spawn(renew_web_certs(certs.clone(), shared.shutdown.clone()));
         }
-        tokio::spawn(accept_loop(endpoint.clone(), node.clone()));
+        tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tokio::spawn(sweep_loop(shared.clone()));
         tokio::spawn(crate::metrics::upkeep(shared.shutdown.clone()));
         tokio::spawn(cursor_loop(shared.clone()));
@@ -318,7 +297,8 @@ impl Relay {
         tokio::spawn(token_keys_loop(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Relay {
-            node,
+            shared,
+            cluster,
             endpoint,
             admin_addr,
             web_addr,
@@ -329,7 +309,7 @@ impl Relay {
     pub fn quic_addr(&self) -> SocketAddr {
         self.endpoint
             .local_addr()
-            .unwrap_or(self.node.config.listen)
+            .unwrap_or(self.shared.config.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -346,16 +326,16 @@ impl Relay {
     }
 
     pub fn token_key(&self) -> &TokenKey {
-        &self.node.key
+        &self.shared.key
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
-        &self.node.state
+        &self.shared
     }
 
     /// The cluster link, in a cluster.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
-        self.node.cluster.as_ref()
+        self.cluster.as_ref()
     }
 
     /// Serves until `signal` resolves, then shuts down.
@@ -367,7 +347,7 @@ impl Relay {
     /// Stops accepting, gives uploads in flight `drain_timeout` to finish,
     /// then closes every connection with `going_away`.
     pub async fn shutdown(self) {
-        let s = &self.node;
+        let s = &self.shared;
         s.ready.store(false, Ordering::SeqCst);
         // New handshakes get CONNECTION_REFUSED at once (`accept_loop`)
         // rather than no answer: their clients try elsewhere without
@@ -532,7 +512,48 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(fs: impl Iter
     while set.join_next().await.is_some() {}
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
+/// The state every connection shares: the store, the cluster link (whose
+/// concrete type only tests see), the pusher, what was kept on disk; the
+/// background work of each started.
+async fn assemble(
+    config: Config,
+    key: TokenKey,
+    public_keys: PublicKeys,
+) -> Result<(Arc<Shared>, Option<Arc<crate::cluster::Cluster>>), StartError> {
+    let (store, cache) = open_store(&config)?;
+    let cluster = if config.cluster.is_empty() {
+        None
+    } else {
+        Some(crate::cluster::Cluster::connect(&config).await?)
+    };
+    let push = Arc::new(
+        crate::push::Pusher::open(&config).map_err(|e| StartError::Config(e.to_string()))?,
+    );
+    let link = cluster
+        .clone()
+        .map(|c| Box::new(c) as Box<dyn crate::state::ClusterLink>);
+    let shared = Arc::new(Shared::new(
+        config,
+        key,
+        public_keys,
+        store,
+        cache,
+        link,
+        push.clone(),
+    ));
+    push.start(&shared.tracker, shared.shutdown.clone());
+    if let Some(c) = &cluster {
+        push.set_cluster(c.clone());
+        c.mirror_push(push.clone(), shared.shutdown.clone());
+    }
+    restore(&shared);
+    if let Some(c) = &cluster {
+        c.start(&shared);
+    }
+    Ok((shared, cluster))
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     use relay_core::admission::{Admission, Arrival, Caps, admit};
     let caps = Caps {
         max_unauthenticated_connections: shared.config.max_unauthenticated_connections,
@@ -569,7 +590,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Node>) {
             Admission::Serve => None,
         };
         shared.unauthenticated.fetch_add(1, Ordering::SeqCst);
-        let unauthenticated = Unauthenticated(shared.state.clone());
+        let unauthenticated = Unauthenticated(shared.clone());
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let shared2 = shared.clone();
         tokio::spawn(async move {

@@ -1,7 +1,9 @@
 //! What every connection task shares: the sessions (`Session`), uploads
 //! in progress, channel history, and the step that follows storing a new
 //! clip. The connection logic (`conn/`) and the cluster link
-//! (`cluster/`) both build on this module; it depends on neither.
+//! (`cluster/`) both build on this module; it depends on neither: what the
+//! relay asks of its cluster link is the trait [`ClusterLink`], which
+//! `cluster/` carries out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,10 @@ use tracing::warn;
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use crate::config::{Config, StoreKind};
+use crate::error::ClusterError;
 use crate::live::LiveClip;
 use crate::store::{ClipStore, ClusterCache, StoredClip};
 use relay_core::refusal::Refusal;
@@ -71,6 +76,74 @@ pub struct Shared {
     pub expired: crate::expired::ExpiredBook,
     /// Where the notices are kept (disk store only).
     pub(crate) expired_file: Option<std::path::PathBuf>,
+    /// The link to the other relays (`--cluster`); `None` for a relay on
+    /// its own.
+    pub(crate) cluster: Option<Box<dyn ClusterLink>>,
+    /// Push registrations, and the pushes that wake sleeping devices.
+    pub(crate) push: Arc<crate::push::Pusher>,
+}
+
+/// What the relay asks of its cluster link (`cluster/` answers; a trait so
+/// that the link can build on this module without this module naming it).
+/// None of these waits on NATS longer than the link is up: cut off, the
+/// link holds what it must write and answers at once.
+pub(crate) trait ClusterLink: Send + Sync {
+    /// Whether the link to NATS is up now.
+    fn connected(&self) -> bool;
+    /// Clips accepted here that the cluster does not have yet.
+    fn held(&self) -> usize;
+    /// A session starts: the subjects of its user and channels are wanted
+    /// here (returned, to give back at its end).
+    fn join(&self, shared: &Arc<Shared>, session: &Arc<Session>) -> Vec<String>;
+    /// A session ends: it no longer wants `subject`.
+    fn unwant(&self, subject: &str);
+    /// A live clip for a user not online here, or for a channel's members
+    /// on other relays: published once for them.
+    fn forward(&self, shared: &Arc<Shared>, live: Arc<LiveClip>, to: To<'_>);
+    /// Takes `channel`'s floor cluster-wide for `user`'s clip `clip`.
+    fn take_floor<'a>(
+        &'a self,
+        channel: &'a str,
+        user: &'a str,
+        clip: ClipId,
+        priority: bool,
+    ) -> BoxFuture<'a, Result<ClusterFloor, ClusterError>>;
+    /// Gives back a floor taken at this sequence.
+    fn release_floor(&self, seq: u64);
+    /// Keeps an accepted direct clip for `recipient` in the cluster
+    /// (`elsewhere`: not online here, so its relay is told).
+    fn keep<'a>(
+        &'a self,
+        clip: &'a StoredClip,
+        recipient: &'a Arc<str>,
+        elsewhere: bool,
+    ) -> BoxFuture<'a, Result<(), ClusterError>>;
+    /// Keeps an accepted channel clip in the cluster's channel history.
+    fn keep_history<'a>(
+        &'a self,
+        channel: &'a str,
+        clip: &'a Arc<StoredClip>,
+    ) -> BoxFuture<'a, Result<(), ClusterError>>;
+    /// A recipient here acked `clip` (never waits).
+    fn acked(&self, clip: &ClipId, recipient: &Arc<str>);
+}
+
+/// Whom a live clip is forwarded to through the cluster.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum To<'a> {
+    /// A user who may be online on another relay.
+    User(&'a str),
+    /// A channel's members on other relays.
+    Channel(&'a str),
+}
+
+/// What the cluster said to a talker asking for a channel's floor.
+#[derive(Debug)]
+pub(crate) enum ClusterFloor {
+    /// Taken, at this stream sequence (released with it).
+    Granted { seq: u64 },
+    /// Held by someone else (this user).
+    Busy { holder: String },
 }
 
 /// Clips being spoken now, by whom they are for: a session that starts
@@ -153,14 +226,18 @@ impl relay_core::router::Member for Session {
 impl Shared {
     /// The state of a relay starting with `config`, its token secret and
     /// public keys, and its store (as the sessions and the cluster use it).
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
         key: TokenKey,
         public_keys: PublicKeys,
         store: Arc<dyn ClipStore>,
         cache: Arc<dyn ClusterCache>,
+        cluster: Option<Box<dyn ClusterLink>>,
+        push: Arc<crate::push::Pusher>,
     ) -> Shared {
         Shared {
+            cluster,
+            push,
             key,
             public_keys: std::sync::RwLock::new(Arc::new(public_keys)),
             store,

@@ -9,11 +9,11 @@ impl Cluster {
     /// Takes channel `channel`'s floor cluster-wide for `me`: free, held by
     /// the same user (a retry or a newer clip), or pre-empted by a
     /// priority talker (the holder's relay is told to cut its clip).
-    pub async fn take_floor(
+    pub(crate) async fn take_floor(
         &self,
         channel: &str,
         me: FloorRecord,
-    ) -> Result<FloorDecision, ClusterError> {
+    ) -> Result<ClusterFloor, ClusterError> {
         // Cut off (or cut off meanwhile): fail at once (the relay then
         // decides alone) instead of holding the talker for JetStream's
         // timeout.
@@ -26,11 +26,11 @@ impl Cluster {
         &self,
         channel: &str,
         me: FloorRecord,
-    ) -> Result<FloorDecision, ClusterError> {
+    ) -> Result<ClusterFloor, ClusterError> {
         let subject = floor_subject(channel);
         for _ in 0..8 {
             if let Some(seq) = self.put_floor(&subject, &me, 0).await? {
-                return Ok(FloorDecision::Granted { seq });
+                return Ok(ClusterFloor::Granted { seq });
             }
             let cur = match self.floors.get_last_raw_message_by_subject(&subject).await {
                 Ok(m) => m,
@@ -42,7 +42,7 @@ impl Cluster {
             let rule = FloorRule::of(holder, &me.user, me.priority);
             if let (FloorRule::Busy, Some(h)) = (rule, &held) {
                 let holder = h.user.clone();
-                return Ok(FloorDecision::Busy { holder });
+                return Ok(ClusterFloor::Busy { holder });
             }
             if let Some(seq) = self.put_floor(&subject, &me, cur.sequence).await? {
                 if let (FloorRule::Preempts, Some(h)) = (rule, held)
@@ -55,7 +55,7 @@ impl Cluster {
                     };
                     let _ = self.publish(&relay_subject(h.relay), cut).await;
                 }
-                return Ok(FloorDecision::Granted { seq });
+                return Ok(ClusterFloor::Granted { seq });
             }
         }
         Err(ClusterError::Contended(channel.to_owned()))

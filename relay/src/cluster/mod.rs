@@ -48,6 +48,7 @@ use codec::wire::{ClipId, Target};
 use codec::{ErrorCode, Framer, Message};
 use dashmap::DashMap;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -60,7 +61,7 @@ mod remote;
 
 use crate::live::{LiveClip, Next};
 use crate::metrics;
-use crate::state::{Session, Shared, record_history};
+use crate::state::{ClusterFloor, ClusterLink, Session, Shared, To, record_history};
 use crate::store::{Appended, ClipMeta, StoredClip};
 
 /// A clip arriving from another relay.
@@ -267,15 +268,6 @@ impl FloorRecord {
     }
 }
 
-/// What the cluster said to a talker asking for a channel's floor.
-#[derive(Debug)]
-pub enum FloorDecision {
-    /// Taken, at this stream sequence (released with it).
-    Granted { seq: u64 },
-    /// Held by someone else (this user).
-    Busy { holder: String },
-}
-
 /// The cluster link of one relay.
 pub struct Cluster {
     client: async_nats::Client,
@@ -441,6 +433,75 @@ async fn wait_link_while_open(link: &mut watch::Receiver<LinkState>, live: &Arc<
 fn origin_of(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
     let v = headers?.get(ORIGIN_HEADER)?;
     u64::from_str_radix(v.as_str(), 16).ok()
+}
+
+/// The relay asks its link through [`ClusterLink`] (the state names the
+/// trait, not this module).
+impl ClusterLink for Arc<Cluster> {
+    fn connected(&self) -> bool {
+        Cluster::connected(self)
+    }
+
+    fn held(&self) -> usize {
+        Cluster::held(self)
+    }
+
+    fn join(&self, shared: &Arc<Shared>, session: &Arc<Session>) -> Vec<String> {
+        Cluster::join(self, shared, session)
+    }
+
+    fn unwant(&self, subject: &str) {
+        Cluster::unwant(self, subject);
+    }
+
+    fn forward(&self, shared: &Arc<Shared>, live: Arc<LiveClip>, to: To<'_>) {
+        let subject = match to {
+            To::User(u) => user_subject(u),
+            To::Channel(c) => channel_subject(c),
+        };
+        Cluster::forward(self, shared, live, subject);
+    }
+
+    fn take_floor<'a>(
+        &'a self,
+        channel: &'a str,
+        user: &'a str,
+        clip: ClipId,
+        priority: bool,
+    ) -> BoxFuture<'a, Result<ClusterFloor, ClusterError>> {
+        let me = FloorRecord {
+            priority,
+            relay: self.id,
+            clip,
+            user: user.to_owned(),
+        };
+        Box::pin(Cluster::take_floor(self, channel, me))
+    }
+
+    fn release_floor(&self, seq: u64) {
+        Cluster::release_floor(self, seq);
+    }
+
+    fn keep<'a>(
+        &'a self,
+        clip: &'a StoredClip,
+        recipient: &'a Arc<str>,
+        elsewhere: bool,
+    ) -> BoxFuture<'a, Result<(), ClusterError>> {
+        Box::pin(Cluster::keep(self, clip, recipient, elsewhere))
+    }
+
+    fn keep_history<'a>(
+        &'a self,
+        channel: &'a str,
+        clip: &'a Arc<StoredClip>,
+    ) -> BoxFuture<'a, Result<(), ClusterError>> {
+        Box::pin(Cluster::keep_history(self, channel, clip))
+    }
+
+    fn acked(&self, clip: &ClipId, recipient: &Arc<str>) {
+        Cluster::acked(self, clip, recipient);
+    }
 }
 
 /// Whether this relay knows clip `id` (accepted here, relayed here, or

@@ -5,7 +5,7 @@ use super::*;
 
 /// Reads acks until the control stream ends.
 pub(super) async fn control_loop(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     mut ctl: MessageReader,
 ) -> Result<(), Refusal> {
@@ -74,7 +74,7 @@ pub(super) async fn control_loop(
 /// Gives a member who connects what its channels said while it was away
 /// (within the history's depth and age), once, merged with the clips
 /// already waiting for it in the order the relay accepted them.
-pub(super) async fn replay_history(shared: &Node, session: &Arc<Session>) {
+pub(super) async fn replay_history(shared: &Shared, session: &Arc<Session>) {
     let oldest = shared.config.history_cutoff_ms(crate::now_ms());
     let mut missed: Vec<(u64, &String, Arc<StoredClip>)> = Vec::new();
     for c in session.channels.keys() {

@@ -8,7 +8,7 @@ use super::*;
 /// Starts deliveries: live clips as they are offered, stored clips from the
 /// store within the window. Returns when the connection closes.
 pub(super) async fn pump(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     live_rx: &mut mpsc::Receiver<Arc<LiveClip>>,
 ) {
@@ -84,7 +84,7 @@ pub(super) async fn pump(
 }
 
 pub(super) async fn start_live(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     live: Arc<LiveClip>,
 ) -> Result<(), Gone> {
@@ -114,7 +114,7 @@ pub(super) async fn write_live(
     mut send: SendStream,
     live: Arc<LiveClip>,
     mut fault: Fault,
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
 ) -> bool {
     let mut reader = live.reader();
@@ -189,7 +189,7 @@ impl StoredOrder {
 }
 
 pub(super) async fn start_stored(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     order: &mut StoredOrder,
@@ -204,7 +204,7 @@ pub(super) async fn start_stored(
 /// Writes one stored clip on a new stream, in `order` (the deliberate
 /// duplicate of the fault injector takes none).
 pub(super) async fn start_stored_copy(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     clip: Arc<StoredClip>,
     fault: Fault,

@@ -7,7 +7,7 @@ use super::*;
 /// A browser's connection: the HTTP/3 handshake up to its WebTransport
 /// session, on a complete TLS handshake. `None`: refused (closed).
 pub(super) async fn web_session(
-    shared: &Node,
+    shared: &Shared,
     conn: &Connection,
     handshake: &mut Handshake,
 ) -> Option<Link> {
@@ -105,7 +105,7 @@ pub(super) fn late(cfg: &crate::Config) -> Refusal {
 
 /// Reads the first message, which must be `Auth`, and checks its token.
 pub(super) async fn check_auth(
-    shared: &Node,
+    shared: &Shared,
     rd: &mut MessageReader,
     deadline: Instant,
 ) -> Result<codec::token::Claims, Refusal> {
@@ -131,7 +131,7 @@ pub(super) async fn check_auth(
 }
 
 pub(super) async fn authenticate(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     conn: &Connection,
     link: &Link,
     handshake: &mut Handshake,

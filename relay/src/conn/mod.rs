@@ -27,7 +27,6 @@ use deliver::pump;
 use handshake::{Handshake, authenticate, web_session};
 use upload::accept_uploads;
 
-use crate::cluster;
 use crate::faults::{self, Fault};
 use crate::live::{LiveClip, Next};
 use crate::metrics;
@@ -36,27 +35,9 @@ use crate::store::{Appended, ClipMeta, CommitReport, StoreError, StoredClip};
 use crate::webtransport::{Gone, Link};
 use relay_core::refusal::Refusal;
 
-/// This relay as a connection sees it: the state every connection shares
-/// and, in a cluster, the link to the other relays.
-pub struct Node {
-    pub(crate) state: Arc<Shared>,
-    /// The cluster link (`--cluster`); `None` for a relay on its own.
-    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
-    /// Push registrations, and the pushes that wake sleeping devices.
-    pub(crate) push: Arc<crate::push::Pusher>,
-}
-
-impl std::ops::Deref for Node {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.state
-    }
-}
-
 /// Runs one connection from handshake to close.
 pub async fn run(
-    shared: Arc<Node>,
+    shared: Arc<Shared>,
     incoming: quinn::Incoming,
     unauthenticated: crate::state::Unauthenticated,
 ) {
@@ -122,7 +103,7 @@ pub async fn run(
 /// client has a ticket), how ptt/1 runs on it, and where its handshake is.
 /// `None`: it failed (counted and logged).
 async fn connect(
-    shared: &Node,
+    shared: &Shared,
     incoming: quinn::Incoming,
 ) -> Option<(Connection, Link, Handshake)> {
     let mut connecting = match incoming.accept() {
@@ -160,7 +141,7 @@ async fn connect(
 /// subjects it now wants, returned), clips being spoken to it join it live,
 /// then `Welcome`, the channels' recent history, its pushes' bookkeeping
 /// and its expiry notices.
-async fn start(shared: &Node, session: &Arc<Session>, welcome: &Message) -> Vec<String> {
+async fn start(shared: &Arc<Shared>, session: &Arc<Session>, welcome: &Message) -> Vec<String> {
     shared.router.join(session, session.channels.keys());
     // Clips being spoken to this user now (a phone woken by their push):
     // joined live from their first packet.
@@ -172,7 +153,7 @@ async fn start(shared: &Node, session: &Arc<Session>, welcome: &Message) -> Vec<
     }
     // Other relays' live clips for this user and its channels.
     let subjects = match &shared.cluster {
-        Some(c) => c.join(&shared.state, session),
+        Some(c) => c.join(shared, session),
         None => Vec::new(),
     };
     // `Welcome` only now: from the moment a client has it, it is online

@@ -3,9 +3,11 @@
 
 use relay_core::upload::{Pace, finished};
 
+use crate::state::{ClusterFloor, To};
+
 use super::*;
 
-pub(super) async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
+pub(super) async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>) {
     // The transport parameters allow a browser's HTTP/3 streams; a native
     // client opening a unidirectional stream is told no at once.
     let native = matches!(session.link, Link::Quic);
@@ -44,7 +46,7 @@ pub(super) async fn accept_uploads(shared: &Arc<Node>, session: &Arc<Session>) {
 /// One clip upload: header, packets relayed live as they arrive, stored,
 /// then "accepted".
 pub(super) async fn upload(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     session: &Arc<Session>,
     mut send: SendStream,
     recv: RecvStream,
@@ -115,7 +117,7 @@ pub(super) async fn upload(
 /// the sender's budget). `None` when it was answered already: refused, or
 /// a retry of a clip accepted before (`Accepted`, duplicate).
 async fn opening(
-    shared: &Node,
+    shared: &Shared,
     session: &Session,
     send: &mut SendStream,
     rd: &mut MessageReader,
@@ -155,7 +157,7 @@ async fn opening(
 /// upload is stopped (taken over, pre-empted); the bytes it held are given
 /// back and charged to the sender. The clip's body and end when whole.
 async fn receive(
-    shared: &Node,
+    shared: &Shared,
     session: &Session,
     rd: &mut MessageReader,
     live: &LiveClip,
@@ -185,7 +187,7 @@ async fn receive(
 /// pre-emption). A cluster that cannot answer leaves the decision to this
 /// relay alone.
 pub(super) async fn take_floors(
-    shared: &Node,
+    shared: &Shared,
     session: &Session,
     c: &str,
     id: ClipId,
@@ -194,15 +196,10 @@ pub(super) async fn take_floors(
 ) -> Result<Option<u64>, Refusal> {
     let mut cluster_floor = None;
     if let Some(cl) = &shared.cluster {
-        let me = cluster::FloorRecord {
-            priority: session.channels.get(c) == Some(&Right::Priority),
-            relay: cl.id,
-            clip: id,
-            user: session.user.to_string(),
-        };
-        match cl.take_floor(c, me).await {
-            Ok(cluster::FloorDecision::Granted { seq }) => cluster_floor = Some(seq),
-            Ok(cluster::FloorDecision::Busy { holder }) => {
+        let priority = session.channels.get(c) == Some(&Right::Priority);
+        match cl.take_floor(c, &session.user, id, priority).await {
+            Ok(ClusterFloor::Granted { seq }) => cluster_floor = Some(seq),
+            Ok(ClusterFloor::Busy { holder }) => {
                 metrics::count1(metrics::FLOOR_BUSY);
                 return Err(Refusal::floor_busy(&holder, c));
             }
@@ -224,7 +221,7 @@ pub(super) async fn take_floors(
 /// once for those on other relays (each user not online here; a channel's
 /// members elsewhere, once for all).
 pub(super) fn fan_out(
-    shared: &Arc<Node>,
+    shared: &Arc<Shared>,
     live: &Arc<LiveClip>,
     recipients: &[Arc<str>],
     channel: Option<&str>,
@@ -232,11 +229,11 @@ pub(super) fn fan_out(
     shared.offer_live(live, recipients, |r| {
         // Maybe on another relay: published once for it.
         if let Some(c) = &shared.cluster {
-            c.forward(&shared.state, live.clone(), cluster::user_subject(r));
+            c.forward(shared, live.clone(), To::User(r));
         }
     });
     if let (Some(c), Some(ch)) = (&shared.cluster, channel) {
-        c.forward(&shared.state, live.clone(), cluster::channel_subject(ch));
+        c.forward(shared, live.clone(), To::Channel(ch));
     }
 }
 
@@ -248,7 +245,7 @@ pub(super) fn fan_out(
 /// copies for other relays are kept first. The live clip's first outcome
 /// holds: a later `complete` or `cut` is a no-op.
 pub(super) async fn store_clip(
-    shared: &Node,
+    shared: &Shared,
     live: &LiveClip,
     clip: Arc<StoredClip>,
     recipients: &[Arc<str>],
@@ -366,7 +363,7 @@ pub(super) async fn refuse(
 }
 
 /// The user's clip budget and the relay's in-flight memory budget.
-pub(super) fn budget(shared: &Node, session: &Session) -> Result<(), Refusal> {
+pub(super) fn budget(shared: &Shared, session: &Session) -> Result<(), Refusal> {
     let cfg = &shared.config;
     let inflight = shared.inflight.load(std::sync::atomic::Ordering::Relaxed);
     if inflight >= cfg.max_inflight_bytes {
@@ -399,7 +396,7 @@ pub(super) fn budget(shared: &Node, session: &Session) -> Result<(), Refusal> {
 /// user (a retry), or pre-empted by a priority talker. Otherwise
 /// `floor_busy` naming the holder.
 pub(super) fn take_floor(
-    shared: &Node,
+    shared: &Shared,
     session: &Session,
     c: &str,
     upload_no: u64,
@@ -436,7 +433,7 @@ pub(super) enum Admit {
 
 /// Checks the header: target, and whether this id was seen.
 pub(super) async fn admit(
-    shared: &Node,
+    shared: &Shared,
     session: &Session,
     h: &ClipHeader,
 ) -> Result<Admit, Refusal> {
@@ -465,7 +462,7 @@ pub(super) async fn admit(
 /// header that breaks its rules, a stream that ends first or nothing for
 /// `upload_idle_timeout` is refused.
 pub(super) async fn read_clip_header(
-    shared: &Node,
+    shared: &Shared,
     rd: &mut MessageReader,
 ) -> Result<ClipHeader, Refusal> {
     let idle = shared.config.upload_idle_timeout;
@@ -502,7 +499,7 @@ pub(super) async fn read_clip_header(
 /// Reads packet records until the end record and FIN, pushing each
 /// validated run of records to the live clip as it arrives.
 pub(super) async fn receive_packets(
-    shared: &Node,
+    shared: &Shared,
     rd: &mut MessageReader,
     live: &LiveClip,
     held: &mut u64,
