@@ -614,27 +614,27 @@ pub(crate) async fn record_history(
 #[derive(Clone, Default)]
 pub struct Stop {
     token: CancellationToken,
-    why: Arc<std::sync::OnceLock<(ErrorCode, String)>>,
+    why: Arc<std::sync::OnceLock<Refusal>>,
 }
 
 impl Stop {
     pub fn stop(&self, code: ErrorCode, reason: impl Into<String>) {
-        let _ = self.why.set((code, reason.into()));
+        self.refuse(Refusal::new(code, reason));
+    }
+
+    /// Stops the upload with `r`'s code and reason (the first one holds).
+    pub fn refuse(&self, r: Refusal) {
+        let _ = self.why.set(r);
         self.token.cancel();
     }
 
-    /// Stops the upload with `r`'s code and reason.
-    pub fn refuse(&self, r: Refusal) {
-        self.stop(r.code, r.reason);
-    }
-
-    /// Resolves once stopped, with the code and reason to refuse with.
-    pub async fn stopped(&self) -> (ErrorCode, String) {
+    /// Resolves once stopped, with the refusal to answer with.
+    pub async fn stopped(&self) -> Refusal {
         self.token.cancelled().await;
         self.why
             .get()
             .cloned()
-            .unwrap_or((ErrorCode::CutOff, "stopped".into()))
+            .unwrap_or_else(|| Refusal::new(ErrorCode::CutOff, "stopped"))
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use codec::ErrorCode;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use relay_core::refusal::Refusal;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
@@ -165,7 +166,8 @@ pub async fn accept(
     conn: &Connection,
     cfg: &crate::Config,
     deadline: Instant,
-) -> Result<Link, String> {
+) -> Result<Link, Refusal> {
+    let refused = |why: String| Refusal::new(ErrorCode::ProtocolViolation, why);
     let early = u32::from(cfg.early_upload_bytes > 0);
     conn.set_max_concurrent_uni_streams(H3_UNI_STREAMS.into());
     // CONNECT, then ptt/1's control stream and early upload.
@@ -174,17 +176,17 @@ pub async fn accept(
     conn.set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
     let request = timeout_at(deadline, web_transport_quinn::Request::accept(conn.clone()))
         .await
-        .map_err(|_| "no WebTransport CONNECT in time".to_string())?
-        .map_err(|e| format!("HTTP/3: {e}"))?;
+        .map_err(|_| refused("no WebTransport CONNECT in time".into()))?
+        .map_err(|e| refused(format!("HTTP/3: {e}")))?;
     if request.url.path() != PATH {
         let path = request.url.path().to_string();
         let _ = request.reject(http_not_found()).await;
-        return Err(format!("WebTransport path {path} is not {PATH}"));
+        return Err(refused(format!("WebTransport path {path} is not {PATH}")));
     }
     let session = request
         .ok()
         .await
-        .map_err(|e| format!("WebTransport response: {e}"))?;
+        .map_err(|e| refused(format!("WebTransport response: {e}")))?;
     tokio::spawn(drain_h3_streams(conn.clone()));
     Ok(Link::Web(Arc::new(session)))
 }

@@ -437,6 +437,12 @@ impl Cluster {
         }
     }
 
+    /// A relayed clip's end: kept here for its recipients, then the step
+    /// after storing every new clip (`stored_new`, as for an upload). Not
+    /// the upload's `store_clip`: a clip the store already has completes
+    /// the live copy here (it came twice, from the run and the cluster's
+    /// announcement), where an upload's duplicate is cut; and the cluster
+    /// already keeps it (the origin's `Accepted` waited for that).
     pub(super) async fn ended(
         self: &Arc<Self>,
         shared: &Arc<Shared>,

@@ -17,10 +17,10 @@ pub(super) async fn web_session(
     }
     match crate::webtransport::accept(conn, &shared.config, deadline).await {
         Ok(link) => Some(link),
-        Err(why) => {
-            debug!(remote = %conn.remote_address(), %why, "WebTransport session refused");
+        Err(r) => {
+            debug!(remote = %conn.remote_address(), why = %r.reason, "WebTransport session refused");
             metrics::count(metrics::CONNECTIONS_REJECTED, "reason", "webtransport");
-            quic::close(conn, ErrorCode::ProtocolViolation, &why);
+            quic::close(conn, r.code, &r.reason);
             None
         }
     }

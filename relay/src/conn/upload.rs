@@ -166,7 +166,7 @@ async fn receive(
     let mut held = 0u64;
     let result = tokio::select! {
         r = receive_packets(shared, rd, live, &mut held) => r,
-        (code, reason) = stop.stopped() => Err(Refusal::new(code, reason)),
+        r = stop.stopped() => Err(r),
     };
     shared
         .inflight

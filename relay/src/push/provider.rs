@@ -171,8 +171,11 @@ impl Apns {
     }
 
     /// The provider JWT: `kid` = key id, `iss` = team id, `iat` = now.
-    fn bearer(&self, fresh: bool) -> Result<String, String> {
-        let mut g = self.jwt.lock().map_err(|_| "poisoned".to_owned())?;
+    fn bearer(&self, fresh: bool) -> Result<String, PushError> {
+        let mut g = self
+            .jwt
+            .lock()
+            .map_err(|_| config("apns_key")("poisoned".to_owned()))?;
         if let Some(c) = g.as_ref()
             && !fresh
             && c.made.elapsed() < c.valid
@@ -190,7 +193,8 @@ impl Apns {
             iss: &self.team_id,
             iat: crate::now_ms() / 1000,
         };
-        let token = jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())?;
+        let token = jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| config("apns_key")(e.to_string()))?;
         *g = Some(Cached {
             token: token.clone(),
             made: Instant::now(),
@@ -201,7 +205,7 @@ impl Apns {
 
     /// Sends one push; `fresh` signs a new provider JWT first.
     pub async fn send(&self, http: &Https, p: &Push, fresh: bool) -> Result<Answer, PushError> {
-        let bearer = self.bearer(fresh).map_err(|why| config("apns_key")(why))?;
+        let bearer = self.bearer(fresh)?;
         let auth = format!("bearer {bearer}");
         let mut headers = vec![
             ("authorization", auth.as_str()),
