@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use codec::ogg_opus::OggOpus;
 use codec::wire::{ClipId, Target};
+use ptt_client::failover::{self, Relays, Watched};
 use ptt_client::net;
 use ptt_client::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing};
 use tokio::time::Instant;
@@ -29,9 +30,23 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Conn {
-    /// Relay address, HOST:PORT.
+    /// Relay address, HOST:PORT; several, comma-separated, for relays of
+    /// one service: the home relay first, then the others in order of
+    /// preference. One that stops answering is left for the next within
+    /// --failover-after, and the client goes back home once home answers
+    /// again.
     #[arg(long, env = "PTT_RELAY")]
     relay: String,
+    /// With several relays: how soon one that stopped answering is left
+    /// for the next (what was sent unanswered for half of it, or a
+    /// connection attempt for all of it).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    failover_after: Duration,
+    /// A silent connection sends a QUIC PING this often (1s..25s): an idle
+    /// client notices a relay gone within this plus half of
+    /// --failover-after.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    keep_alive: Duration,
     /// PEM file of the relay's certificate (or the CA that signed it).
     #[arg(long, env = "PTT_CA")]
     ca: PathBuf,
@@ -414,22 +429,52 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The relays of `--relay`, as connections go to them.
 struct Relay {
     endpoint: quinn::Endpoint,
-    addr: std::net::SocketAddr,
-    name: String,
+    /// Each relay's address and certificate name.
+    addrs: std::collections::HashMap<String, (std::net::SocketAddr, String)>,
     token: String,
+    failover_after: Duration,
 }
 
-async fn prepare(c: &Conn) -> anyhow::Result<Relay> {
-    let (addr, name) = net::resolve(&c.relay).await?;
-    Ok(Relay {
-        endpoint: net::endpoint(addr, &c.ca)?,
-        addr,
-        name,
+/// The shared retry rule (`codec::retry`) as `send` and `listen` follow
+/// it: 200 ms doubling to 6.4 s, never sooner than the relay's hint.
+const RETRY: codec::retry::Backoff = codec::retry::Backoff {
+    min: Duration::from_millis(200),
+    max: Duration::from_millis(6400),
+};
+
+async fn prepare(c: &Conn) -> anyhow::Result<(Relay, Relays)> {
+    let list: Vec<String> = c
+        .relay
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let Some(home) = list.first() else {
+        bail!("--relay names no relay");
+    };
+    let mut addrs = std::collections::HashMap::new();
+    for r in &list {
+        addrs.insert(r.clone(), net::resolve(r).await?);
+    }
+    let transport = net::Transport {
+        keep_alive: c.keep_alive,
+        ..net::Transport::default()
+    };
+    let endpoint = net::endpoint_with(addrs[home].0, &c.ca, &transport)?;
+    let relay = Relay {
+        endpoint,
+        addrs,
         token: c.token.clone(),
-    })
+        failover_after: c.failover_after,
+    };
+    Ok((relay, Relays::new(list, RETRY)))
 }
+
+type Connected = (Arc<Client>, tokio::sync::mpsc::Receiver<Event>);
 
 impl Relay {
     /// Closes every connection and lets the last packets (acks) leave.
@@ -438,33 +483,68 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<(Arc<Client>, tokio::sync::mpsc::Receiver<Event>), ClientError> {
-        Client::connect(
+    fn several(&self) -> bool {
+        self.addrs.len() > 1
+    }
+
+    /// Connects to `relay` (with several, an attempt without an answer
+    /// within --failover-after is given up).
+    async fn connect(&self, relay: &str) -> Result<Connected, ClientError> {
+        let Some((addr, name)) = self.addrs.get(relay) else {
+            return Err(ClientError::Connect(format!("{relay}: not in --relay")));
+        };
+        let c = Client::connect(
             &self.endpoint,
-            self.addr,
-            &self.name,
+            *addr,
+            name,
             &self.token,
             ClientOptions::default(),
+        );
+        if !self.several() {
+            return c.await;
+        }
+        let limit = self.failover_after;
+        tokio::time::timeout(limit, c).await.unwrap_or_else(|_| {
+            Err(ClientError::Connect(format!(
+                "{relay}: no answer within {limit:?}"
+            )))
+        })
+    }
+
+    /// Connects to the first of `relays` that answers (one try each): for
+    /// one request, where moving home later does not matter.
+    async fn connect_any(&self, relays: &[String]) -> Result<Connected, ClientError> {
+        let mut last = ClientError::Connect("--relay names no relay".into());
+        for r in relays {
+            match self.connect(r).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Watches `client`'s relay while it serves (several relays only):
+    /// see `ptt_client::failover::watch`. `may_leave`: whether going home
+    /// now would cut nothing.
+    async fn watch(
+        &self,
+        client: &Client,
+        relays: &mut Relays,
+        may_leave: impl Fn() -> bool,
+    ) -> Watched<Connected> {
+        if !self.several() {
+            return std::future::pending().await;
+        }
+        failover::watch(
+            client.connection(),
+            relays,
+            self.failover_after / 2,
+            may_leave,
+            |home| async move { self.connect(&home).await.ok() },
         )
         .await
     }
-}
-
-/// The wait before retry `attempt` (from 1): the shared rule
-/// (`codec::retry`), 200 ms doubling to 6.4 s, never sooner than the
-/// relay's hint.
-fn backoff(attempt: u32, hint_ms: u64) -> Duration {
-    codec::retry::Backoff {
-        min: Duration::from_millis(200),
-        max: Duration::from_millis(6400),
-    }
-    .after_hint(
-        attempt.saturating_sub(1),
-        Duration::from_millis(hint_ms),
-        rand::random(),
-    )
 }
 
 async fn send(
@@ -480,12 +560,20 @@ async fn send(
         clip.id = ClipId::from_hex(&hex).context("--clip-id must be 32 hex digits")?;
     }
     let pacing = if live { Pacing::Live } else { Pacing::Upload };
-    let t = prepare(&conn).await?;
+    let (t, mut relays) = prepare(&conn).await?;
     let mut attempt = 0;
     loop {
-        let result = match t.connect().await {
+        let result = match t.connect(relays.current()).await {
             Ok((client, _events)) => {
-                let r = client.send_clip(&clip, pacing).await;
+                relays.connected(Instant::now().into_std(), rand::random());
+                // A relay that goes silent mid-clip is left for the next
+                // (the clip goes again there, with the same id).
+                let r = tokio::select! {
+                    r = client.send_clip(&clip, pacing) => r,
+                    _ = t.watch(&client, &mut relays, || false) => {
+                        Err(ClientError::Unanswered("no answer within --failover-after".into()))
+                    }
+                };
                 client.shutdown().await;
                 r
             }
@@ -501,15 +589,12 @@ async fn send(
                 return Ok(());
             }
             Err(e) if e.is_retryable() && attempt < retries => {
-                let hint = match &e {
-                    ClientError::Rejected { retry_after_ms, .. } => *retry_after_ms,
-                    _ => 0,
-                };
                 attempt += 1;
-                let wait = backoff(attempt, hint);
+                let wait = relays.lost_by(&e, rand::random()).wait;
                 eprintln!(
-                    "warning: {e}; retrying clip {} in {wait:?} ({attempt}/{retries})",
-                    clip.id
+                    "warning: {e}; retrying clip {} at {} in {wait:?} ({attempt}/{retries})",
+                    clip.id,
+                    relays.current()
                 );
                 tokio::time::sleep(wait).await;
             }
@@ -544,8 +629,11 @@ async fn push_register(
     if !remove && r.token.is_empty() {
         bail!("--push-token is needed to register (or --remove)");
     }
-    let t = prepare(&conn).await?;
-    let (client, _events) = t.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (t, relays) = prepare(&conn).await?;
+    let (client, _events) = t
+        .connect_any(relays.relays())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = r.device_id.clone();
     let answer = if remove {
         client.unregister_push(&device).await
@@ -569,8 +657,11 @@ async fn push_register(
 }
 
 async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {
-    let t = prepare(&conn).await?;
-    let (client, _events) = t.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (t, relays) = prepare(&conn).await?;
+    let (client, _events) = t
+        .connect_any(relays.relays())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let u = client.usage(days).await;
     client.close();
     t.finish().await;
@@ -632,86 +723,69 @@ async fn listen(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let timeout = timeout.or(count.map(|_| Duration::from_secs(30)));
     let deadline = timeout.map(|t| Instant::now() + t);
-    let t = prepare(&conn).await?;
+    let (t, mut relays) = prepare(&conn).await?;
     let mut got = 0u64;
-    let mut attempt = 0;
     let done = |got: u64| count.is_some_and(|n| got >= n);
     let result: anyhow::Result<()> = async {
+        // A connection home made while another relay served.
+        let mut home: Option<Connected> = None;
         while !done(got) {
-            let (client, mut events) = match t.connect().await {
-                Ok(x) => x,
-                Err(e) if e.is_retryable() => {
-                    attempt += 1;
-                    eprintln!("warning: {e}; reconnecting");
-                    tokio::time::sleep(backoff(attempt, 0)).await;
-                    continue;
-                }
-                Err(e) => bail!("{e}"),
+            let (client, mut events) = match home.take() {
+                Some(c) => c,
+                None => match t.connect(relays.current()).await {
+                    Ok(x) => x,
+                    Err(e) if e.is_retryable() => {
+                        move_on(&mut relays, &e).await;
+                        continue;
+                    }
+                    Err(e) => bail!("{e}"),
+                },
             };
-            attempt = 0;
+            relays.connected(Instant::now().into_std(), rand::random());
             eprintln!(
-                "listening as {} (session {})",
+                "listening as {} (session {}) at {}",
                 client.user(),
-                client.session_id()
+                client.session_id(),
+                relays.current()
             );
-            while !done(got) {
-                let Some(ev) = events.recv().await else { break };
-                match ev {
-                    Event::Complete(clip) => {
-                        let id = clip.id();
-                        let path = out.join(format!("{id}.opus"));
-                        if !path.exists() {
-                            let ogg = clip.to_ogg();
-                            if wav {
-                                let wav_path = out.join(format!("{id}.wav"));
-                                if let Err(e) = audio_cli::write_clip_wav(&wav_path, &ogg) {
-                                    eprintln!("warning: clip {id}: no WAV: {e:#}");
-                                }
+            let mut silent = false;
+            {
+                let watch = t.watch(&client, &mut relays, || true);
+                tokio::pin!(watch);
+                while !done(got) {
+                    let ev = tokio::select! {
+                        ev = events.recv() => match ev {
+                            Some(ev) => ev,
+                            None => break,
+                        },
+                        w = &mut watch => {
+                            match w {
+                                Watched::Silent => silent = true,
+                                Watched::Home(c) => home = Some(c),
                             }
-                            audio_cli::write_atomic(&path, &ogg.to_vec(rand::random()))?;
-                            got += 1;
-                            let via = via(&clip.delivery.target);
-                            println!(
-                                "{id} from {}{via} {:.2}s {} packets {} -> {}",
-                                clip.delivery.sender,
-                                ogg.duration_ms() as f64 / 1000.0,
-                                clip.packets.len(),
-                                if clip.delivery.live { "live" } else { "stored" },
-                                path.display()
-                            );
+                            break;
                         }
-                        // Acked only once the file is on disk.
-                        let _ = client.ack(id).await;
-                    }
-                    Event::Cut { id, code } => eprintln!("clip {id} cut off ({code})"),
-                    Event::Expired(x) => {
-                        let via = via(&x.target);
-                        let also = match x.also {
-                            0 => String::new(),
-                            n => format!(" (and {n} older)"),
-                        };
-                        eprintln!(
-                            "clip {} from {}{via} sent {} expired before it was heard{also}",
-                            x.clip_id,
-                            x.sender,
-                            humantime::format_rfc3339_seconds(
-                                std::time::UNIX_EPOCH + Duration::from_millis(x.created_ms)
-                            )
-                        );
-                        let _ = client.ack(x.clip_id).await;
-                    }
-                    _ => {}
+                    };
+                    got += heard(&client, ev, out, wav).await?;
                 }
             }
-            if done(got) {
+            if done(got) || home.is_some() {
                 client.shutdown().await;
-            } else {
-                let why = client.closed().await;
-                if !why.is_retryable() {
-                    bail!("{why}");
+                if home.is_some() {
+                    relays.home_answered(Instant::now().into_std(), rand::random());
                 }
-                eprintln!("warning: {why}; reconnecting");
+                continue;
             }
+            let why = if silent {
+                client.close();
+                ClientError::Unanswered(format!("no answer within {:?}", t.failover_after / 2))
+            } else {
+                client.closed().await
+            };
+            if !why.is_retryable() {
+                bail!("{why}");
+            }
+            move_on(&mut relays, &why).await;
         }
         Ok(())
     }
@@ -726,6 +800,70 @@ async fn listen(
     });
     t.finish().await;
     result
+}
+
+/// After `e`, waits as the failover rule says before the next relay.
+async fn move_on(relays: &mut Relays, e: &ClientError) {
+    let next = relays.lost_by(e, rand::random());
+    eprintln!(
+        "warning: {e}; trying {} in {:?}",
+        relays.current(),
+        next.wait
+    );
+    tokio::time::sleep(next.wait).await;
+}
+
+/// One event of `listen`: a whole clip written (once; acked once it is on
+/// disk), a cut or an expiry said. Returns the clips newly written.
+async fn heard(client: &Client, ev: Event, out: &Path, wav: bool) -> anyhow::Result<u64> {
+    let mut got = 0;
+    match ev {
+        Event::Complete(clip) => {
+            let id = clip.id();
+            let path = out.join(format!("{id}.opus"));
+            if !path.exists() {
+                let ogg = clip.to_ogg();
+                if wav {
+                    let wav_path = out.join(format!("{id}.wav"));
+                    if let Err(e) = audio_cli::write_clip_wav(&wav_path, &ogg) {
+                        eprintln!("warning: clip {id}: no WAV: {e:#}");
+                    }
+                }
+                audio_cli::write_atomic(&path, &ogg.to_vec(rand::random()))?;
+                got += 1;
+                let via = via(&clip.delivery.target);
+                println!(
+                    "{id} from {}{via} {:.2}s {} packets {} -> {}",
+                    clip.delivery.sender,
+                    ogg.duration_ms() as f64 / 1000.0,
+                    clip.packets.len(),
+                    if clip.delivery.live { "live" } else { "stored" },
+                    path.display()
+                );
+            }
+            // Acked only once the file is on disk.
+            let _ = client.ack(id).await;
+        }
+        Event::Cut { id, code } => eprintln!("clip {id} cut off ({code})"),
+        Event::Expired(x) => {
+            let via = via(&x.target);
+            let also = match x.also {
+                0 => String::new(),
+                n => format!(" (and {n} older)"),
+            };
+            eprintln!(
+                "clip {} from {}{via} sent {} expired before it was heard{also}",
+                x.clip_id,
+                x.sender,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(x.created_ms)
+                )
+            );
+            let _ = client.ack(x.clip_id).await;
+        }
+        _ => {}
+    }
+    Ok(got)
 }
 
 /// ` in #channel` for a channel's clip, nothing for a direct one.

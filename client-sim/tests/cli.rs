@@ -396,3 +396,89 @@ async fn push_register_registers_refuses_and_removes() {
         stdout(&out)
     );
 }
+
+/// `send` and `listen` with two relays of one service (`--relay A,B`): the
+/// home relay's path dies (every datagram dropped), `listen` moves to the
+/// other relay and `send` goes there after no answer from home; once home
+/// answers again, `listen` goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_listen_move_to_the_next_relay_and_back() {
+    let env = Env::new().await;
+    let d = env.dir.path();
+    let (home_dir, other_dir) = (d.join("relay"), d.join("other"));
+    std::fs::create_dir_all(&other_dir).unwrap();
+    for f in ["cert.pem", "key.pem", "token.secret"] {
+        std::fs::copy(home_dir.join(f), other_dir.join(f)).unwrap();
+    }
+    let other = Relay::start(Config::for_tests(&other_dir)).await.unwrap();
+    let home_wire = relay::testing::Wire::start(env.relay.quic_addr())
+        .await
+        .unwrap();
+    let other_wire = relay::testing::Wire::start(other.quic_addr())
+        .await
+        .unwrap();
+    let relays = format!("{},{}", home_wire.addr, other_wire.addr);
+    let opus = speech_opus(d, "move", "Moving to the next relay. Over.", &[], &[]).await;
+    let cmd = |user: &str| {
+        let mut c = env.cmd(user);
+        c.env("PTT_RELAY", &relays);
+        c
+    };
+    let inbox = d.join("inbox");
+    let mut listen = cmd("carol");
+    listen.args(["listen", "--out", inbox.to_str().unwrap(), "--count", "3"]);
+    listen.args([
+        "--timeout",
+        "60s",
+        "--failover-after",
+        "2s",
+        "--keep-alive",
+        "1s",
+    ]);
+    let listener = tokio::spawn(listen.output());
+    let on = |r: &Relay| r.shared().router.session("carol").is_some();
+    let send = || async {
+        let mut c = cmd("alice");
+        c.args(["send", "--to", "carol", "--opus", opus.to_str().unwrap()]);
+        c.args(["--failover-after", "2s"]);
+        let out = run(&mut c).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    until("carol at home", || on(&env.relay)).await;
+    send().await;
+
+    home_wire.set_cut(true);
+    let warned = send().await;
+    assert!(
+        warned.contains("no answer"),
+        "sent after home did not answer: {warned}"
+    );
+    until("carol on the other relay", || on(&other)).await;
+
+    home_wire.set_cut(false);
+    until("carol back home", || !on(&other)).await;
+    send().await;
+    let got = listener.await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&got.stderr);
+    assert!(got.status.success(), "{err}");
+    assert_eq!(stdout(&got).lines().count(), 3, "three clips, once each");
+    let at_other = format!("at {}", other_wire.addr);
+    assert!(
+        err.contains(&at_other),
+        "listened at the other relay: {err}"
+    );
+}
+
+/// Waits (a bound, not a measure) until `f` holds.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -34,10 +34,14 @@ pub enum ClientError {
     /// busy, going away...). See `docs/protocol.md` for each code.
     #[error("relay closed the connection: {code}: {reason}")]
     Closed { code: ErrorCode, reason: String },
-    /// The connection was lost (network, timeout): reconnect and retry; a
+    /// The connection was lost (network, reset): reconnect and retry; a
     /// clip retried with the same id is delivered once.
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The relay stopped answering (QUIC's idle timeout): retry, at
+    /// another relay if there is one.
+    #[error("the relay stopped answering: {0}")]
+    Unanswered(String),
     /// The relay refused the clip. Retrying is useful only when
     /// `retry_after_ms` is non-zero or the code says so.
     #[error("relay rejected the clip: {code}: {reason}")]
@@ -57,7 +61,7 @@ impl ClientError {
     /// clip, [`ErrorCode::reconnects`] for a closed connection).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect(_) | ClientError::Lost(_) => true,
+            ClientError::Connect(_) | ClientError::Lost(_) | ClientError::Unanswered(_) => true,
             ClientError::Closed { code, .. } => code.reconnects(),
             ClientError::Rejected { code, .. } => code.is_retryable(),
             ClientError::Protocol(_) => false,
@@ -68,6 +72,7 @@ impl ClientError {
 fn from_conn(e: ConnectionError) -> ClientError {
     match quic::close_reason(&e) {
         Some((code, reason)) => ClientError::Closed { code, reason },
+        None if e == ConnectionError::TimedOut => ClientError::Unanswered(e.to_string()),
         None => ClientError::Lost(e.to_string()),
     }
 }

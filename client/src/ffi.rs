@@ -35,6 +35,16 @@ pub struct ClientConfig {
     /// bytes per second of voice; a clip's lost last packet is resent later.
     #[uniffi(default = 25)]
     pub ack_delay_ms: u32,
+    /// Several relays of one service, `HOST:PORT` each, the home relay
+    /// first (empty: `relay` alone; when set, `relay` is empty or the
+    /// first of them). The client moves to the next when one stops
+    /// answering and comes back home when home answers again.
+    #[uniffi(default)]
+    pub relays: Vec<String>,
+    /// With several relays: how soon one that stopped answering is left
+    /// for the next, ms (3000).
+    #[uniffi(default = 3000)]
+    pub failover_after_ms: u32,
 }
 
 /// Whom a clip is for.
@@ -372,6 +382,9 @@ impl PttClient {
             &config.token,
         );
         cfg.mic_rate = config.mic_rate;
+        cfg.relays = config.relays;
+        cfg.failover_after =
+            std::time::Duration::from_millis(u64::from(config.failover_after_ms.max(100)));
         cfg.frame_ms = config.frame_ms;
         cfg.transport.ack_delay =
             std::time::Duration::from_millis(u64::from(config.ack_delay_ms.clamp(1, 200)));

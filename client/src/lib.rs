@@ -5,6 +5,7 @@
 //! built on it; byte formats come from `codec`, which is sans-IO.
 
 pub mod client;
+pub mod failover;
 #[cfg(feature = "ffi")]
 pub mod ffi;
 pub mod inbox;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use codec::ErrorCode;
@@ -23,6 +23,7 @@ use quinn::Endpoint;
 use tokio::sync::{Notify, mpsc};
 
 use crate::client::LiveUpload;
+use crate::failover::{self, Lost, Relays, Watched};
 use crate::inbox::Inbox;
 use crate::outbox::{Outbox, OutboxError};
 use crate::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip};
@@ -30,8 +31,21 @@ use crate::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, Rec
 /// What the SDK needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The relay, `HOST:PORT`.
+    /// The relay, `HOST:PORT` (the home relay, when `relays` is empty).
     pub relay: String,
+    /// Several relays of one service, `HOST:PORT` each, the home relay
+    /// first (empty: `relay` alone; when set, `relay` is empty or the
+    /// first of them). The SDK stays on one while it answers, moves to
+    /// the next when it does not (see `failover_after`), and goes back
+    /// home once home answers again (docs/sdk.md, "Several relays").
+    pub relays: Vec<String>,
+    /// With several relays, how soon a relay that stopped answering is
+    /// left for the next: a connection that has had no answer to what it
+    /// sent (a clip, an ack, its keep-alive) for half of it is given up,
+    /// and a connection attempt for all of it: 3 s. An idle connection
+    /// sends its keep-alive every `transport.keep_alive`, so an idle
+    /// client notices a dead relay within that plus this.
+    pub failover_after: Duration,
     /// PEM file of the certificate (or CA) the relay's certificate is
     /// checked against.
     pub ca_pem: PathBuf,
@@ -80,6 +94,8 @@ impl Config {
     pub fn new(relay: &str, ca_pem: PathBuf, data_dir: PathBuf, token: &str) -> Config {
         Config {
             relay: relay.to_owned(),
+            relays: Vec::new(),
+            failover_after: Duration::from_secs(3),
             ca_pem,
             data_dir,
             token: token.to_owned(),
@@ -93,6 +109,31 @@ impl Config {
             max_press: Duration::from_secs(60),
             frame_ms: 20,
             transport: crate::net::Transport::default(),
+        }
+    }
+
+    /// The relays in order of preference, home first.
+    pub fn relay_list(&self) -> Result<Vec<String>, SdkError> {
+        if self.relays.is_empty() {
+            return Ok(vec![self.relay.clone()]);
+        }
+        if !self.relay.is_empty() && self.relay != self.relays[0] {
+            return Err(SdkError::Setup(format!(
+                "relay {} is not the first of relays ({}): set one or the other",
+                self.relay,
+                self.relays.join(",")
+            )));
+        }
+        Ok(self.relays.clone())
+    }
+
+    /// How long one connection attempt may take: `connect_timeout`, or
+    /// `failover_after` when there is another relay to try.
+    fn attempt_limit(&self, relays: usize) -> Duration {
+        if relays > 1 {
+            self.connect_timeout.min(self.failover_after)
+        } else {
+            self.connect_timeout
         }
     }
 }
@@ -314,6 +355,7 @@ impl Sdk {
     /// (in the current tokio runtime). Clips left in the outbox by an
     /// earlier run are sent once connected.
     pub fn start(cfg: Config, listener: Arc<dyn Listener>) -> Result<Sdk, SdkError> {
+        let relays = cfg.relay_list()?;
         let outbox = Outbox::open(&cfg.data_dir.join("outbox"), cfg.outbox_max_bytes)?;
         let inbox = Inbox::open(&cfg.data_dir.join("inbox.ids"), cfg.inbox_ids)
             .map_err(|e| SdkError::Storage(format!("inbox: {e}")))?;
@@ -334,7 +376,7 @@ impl Sdk {
             client: Mutex::new(None),
             talk: Mutex::new(None),
         });
-        tokio::spawn(drive(inner.clone()));
+        tokio::spawn(drive(inner.clone(), relays));
         Ok(Sdk { inner })
     }
 
@@ -555,13 +597,13 @@ impl Sdk {
 }
 
 /// The connection loop: connect, serve, and on any loss wait and connect
-/// again.
-async fn drive(inner: Arc<Inner>) {
-    let mut backoff = codec::retry::Backoff {
+/// again, to the relay the failover rule names ([`crate::failover`]).
+async fn drive(inner: Arc<Inner>, relays: Vec<String>) {
+    let rule = codec::retry::Backoff {
         min: inner.cfg.reconnect_min,
         max: inner.cfg.reconnect_max,
-    }
-    .attempts();
+    };
+    let mut relays = Relays::new(relays, rule);
     while !inner.stopping.load(Ordering::SeqCst) {
         if inner.asleep.load(Ordering::SeqCst) {
             // Nothing on the wire until `wake` (or a press, or a clip).
@@ -570,71 +612,66 @@ async fn drive(inner: Arc<Inner>) {
             while inner.asleep.load(Ordering::SeqCst) && !inner.stopping.load(Ordering::SeqCst) {
                 inner.woken.notified().await;
             }
-            backoff.reset();
+            relays = Relays::new(relays.relays().to_vec(), rule);
             continue;
         }
         inner.listener.status(Status::Connecting);
-        let wait = match connect(&inner).await {
-            Ok((client, events)) => {
-                backoff.reset();
-                inner.listener.status(Status::Connected {
-                    user: client.user().to_owned(),
-                });
-                *lock(&inner.client) = Some(client.clone());
-                let hint = serve(&inner, &client, events).await;
-                *lock(&inner.client) = None;
-                let replaced = client
-                    .connection()
-                    .close_reason()
-                    .and_then(|r| quic::close_reason(&r))
-                    .filter(|(code, _)| *code == ErrorCode::SessionReplaced);
-                client.close();
-                if let Some((_, reason)) = replaced {
-                    // The user signed in on another device: coming back
-                    // would push that one out, and so on forever.
-                    inner.listener.status(Status::SignedOut { why: reason });
-                    inner.wake.notified().await;
-                    continue;
-                }
-                // Never at once, even without a hint: a relay that accepts
-                // and then drops every connection is not hammered.
-                hint.max(jitter(inner.cfg.reconnect_min))
-            }
-            Err(e) => {
-                let refused = matches!(
-                    &e,
-                    ClientError::Closed { code, .. }
-                        if matches!(code, ErrorCode::TokenExpired | ErrorCode::TokenInvalid)
-                );
-                if refused {
-                    let listener = inner.listener.clone();
-                    let fresh = tokio::task::spawn_blocking(move || listener.fresh_token())
-                        .await
-                        .ok()
-                        .flatten();
-                    match fresh {
-                        Some(t) => {
-                            *lock(&inner.token) = t;
-                            continue;
-                        }
-                        None => {
-                            inner
-                                .listener
-                                .status(Status::SignedOut { why: e.to_string() });
-                            // Wait for `set_token` (or stop).
-                            inner.wake.notified().await;
-                            continue;
-                        }
+        let limit = inner.cfg.attempt_limit(relays.relays().len());
+        let mut attempt = connect(&inner, relays.current(), limit).await;
+        let wait = loop {
+            let (client, events) = match attempt {
+                Ok(c) => c,
+                Err(e) => match refused_token(&inner, &e).await {
+                    Some(()) => break None,
+                    None => {
+                        let next = relays.lost_by(&e, rand::random());
+                        inner.listener.status(Status::Offline {
+                            why: e.to_string(),
+                            retry_in_ms: next.wait.as_millis() as u64,
+                        });
+                        break Some(next.wait);
                     }
+                },
+            };
+            relays.connected(Instant::now(), rand::random());
+            inner.listener.status(Status::Connected {
+                user: client.user().to_owned(),
+            });
+            *lock(&inner.client) = Some(client.clone());
+            let end = serve(&inner, &client, events, &mut relays).await;
+            *lock(&inner.client) = None;
+            let replaced = client
+                .connection()
+                .close_reason()
+                .and_then(|r| quic::close_reason(&r))
+                .filter(|(code, _)| *code == ErrorCode::SessionReplaced);
+            if let Some((_, reason)) = replaced {
+                client.close();
+                // The user signed in on another device: coming back
+                // would push that one out, and so on forever.
+                inner.listener.status(Status::SignedOut { why: reason });
+                inner.wake.notified().await;
+                break None;
+            }
+            match end {
+                Served::Home(next) => {
+                    // Home answered while this one still served: the
+                    // acks sent here reach this relay, then it is left.
+                    client.shutdown().await;
+                    relays.home_answered(Instant::now(), rand::random());
+                    attempt = Ok(next);
                 }
-                let w = backoff.next(rand::random());
-                inner.listener.status(Status::Offline {
-                    why: e.to_string(),
-                    retry_in_ms: w.as_millis() as u64,
-                });
-                w
+                Served::Ended(why) => {
+                    client.close();
+                    let hint = match why {
+                        Lost::GoingAway { hint } => hint,
+                        _ => Duration::ZERO,
+                    };
+                    break Some(relays.lost(why, hint, rand::random()).wait);
+                }
             }
         };
+        let Some(wait) = wait else { continue };
         if inner.stopping.load(Ordering::SeqCst) {
             break;
         }
@@ -646,13 +683,41 @@ async fn drive(inner: Arc<Inner>) {
     inner.stopped.notify_waiters();
 }
 
-/// `d` give or take a quarter ([`codec::retry::jitter`]).
-fn jitter(d: Duration) -> Duration {
-    codec::retry::jitter(d, rand::random())
+/// A connection refused for its token: a fresh one from the app (then
+/// `Some`, connect again at once), or signed out until `set_token`
+/// (`Some` once it comes). `None`: not a token refusal.
+async fn refused_token(inner: &Inner, e: &ClientError) -> Option<()> {
+    let refused = matches!(
+        e,
+        ClientError::Closed { code, .. }
+            if matches!(code, ErrorCode::TokenExpired | ErrorCode::TokenInvalid)
+    );
+    if !refused {
+        return None;
+    }
+    let listener = inner.listener.clone();
+    let fresh = tokio::task::spawn_blocking(move || listener.fresh_token())
+        .await
+        .ok()
+        .flatten();
+    match fresh {
+        Some(t) => *lock(&inner.token) = t,
+        None => {
+            inner
+                .listener
+                .status(Status::SignedOut { why: e.to_string() });
+            // Wait for `set_token` (or stop).
+            inner.wake.notified().await;
+        }
+    }
+    Some(())
 }
 
-async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), ClientError> {
-    let (addr, name) = crate::net::resolve(&inner.cfg.relay)
+type Connected = (Arc<Client>, mpsc::Receiver<Event>);
+
+/// Connects and signs in to `relay` within the attempt limit.
+async fn connect(inner: &Inner, relay: &str, limit: Duration) -> Result<Connected, ClientError> {
+    let (addr, name) = crate::net::resolve(relay)
         .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let ep = {
@@ -676,7 +741,6 @@ async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), 
         packet_events: true,
         ..ClientOptions::default()
     };
-    let limit = inner.cfg.connect_timeout;
     let attempt = async {
         let connecting = Client::begin(&ep, addr, &name, &token).await?;
         // A press held while offline starts its upload now, right behind
@@ -694,34 +758,71 @@ async fn connect(inner: &Inner) -> Result<(Arc<Client>, mpsc::Receiver<Event>), 
     };
     tokio::time::timeout(limit, attempt)
         .await
-        .map_err(|_| ClientError::Connect(format!("no answer within {limit:?}")))?
+        .map_err(|_| ClientError::Connect(format!("{relay}: no answer within {limit:?}")))?
 }
 
-/// Serves one connection until it ends; returns how long to wait before
-/// the next (a `GoAway`'s hint, else nothing).
+/// How serving a connection ended.
+enum Served {
+    /// The connection ended (or was given up): why.
+    Ended(Lost),
+    /// Home answered a try while this connection served: go there.
+    Home(Connected),
+}
+
+/// Serves one connection until it ends. With several relays it also
+/// watches that the relay answers (within half of `failover_after`), and
+/// away from home tries home when due ([`failover::watch`]).
 async fn serve(
     inner: &Arc<Inner>,
     client: &Arc<Client>,
     mut events: mpsc::Receiver<Event>,
-) -> Duration {
+    relays: &mut Relays,
+) -> Served {
     let sender = tokio::spawn(send_outbox(inner.clone(), client.clone()));
     // The push registration kept, again on every connection.
     if let Some(r) = crate::push::load(&inner.cfg.data_dir) {
         let client = client.clone();
         tokio::spawn(async move { client.register_push(r).await });
     }
-    let mut wait = Duration::ZERO;
+    let several = relays.relays().len() > 1;
+    let limit = inner.cfg.attempt_limit(2);
+    let watch = failover::watch(
+        client.connection(),
+        relays,
+        inner.cfg.failover_after / 2,
+        || leaving_cuts_nothing(inner),
+        |home| async move { connect(inner, &home, limit).await.ok() },
+    );
+    tokio::pin!(watch);
+    let mut end = Lost::Closed;
     let mut hearing = Hearing::default();
     loop {
         let ev = tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => ev,
-                None => break,
+                None => {
+                    if !matches!(end, Lost::GoingAway { .. }) {
+                        end = closed_by(client);
+                    }
+                    break;
+                }
             },
             () = wait_asleep(inner) => {
                 drain_then_leave(inner, client).await;
                 break;
             }
+            w = &mut watch, if several => match w {
+                Watched::Silent => {
+                    // Gone quiet: given up, for the next relay.
+                    client.close();
+                    end = Lost::Unanswered;
+                    break;
+                }
+                Watched::Home(next) => {
+                    sender.abort();
+                    return Served::Home(next);
+                }
+            },
         };
         hearing.event(inner, &ev);
         match ev {
@@ -745,7 +846,9 @@ async fn serve(
             }
             Event::GoAway { retry_after_ms, .. } => {
                 // Clips being sent may finish; the relay closes soon.
-                wait = jitter(Duration::from_millis(retry_after_ms));
+                end = Lost::GoingAway {
+                    hint: Duration::from_millis(retry_after_ms),
+                };
             }
             _ => {}
         }
@@ -754,7 +857,22 @@ async fn serve(
         }
     }
     sender.abort();
-    wait
+    Served::Ended(end)
+}
+
+/// Why a connection ended, from its close reason: the relay stopped
+/// answering (QUIC's idle timeout), or it ended it (a close, a reset).
+fn closed_by(client: &Client) -> Lost {
+    match client.connection().close_reason() {
+        Some(quinn::ConnectionError::TimedOut) => Lost::Unanswered,
+        _ => Lost::Closed,
+    }
+}
+
+/// Whether leaving this relay now cuts nothing: no press held, the
+/// outbox empty.
+fn leaving_cuts_nothing(inner: &Inner) -> bool {
+    lock(&inner.talk).is_none() && lock(&inner.outbox).is_empty()
 }
 
 /// Resolves once [`Sdk::sleep`] asked for sleep.
