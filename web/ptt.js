@@ -220,6 +220,67 @@ class SeenIds {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Which relay the page talks to, of the service's relays (home first):
+// the rule of docs/protocol.md "Several relays", step for step the same
+// as ptt_client::failover::Relays (client/tests/failover.rs runs both on
+// the same steps). `why`: "unanswered" (no answer in time), "closed" (it
+// answered, then closed or reset: once more there first), "goingAway"
+// (GoAway: the next after its hint). `unit`: uniform random in 0..1.
+export class Relays {
+  constructor(list, { minMs = 250, maxMs = 30000 } = {}) {
+    this.list = list; this.current = 0; this.failedInRow = 0; this.retryHere = false;
+    this.minMs = minMs; this.maxMs = maxMs;
+    this.rounds = 0; this.homeTries = 0; this.homeDue = null;
+  }
+  get atHome() { return this.current === 0; }
+  // The shared backoff (codec::retry): doubling from minMs to maxMs, a
+  // quarter either way.
+  delay(attempt, unit) {
+    return jitterMs(Math.min(this.maxMs, this.minMs * 2 ** Math.min(attempt, 20)), unit);
+  }
+  connected(nowMs, unit) {
+    this.failedInRow = 0; this.retryHere = false; this.rounds = 0;
+    if (this.atHome) {
+      this.homeDue = null; this.homeTries = 0;
+    } else if (this.homeDue === null) {
+      this.homeDue = nowMs + this.delay(this.homeTries++, unit);
+    }
+  }
+  lost(why, hintMs, unit) {
+    const min = jitterMs(this.minMs, unit);
+    if (why === "closed" && !this.retryHere) {
+      this.retryHere = true;
+      return { index: this.current, waitMs: Math.max(min, hintMs) };
+    }
+    if (why === "goingAway" && this.list.length === 1) {
+      return { index: 0, waitMs: Math.max(jitterMs(hintMs, unit), min) };
+    }
+    this.retryHere = false;
+    this.failedInRow += 1;
+    if (this.failedInRow >= this.list.length) {
+      this.failedInRow = 0; this.current = 0;
+      return { index: 0, waitMs: Math.max(this.delay(this.rounds++, unit), hintMs) };
+    }
+    this.current = (this.current + 1) % this.list.length;
+    return { index: this.current, waitMs: why === "goingAway" ? jitterMs(hintMs, unit) : 0 };
+  }
+  homeAnswered(nowMs, unit) { this.current = 0; this.connected(nowMs, unit); }
+  homeSilent(nowMs, unit) { this.homeDue = nowMs + this.delay(this.homeTries++, unit); }
+}
+
+const jitterMs = (ms, unit) => ms * (0.75 + Math.min(Math.max(unit, 0), 1) * 0.5);
+
+// A relay's /config.json, or an error once `ms` passed without it.
+async function fetchConfig(url, ms) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), ms);
+  try {
+    return await (await fetch(url, { cache: "no-store", signal: abort.signal })).json();
+  } finally {
+    clearTimeout(timer);
+  }
+}
 const hexBytes = (h) => Uint8Array.from(h.match(/../g), (x) => parseInt(x, 16));
 
 // One user's connection to the relay, reconnecting by itself. Events
@@ -228,29 +289,37 @@ const hexBytes = (h) => Uint8Array.from(h.match(/../g), (x) => parseInt(x, 16));
 // packets, end} and clipcut {d, code} (stored ones in order), expired {m},
 // closed {code, reason}.
 export class PttSession extends EventTarget {
-  constructor({ token, configUrl = "config.json" }) {
+  constructor({ token, configUrl = "config.json", failoverAfterMs = 3000 }) {
     super();
-    this.token = token; this.configUrl = configUrl;
+    this.token = token; this.configUrl = configUrl; this.failoverAfterMs = failoverAfterMs;
     this.wt = null; this.ctl = null; this.welcome = null;
     this.outbox = []; // clips recorded or not yet accepted, sent when back
-    this.stopped = false; this.attempt = 0; this.seen = null;
+    this.stopped = false; this.seen = null;
+    this.relays = null; // the service's relays (config URLs), home first
+    this.relay = null; // the config URL of the relay connected to
   }
   emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
   get online() { return this.welcome !== null; }
 
   async start() {
     while (!this.stopped) {
-      let again = 0;
+      let end;
       try {
-        again = await this.runOnce();
+        // The list comes from the page's own relay, once.
+        if (!this.relays) {
+          const cfg = await fetchConfig(this.configUrl, 10000);
+          const others = (cfg.relays ?? []).map((r) => `${r}/config.json`);
+          this.relays = new Relays([this.configUrl, ...others]);
+        }
+        end = await this.runOnce(this.relays.list[this.relays.current]);
       } catch (e) {
         this.emit("state", { state: "offline", words: `not connected: ${e.message ?? e}` });
+        end = { why: "unanswered", hintMs: 0 };
       }
-      if (again === null || this.stopped) return;
-      this.attempt += 1;
-      // Back off with jitter (reconnect storms), or as the relay asked.
-      const backoff = again || Math.min(30000, 500 * 2 ** Math.min(this.attempt, 6)) * (0.5 + Math.random());
-      await sleep(backoff);
+      if (end === null || this.stopped) return;
+      if (!this.relays) { await sleep(jitterMs(1000, Math.random())); continue; }
+      if (end.why === "home") continue;
+      await sleep(this.relays.lost(end.why, end.hintMs, Math.random()).waitMs);
     }
   }
 
@@ -259,12 +328,16 @@ export class PttSession extends EventTarget {
     if (this.wt) try { this.wt.close({ closeCode: 0, reason: "bye" }); } catch { /* closed */ }
   }
 
-  // One connection's life; returns the ms to wait before the next one,
-  // or null when the page must not reconnect.
-  async runOnce() {
+  // One connection's life, to the relay whose config is at `configUrl`;
+  // returns how it ended ({why, hintMs} for the failover rule, {why:
+  // "home"} to go home now), or null when the page must not reconnect.
+  async runOnce(configUrl) {
     this.emit("state", { state: "connecting", words: "connecting…" });
-    const cfg = await (await fetch(this.configUrl, { cache: "no-store" })).json();
-    const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
+    const several = this.relays.list.length > 1;
+    const limit = several ? this.failoverAfterMs : 30000;
+    const cfg = await fetchConfig(configUrl, limit);
+    const at = new URL(configUrl, location.href).hostname;
+    const host = at.includes(":") ? `[${at}]` : at;
     const url = `https://${host}:${cfg.port}${cfg.path}`;
     const opts = { congestionControl: "low-latency" };
     if (cfg.certificate_hashes.length) {
@@ -274,7 +347,17 @@ export class PttSession extends EventTarget {
     this.wt = wt;
     let closeInfo = null;
     wt.closed.then((i) => { closeInfo = i; }, (e) => { closeInfo = { closeCode: null, reason: String(e.message ?? e) }; });
-    await wt.ready;
+    // With several relays, one that does not answer in time is left.
+    let timer;
+    const late = new Promise((_, no) => { timer = setTimeout(() => no(new Error(`no answer within ${limit} ms`)), limit); });
+    try {
+      await Promise.race([wt.ready, late]);
+    } catch (e) {
+      try { wt.close(); } catch { /* closed */ }
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
     const bidi = await wt.createBidirectionalStream();
     const writer = bidi.writable.getWriter();
     const reader = new StreamReader(bidi.readable);
@@ -284,12 +367,14 @@ export class PttSession extends EventTarget {
       await wt.closed.catch(() => {});
       return this.afterClose(closeInfo);
     }
-    this.ctl = writer; this.welcome = welcome; this.attempt = 0;
+    this.ctl = writer; this.welcome = welcome; this.relay = configUrl;
+    this.relays.connected(Date.now(), Math.random());
     this.seen = this.seen ?? new SeenIds(welcome.user);
     this.emit("welcome", welcome);
     this.emit("state", { state: "online", words: `online as ${welcome.user}` });
     this.acceptDeliveries(wt);
     this.flushOutbox();
+    const home = this.watchHome(wt, writer);
     let goAway = null;
     for (;;) {
       let m;
@@ -305,14 +390,44 @@ export class PttSession extends EventTarget {
       }
     }
     await wt.closed.catch(() => {});
+    clearInterval(home.timer);
     this.welcome = null; this.ctl = null;
     // Uploads of this connection are gone: the outbox sends them again.
     for (const clip of this.outbox) clip.live = null;
+    if (home.answered) return { why: "home" };
     if (goAway) {
       try { wt.close(); } catch { /* closed */ }
-      return goAway.retryAfterMs || 1;
+      return { why: "goingAway", hintMs: goAway.retryAfterMs };
     }
     return this.afterClose(closeInfo);
+  }
+
+  // Away from home, tries home's /config.json when due (the failover
+  // rule's backoff) while nothing is being sent; once it answers, leaves
+  // this relay cleanly (its acks count) to connect home.
+  watchHome(wt, writer) {
+    const home = { answered: false, trying: false, timer: null };
+    home.timer = setInterval(async () => {
+      const r = this.relays;
+      if (r.atHome || home.trying || r.homeDue === null || Date.now() < r.homeDue || this.outbox.length) return;
+      home.trying = true;
+      try {
+        await fetchConfig(r.list[0], this.failoverAfterMs);
+        r.homeAnswered(Date.now(), Math.random());
+        home.answered = true;
+        clearInterval(home.timer);
+        // The control stream finished: the relay handles the acks sent
+        // and closes; the page closes after at most 2 s anyway.
+        await writer.close().catch(() => {});
+        await Promise.race([wt.closed.catch(() => {}), sleep(2000)]);
+        try { wt.close({ closeCode: 0, reason: "home" }); } catch { /* closed */ }
+      } catch {
+        r.homeSilent(Date.now(), Math.random());
+      } finally {
+        home.trying = false;
+      }
+    }, 250);
+    return home;
   }
 
   afterClose(info) {
@@ -325,7 +440,7 @@ export class PttSession extends EventTarget {
       return null;
     }
     this.emit("state", { state: "offline", words: code == null ? "connection lost; reconnecting" : codeWords(code) });
-    return 0;
+    return { why: "closed", hintMs: 0 };
   }
 
   ack(id) {

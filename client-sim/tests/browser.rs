@@ -633,3 +633,66 @@ async fn a_clip_refused_for_now_while_recording_goes_again_by_itself() {
     b.assert_clean().await;
     b.close().await;
 }
+
+/// The page with two relays (`web_relays`): home shuts down (`GoAway`),
+/// the page moves to the other relay, where a clip reaches it; home comes
+/// back on its addresses and the page goes home.
+#[tokio::test]
+async fn the_page_moves_to_the_next_relay_and_comes_back_home() {
+    let other_web = free_port();
+    let env = Env::with(|c| c.web_relays = format!("http://127.0.0.1:{other_web}")).await;
+    let (wav, _) = mic_wav(env.dir.path()).await;
+    // The other relay: the same token secret, its own certificates.
+    let other_tmp = tempfile::tempdir().unwrap();
+    let other_dir = other_tmp.path().join("relay");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    std::fs::copy(
+        env.dir.path().join("relay/token.secret"),
+        other_dir.join("token.secret"),
+    )
+    .unwrap();
+    let mut cfg = relay::Config::for_tests(&other_dir);
+    cfg.web = relay::config::WebListen(Some(([127, 0, 0, 1], other_web).into()));
+    let other = Env {
+        relay: relay::Relay::start(cfg).await.unwrap(),
+        dir: other_tmp,
+    };
+    let on = |r: &relay::Relay| r.shared().router.session("carol").is_some();
+    let b = Browser::start(&wav).await;
+    b.open(&app(&env), &env.token("carol")).await;
+    b.online().await;
+    assert!(on(&env.relay) && !on(&other.relay), "home first");
+
+    // Home shuts down: GoAway, and the page moves on.
+    let Env { relay, dir } = env;
+    let (quic, web) = (relay.quic_addr(), relay.web_addr());
+    relay.shutdown().await;
+    until("carol on the other relay", || on(&other.relay)).await;
+    let opus = app_opus(other.dir.path(), "moved", "Found you on the other relay.").await;
+    let id = send(&other, "dave", &["--to", "carol"], &opus).await;
+    b.wait("window.ptt.clips.length === 1", Duration::from_secs(20))
+        .await;
+    assert_eq!(b.clips().await[0]["id"], id.as_str());
+
+    // Home is back on its addresses: the page goes home.
+    let mut cfg = relay::Config::for_tests(dir.path().join("relay"));
+    cfg.listen = quic;
+    cfg.web = relay::config::WebListen(web);
+    cfg.web_relays = format!("http://127.0.0.1:{other_web}");
+    let home = relay::Relay::start(cfg).await.unwrap();
+    until("carol back home", || on(&home) && !on(&other.relay)).await;
+    b.wait("window.ptt.connected === true", Duration::from_secs(10))
+        .await;
+    b.assert_clean().await;
+    b.close().await;
+    drop(dir);
+}
+
+/// Waits (a bound, not a measure) until `f` holds.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -141,3 +141,115 @@ async fn relay_and_relays_must_agree() {
     let e = Sdk::start(cfg, Arc::new(App(tx))).err().expect("refused");
     assert!(e.to_string().contains("is not the first of relays"), "{e}");
 }
+
+/// The web app's copy of the failover rule (`Relays` in web/ptt.js, run by
+/// node) takes the same steps as `ptt_client::failover::Relays`: the same
+/// relay and the same wait after every loss, the same home tries.
+#[test]
+fn the_web_app_fails_over_by_the_same_rule() {
+    use ptt_client::failover::{Lost, Relays};
+    // (step, why or time, hint ms, random unit)
+    let steps: &[(&str, &str, u64, f64)] = &[
+        ("lost", "unanswered", 0, 0.1),
+        ("lost", "unanswered", 0, 0.9),
+        ("lost", "unanswered", 0, 0.5),
+        ("lost", "unanswered", 700, 0.3),
+        ("connected", "1000", 0, 0.2),
+        ("home_due", "", 0, 0.0),
+        ("home_silent", "1300", 0, 0.7),
+        ("home_due", "", 0, 0.0),
+        ("home_answered", "2000", 0, 0.4),
+        ("home_due", "", 0, 0.0),
+        ("lost", "closed", 0, 0.6),
+        ("lost", "closed", 1500, 0.6),
+        ("lost", "going_away", 2000, 0.8),
+        ("connected", "9000", 0, 0.5),
+        ("lost", "closed", 0, 0.0),
+        ("lost", "unanswered", 0, 1.0),
+        ("lost", "unanswered", 0, 0.5),
+    ];
+    let t0 = std::time::Instant::now();
+    let mut r = Relays::new(
+        vec!["a".into(), "b".into(), "c".into()],
+        codec::retry::Backoff {
+            min: Duration::from_millis(250),
+            max: Duration::from_secs(30),
+        },
+    );
+    let ms = |s: &str| Duration::from_millis(s.parse().unwrap());
+    let mut ours = Vec::new();
+    for &(step, arg, hint, unit) in steps {
+        match step {
+            "lost" => {
+                let why = match arg {
+                    "unanswered" => Lost::Unanswered,
+                    "closed" => Lost::Closed,
+                    _ => Lost::GoingAway {
+                        hint: Duration::from_millis(hint),
+                    },
+                };
+                let n = r.lost(why, Duration::from_millis(hint), unit);
+                ours.push(serde_json::json!([n.index, n.wait.as_secs_f64() * 1000.0]));
+            }
+            "connected" => r.connected(t0 + ms(arg), unit),
+            "home_silent" => r.home_silent(t0 + ms(arg), unit),
+            "home_answered" => r.home_answered(t0 + ms(arg), unit),
+            _ => {}
+        }
+        match step {
+            "lost" | "connected" | "home_silent" | "home_answered" => {
+                if step != "lost" {
+                    ours.push(serde_json::Value::Null);
+                }
+            }
+            _ => ours.push(serde_json::json!(
+                r.home_due().map(|t| (t - t0).as_secs_f64() * 1000.0)
+            )),
+        }
+    }
+    let ptt_js = common::repo().join("web/ptt.js");
+    let script = format!(
+        r#"import {{ Relays }} from "{}";
+const r = new Relays(["a", "b", "c"]);
+const out = [];
+for (const [step, arg, hint, unit] of {}) {{
+  if (step === "lost") {{
+    const why = {{ unanswered: "unanswered", closed: "closed", going_away: "goingAway" }}[arg];
+    const n = r.lost(why, hint, unit);
+    out.push([n.index, n.waitMs]);
+  }} else if (step === "connected") {{ r.connected(Number(arg), unit); out.push(null); }}
+  else if (step === "home_silent") {{ r.homeSilent(Number(arg), unit); out.push(null); }}
+  else if (step === "home_answered") {{ r.homeAnswered(Number(arg), unit); out.push(null); }}
+  else out.push(r.atHome ? null : r.homeDue);
+}}
+console.log(JSON.stringify(out));
+"#,
+        ptt_js.display(),
+        serde_json::to_string(steps).unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("steps.mjs");
+    std::fs::write(&file, script).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(&file)
+        .output()
+        .expect("node (the README's test command installs it with npm)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs.len(), ours.len());
+    let close = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() < 0.01,
+        _ => a == b,
+    };
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let same = match (a.as_array(), b.as_array()) {
+            (Some(x), Some(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| close(p, q)),
+            _ => close(a, b),
+        };
+        assert!(same, "step {i} {:?}: Rust {a}, web/ptt.js {b}", steps[i]);
+    }
+}

@@ -140,6 +140,13 @@ settings! {
     /// the relay itself over WebTransport on `listen` (HTTP/3, ALPN `h3`)
     /// either way.
     web: WebListen = WebListen(Some(SocketAddr::from(([127, 0, 0, 1], 8080)))), "PTT_WEB";
+    /// The service's other relays for the browser app: their web
+    /// listeners' addresses (`http://HOST:PORT` or `https://...`),
+    /// comma-separated, in order of preference after this one. A page
+    /// loaded from this relay moves to the next when this one does not
+    /// answer and comes back once it does (docs/protocol.md, "Several
+    /// relays"). Empty: this relay alone.
+    web_relays: String = String::new(), "PTT_WEB_RELAYS";
     /// Which clip store to use.
     store: StoreKind = StoreKind::Disk, "PTT_STORE";
     /// Log format on stderr.
@@ -375,13 +382,13 @@ impl Config {
         }
     }
 
-    /// Checks every setting's range; the first one out of it is the error.
     /// Channel history holds no clip created before this (Unix ms), at
     /// `now_ms`: the one age rule of `channel_history_age`.
     pub fn history_cutoff_ms(&self, now_ms: u64) -> u64 {
         relay_core::history::cutoff_ms(now_ms, self.channel_history_age)
     }
 
+    /// Checks every setting's range; the first one out of it is the error.
     pub fn validate(&self) -> Result<(), crate::error::StartError> {
         let ensure = |ok: bool, why: &str| {
             if ok {
@@ -390,6 +397,14 @@ impl Config {
                 Err(crate::error::StartError::Config(why.to_owned()))
             }
         };
+        ensure(
+            self.web_relays
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .all(|r| r.starts_with("http://") || r.starts_with("https://")),
+            "web_relays: each is http://HOST:PORT or https://HOST:PORT",
+        )?;
         ensure(
             self.max_clip_streams >= 1,
             "max_clip_streams must be at least 1",

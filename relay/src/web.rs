@@ -42,6 +42,8 @@ pub struct WebInfo {
     /// The relay's UDP port (WebTransport at `https://HOST:PORT/ptt`).
     pub quic_port: u16,
     pub certs: WebCerts,
+    /// The other relays' web listeners (`web_relays`).
+    pub relays: Vec<String>,
 }
 
 /// `/config.json`.
@@ -56,6 +58,11 @@ pub struct PageConfig {
     pub certificate_hashes: Vec<String>,
     /// Unix ms when the pinned certificate expires (0: none pinned).
     pub certificate_expires_ms: u64,
+    /// The service's other relays, in order of preference after this one:
+    /// their web listeners' addresses, where each serves its own
+    /// `/config.json` (to any origin).
+    #[serde(default)]
+    pub relays: Vec<String>,
 }
 
 impl WebInfo {
@@ -76,6 +83,7 @@ impl WebInfo {
             path: crate::webtransport::PATH.into(),
             certificate_hashes,
             certificate_expires_ms,
+            relays: self.relays.clone(),
         }
     }
 }
@@ -103,7 +111,12 @@ pub async fn serve(
 
 async fn config(State(info): State<Arc<WebInfo>>) -> Response {
     (
-        [(header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            // A page loaded from another relay of the service reads it to
+            // move here (it says nothing secret).
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
         axum::Json(info.page_config()),
     )
         .into_response()
