@@ -208,3 +208,99 @@ impl Drop for Cuttable {
         self.cut();
     }
 }
+
+/// A 3-node NATS cluster started from one of the deployment's files (with
+/// loopback ports), killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    pub urls: Vec<String>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl NatsCluster {
+    /// `deploy/cluster/nats.conf`'s three nodes.
+    pub fn start() -> NatsCluster {
+        NatsCluster::start_from("deploy/cluster/nats.conf", |_| Vec::new())
+    }
+
+    /// Three nodes from `conf` (a path in the repository), each given the
+    /// variables of `deploy/cluster/nats.conf` and then `extra(node)`.
+    pub fn start_from(conf: &str, extra: impl Fn(usize) -> Vec<(String, String)>) -> NatsCluster {
+        let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(conf);
+        let ports: Vec<u16> = (0..9)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let (mut nodes, mut urls, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cmd = Command::new("nats-server");
+            cmd.arg("--config")
+                .arg(&conf)
+                .env("NATS_NAME", format!("nats-{}", i + 1))
+                .env("NATS_HOST", "127.0.0.1")
+                .env("NATS_CLIENT_PORT", ports[i].to_string())
+                .env("NATS_CLUSTER_PORT", ports[3 + i].to_string())
+                .env("NATS_HTTP", format!("127.0.0.1:{}", ports[6 + i]))
+                .env("NATS_STORE", dir.path());
+            for j in 0..3 {
+                cmd.env(
+                    format!("NATS_ROUTE_{}", j + 1),
+                    format!("nats-route://127.0.0.1:{}", ports[3 + j]),
+                );
+            }
+            cmd.envs(extra(i));
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server must be installed");
+            nodes.push(Some(child));
+            urls.push(format!("nats://127.0.0.1:{}", ports[i]));
+            dirs.push(dir);
+        }
+        // Ready: every node answers /healthz (JetStream included).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in &ports[6..9] {
+            loop {
+                assert!(Instant::now() < deadline, "the NATS cluster did not form");
+                let ok = std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
+                    use std::io::{Read, Write};
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                    let mut r = String::new();
+                    let _ = s.read_to_string(&mut r);
+                    r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
+                });
+                if ok {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        NatsCluster {
+            nodes,
+            urls,
+            _dirs: dirs,
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
