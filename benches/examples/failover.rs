@@ -56,7 +56,10 @@ fn session(r: &Relay) -> Option<u64> {
 async fn until(f: impl Fn() -> bool) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !f() {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "no change in a minute");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "no change in a minute"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(t.elapsed())
@@ -82,7 +85,12 @@ async fn main() -> anyhow::Result<()> {
         Wire::start(other.quic_addr()).await?,
     );
     let token = home.token_key().mint("alice", Duration::from_secs(3600))?;
-    let mut cfg = Config::new("", home.files().cert.clone(), dir.path().join("app"), &token);
+    let mut cfg = Config::new(
+        "",
+        home.files().cert.clone(),
+        dir.path().join("app"),
+        &token,
+    );
     cfg.relays = vec![to_home.addr.to_string(), to_other.addr.to_string()];
     cfg.failover_after = a.failover_after;
     cfg.transport.keep_alive = a.keep_alive;
@@ -96,8 +104,13 @@ async fn main() -> anyhow::Result<()> {
         to_home.set_cut(true);
         let moved = until(|| session(&other).is_some()).await?;
         to_home.set_cut(false);
-        let back = until(|| session(&home).is_some_and(|s| Some(s) != before) && session(&other).is_none()).await?;
-        println!("round {round}: moved {moved:.2?} after the cut, home {back:.2?} after it answered");
+        let back = until(|| {
+            session(&home).is_some_and(|s| Some(s) != before) && session(&other).is_none()
+        })
+        .await?;
+        println!(
+            "round {round}: moved {moved:.2?} after the cut, home {back:.2?} after it answered"
+        );
         moves.push(moved);
         backs.push(back);
     }

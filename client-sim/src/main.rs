@@ -5,14 +5,13 @@ mod audio_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use codec::ogg_opus::OggOpus;
 use codec::wire::{ClipId, Target};
-use ptt_client::failover::{self, Relays, Watched};
+use ptt_client::failover::{self, Connected, Relays, Watched};
 use ptt_client::net;
 use ptt_client::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing};
 use tokio::time::Instant;
@@ -474,8 +473,6 @@ async fn prepare(c: &Conn) -> anyhow::Result<(Relay, Relays)> {
     Ok((relay, Relays::new(list, RETRY)))
 }
 
-type Connected = (Arc<Client>, tokio::sync::mpsc::Receiver<Event>);
-
 impl Relay {
     /// Closes every connection and lets the last packets (acks) leave.
     async fn finish(&self) {
@@ -532,7 +529,7 @@ impl Relay {
         client: &Client,
         relays: &mut Relays,
         may_leave: impl Fn() -> bool,
-    ) -> Watched<Connected> {
+    ) -> Watched {
         if !self.several() {
             return std::future::pending().await;
         }

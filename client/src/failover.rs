@@ -227,28 +227,36 @@ impl Liveness {
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 /// What [`watch`] saw.
-pub enum Watched<C> {
+pub enum Watched {
     /// The relay left what was sent unanswered for the limit: give it up.
     Silent,
-    /// Away from home, home answered a try: `C`, its connection.
-    Home(C),
+    /// Away from home, home answered a try: its connection.
+    Home(Connected),
 }
+
+/// A signed-in connection and its events.
+pub type Connected = (
+    std::sync::Arc<crate::Client>,
+    tokio::sync::mpsc::Receiver<crate::Event>,
+);
 
 /// Watches a served connection while the client has several relays:
 /// resolves once its relay has been silent for `limit` ([`Liveness`]), or,
 /// away from home, once home answered a try. A try starts when one is
-/// due ([`Relays::home_due`]) and `may_leave` says nothing would be cut;
-/// `try_home` connects to the relay given (`None`: no answer). Pin it
+/// due ([`Relays::home_due`]) and `may_leave` says nothing would be cut
+/// (asked again when home answered: if something started meanwhile, the
+/// new connection is closed and home tried later); `try_home` connects to
+/// the relay given (`None`: no answer). Pin it
 /// once per connection and poll it beside the connection's events.
-pub async fn watch<C, Fut>(
+pub async fn watch<Fut>(
     conn: &quinn::Connection,
     relays: &mut Relays,
     limit: Duration,
     may_leave: impl Fn() -> bool,
     mut try_home: impl FnMut(String) -> Fut,
-) -> Watched<C>
+) -> Watched
 where
-    Fut: Future<Output = Option<C>>,
+    Fut: Future<Output = Option<Connected>>,
 {
     let mut liveness = Liveness::new(limit);
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -275,6 +283,13 @@ where
         loop {
             tokio::select! {
                 got = &mut attempt => match got {
+                    // Something started meanwhile (a press, a clip to
+                    // send): home is left for the next try.
+                    Some(c) if !may_leave() => {
+                        c.0.close();
+                        relays.home_silent(Instant::now(), rand::random());
+                        break;
+                    }
                     Some(c) => return Watched::Home(c),
                     None => {
                         relays.home_silent(Instant::now(), rand::random());

@@ -23,7 +23,7 @@ use quinn::Endpoint;
 use tokio::sync::{Notify, mpsc};
 
 use crate::client::LiveUpload;
-use crate::failover::{self, Lost, Relays, Watched};
+use crate::failover::{self, Connected, Lost, Relays, Watched};
 use crate::inbox::Inbox;
 use crate::outbox::{Outbox, OutboxError};
 use crate::{Client, ClientError, ClientOptions, Event, OutgoingClip, Pacing, ReceivedClip};
@@ -712,8 +712,6 @@ async fn refused_token(inner: &Inner, e: &ClientError) -> Option<()> {
     }
     Some(())
 }
-
-type Connected = (Arc<Client>, mpsc::Receiver<Event>);
 
 /// Connects and signs in to `relay` within the attempt limit.
 async fn connect(inner: &Inner, relay: &str, limit: Duration) -> Result<Connected, ClientError> {
