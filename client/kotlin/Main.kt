@@ -29,6 +29,9 @@ class App(val name: String, private val fresh: String? = null) : ClipListener {
     val sent = ConcurrentLinkedQueue<Pair<String, SendResult>>()
     @Volatile var audioSamples = 0L
     @Volatile var firstAudioAt = 0L
+    // The press whose audio is counted (a clip sent later may also be
+    // heard live, when the listener is back first).
+    @Volatile var hearing: String? = null
     @Volatile var freshAsked = 0
 
     override fun onClip(clip: Clip): Boolean {
@@ -51,7 +54,7 @@ class App(val name: String, private val fresh: String? = null) : ClipListener {
     }
 
     override fun onTalk(event: Talk) {
-        if (event is Talk.Audio) {
+        if (event is Talk.Audio && event.clipId == hearing) {
             if (firstAudioAt == 0L) firstAudioAt = System.currentTimeMillis()
             audioSamples += event.pcm.size
         }
@@ -110,6 +113,7 @@ fun main(args: Array<String>) {
     val pcm = samples(wav)
     val frame = 320 // 20 ms at 16 kHz
     val id = a.press(TargetKind.USER, "bob")
+    bob.hearing = id
     var at = 0
     val start = System.nanoTime()
     while (at < pcm.size) {
