@@ -296,7 +296,6 @@ export class PttSession extends EventTarget {
     this.outbox = []; // clips recorded or not yet accepted, sent when back
     this.stopped = false; this.seen = null;
     this.relays = null; // the service's relays (config URLs), home first
-    this.relay = null; // the config URL of the relay connected to
   }
   emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
   get online() { return this.welcome !== null; }
@@ -367,7 +366,7 @@ export class PttSession extends EventTarget {
       await wt.closed.catch(() => {});
       return this.afterClose(closeInfo);
     }
-    this.ctl = writer; this.welcome = welcome; this.relay = configUrl;
+    this.ctl = writer; this.welcome = welcome;
     this.relays.connected(Date.now(), Math.random());
     this.seen = this.seen ?? new SeenIds(welcome.user);
     this.emit("welcome", welcome);

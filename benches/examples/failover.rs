@@ -75,10 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dir = tempfile::tempdir()?;
     let home = Relay::start(relay::Config::for_tests(dir.path().join("a"))).await?;
-    std::fs::create_dir_all(dir.path().join("b"))?;
-    for f in ["cert.pem", "key.pem", "token.secret"] {
-        std::fs::copy(dir.path().join("a").join(f), dir.path().join("b").join(f))?;
-    }
+    home.files().share_with(&dir.path().join("b"))?;
     let other = Relay::start(relay::Config::for_tests(dir.path().join("b"))).await?;
     let (to_home, to_other) = (
         Wire::start(home.quic_addr()).await?,

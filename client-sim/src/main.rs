@@ -434,7 +434,6 @@ struct Relay {
     /// Each relay's address and certificate name.
     addrs: std::collections::HashMap<String, (std::net::SocketAddr, String)>,
     token: String,
-    failover_after: Duration,
 }
 
 /// The shared retry rule (`codec::retry`) as `send` and `listen` follow
@@ -468,9 +467,8 @@ async fn prepare(c: &Conn) -> anyhow::Result<(Relay, Relays)> {
         endpoint,
         addrs,
         token: c.token.clone(),
-        failover_after: c.failover_after,
     };
-    Ok((relay, Relays::new(list, RETRY)))
+    Ok((relay, Relays::new(list, RETRY, c.failover_after)))
 }
 
 impl Relay {
@@ -480,13 +478,13 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
-    fn several(&self) -> bool {
-        self.addrs.len() > 1
-    }
-
-    /// Connects to `relay` (with several, an attempt without an answer
-    /// within --failover-after is given up).
-    async fn connect(&self, relay: &str) -> Result<Connected, ClientError> {
+    /// Connects to `relay`, given up after `limit` without an answer (the
+    /// failover rule's, with another relay to try).
+    async fn connect(
+        &self,
+        relay: &str,
+        limit: Option<Duration>,
+    ) -> Result<Connected, ClientError> {
         let Some((addr, name)) = self.addrs.get(relay) else {
             return Err(ClientError::Connect(format!("{relay}: not in --relay")));
         };
@@ -497,10 +495,9 @@ impl Relay {
             &self.token,
             ClientOptions::default(),
         );
-        if !self.several() {
+        let Some(limit) = limit else {
             return c.await;
-        }
-        let limit = self.failover_after;
+        };
         tokio::time::timeout(limit, c).await.unwrap_or_else(|_| {
             Err(ClientError::Connect(format!(
                 "{relay}: no answer within {limit:?}"
@@ -510,10 +507,10 @@ impl Relay {
 
     /// Connects to the first of `relays` that answers (one try each): for
     /// one request, where moving home later does not matter.
-    async fn connect_any(&self, relays: &[String]) -> Result<Connected, ClientError> {
+    async fn connect_any(&self, relays: &Relays) -> Result<Connected, ClientError> {
         let mut last = ClientError::Connect("--relay names no relay".into());
-        for r in relays {
-            match self.connect(r).await {
+        for r in relays.relays() {
+            match self.connect(r, relays.attempt_limit()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }
@@ -521,25 +518,19 @@ impl Relay {
         Err(last)
     }
 
-    /// Watches `client`'s relay while it serves (several relays only):
-    /// see `ptt_client::failover::watch`. `may_leave`: whether going home
-    /// now would cut nothing.
+    /// Watches `client`'s relay while it serves: see
+    /// `ptt_client::failover::watch`. `may_leave`: whether going home now
+    /// would cut nothing.
     async fn watch(
         &self,
         client: &Client,
         relays: &mut Relays,
         may_leave: impl Fn() -> bool,
     ) -> Watched {
-        if !self.several() {
-            return std::future::pending().await;
-        }
-        failover::watch(
-            client.connection(),
-            relays,
-            self.failover_after / 2,
-            may_leave,
-            |home| async move { self.connect(&home).await.ok() },
-        )
+        let limit = relays.attempt_limit();
+        failover::watch(client.connection(), relays, may_leave, |home| async move {
+            self.connect(&home, limit).await.ok()
+        })
         .await
     }
 }
@@ -560,7 +551,7 @@ async fn send(
     let (t, mut relays) = prepare(&conn).await?;
     let mut attempt = 0;
     loop {
-        let result = match t.connect(relays.current()).await {
+        let result = match t.connect(relays.current(), relays.attempt_limit()).await {
             Ok((client, _events)) => {
                 relays.connected(Instant::now().into_std(), rand::random());
                 // A relay that goes silent mid-clip is left for the next
@@ -568,7 +559,7 @@ async fn send(
                 let r = tokio::select! {
                     r = client.send_clip(&clip, pacing) => r,
                     _ = t.watch(&client, &mut relays, || false) => {
-                        Err(ClientError::Unanswered("no answer within --failover-after".into()))
+                        Err(failover::silent())
                     }
                 };
                 client.shutdown().await;
@@ -628,7 +619,7 @@ async fn push_register(
     }
     let (t, relays) = prepare(&conn).await?;
     let (client, _events) = t
-        .connect_any(relays.relays())
+        .connect_any(&relays)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = r.device_id.clone();
@@ -656,7 +647,7 @@ async fn push_register(
 async fn usage(conn: Conn, days: u64, json: bool) -> anyhow::Result<()> {
     let (t, relays) = prepare(&conn).await?;
     let (client, _events) = t
-        .connect_any(relays.relays())
+        .connect_any(&relays)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let u = client.usage(days).await;
@@ -729,7 +720,7 @@ async fn listen(
         while !done(got) {
             let (client, mut events) = match home.take() {
                 Some(c) => c,
-                None => match t.connect(relays.current()).await {
+                None => match t.connect(relays.current(), relays.attempt_limit()).await {
                     Ok(x) => x,
                     Err(e) if e.is_retryable() => {
                         move_on(&mut relays, &e).await;
@@ -775,7 +766,7 @@ async fn listen(
             }
             let why = if silent {
                 client.close();
-                ClientError::Unanswered(format!("no answer within {:?}", t.failover_after / 2))
+                failover::silent()
             } else {
                 client.closed().await
             };

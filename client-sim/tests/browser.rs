@@ -642,15 +642,11 @@ async fn the_page_moves_to_the_next_relay_and_comes_back_home() {
     let other_web = free_port();
     let env = Env::with(|c| c.web_relays = format!("http://127.0.0.1:{other_web}")).await;
     let (wav, _) = mic_wav(env.dir.path()).await;
-    // The other relay: the same token secret, its own certificates.
+    // The other relay of the service: the same keys (browsers get each
+    // relay's own short-lived certificate and pin it from its config).
     let other_tmp = tempfile::tempdir().unwrap();
     let other_dir = other_tmp.path().join("relay");
-    std::fs::create_dir_all(&other_dir).unwrap();
-    std::fs::copy(
-        env.dir.path().join("relay/token.secret"),
-        other_dir.join("token.secret"),
-    )
-    .unwrap();
+    env.relay.files().share_with(&other_dir).unwrap();
     let mut cfg = relay::Config::for_tests(&other_dir);
     cfg.web = relay::config::WebListen(Some(([127, 0, 0, 1], other_web).into()));
     let other = Env {

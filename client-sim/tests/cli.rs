@@ -405,11 +405,8 @@ async fn push_register_registers_refuses_and_removes() {
 async fn send_and_listen_move_to_the_next_relay_and_back() {
     let env = Env::new().await;
     let d = env.dir.path();
-    let (home_dir, other_dir) = (d.join("relay"), d.join("other"));
-    std::fs::create_dir_all(&other_dir).unwrap();
-    for f in ["cert.pem", "key.pem", "token.secret"] {
-        std::fs::copy(home_dir.join(f), other_dir.join(f)).unwrap();
-    }
+    let other_dir = d.join("other");
+    env.relay.files().share_with(&other_dir).unwrap();
     let other = Relay::start(Config::for_tests(&other_dir)).await.unwrap();
     let home_wire = relay::testing::Wire::start(env.relay.quic_addr())
         .await

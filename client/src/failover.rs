@@ -47,6 +47,10 @@ pub struct Next {
 #[derive(Debug, Clone)]
 pub struct Relays {
     list: Vec<String>,
+    /// The shared backoff, for waits between rounds and tries of home.
+    rule: Backoff,
+    /// How soon a relay that stopped answering is left (docs/protocol.md).
+    failover_after: Duration,
     current: usize,
     /// Relays tried in a row without a connection (this round).
     failed_in_row: usize,
@@ -61,9 +65,12 @@ pub struct Relays {
 impl Relays {
     /// `list`: the relays, home first (at least one). `backoff`: the
     /// shared rule for waits between rounds and between tries of home.
-    pub fn new(list: Vec<String>, backoff: Backoff) -> Relays {
+    /// `failover_after`: how soon one that stopped answering is left.
+    pub fn new(list: Vec<String>, backoff: Backoff, failover_after: Duration) -> Relays {
         Relays {
             list,
+            rule: backoff,
+            failover_after,
             current: 0,
             failed_in_row: 0,
             retry_here: false,
@@ -82,36 +89,50 @@ impl Relays {
         &self.list[self.current]
     }
 
-    pub fn index(&self) -> usize {
-        self.current
-    }
-
     pub fn at_home(&self) -> bool {
         self.current == 0
+    }
+
+    /// Whether there is another relay to go to.
+    pub fn several(&self) -> bool {
+        self.list.len() > 1
+    }
+
+    /// How long one connection attempt may wait for an answer before the
+    /// next relay is tried: `failover_after`, with another relay to try
+    /// (`None`: one relay, the caller's own limit holds).
+    pub fn attempt_limit(&self) -> Option<Duration> {
+        self.several().then_some(self.failover_after)
+    }
+
+    /// Starts over from home, as a client that was away (asleep) does.
+    pub fn start_over(&mut self) {
+        self.current = 0;
+        self.failed_in_row = 0;
+        self.retry_here = false;
+        self.rounds.reset();
+        self.home_tries.reset();
+        self.home_due = None;
     }
 
     /// Connected to the current relay (signed in).
     pub fn connected(&mut self, now: Instant, unit: f64) {
         self.failed_in_row = 0;
         self.retry_here = false;
-        self.rounds = self.rounds_rule().attempts();
+        self.rounds.reset();
         if self.at_home() {
             self.home_due = None;
-            self.home_tries = self.rounds_rule().attempts();
+            self.home_tries.reset();
         } else if self.home_due.is_none() {
             self.home_due = Some(now + self.home_tries.next(unit));
         }
-    }
-
-    fn rounds_rule(&self) -> Backoff {
-        self.rounds.rule()
     }
 
     /// The connection to the current relay ended, or could not be made
     /// (`hint`: the relay's `retry_after`, if it gave one). `unit`:
     /// uniform random in 0..1 for the jitter.
     pub fn lost(&mut self, why: Lost, hint: Duration, unit: f64) -> Next {
-        let min = codec::retry::jitter(self.rounds_rule().min, unit);
+        let min = codec::retry::jitter(self.rule.min, unit);
         match why {
             Lost::Closed if !self.retry_here => {
                 // Once more here: it answered, it may be back at once.
@@ -224,7 +245,13 @@ impl Liveness {
 }
 
 /// How often [`watch`] reads a connection's counters.
-pub const WATCH_EVERY: Duration = Duration::from_millis(250);
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a connection [`watch`] found silent was given up, as the error a
+/// request on it ends with.
+pub fn silent() -> ClientError {
+    ClientError::Unanswered("what was sent had no answer within half of failover_after".into())
+}
 
 /// What [`watch`] saw.
 pub enum Watched {
@@ -240,9 +267,10 @@ pub type Connected = (
     tokio::sync::mpsc::Receiver<crate::Event>,
 );
 
-/// Watches a served connection while the client has several relays:
-/// resolves once its relay has been silent for `limit` ([`Liveness`]), or,
-/// away from home, once home answered a try. A try starts when one is
+/// Watches a served connection: resolves once its relay has been silent
+/// for half of `failover_after` ([`Liveness`]), or, away from home, once
+/// home answered a try. With one relay it never resolves (nowhere to go:
+/// QUIC's idle timeout ends a dead connection). A try starts when one is
 /// due ([`Relays::home_due`]) and `may_leave` says nothing would be cut
 /// (asked again when home answered: if something started meanwhile, the
 /// new connection is closed and home tried later); `try_home` connects to
@@ -251,14 +279,16 @@ pub type Connected = (
 pub async fn watch<Fut>(
     conn: &quinn::Connection,
     relays: &mut Relays,
-    limit: Duration,
     may_leave: impl Fn() -> bool,
     mut try_home: impl FnMut(String) -> Fut,
 ) -> Watched
 where
     Fut: Future<Output = Option<Connected>>,
 {
-    let mut liveness = Liveness::new(limit);
+    if !relays.several() {
+        return std::future::pending().await;
+    }
+    let mut liveness = Liveness::new(relays.failover_after / 2);
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let silent = |l: &mut Liveness| {
@@ -322,6 +352,7 @@ mod tests {
                 min: 250 * MS,
                 max: 30 * 1000 * MS,
             },
+            3000 * MS,
         )
     }
 
@@ -399,6 +430,28 @@ mod tests {
         r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
         r.connected(t0 + 1000 * MS, 0.5);
         assert_eq!(r.home_due(), Some(t0 + 1250 * MS));
+    }
+
+    #[test]
+    fn an_attempt_waits_failover_after_only_with_somewhere_else_to_go() {
+        assert_eq!(relays(1).attempt_limit(), None);
+        assert_eq!(relays(2).attempt_limit(), Some(3000 * MS));
+    }
+
+    #[test]
+    fn starting_over_goes_home_with_fresh_backoffs() {
+        let mut r = relays(2);
+        r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
+        r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
+        r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
+        r.connected(Instant::now(), 0.5);
+        assert!(!r.at_home() && r.home_due().is_some());
+        r.start_over();
+        assert!(r.at_home());
+        assert_eq!(r.home_due(), None);
+        r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
+        let n = r.lost(Lost::Unanswered, Duration::ZERO, 0.5);
+        assert_eq!(n, next(0, 250 * MS), "the first round's wait again");
     }
 
     #[test]

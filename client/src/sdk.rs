@@ -126,16 +126,6 @@ impl Config {
         }
         Ok(self.relays.clone())
     }
-
-    /// How long one connection attempt may take: `connect_timeout`, or
-    /// `failover_after` when there is another relay to try.
-    fn attempt_limit(&self, relays: usize) -> Duration {
-        if relays > 1 {
-            self.connect_timeout.min(self.failover_after)
-        } else {
-            self.connect_timeout
-        }
-    }
 }
 
 /// Why an SDK call failed.
@@ -603,7 +593,7 @@ async fn drive(inner: Arc<Inner>, relays: Vec<String>) {
         min: inner.cfg.reconnect_min,
         max: inner.cfg.reconnect_max,
     };
-    let mut relays = Relays::new(relays, rule);
+    let mut relays = Relays::new(relays, rule, inner.cfg.failover_after);
     while !inner.stopping.load(Ordering::SeqCst) {
         if inner.asleep.load(Ordering::SeqCst) {
             // Nothing on the wire until `wake` (or a press, or a clip).
@@ -612,26 +602,25 @@ async fn drive(inner: Arc<Inner>, relays: Vec<String>) {
             while inner.asleep.load(Ordering::SeqCst) && !inner.stopping.load(Ordering::SeqCst) {
                 inner.woken.notified().await;
             }
-            relays = Relays::new(relays.relays().to_vec(), rule);
+            relays.start_over();
             continue;
         }
         inner.listener.status(Status::Connecting);
-        let limit = inner.cfg.attempt_limit(relays.relays().len());
-        let mut attempt = connect(&inner, relays.current(), limit).await;
+        let mut attempt = connect(&inner, relays.current(), attempt_limit(&inner, &relays)).await;
         let wait = loop {
             let (client, events) = match attempt {
                 Ok(c) => c,
-                Err(e) => match refused_token(&inner, &e).await {
-                    Some(()) => break None,
-                    None => {
-                        let next = relays.lost_by(&e, rand::random());
-                        inner.listener.status(Status::Offline {
-                            why: e.to_string(),
-                            retry_in_ms: next.wait.as_millis() as u64,
-                        });
-                        break Some(next.wait);
+                Err(e) => {
+                    if refused_token(&inner, &e).await {
+                        break None;
                     }
-                },
+                    let next = relays.lost_by(&e, rand::random());
+                    inner.listener.status(Status::Offline {
+                        why: e.to_string(),
+                        retry_in_ms: next.wait.as_millis() as u64,
+                    });
+                    break Some(next.wait);
+                }
             };
             relays.connected(Instant::now(), rand::random());
             inner.listener.status(Status::Connected {
@@ -683,17 +672,17 @@ async fn drive(inner: Arc<Inner>, relays: Vec<String>) {
     inner.stopped.notify_waiters();
 }
 
-/// A connection refused for its token: a fresh one from the app (then
-/// `Some`, connect again at once), or signed out until `set_token`
-/// (`Some` once it comes). `None`: not a token refusal.
-async fn refused_token(inner: &Inner, e: &ClientError) -> Option<()> {
+/// A connection refused for its token: a fresh one from the app, or
+/// signed out until `set_token`; true once the next connection may go (at
+/// once). False: not a token refusal.
+async fn refused_token(inner: &Inner, e: &ClientError) -> bool {
     let refused = matches!(
         e,
         ClientError::Closed { code, .. }
             if matches!(code, ErrorCode::TokenExpired | ErrorCode::TokenInvalid)
     );
     if !refused {
-        return None;
+        return false;
     }
     let listener = inner.listener.clone();
     let fresh = tokio::task::spawn_blocking(move || listener.fresh_token())
@@ -710,7 +699,14 @@ async fn refused_token(inner: &Inner, e: &ClientError) -> Option<()> {
             inner.wake.notified().await;
         }
     }
-    Some(())
+    true
+}
+
+/// How long one connection attempt may take: `connect_timeout`, or less
+/// when there is another relay to try (the failover rule's limit).
+fn attempt_limit(inner: &Inner, relays: &Relays) -> Duration {
+    let own = inner.cfg.connect_timeout;
+    relays.attempt_limit().map_or(own, |l| l.min(own))
 }
 
 /// Connects and signs in to `relay` within the attempt limit.
@@ -782,12 +778,10 @@ async fn serve(
         let client = client.clone();
         tokio::spawn(async move { client.register_push(r).await });
     }
-    let several = relays.relays().len() > 1;
-    let limit = inner.cfg.attempt_limit(2);
+    let limit = attempt_limit(inner, relays);
     let watch = failover::watch(
         client.connection(),
         relays,
-        inner.cfg.failover_after / 2,
         || leaving_cuts_nothing(inner),
         |home| async move { connect(inner, &home, limit).await.ok() },
     );
@@ -809,7 +803,7 @@ async fn serve(
                 drain_then_leave(inner, client).await;
                 break;
             }
-            w = &mut watch, if several => match w {
+            w = &mut watch => match w {
                 Watched::Silent => {
                     // Gone quiet: given up, for the next relay.
                     client.close();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use codec::wire::{ClipId, Target};
-use common::{sharing_keys, speech, start, token};
+use common::{speech, start, token};
 use ptt_client::sdk::{Config, IncomingClip, Listener, Sdk, Sent, Status};
 use relay::testing::Wire;
 use tokio::sync::mpsc;
@@ -48,7 +48,7 @@ async fn until(what: &str, secs: u64, f: impl Fn() -> bool) {
 async fn the_sdk_moves_to_the_next_relay_and_comes_back_home() {
     let dir = tempfile::tempdir().unwrap();
     let home = start(&dir.path().join("a"), None).await;
-    sharing_keys(&dir.path().join("a"), &dir.path().join("b"));
+    home.files().share_with(&dir.path().join("b")).unwrap();
     let other = start(&dir.path().join("b"), None).await;
     let (to_home, to_other) = (
         Wire::start(home.quic_addr()).await.unwrap(),
@@ -175,6 +175,7 @@ fn the_web_app_fails_over_by_the_same_rule() {
             min: Duration::from_millis(250),
             max: Duration::from_secs(30),
         },
+        Duration::from_secs(3),
     );
     let ms = |s: &str| Duration::from_millis(s.parse().unwrap());
     let mut ours = Vec::new();

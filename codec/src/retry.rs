@@ -65,11 +65,6 @@ impl Attempts {
         w
     }
 
-    /// The rule these attempts follow.
-    pub fn rule(&self) -> Backoff {
-        self.rule
-    }
-
     /// Failed attempts since the last success.
     pub fn failures(&self) -> u32 {
         self.attempt

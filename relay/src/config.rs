@@ -388,6 +388,15 @@ impl Config {
         relay_core::history::cutoff_ms(now_ms, self.channel_history_age)
     }
 
+    /// `web_relays` as a list (each without a trailing `/`).
+    pub fn web_relay_list(&self) -> Vec<String> {
+        self.web_relays
+            .split(',')
+            .map(|r| r.trim().trim_end_matches('/').to_owned())
+            .filter(|r| !r.is_empty())
+            .collect()
+    }
+
     /// Checks every setting's range; the first one out of it is the error.
     pub fn validate(&self) -> Result<(), crate::error::StartError> {
         let ensure = |ok: bool, why: &str| {
@@ -398,10 +407,8 @@ impl Config {
             }
         };
         ensure(
-            self.web_relays
-                .split(',')
-                .map(str::trim)
-                .filter(|r| !r.is_empty())
+            self.web_relay_list()
+                .iter()
                 .all(|r| r.starts_with("http://") || r.starts_with("https://")),
             "web_relays: each is http://HOST:PORT or https://HOST:PORT",
         )?;
@@ -619,6 +626,21 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.cluster.split(',').count(), 3);
         assert_eq!(c.cluster_replicas, 3);
+    }
+
+    /// `web_relays` are web listeners' addresses, each with its scheme.
+    #[test]
+    fn web_relays_are_http_addresses() {
+        let mut c = Config::for_tests("/tmp/unused");
+        c.web_relays = " http://b.example:8080/ , https://c.example ".into();
+        c.validate().unwrap();
+        assert_eq!(
+            c.web_relay_list(),
+            ["http://b.example:8080", "https://c.example"]
+        );
+        c.web_relays = "http://b.example:8080,c.example:8080".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("web_relays"), "{e}");
     }
 
     #[test]

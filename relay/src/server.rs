@@ -223,13 +223,7 @@ async fn serve_web(
     let info = crate::web::WebInfo {
         quic_port,
         certs: certs.clone(),
-        relays: shared
-            .config
-            .web_relays
-            .split(',')
-            .map(|r| r.trim().trim_end_matches('/').to_owned())
-            .filter(|r| !r.is_empty())
-            .collect(),
+        relays: shared.config.web_relay_list(),
     };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(crate::web::serve(web, Arc::new(info), shutdown));

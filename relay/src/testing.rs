@@ -11,7 +11,7 @@ pub use crate::segment_log::{LogDir, LogFile, SEGMENT_MAGIC, parse as parse_segm
 pub use crate::server::transport;
 pub use crate::state::Shared;
 pub use crate::store::{Appended, ClipMeta, ClipStore, MemoryStore, StoredClip};
-pub use crate::tls::{crypto_provider, ensure_data_dir, server_crypto};
+pub use crate::tls::{DataFiles, crypto_provider, ensure_data_dir, server_crypto};
 pub use crate::usage::today;
 pub use crate::web::PageConfig;
 

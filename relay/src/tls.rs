@@ -34,6 +34,18 @@ impl DataFiles {
             reset_key: dir.join("reset.key"),
         }
     }
+
+    /// Gives the data dir `to` (made if missing) this one's certificate,
+    /// key and token secret: relays of one service share them (clients
+    /// trust one certificate, a token is good at every relay).
+    pub fn share_with(&self, to: &Path) -> std::io::Result<DataFiles> {
+        std::fs::create_dir_all(to)?;
+        let theirs = DataFiles::new(to);
+        std::fs::copy(&self.cert, &theirs.cert)?;
+        std::fs::copy(&self.key, &theirs.key)?;
+        std::fs::copy(&self.secret, &theirs.secret)?;
+        Ok(theirs)
+    }
 }
 
 /// What [`ensure_data_dir`] created on this start.

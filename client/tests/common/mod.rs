@@ -83,13 +83,3 @@ pub fn token(relay: &Relay, user: &str) -> String {
         .mint(user, Duration::from_secs(3600))
         .unwrap()
 }
-
-/// A relay's second data dir holding the first's certificate, key and
-/// token secret: two relays of one service (tokens and the pinned
-/// certificate good at both).
-pub fn sharing_keys(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in ["cert.pem", "key.pem", "token.secret"] {
-        std::fs::copy(from.join(f), to.join(f)).unwrap();
-    }
-}

@@ -86,9 +86,9 @@ impl Drop for Nats {
 /// data dir `from` (relays of a cluster share them).
 pub fn sharing_keys(from: &std::path::Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["cert.pem", "key.pem", "token.secret"] {
-        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
-    }
+    relay::testing::DataFiles::new(from)
+        .share_with(dir.path())
+        .unwrap();
     dir
 }
 
