@@ -12,6 +12,9 @@
 # CHANNEL=1 adds a channel run (one talker, 999 members) to each round.
 # CLUSTER=1 runs each relay clustered, on a `nats-server -js` of its own
 # (also on core 0): the clustered relay's clip rate, build against build.
+# CLUSTER=this clusters only this build (pass this very binary as the
+# other one): a clustered relay against a single one, side by side, with
+# nats-server's CPU per clip.
 #
 # Needs `cargo build --release -p relay -p client-sim` first, and taskset.
 set -euo pipefail
@@ -31,6 +34,7 @@ if [ -n "${CLUSTER:-}" ]; then
   done
   sleep 1
   cluster_this=(--cluster nats://127.0.0.1:14231) cluster_other=(--cluster nats://127.0.0.1:14232)
+  [ "$CLUSTER" = this ] && cluster_other=()
 fi
 taskset -c 0 target/release/ptt-relay serve --data-dir "$work/this" --listen 127.0.0.1:4441 \
   --admin 127.0.0.1:9481 --web off "${flags[@]}" "${cluster_this[@]}" 2>"$work/this.log" >/dev/null &

@@ -11,11 +11,30 @@ stream). Results: docs/cluster.md, "Regions: which NATS topology".
 
     pip install nats-py   # once (PyPI)
     scripts/nats-regions.py --delay-ms 20 gateways leafdomains
+
+`relays` runs the relay on the chosen layout (leaf nodes, a domain per
+region): two relays in region a, one with `replicas_in_other_regions = 1`
+(each accepted clip also in b's JetStream before `Accepted`) and one with
+0 (the clip in a only), the same `client-sim load` against each in turn,
+and prints the time from a clip's end to its `Accepted` (p50/p99) and the
+clip rate, with lost/duplicated. Results: docs/benchmarks.md, "Regions".
+
+    cargo build --release -p relay -p client-sim
+    scripts/nats-regions.py --delay-ms 20 --rounds 3 relays
+
+With `--lossy-delay-ms D --loss L` it compares, on the relay with a copy
+in b, the clean link with a slow lossy one (D each way; a share L of the
+TCP segments held back a retransmission timeout, as TCP holds a lost one,
+what follows waiting behind it): first-frame latency inside region a and
+the time to `Accepted`.
+
+    scripts/nats-regions.py --delay-ms 20 --lossy-delay-ms 75 --loss 0.05 --rounds 3 relays
 """
 import argparse
 import asyncio
 import atexit
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,6 +46,10 @@ from nats.js.api import DeliverPolicy, Placement, StreamConfig
 
 BASE = 24000
 DELAY = 0.0
+# Share of the segments on the link between the regions held back as TCP
+# holds a lost one: an extra retransmission timeout, the data behind it
+# waiting in order.
+LOSS = 0.0
 RUNNING = []
 DIRS = []
 
@@ -35,6 +58,9 @@ def _cleanup():
     for p in RUNNING:
         if p.poll() is None:
             p.kill()
+    if os.environ.get("KEEP"):
+        print("kept:", *DIRS)
+        return
     for d in DIRS:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -47,12 +73,18 @@ async def pipe(r, w):
     async def reader():
         while True:
             d = await r.read(65536)
-            await q.put((time.perf_counter() + DELAY, d))
+            hold = DELAY
+            if LOSS and random.random() < LOSS:
+                hold += max(0.2, 6 * DELAY)
+            await q.put((time.perf_counter() + hold, d))
             if not d:
                 return
     async def writer():
+        last = 0.0
         while True:
             due, d = await q.get()
+            last = max(last, due)
+            due = last
             now = time.perf_counter()
             if due > now:
                 await asyncio.sleep(due - now)
@@ -75,7 +107,7 @@ def conf(name, port, extra):
     DIRS.append(d)
     path = os.path.join(d, "s.conf")
     with open(path, "w") as f:
-        f.write(f'server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: "{d}/js", {extra.get("js","")} }}\n{extra.get("rest","")}\n')
+        f.write(f'server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{port + 60}\njetstream {{ store_dir: "{d}/js", {extra.get("js","")} }}\n{extra.get("rest","")}\n')
     return path
 
 def start(path):
@@ -183,16 +215,116 @@ async def scenario(kind, n=3):
         srv.close()
     print("\n".join(out), flush=True)
 
+async def relay(binary, work, name, port, nats_url, replicas, share_from=None):
+    """Starts a relay of region a on loopback; returns (process, data dir)."""
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    if share_from:
+        for f in ("cert.pem", "key.pem", "token.secret"):
+            shutil.copy(os.path.join(share_from, f), d)
+    args = [binary, "serve", "--data-dir", d, "--listen", f"127.0.0.1:{port}",
+            "--admin", f"127.0.0.1:{port + 1}", "--web", "off", "--cluster", nats_url,
+            "--region", "a", "--regions", "a,b", "--replicas-in-other-regions", str(replicas),
+            "--max-clips-per-minute", "0", "--max-clip-bytes-per-minute", "0",
+            "--max-handshakes-per-second", "0"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(d + ".log", "w"),
+                         env=dict(os.environ, RUST_LOG=os.environ.get("RELAY_LOG", "info")))
+    RUNNING.append(p)
+    for _ in range(100):
+        if os.path.exists(os.path.join(d, "token.secret")) and "listening on QUIC" in open(d + ".log").read():
+            break
+        await asyncio.sleep(0.2)
+    return p, d
+
+
+async def relays(args, n=3):
+    """The relay on two regions; see the module's doc."""
+    import json
+    global DELAY, LOSS
+    proxies = [await proxy(BASE + 40 + j, BASE + 30 + j) for j in range(n)]
+    for r, name in enumerate("ab"):
+        for i in range(n):
+            p = BASE + 100 * r + i
+            routes = ",".join(f'"nats://127.0.0.1:{BASE+100*r+j+10}"' for j in range(n) if j != i)
+            rest = f'cluster {{ name: {name}, listen: 127.0.0.1:{p+10}, routes: [{routes}] }}\n'
+            if name == "a":
+                rest += f'leafnodes {{ listen: 127.0.0.1:{p+30} }}\n'
+            else:
+                urls = ",".join(f'"nats-leaf://127.0.0.1:{BASE+40+j}"' for j in range(n))
+                rest += f'leafnodes {{ remotes: [{{urls: [{urls}]}}] }}\n'
+            start(conf(f"{name}{i}", p, {"js": f"domain: {name}", "rest": rest}))
+    await asyncio.sleep(6)
+    work = tempfile.mkdtemp(prefix="nats-regions-relays-")
+    DIRS.append(work)
+    nats_a = ",".join(f"nats://127.0.0.1:{BASE+i}" for i in range(n))
+    one, d1 = await relay(args.relay_bin, work, "copy1", BASE + 500, nats_a, 1)
+    zero, _ = await relay(args.relay_bin, work, "copy0", BASE + 510, nats_a, 0, share_from=d1)
+    await asyncio.sleep(2)
+    clean = DELAY
+    runs = [("copy1", BASE + 500, one, clean, 0.0), ("copy0", BASE + 510, zero, clean, 0.0)]
+    if args.lossy_delay_ms is not None:
+        lossy = args.lossy_delay_ms / 1000
+        runs = [("clean link", BASE + 500, one, clean, 0.0),
+                ("lossy link", BASE + 500, one, lossy, args.loss)]
+        print(f"== relay in region a (a copy in b), link to b: clean {clean*2000:.0f} ms round trip "
+              f"against {lossy*2000:.0f} ms and {args.loss:.0%} of segments held as if lost", flush=True)
+    else:
+        print(f"== relays in region a, {DELAY*2000:.0f} ms round trip to region b", flush=True)
+    for rnd in range(args.rounds):
+        order = runs if rnd % 2 == 0 else runs[::-1]
+        for name, port, proc, delay, loss in order:
+            DELAY, LOSS = delay, loss
+            out = os.path.join(work, "r.json")
+            if os.path.exists(out):
+                os.remove(out)
+            # Awaited, not run blocking: the delay proxy runs on this
+            # event loop.
+            load = await asyncio.create_subprocess_exec(
+                args.load_bin, "load", "--relay", f"127.0.0.1:{port}",
+                "--ca", os.path.join(d1, "cert.pem"),
+                "--secret", os.path.join(d1, "token.secret"),
+                "--relay-pid", str(proc.pid),
+                "--users", str(args.users), "--duration", args.duration,
+                "--talk-interval", "2s", "--clip-min", "1s", "--clip-max", "1s",
+                "--report-json", out,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await load.wait()
+            try:
+                r = json.load(open(out))
+            except (OSError, ValueError):
+                print(f"round {rnd+1} {name}: no report", flush=True)
+                continue
+            a, f = r["ack_ms"], r["first_frame_ms"]
+            print(f"round {rnd+1} {name}: first frame p50 {f['p50']:.2f} ms p99 {f['p99']:.2f} ms; "
+                  f"Accepted after the clip's end p50 {a['p50']:.1f} ms p99 {a['p99']:.1f} ms; "
+                  f"{r['clips_per_s']:.1f} clips/s; lost {r['lost']} dup {r['duplicated']}", flush=True)
+    if os.environ.get("PAUSE"):
+        await asyncio.sleep(float(os.environ["PAUSE"]))
+    for srv in proxies:
+        srv.close()
+
+
 async def main():
     global DELAY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delay-ms", type=float, default=0, help="one-way delay on the link between the regions")
-    ap.add_argument("topologies", nargs="+", choices=["gateways", "leafdomains"])
+    ap.add_argument("--rounds", type=int, default=3, help="relays: rounds of load")
+    ap.add_argument("--lossy-delay-ms", type=float, default=None,
+                    help="relays: compare the clean link (--delay-ms) with this one-way delay and --loss")
+    ap.add_argument("--loss", type=float, default=0.05, help="relays: share of segments held as if lost")
+    ap.add_argument("--users", type=int, default=100, help="relays: users of each load run")
+    ap.add_argument("--duration", default="10s", help="relays: length of each load run")
+    ap.add_argument("--relay-bin", default="target/release/ptt-relay")
+    ap.add_argument("--load-bin", default="target/release/client-sim")
+    ap.add_argument("topologies", nargs="+", choices=["gateways", "leafdomains", "relays"])
     args = ap.parse_args()
     asyncio.get_running_loop().set_exception_handler(lambda *_: None)
     DELAY = args.delay_ms / 1000
     for k in args.topologies:
-        await scenario(k)
+        if k == "relays":
+            await relays(args)
+        else:
+            await scenario(k)
         await asyncio.sleep(1)
 
 

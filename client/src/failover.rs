@@ -244,6 +244,35 @@ impl Liveness {
     }
 }
 
+/// Frames sent that ask the relay for an answer (every frame but ACK,
+/// PADDING and CONNECTION_CLOSE elicits an ACK). Not only PINGs and
+/// STREAM frames: a probe after a lost packet carries IMMEDIATE_ACK (with
+/// the ACK frequency extension), a flow-control update MAX_STREAMS or
+/// MAX_DATA; a client that had just received clips when its relay died
+/// sends those first, and its keep-alive PING only after them.
+fn asking(f: &quinn::FrameStats) -> u64 {
+    f.ping
+        + f.stream
+        + f.immediate_ack
+        + f.ack_frequency
+        + f.crypto
+        + f.datagram
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+        + f.max_streams_uni
+        + f.new_connection_id
+        + f.retire_connection_id
+        + f.reset_stream
+        + f.stop_sending
+        + f.data_blocked
+        + f.stream_data_blocked
+        + f.streams_blocked_bidi
+        + f.streams_blocked_uni
+        + f.path_challenge
+        + f.path_response
+}
+
 /// How often [`watch`] reads a connection's counters.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
@@ -293,11 +322,7 @@ where
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let silent = |l: &mut Liveness| {
         let s = conn.stats();
-        l.observe(
-            Instant::now(),
-            s.udp_rx.datagrams,
-            s.frame_tx.ping + s.frame_tx.stream,
-        )
+        l.observe(Instant::now(), s.udp_rx.datagrams, asking(&s.frame_tx))
     };
     loop {
         tick.tick().await;

@@ -245,6 +245,23 @@ settings! {
     /// Cluster: JetStream replicas of stored clips (3 on a 3-node NATS
     /// cluster: a clip survives the loss of one NATS node).
     cluster_replicas: usize = 1, "PTT_CLUSTER_REPLICAS";
+    /// Cluster: this relay's region, the JetStream domain of the NATS
+    /// cluster it connects to (each region is its own NATS cluster and
+    /// JetStream domain, joined to the others by leaf nodes:
+    /// docs/cluster.md "Regions"). Empty: one region, no domain.
+    region: String = String::new(), "PTT_REGION";
+    /// Cluster: every region of the service, comma-separated, this one
+    /// included: the same list in the same order on every relay (a
+    /// channel's floor is held in its home region, picked from this list
+    /// by the channel's name). Empty with `region` set: this region alone.
+    regions: String = String::new(), "PTT_REGIONS";
+    /// Cluster: other regions that must have an accepted clip (a direct
+    /// clip, or a channel clip in the channel's history) before its
+    /// sender hears `Accepted`, so it outlives this region's death. Every
+    /// other region reachable gets a copy; with fewer than this reachable
+    /// the clip is held (this relay's disk has it) and copied when they
+    /// answer again. Only with `region` set; at most the other regions.
+    replicas_in_other_regions: usize = 1, "PTT_REPLICAS_IN_OTHER_REGIONS";
     /// Cluster: acks for other relays (and JetStream deletions, floor
     /// releases) held while cut off from NATS, sent when the link is back;
     /// past this the newest are dropped (counted): a clip whose ack is
@@ -397,6 +414,58 @@ impl Config {
             .collect()
     }
 
+    /// The region settings agree with each other and with `cluster`.
+    fn validate_regions(&self) -> Result<(), crate::error::StartError> {
+        let regions = self.region_list();
+        let is_name = |r: &String| {
+            r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        let why = if !regions.iter().all(is_name) {
+            "region and regions: names of letters, digits, '-' and '_' (JetStream domains)"
+        } else if !self.region.is_empty() && self.cluster.is_empty() {
+            "region needs cluster (a region is a NATS cluster of its own)"
+        } else if !self.region.is_empty()
+            && !self.regions.is_empty()
+            && !self.regions.split(',').any(|r| r.trim() == self.region)
+        {
+            "regions must include region"
+        } else if self.copies_in_other_regions() >= regions.len().max(1) {
+            "replicas_in_other_regions must be less than the number of regions \
+             (set regions to every region, or replicas_in_other_regions = 0)"
+        } else {
+            return Ok(());
+        };
+        Err(crate::error::StartError::Config(why.to_owned()))
+    }
+
+    /// `regions` as a list, with `region` in it (empty without `region`).
+    pub fn region_list(&self) -> Vec<String> {
+        if self.region.is_empty() {
+            return Vec::new();
+        }
+        let mut list: Vec<String> = self
+            .regions
+            .split(',')
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if !list.contains(&self.region) {
+            list.push(self.region.clone());
+        }
+        list
+    }
+
+    /// Other regions an accepted clip must reach before `Accepted`: none
+    /// without `region`.
+    pub fn copies_in_other_regions(&self) -> usize {
+        if self.region.is_empty() {
+            0
+        } else {
+            self.replicas_in_other_regions
+        }
+    }
+
     /// Checks every setting's range; the first one out of it is the error.
     pub fn validate(&self) -> Result<(), crate::error::StartError> {
         let ensure = |ok: bool, why: &str| {
@@ -416,6 +485,7 @@ impl Config {
             self.max_clip_streams >= 1,
             "max_clip_streams must be at least 1",
         )?;
+        self.validate_regions()?;
         ensure(
             self.max_connections >= 1,
             "max_connections must be at least 1",
@@ -628,6 +698,23 @@ mod tests {
         assert_eq!(c.cluster_replicas, 3);
     }
 
+    /// `deploy/regions/relay-{a,b}.toml` are valid: a region each, both
+    /// regions listed, one copy in the other.
+    #[test]
+    fn the_region_deploy_files_are_valid() {
+        for (text, region) in [
+            (include_str!("../../deploy/regions/relay-a.toml"), "a"),
+            (include_str!("../../deploy/regions/relay-b.toml"), "b"),
+        ] {
+            let c = toml::from_str::<Settings>(text).unwrap().fill();
+            c.validate().unwrap();
+            assert_eq!(c.region, region);
+            assert_eq!(c.region_list(), ["a", "b"]);
+            assert_eq!(c.copies_in_other_regions(), 1);
+            assert!(c.cluster.contains(&format!("nats://{region}-1:4222")));
+        }
+    }
+
     /// `web_relays` are web listeners' addresses, each with its scheme.
     #[test]
     fn web_relays_are_http_addresses() {
@@ -641,6 +728,41 @@ mod tests {
         c.web_relays = "http://b.example:8080,c.example:8080".into();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("web_relays"), "{e}");
+    }
+
+    /// A region needs the cluster, is one of `regions`, and cannot ask
+    /// for more copies elsewhere than there are other regions.
+    #[test]
+    fn regions_are_checked_against_each_other() {
+        let mut c = Config {
+            cluster: "nats://127.0.0.1:4222".into(),
+            region: "eu".into(),
+            regions: " eu , us ".into(),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.region_list(), ["eu", "us"]);
+        assert_eq!(c.copies_in_other_regions(), 1);
+        let refused = |c: &Config, what: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        c.replicas_in_other_regions = 2;
+        refused(&c, "replicas_in_other_regions");
+        c.replicas_in_other_regions = 0;
+        c.regions = "us,asia".into();
+        refused(&c, "regions must include region");
+        c.regions = String::new();
+        c.validate().unwrap();
+        c.region = "eu.west".into();
+        refused(&c, "JetStream domains");
+        c.region = "eu".into();
+        c.cluster = String::new();
+        refused(&c, "region needs cluster");
+        // Without a region, regions and copies elsewhere mean nothing.
+        let c = Config::default();
+        assert_eq!((c.region_list().len(), c.copies_in_other_regions()), (0, 0));
+        c.validate().unwrap();
     }
 
     #[test]

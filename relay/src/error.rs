@@ -88,4 +88,9 @@ pub enum ClusterError {
     /// try: the relay decides alone this time.
     #[error("floor of {0} contended")]
     Contended(String),
+    /// This region's JetStream has the clip, but fewer other regions than
+    /// `replicas_in_other_regions` took a copy (they are unreachable): the
+    /// clip is held and copied again when they answer.
+    #[error("a copy in {reached} other region(s) of the {wanted} wanted")]
+    TooFewRegions { wanted: usize, reached: usize },
 }

@@ -108,8 +108,8 @@ pub(crate) trait ClusterLink: Send + Sync {
         clip: ClipId,
         priority: bool,
     ) -> BoxFuture<'a, Result<ClusterFloor, ClusterError>>;
-    /// Gives back a floor taken at this sequence.
-    fn release_floor(&self, seq: u64);
+    /// Gives back `channel`'s floor taken at this sequence.
+    fn release_floor(&self, channel: &str, seq: u64);
     /// Keeps an accepted direct clip for `recipient` in the cluster
     /// (`elsewhere`: not online here, so its relay is told).
     fn keep<'a>(

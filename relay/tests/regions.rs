@@ -13,17 +13,11 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use common::nats::NatsCluster;
+use codec::wire::Target;
+use common::nats::{NatsCluster, free_ports, sharing_keys};
+use common::*;
 use futures_util::StreamExt;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
+use relay::testing::user_subject;
 
 fn region(name: &'static str, i: usize) -> Vec<(String, String)> {
     vec![
@@ -50,10 +44,11 @@ async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Resul
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_region_outlives_the_other_regions_death() {
+/// Regions `a` and `b` from `deploy/regions/`: three nodes each, `b`'s
+/// joined to `a`'s as leaf nodes.
+fn two_regions() -> (NatsCluster, NatsCluster) {
     let leaf = free_ports(3);
-    let mut a = NatsCluster::start_from("deploy/regions/nats-first.conf", |i| {
+    let a = NatsCluster::start_from("deploy/regions/nats-first.conf", |i| {
         let mut v = region("a", i);
         v.push(("NATS_LEAF_PORT".into(), leaf[i].to_string()));
         v
@@ -68,6 +63,12 @@ async fn a_region_outlives_the_other_regions_death() {
         }
         v
     });
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_outlives_the_other_regions_death() {
+    let (mut a, b) = two_regions();
     let on_a = async_nats::connect(&a.urls[0]).await.unwrap();
     let on_b = async_nats::connect(&b.urls[0]).await.unwrap();
     // b's own stream, three copies in b.
@@ -145,4 +146,357 @@ async fn a_region_outlives_the_other_regions_death() {
         })
     })
     .await;
+}
+
+/// Waits until a relay of the other region answers for `user` (a
+/// `Present` request crossing the leaf connection): its subscription for
+/// the user's session has reached this region.
+async fn until_heard_across(nats: &async_nats::Client, user: &str) {
+    let ask = codec::cluster::Relayed::Present.encode();
+    eventually("the user's subject across regions", || async {
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            nats.request(user_subject(user), ask.clone()),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    })
+    .await;
+}
+
+/// A relay in each region, sharing keys: `a` the binary (to be killed
+/// -9, and started again on its address), `b` in this process.
+struct Relays {
+    a: tokio::process::Child,
+    addr_a: std::net::SocketAddr,
+    flags_a: Vec<String>,
+    dir_a: tempfile::TempDir,
+    b: TestRelay,
+    _dir_b: tempfile::TempDir,
+}
+
+impl Relays {
+    async fn start(a: &NatsCluster, b: &NatsCluster) -> Relays {
+        let dir_a = tempfile::tempdir().unwrap();
+        let listen = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        };
+        let flags_a: Vec<String> = [
+            "--listen",
+            &listen,
+            "--cluster",
+            &a.urls.join(","),
+            "--region",
+            "a",
+            "--regions",
+            "a,b",
+        ]
+        .map(String::from)
+        .to_vec();
+        let flags: Vec<&str> = flags_a[2..].iter().map(String::as_str).collect();
+        let (child, addr_a) = start_binary_at(dir_a.path(), &listen, &flags).await;
+        let dir_b = sharing_keys(dir_a.path());
+        let urls_b = b.urls.join(",");
+        let relay_b = start_in(dir_b.path(), |c| {
+            c.cluster = urls_b;
+            c.region = "b".into();
+            c.regions = "a,b".into();
+        })
+        .await;
+        Relays {
+            a: child,
+            addr_a,
+            flags_a,
+            dir_a,
+            b: relay_b,
+            _dir_b: dir_b,
+        }
+    }
+
+    /// Region `a`'s relay again, on its address and data dir.
+    async fn start_a_again(&self) -> tokio::process::Child {
+        let flags: Vec<&str> = self.flags_a[2..].iter().map(String::as_str).collect();
+        start_binary_at(self.dir_a.path(), &self.flags_a[1], &flags)
+            .await
+            .0
+    }
+}
+
+fn channel_clip(n: u32) -> ptt_client::OutgoingClip {
+    let mut c = clip("x", n);
+    c.target = Target::Channel("ops".into());
+    c
+}
+
+/// Relays in two regions serve as one service: live talk and stored
+/// clips cross regions, a channel with members in both has one floor, and
+/// when every relay and NATS node of region `a` is killed -9, region `b`
+/// delivers every clip `a` acknowledged, once, and live talk goes on there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_in_two_regions_serve_as_one_and_outlive_a_regions_death() {
+    use codec::ErrorCode;
+    use codec::token::Right::{Listen, Talk};
+    use ptt_client::{ClientError, Pacing};
+
+    let (mut a, b) = two_regions();
+    let Relays {
+        a: mut relay_a,
+        addr_a,
+        dir_a,
+        b: relay_b,
+        ..
+    } = Relays::start(&a, &b).await;
+    let ep = ptt_client::net::endpoint(addr_a, &dir_a.path().join("cert.pem")).unwrap();
+    let on_a = |token: String| {
+        let ep = ep.clone();
+        async move {
+            ptt_client::Client::connect(
+                &ep,
+                addr_a,
+                "localhost",
+                &token,
+                ptt_client::ClientOptions::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let nats_a = async_nats::connect(&a.urls[0]).await.unwrap();
+
+    // Live across regions: Alice on a, Bob on b.
+    let (bob, mut bob_ev) = relay_b.connect("bob").await;
+    until_heard_across(&nats_a, "bob").await;
+    let (alice, _) = on_a(relay_b.token_with("alice", &[("ops", Talk)])).await;
+    let c = clip("bob", 25);
+    alice.send_clip(&c, Pacing::Live).await.unwrap();
+    let got = next_complete(&mut bob_ev).await;
+    assert_eq!((got.id(), got.delivery.live), (c.id, true));
+    assert_eq!(got.packets, c.packets);
+    bob.ack(got.id()).await.unwrap();
+
+    // A channel with members in both regions, one floor: Alice (a) talks,
+    // Bob (b) is told she holds it; Dave (a) and Erin (b) hear her live.
+    let (_dave, mut dave_ev) = on_a(relay_b.token_with("dave", &[("ops", Listen)])).await;
+    let (_erin, mut erin_ev) = relay_b.member("erin", &[("ops", Listen)]).await;
+    let (bob_ops, _) = relay_b.member("bob", &[("ops", Talk)]).await;
+    drop(bob);
+    until_heard_across(&nats_a, "erin").await;
+    let long = channel_clip(50);
+    let talking = {
+        let (alice, c) = (alice.clone(), long.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    match bob_ops.send_clip(&channel_clip(3), Pacing::Upload).await {
+        Err(ClientError::Rejected { code, reason, .. }) => {
+            assert_eq!(code, ErrorCode::FloorBusy);
+            assert!(reason.contains("alice"), "{reason}");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    talking.await.unwrap().unwrap();
+    for ev in [&mut dave_ev, &mut erin_ev] {
+        let got = next_complete(ev).await;
+        assert_eq!((got.id(), got.delivery.live), (long.id, true));
+    }
+    // Released at the end of her clip, in the channel's home region:
+    // Bob talks now.
+    bob_ops
+        .send_clip(&channel_clip(3), Pacing::Upload)
+        .await
+        .unwrap();
+
+    // Carol is offline everywhere: Alice leaves her three clips on a.
+    let (alice_c, _) = on_a(relay_b.token("alice")).await;
+    let left: Vec<_> = (0..3).map(|i| clip("carol", 3 + i)).collect();
+    for c in &left {
+        assert!(
+            !alice_c
+                .send_clip(c, Pacing::Upload)
+                .await
+                .unwrap()
+                .duplicate
+        );
+    }
+
+    // Region a dies: its relay and every NATS node, killed -9.
+    relay_a.kill().await.unwrap();
+    for i in 0..3 {
+        a.kill(i);
+    }
+    drop((alice, alice_c));
+    // Carol connects in b: every clip a acknowledged, in order, once.
+    let (carol, mut carol_ev) = relay_b.connect("carol").await;
+    let (mut order, mut got) = (Vec::new(), Vec::new());
+    while got.len() < left.len() {
+        let ev = next_matching(&mut carol_ev, |e| match e {
+            ptt_client::Event::Started { delivery, seq, .. } => Some(Err((seq, delivery.clip_id))),
+            ptt_client::Event::Complete(c) => Some(Ok(c)),
+            _ => None,
+        })
+        .await;
+        match ev {
+            Err(started) => order.push(started),
+            Ok(c) => {
+                carol.ack(c.id()).await.unwrap();
+                assert!(!got.contains(&c.id()), "a clip came twice");
+                got.push(c.id());
+            }
+        }
+    }
+    order.sort();
+    let order: Vec<_> = order.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(
+        order,
+        left.iter().map(|c| c.id).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert_no_clip(&mut carol_ev, Duration::from_millis(700)).await;
+    // Live talk goes on in b: Alice, moved to b, talks to Carol.
+    let (alice, _) = relay_b.connect("alice").await;
+    let c = clip("carol", 10);
+    alice.send_clip(&c, Pacing::Live).await.unwrap();
+    let got = next_complete(&mut carol_ev).await;
+    assert_eq!((got.id(), got.delivery.live), (c.id, true));
+}
+
+/// What Bob's app heard through the SDK.
+#[derive(Default)]
+struct Heard {
+    clips: std::sync::Mutex<Vec<codec::wire::ClipId>>,
+    connected: std::sync::atomic::AtomicUsize,
+}
+
+struct App(std::sync::Arc<Heard>);
+
+impl ptt_client::sdk::Listener for App {
+    fn clip(&self, c: ptt_client::sdk::IncomingClip) -> bool {
+        self.0.clips.lock().unwrap().push(c.id);
+        true
+    }
+
+    fn sent(&self, _: codec::wire::ClipId, _: ptt_client::sdk::Sent) {}
+
+    fn status(&self, s: ptt_client::sdk::Status) {
+        if matches!(s, ptt_client::sdk::Status::Connected { .. }) {
+            self.0
+                .connected
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Waits (a bound, not a measure) until `f` holds.
+async fn within(what: &str, secs: u64, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Region `a` dies (its relay and every NATS node killed -9) under a
+/// connected app: the SDK moves to region `b`'s relay, hears every clip
+/// once, and live talk goes on there; when `a` is back the SDK goes home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_regions_apps_move_to_the_other_and_come_back_home() {
+    use ptt_client::Pacing;
+    use ptt_client::sdk::{Config, Sdk};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let (mut a, b) = two_regions();
+    let mut relays = Relays::start(&a, &b).await;
+    let (relay_b, addr_a, dir_a) = (&relays.b, relays.addr_a, relays.dir_a.path().to_owned());
+    let on_b = |user: &str| relay_b.relay.shared().router.session(user).is_some();
+
+    // Bob's app: home is a's relay, then b's.
+    let app_dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(
+        "",
+        dir_a.join("cert.pem"),
+        app_dir.path().to_owned(),
+        &relay_b.token("bob"),
+    );
+    cfg.relays = vec![addr_a.to_string(), relay_b.relay.quic_addr().to_string()];
+    let failover_after = Duration::from_secs(2);
+    cfg.failover_after = failover_after;
+    // An idle app notices a silent relay at its next keep-alive.
+    cfg.transport.keep_alive = Duration::from_secs(1);
+    cfg.reconnect_min = Duration::from_millis(200);
+    cfg.reconnect_max = Duration::from_secs(1);
+    let heard = Arc::new(Heard::default());
+    let sdk = Sdk::start(cfg, Arc::new(App(heard.clone()))).unwrap();
+    within("bob connected at home", 20, || {
+        heard.connected.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(!on_b("bob"), "home first");
+
+    // Alice (a) talks to Bob (a): heard.
+    let ep = ptt_client::net::endpoint(addr_a, &dir_a.join("cert.pem")).unwrap();
+    let (alice, _) = ptt_client::Client::connect(
+        &ep,
+        addr_a,
+        "localhost",
+        &relay_b.token("alice"),
+        ptt_client::ClientOptions::default(),
+    )
+    .await
+    .unwrap();
+    let before: Vec<_> = (0..3).map(|i| clip("bob", 3 + i)).collect();
+    for c in &before {
+        alice.send_clip(c, Pacing::Upload).await.unwrap();
+    }
+    within("bob heard a's clips", 20, || {
+        heard.clips.lock().unwrap().len() == before.len()
+    })
+    .await;
+
+    // Region a dies.
+    relays.a.kill().await.unwrap();
+    for i in 0..3 {
+        a.kill(i);
+    }
+    let died = tokio::time::Instant::now();
+    drop(alice);
+    within("bob moved to b", 30, || on_b("bob")).await;
+    let moved = died.elapsed();
+    eprintln!(
+        "moved to the other region {moved:?} after its death (failover_after {failover_after:?}, keep-alive 1 s)"
+    );
+    // The failover rule's promise (issue "Regions"): an app that had just
+    // heard clips gives a dead relay up from its loss probes, an idle one
+    // at its next keep-alive, both within failover_after plus a second.
+    assert!(
+        moved <= failover_after + Duration::from_secs(1),
+        "moved after {moved:?}"
+    );
+
+    // Live talk goes on in b: Alice, moved there too, talks to Bob.
+    let (alice, _) = relay_b.connect("alice").await;
+    let after = clip("bob", 8);
+    alice.send_clip(&after, Pacing::Live).await.unwrap();
+    within("bob heard b's clip", 20, || {
+        heard.clips.lock().unwrap().contains(&after.id)
+    })
+    .await;
+
+    // Region a comes back: Bob's app goes home.
+    a.restart_killed();
+    let _relay_a = relays.start_a_again().await;
+    within("bob back home", 30, || !on_b("bob")).await;
+    within("bob connected at home again", 30, || {
+        heard.connected.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+
+    // Every clip once to the app, in the order said.
+    let mut want: Vec<_> = before.iter().map(|c| c.id).collect();
+    want.push(after.id);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*heard.clips.lock().unwrap(), want);
+    sdk.stop().await;
 }

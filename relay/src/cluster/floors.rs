@@ -27,12 +27,13 @@ impl Cluster {
         channel: &str,
         me: FloorRecord,
     ) -> Result<ClusterFloor, ClusterError> {
-        let subject = floor_subject(channel);
+        let (js, names) = self.floor_home(channel);
+        let subject = names.floor(channel);
         for _ in 0..8 {
-            if let Some(seq) = self.put_floor(&subject, &me, 0).await? {
+            if let Some(seq) = self.put_floor(js, &subject, &me, 0).await? {
                 return Ok(ClusterFloor::Granted { seq });
             }
-            let cur = match self.floors.get_last_raw_message_by_subject(&subject).await {
+            let cur = match self.last_floor(js, &subject).await {
                 Ok(m) => m,
                 // Released (or expired) meanwhile: try again.
                 Err(_) => continue,
@@ -44,7 +45,7 @@ impl Cluster {
                 let holder = h.user.clone();
                 return Ok(ClusterFloor::Busy { holder });
             }
-            if let Some(seq) = self.put_floor(&subject, &me, cur.sequence).await? {
+            if let Some(seq) = self.put_floor(js, &subject, &me, cur.sequence).await? {
                 if let (FloorRule::Preempts, Some(h)) = (rule, held)
                     && h.relay != self.id
                 {
@@ -66,6 +67,7 @@ impl Cluster {
     /// first.
     pub(super) async fn put_floor(
         &self,
+        js: &jetstream::Context,
         subject: &str,
         me: &FloorRecord,
         expect: u64,
@@ -74,7 +76,7 @@ impl Cluster {
         let msg = jetstream::message::PublishMessage::build()
             .payload(me.encode())
             .expected_last_subject_sequence(expect);
-        let ack = match self.js.send_publish(subject.to_owned(), msg).await {
+        let ack = match js.send_publish(subject.to_owned(), msg).await {
             Ok(f) => f.await,
             Err(e) => Err(e),
         };
@@ -88,7 +90,32 @@ impl Cluster {
     /// Releases a floor taken at stream sequence `seq` (if it was taken
     /// over since, that message is gone already and this does nothing).
     /// Never waits: done by the chores' runner, when the link is up.
-    pub fn release_floor(&self, seq: u64) {
-        self.chore(Chore::ReleaseFloor(seq));
+    pub fn release_floor(&self, channel: &str, seq: u64) {
+        self.chore(Chore::ReleaseFloor {
+            channel: channel.to_owned(),
+            seq,
+        });
+    }
+
+    /// The holder's message of a floor (`subject`) in the JetStream `js`
+    /// (the channel's home region's): `Err` when the floor is free.
+    async fn last_floor(
+        &self,
+        js: &jetstream::Context,
+        subject: &str,
+    ) -> Result<async_nats::jetstream::message::StreamMessage, ClusterError> {
+        if std::ptr::eq(js, &self.js) {
+            return self
+                .floors
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .map_err(nats("reading a floor"));
+        }
+        js.get_stream(FLOORS)
+            .await
+            .map_err(nats("opening a region's floors"))?
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(nats("reading a floor"))
     }
 }

@@ -3,6 +3,20 @@
 
 use super::*;
 
+/// Deletes message `seq` of `stream` in the JetStream `js`. Without
+/// `no_erase` (the client library's `delete_message`) the server
+/// overwrites the message on disk with random bytes: measured, that held
+/// a clustered relay to a quarter of its clip rate.
+async fn delete_message(
+    js: &jetstream::Context,
+    stream: &str,
+    seq: u64,
+) -> Result<serde_json::Value, jetstream::context::RequestError> {
+    let req = serde_json::json!({ "seq": seq, "no_erase": true });
+    js.request(format!("STREAM.MSG.DELETE.{stream}"), &req)
+        .await
+}
+
 impl Cluster {
     /// Queues a chore; when `cluster_backlog_clips` are waiting already it
     /// is dropped (counted): an ack or a deletion not made costs a clip
@@ -47,16 +61,20 @@ impl Cluster {
                 };
                 let _ = self.publish(&relay_subject(origin), ack).await;
             }
-            Chore::Delete(seq) => self.delete_kept(seq).await,
-            Chore::ReleaseFloor(seq) => {
-                let _ = self.floors.delete_message(seq).await;
+            Chore::Delete { region, seq } => self.delete_kept(region, seq).await,
+            Chore::ReleaseFloor { channel, seq } => {
+                let (js, _) = self.floor_home(&channel);
+                if let Err(e) = delete_message(js, FLOORS, seq).await {
+                    debug!(seq, error = %e, "cluster: floor not released (it expires)");
+                }
             }
         }
     }
 
     /// Keeps an accepted direct clip in JetStream for `recipient`, so any
-    /// relay can deliver it (and it outlives this one). Returns once
-    /// JetStream has it (its publish ack). With `elsewhere` (the recipient
+    /// relay can deliver it (and it outlives this one, and with regions
+    /// this region). Returns once JetStream has it (its publish acks: this
+    /// region's and `replicas_in_other_regions` others'). With `elsewhere` (the recipient
     /// is not connected here) the relay it is connected to is told, so it
     /// queues the clip even if it missed the live run. Cut off, the clip
     /// is held: written when the link is back.
@@ -72,7 +90,9 @@ impl Cluster {
     }
 
     /// [`Cluster::keep`] without the bookkeeping of held clips; returns
-    /// whether JetStream had it already.
+    /// whether this region's JetStream had it already. Fails when fewer
+    /// other regions than wanted took it (it is then noted as kept here
+    /// all the same, and announced).
     pub(super) async fn keep_direct(
         &self,
         clip: &StoredClip,
@@ -80,21 +100,35 @@ impl Cluster {
         elsewhere: bool,
     ) -> Result<bool, ClusterError> {
         // Cut off, this fails at once: this relay's own store has the clip.
-        let ack = self.publish_clip(store_subject(recipient), clip).await?;
+        let copies = self.publish_copies(Kind::Store(recipient), clip).await?;
         self.kept.insert(
             (recipient.clone(), clip.meta.id),
-            (ack.sequence, Instant::now()),
+            Kept {
+                seq: copies.seq,
+                elsewhere: copies.elsewhere.clone(),
+                ours: true,
+                at: Instant::now(),
+            },
         );
         if elsewhere {
             let kept = Relayed::Kept {
                 clip: clip.meta.id,
-                seq: ack.sequence,
+                seq: copies.seq,
                 origin: self.id,
                 recipient: recipient.to_string(),
             };
             let _ = self.publish(&user_subject(recipient), kept).await;
         }
-        Ok(ack.duplicate)
+        self.enough(&copies)?;
+        Ok(copies.duplicate)
+    }
+
+    /// Whether JetStream has the direct clip `id` for `recipient` in as
+    /// many regions as wanted (written from here, or read from it).
+    pub(super) fn kept_enough(&self, recipient: &Arc<str>, id: ClipId) -> bool {
+        self.kept
+            .get(&(recipient.clone(), id))
+            .is_some_and(|k| !k.ours || k.elsewhere.len() >= self.copies)
     }
 
     /// Keeps an accepted channel clip in the cluster's channel history, so
@@ -124,13 +158,19 @@ impl Cluster {
         channel: &str,
         clip: &StoredClip,
     ) -> Result<bool, ClusterError> {
-        let ack = self.publish_clip(history_subject(channel), clip).await?;
+        let copies = self.publish_copies(Kind::History(channel), clip).await?;
         let kept = Relayed::HistoryKept {
             clip: clip.meta.id,
-            seq: ack.sequence,
+            seq: copies.seq,
         };
         let _ = self.publish(&channel_subject(channel), kept).await;
-        Ok(ack.duplicate)
+        self.enough(&copies)?;
+        Ok(copies.duplicate)
+    }
+
+    /// Whether `id` is held here (not everywhere it should be).
+    pub(super) fn is_held(&self, id: ClipId) -> bool {
+        self.held.lock().is_ok_and(|h| h.contains_key(&id))
     }
 
     /// Counts `id` as held here only (`Some(direct)`: JetStream could not
@@ -147,35 +187,6 @@ impl Cluster {
                 h.remove(&id);
             }
         }
-    }
-
-    /// Publishes a stored clip to a JetStream subject, its id as the
-    /// message id (a clip JetStream has is not stored twice) and this
-    /// relay as its origin, and waits for JetStream's ack. Cut off, fails
-    /// at once instead of holding the caller for JetStream's timeout.
-    pub(super) async fn publish_clip(
-        &self,
-        subject: String,
-        clip: &StoredClip,
-    ) -> Result<jetstream::publish::PublishAck, ClusterError> {
-        if !self.connected() {
-            return Err(ClusterError::NotConnected);
-        }
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(clip.to_record()))
-            .message_id(clip.meta.id.to_hex())
-            .header(ORIGIN_HEADER, format!("{:016x}", self.id).as_str());
-        let publish = async {
-            self.js
-                .send_publish(subject, msg)
-                .await
-                .map_err(nats("publishing a clip to JetStream"))?
-                .await
-                .map_err(nats("JetStream's ack of a clip"))
-        };
-        self.while_linked(publish)
-            .await
-            .unwrap_or(Err(ClusterError::NotConnected))
     }
 
     /// Every clip of `stream` on `subject` (all subjects: `None`), in
@@ -271,7 +282,7 @@ impl Cluster {
     ) -> Result<usize, ClusterError> {
         let mut new = 0;
         for (seq, origin, clip) in self
-            .read(&self.stream, Some(store_subject(&session.user)))
+            .read(&self.stream, Some(self.names.store(&session.user)))
             .await?
         {
             if self
@@ -294,7 +305,10 @@ impl Cluster {
     ) -> Result<usize, ClusterError> {
         let mut new = 0;
         for ch in session.channels.keys() {
-            for (_, _, clip) in self.read(&self.history, Some(history_subject(ch))).await? {
+            for (_, _, clip) in self
+                .read(&self.history, Some(self.names.history(ch)))
+                .await?
+            {
                 if self.adopt(shared, ch, Arc::new(clip)).await {
                     new += 1;
                 }
@@ -314,8 +328,15 @@ impl Cluster {
         {
             h.remove(clip);
         }
-        if let Some((_, (seq, _))) = self.kept.remove(&(recipient.clone(), *clip)) {
-            self.chore(Chore::Delete(seq));
+        if let Some((_, k)) = self.kept.remove(&(recipient.clone(), *clip)) {
+            let seq = k.seq;
+            self.chore(Chore::Delete { region: None, seq });
+            for (i, seq) in k.elsewhere {
+                self.chore(Chore::Delete {
+                    region: Some(i),
+                    seq,
+                });
+            }
         }
         if let Some((_, (origin, _))) = self.acks_to.remove(clip) {
             self.chore(Chore::Ack {
@@ -326,17 +347,13 @@ impl Cluster {
         }
     }
 
-    /// Deletes a delivered clip from the stream. Without `no_erase` (the
-    /// client library's `delete_message`) the server overwrites the
-    /// message on disk with random bytes: measured, that held a clustered
-    /// relay to a quarter of its clip rate.
-    pub(super) async fn delete_kept(&self, seq: u64) {
-        let req = serde_json::json!({ "seq": seq, "no_erase": true });
-        let r: Result<serde_json::Value, _> = self
-            .js
-            .request(format!("STREAM.MSG.DELETE.{STREAM}"), &req)
-            .await;
-        match r {
+    /// Deletes a delivered clip from the stream of `region` (`None`: this
+    /// one).
+    pub(super) async fn delete_kept(&self, region: Option<usize>, seq: u64) {
+        let Some(js) = self.js_of(region) else {
+            return;
+        };
+        match delete_message(js, STREAM, seq).await {
             Ok(v) if v.get("error").is_none() => {}
             Ok(v) => debug!(seq, error = %v["error"], "cluster: stored clip already gone"),
             Err(e) => debug!(seq, error = %e, "cluster: stored clip not deleted (it expires)"),

@@ -35,18 +35,29 @@ impl Cluster {
                 first
             });
         }
+        // This region's JetStream is the one of the NATS the relay
+        // connects to; another region's is reached by its domain.
         let js = jetstream::new(client.clone());
-        let configs = stream_configs(cfg);
+        let region = (!cfg.region.is_empty()).then_some(cfg.region.as_str());
+        let names = Names::of(region);
+        let regions = cfg.region_list();
+        let others = regions
+            .iter()
+            .filter(|r| Some(r.as_str()) != region)
+            .map(|r| {
+                let names = Names::of(Some(r));
+                Region {
+                    name: r.clone(),
+                    configs: stream_configs(cfg, &names),
+                    names,
+                    js: jetstream::with_domain(client.clone(), r),
+                }
+            })
+            .collect();
+        let configs = stream_configs(cfg, &names);
         let mut opened = Vec::with_capacity(configs.len());
         for c in &configs {
-            let s = js
-                .get_or_create_stream(c.clone())
-                .await
-                .map_err(nats(format!(
-                    "opening JetStream stream {} (is nats-server running with -js?)",
-                    c.name
-                )))?;
-            opened.push(s);
+            opened.push(open_stream(&js, c).await?);
         }
         let [stream, floors, push, _pushed, history]: [stream::Stream; 5] =
             opened.try_into().map_err(|_| ClusterError::NotConnected)?;
@@ -60,6 +71,10 @@ impl Cluster {
             push,
             push_unshared: Mutex::new(HashMap::new()),
             history,
+            names,
+            others,
+            regions,
+            copies: cfg.copies_in_other_regions(),
             kept: DashMap::new(),
             id: rand::random(),
             subs: Mutex::new(HashMap::new()),
@@ -158,6 +173,7 @@ impl Cluster {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut link = me.link.subscribe();
             let mut relink = Relink::default();
+            let mut copy_at = Instant::now();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -176,6 +192,8 @@ impl Cluster {
                     && me.while_linked(me.link_up(&shared, w)).await == Some(true)
                 {
                     relink.handle_done(w);
+                } else if work.is_none() && me.copies_due(&mut copy_at) {
+                    me.while_linked(me.copy_held(&shared)).await;
                 }
             }
         });
@@ -216,6 +234,7 @@ impl Cluster {
                     .await
                     .map_err(nats(format!("opening JetStream stream {}", c.name)))?;
             }
+            self.open_other_regions().await;
             self.share_unshared().await?;
             let direct = self.backfill_direct(shared).await?;
             let channel = self.backfill_channels(shared, w.all_channels).await?;
@@ -254,15 +273,22 @@ impl Cluster {
     pub(super) async fn backfill_direct(&self, shared: &Shared) -> Result<u64, ClusterError> {
         let mut n = 0;
         for (recipient, clip) in shared.cache.pending_direct() {
-            if self.kept.contains_key(&(recipient.clone(), clip.meta.id)) {
+            if self.kept_enough(&recipient, clip.meta.id) {
                 continue;
             }
             let elsewhere = !shared.router.is_online(&recipient);
-            if !self.keep_direct(&clip, &recipient, elsewhere).await? {
-                n += 1;
-                metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "direct");
+            match self.keep_direct(&clip, &recipient, elsewhere).await {
+                Ok(had) => {
+                    if !had {
+                        n += 1;
+                        metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "direct");
+                    }
+                    self.note_held(clip.meta.id, None);
+                }
+                // Another region still missing: held, tried again later.
+                Err(ClusterError::TooFewRegions { .. }) => {}
+                Err(e) => return Err(e),
             }
-            self.note_held(clip.meta.id, None);
         }
         Ok(n)
     }
@@ -318,7 +344,7 @@ impl Cluster {
             return Ok(0);
         }
         let theirs = self
-            .read(&self.history, Some(history_subject(channel)))
+            .read(&self.history, Some(self.names.history(channel)))
             .await?;
         let cfg = &shared.config;
         let ids: HashSet<ClipId> = theirs.iter().map(|(_, _, c)| c.meta.id).collect();
@@ -326,20 +352,33 @@ impl Cluster {
         let oldest = theirs.iter().map(|(_, _, c)| c.meta.created_ms).min();
         let too_old = cfg.history_cutoff_ms(crate::now_ms());
         let mut n = 0;
+        let mut short = false;
         for clip in local {
             let at = clip.meta.created_ms;
-            if ids.contains(&clip.meta.id)
+            // Held: this region may have it, another not yet.
+            let held = self.is_held(clip.meta.id);
+            if (ids.contains(&clip.meta.id) && !held)
                 || at < too_old
                 || (full && oldest.is_some_and(|o| at < o))
             {
                 self.note_held(clip.meta.id, None);
                 continue;
             }
-            if !self.put_history(channel, &clip).await? {
-                n += 1;
-                metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "channel");
+            match self.put_history(channel, &clip).await {
+                Ok(had) => {
+                    if !had {
+                        n += 1;
+                        metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "channel");
+                    }
+                    self.note_held(clip.meta.id, None);
+                }
+                Err(ClusterError::TooFewRegions { .. }) => short = true,
+                Err(e) => return Err(e),
             }
-            self.note_held(clip.meta.id, None);
+        }
+        if short && let Ok(mut d) = self.dirty.lock() {
+            // Compared again when the other regions answer.
+            d.insert(channel.to_owned());
         }
         Ok(n)
     }
@@ -367,7 +406,7 @@ impl Cluster {
                 else {
                     continue;
                 };
-                let (at, kind): (_, &'static str) = match catch_up_target(&subject) {
+                let (at, kind): (_, &'static str) = match self.names.target(&subject) {
                     Some(CaughtUp::User(user)) if shared.router.is_online(&user) => (
                         Announced::Direct {
                             seq,
@@ -377,7 +416,7 @@ impl Cluster {
                         "direct",
                     ),
                     Some(CaughtUp::Channel(c)) if !shared.router.channel_members(&c).is_empty() => {
-                        (Announced::History { seq }, "channel")
+                        (Announced::History { seq, channel: c }, "channel")
                     }
                     _ => continue,
                 };
@@ -422,7 +461,15 @@ impl Cluster {
     ) -> bool {
         let id = clip.meta.id;
         let user = session.user.clone();
-        self.kept.insert((user.clone(), id), (seq, Instant::now()));
+        // Read from this region's JetStream: its copies elsewhere are its
+        // origin's to make.
+        let read = Kept {
+            seq,
+            elsewhere: Vec::new(),
+            ours: false,
+            at: Instant::now(),
+        };
+        self.kept.insert((user.clone(), id), read);
         if let Some(o) = origin.filter(|o| *o != self.id) {
             self.acks_to.insert(id, (o, Instant::now()));
         }
@@ -467,5 +514,40 @@ impl Cluster {
         }
         self.adopting.remove(&id);
         taken
+    }
+}
+
+/// How long a starting relay keeps trying to open its streams: a NATS
+/// cluster that has just formed elects its JetStream leaders first, and a
+/// loaded one answers slowly.
+const OPEN_FOR: Duration = Duration::from_secs(60);
+
+/// Opens (or creates) stream `c`, trying again by the shared backoff while
+/// JetStream does not answer, for [`OPEN_FOR`].
+async fn open_stream(
+    js: &jetstream::Context,
+    c: &stream::Config,
+) -> Result<stream::Stream, ClusterError> {
+    let backoff = codec::retry::Backoff {
+        min: Duration::from_millis(250),
+        max: Duration::from_secs(4),
+    };
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        match js.get_or_create_stream(c.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if started.elapsed() < OPEN_FOR => {
+                warn!(stream = %c.name, error = %e, "cluster: JetStream not ready; trying again");
+                tokio::time::sleep(backoff.delay(tries, rand::random())).await;
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(nats(format!(
+                    "opening JetStream stream {} (is nats-server running with -js?)",
+                    c.name
+                ))(e));
+            }
+        }
     }
 }

@@ -57,7 +57,10 @@ mod floors;
 mod kept;
 mod link;
 mod push;
+mod regions;
 mod remote;
+
+use regions::Kind;
 
 use crate::live::{LiveClip, Next};
 use crate::metrics;
@@ -88,8 +91,8 @@ enum Announced {
         origin: Option<u64>,
         recipient: String,
     },
-    /// In `PTT_HISTORY`.
-    History { seq: u64 },
+    /// In `PTT_HISTORY`, `channel`'s.
+    History { seq: u64, channel: String },
 }
 
 struct Sub {
@@ -119,8 +122,11 @@ enum Chore {
         clip: ClipId,
         recipient: Arc<str>,
     },
-    Delete(u64),
-    ReleaseFloor(u64),
+    /// A delivered direct clip's copy in `region`'s stream (`None`: this
+    /// region's).
+    Delete { region: Option<usize>, seq: u64 },
+    /// A floor taken at `seq` in `channel`'s home region.
+    ReleaseFloor { channel: String, seq: u64 },
 }
 
 /// The link-up work one (re)connection asks for ([`Relink`]).
@@ -199,12 +205,75 @@ pub const STREAM: &str = "PTT_CLIPS";
 /// offline (on any relay).
 pub const HISTORY: &str = "PTT_HISTORY";
 
-pub fn history_subject(channel: &str) -> String {
-    format!("ptt.hist.{}", subject_token(channel))
+/// The subjects of one region's JetStream streams. One region:
+/// `ptt.store.<user>`, `ptt.hist.<channel>`, ...; in a service of several
+/// regions, `ptt.region.<region>.store.<user>`, ...: the regions' NATS
+/// clusters are joined by leaf nodes, over which every subject crosses,
+/// so a stream of one region must not take what is published for
+/// another's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
 }
 
-pub fn store_subject(user: &str) -> String {
-    format!("ptt.store.{}", subject_token(user))
+impl Names {
+    /// The subjects of `region`'s streams (`None`: the one region).
+    pub fn of(region: Option<&str>) -> Names {
+        let prefix = match region {
+            Some(r) => format!("ptt.region.{r}."),
+            None => "ptt.".to_owned(),
+        };
+        Names { prefix }
+    }
+
+    fn token(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}.{}", self.prefix, subject_token(name))
+    }
+
+    /// Every subject of a stream (`store`, `hist`, ...).
+    fn all(&self, kind: &str) -> String {
+        format!("{}{kind}.>", self.prefix)
+    }
+
+    pub fn store(&self, user: &str) -> String {
+        self.token("store", user)
+    }
+
+    pub fn history(&self, channel: &str) -> String {
+        self.token("hist", channel)
+    }
+
+    fn floor(&self, channel: &str) -> String {
+        self.token("floor", channel)
+    }
+
+    fn push(&self, user: &str) -> String {
+        self.token("push", user)
+    }
+
+    fn pushed(&self, clip: &ClipId) -> String {
+        format!("{}pushed.{}", self.prefix, clip.to_hex())
+    }
+
+    /// Whose a stored clip is, by its subject in this region's
+    /// `PTT_CLIPS` or `PTT_HISTORY`.
+    fn target(&self, subject: &str) -> Option<CaughtUp> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        if let Some(t) = rest.strip_prefix("store.") {
+            return codec::cluster::subject_name(t).map(CaughtUp::User);
+        }
+        let t = rest.strip_prefix("hist.")?;
+        codec::cluster::subject_name(t).map(CaughtUp::Channel)
+    }
+}
+
+/// Another region's JetStream, reached through its domain.
+pub(crate) struct Region {
+    name: String,
+    names: Names,
+    /// Its streams, created by whichever relay reaches it first.
+    configs: Vec<stream::Config>,
+    js: jetstream::Context,
 }
 
 /// JetStream stream of push registrations: each user's whole entry (its
@@ -223,10 +292,6 @@ pub const PUSHED: &str = "PTT_PUSHED";
 /// compare-and-set a key-value bucket does; this async-nats cannot create
 /// buckets on Debian's nats-server 2.9.)
 pub const FLOORS: &str = "PTT_FLOORS";
-
-fn floor_subject(channel: &str) -> String {
-    format!("ptt.floor.{}", subject_token(channel))
-}
 
 /// Who holds a channel's floor, as stored in [`FLOORS`]:
 /// `priority(0|1) relay-id(hex) clip-id(hex) user`.
@@ -283,9 +348,18 @@ pub struct Cluster {
     /// next link.
     push_unshared: Mutex<HashMap<String, crate::push::book::Record>>,
     history: stream::Stream,
-    /// Stored direct clips in the stream, by (recipient, clip): their
-    /// stream sequence (deleted when the recipient acks) and when noted.
-    kept: DashMap<(Arc<str>, ClipId), (u64, Instant)>,
+    /// This region's stream subjects.
+    names: Names,
+    /// The other regions (none with one region).
+    others: Vec<Region>,
+    /// Every region, in the configured order: a channel's floor is in
+    /// the one its name picks ([`Cluster::floor_region`]).
+    regions: Vec<String>,
+    /// Other regions an accepted clip must reach before `Accepted`.
+    copies: usize,
+    /// Stored direct clips in JetStream, by (recipient, clip): where (all
+    /// deleted when the recipient acks) and when noted.
+    kept: DashMap<(Arc<str>, ClipId), Kept>,
     /// This relay's id (random per process).
     pub id: u64,
     /// Subscriptions by subject: (local users needing it, the task
@@ -319,6 +393,13 @@ pub fn channel_subject(channel: &str) -> String {
     format!("ptt.c.{}", subject_token(channel))
 }
 
+/// The channel a channel subject (`ptt.c.<hex>`) is of.
+fn channel_of(subject: &str) -> Option<String> {
+    subject
+        .strip_prefix("ptt.c.")
+        .and_then(codec::cluster::subject_name)
+}
+
 pub fn relay_subject(id: u64) -> String {
     format!("ptt.r.{id:016x}")
 }
@@ -336,12 +417,23 @@ fn nats<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-/// The streams a cluster uses, as `cfg` sets them.
-fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
+/// Where JetStream keeps a direct clip: its sequence in this region's
+/// stream and in the other regions' (by index in `others`).
+#[derive(Debug, Clone)]
+struct Kept {
+    seq: u64,
+    elsewhere: Vec<(usize, u64)>,
+    /// Written by this relay (it owes the copies elsewhere), not read.
+    ours: bool,
+    at: Instant,
+}
+
+/// The streams a cluster uses, as `cfg` sets them, on `names`' subjects.
+fn stream_configs(cfg: &crate::Config, names: &Names) -> Vec<stream::Config> {
     vec![
         stream::Config {
             name: STREAM.into(),
-            subjects: vec!["ptt.store.>".into()],
+            subjects: vec![names.all("store")],
             storage: stream::StorageType::File,
             num_replicas: cfg.cluster_replicas,
             // Undelivered clips expire like the local store's.
@@ -355,7 +447,7 @@ fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
         },
         stream::Config {
             name: FLOORS.into(),
-            subjects: vec!["ptt.floor.>".into()],
+            subjects: vec![names.all("floor")],
             max_messages_per_subject: 1,
             // A floor whose relay died goes after the longest clip.
             max_age: cfg.max_clip_duration + cfg.max_upload_lag + Duration::from_secs(10),
@@ -365,7 +457,7 @@ fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
         },
         stream::Config {
             name: PUSH.into(),
-            subjects: vec!["ptt.push.>".into()],
+            subjects: vec![names.all("push")],
             max_messages_per_subject: 1,
             storage: stream::StorageType::File,
             num_replicas: cfg.cluster_replicas,
@@ -373,7 +465,7 @@ fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
         },
         stream::Config {
             name: PUSHED.into(),
-            subjects: vec!["ptt.pushed.>".into()],
+            subjects: vec![names.all("pushed")],
             max_age: cfg.dedupe_window,
             duplicate_window: cfg.dedupe_window,
             storage: stream::StorageType::Memory,
@@ -382,7 +474,7 @@ fn stream_configs(cfg: &crate::Config) -> Vec<stream::Config> {
         },
         stream::Config {
             name: HISTORY.into(),
-            subjects: vec!["ptt.hist.>".into()],
+            subjects: vec![names.all("hist")],
             max_messages_per_subject: i64::try_from(cfg.channel_history_depth.max(1))
                 .unwrap_or(i64::MAX),
             max_age: cfg.channel_history_age,
@@ -403,18 +495,6 @@ type Read = (u64, Option<u64>, StoredClip);
 enum CaughtUp {
     User(String),
     Channel(String),
-}
-
-fn catch_up_target(subject: &str) -> Option<CaughtUp> {
-    if let Some(t) = subject.strip_prefix("ptt.store.") {
-        return codec::cluster::subject_name(t).map(CaughtUp::User);
-    }
-    let t = subject.strip_prefix("ptt.hist.")?;
-    codec::cluster::subject_name(t).map(CaughtUp::Channel)
-}
-
-fn push_subject(user: &str) -> String {
-    format!("ptt.push.{}", subject_token(user))
 }
 
 /// Waits for the link while `live` is still open; false once the clip has
@@ -478,8 +558,8 @@ impl ClusterLink for Arc<Cluster> {
         Box::pin(Cluster::take_floor(self, channel, me))
     }
 
-    fn release_floor(&self, seq: u64) {
-        Cluster::release_floor(self, seq);
+    fn release_floor(&self, channel: &str, seq: u64) {
+        Cluster::release_floor(self, channel, seq);
     }
 
     fn keep<'a>(
@@ -599,16 +679,53 @@ mod tests {
 
     #[test]
     fn stored_subjects_name_their_user_or_channel() {
+        let one = Names::of(None);
         assert_eq!(
-            catch_up_target(&store_subject("bob.smith")),
+            one.target(&one.store("bob.smith")),
             Some(CaughtUp::User("bob.smith".into()))
         );
         assert_eq!(
-            catch_up_target(&history_subject("ops")),
+            one.target(&one.history("ops")),
             Some(CaughtUp::Channel("ops".into()))
         );
-        assert_eq!(catch_up_target(&floor_subject("ops")), None);
-        assert_eq!(catch_up_target("ptt.store.zz"), None);
+        assert_eq!(one.target(&one.floor("ops")), None);
+        assert_eq!(one.target("ptt.store.zz"), None);
+        assert_eq!(
+            one.store("bob"),
+            format!("ptt.store.{}", subject_token("bob"))
+        );
+    }
+
+    /// With regions, each region's streams take only their own subjects:
+    /// what is published for one region is not kept by another's.
+    #[test]
+    fn each_region_has_subjects_of_its_own() {
+        let (eu, us) = (Names::of(Some("eu")), Names::of(Some("us")));
+        assert_eq!(
+            eu.target(&eu.store("bob")),
+            Some(CaughtUp::User("bob".into()))
+        );
+        assert_eq!(us.target(&eu.store("bob")), None);
+        assert_eq!(Names::of(None).target(&eu.history("ops")), None);
+        let matches = |filter: &str, s: &str| {
+            let f: Vec<&str> = filter.split('.').collect();
+            let s: Vec<&str> = s.split('.').collect();
+            f.last() == Some(&">") && s.len() >= f.len() && f[..f.len() - 1] == s[..f.len() - 1]
+        };
+        for kind in ["store", "hist", "floor", "push", "pushed"] {
+            assert!(matches(
+                &eu.all(kind),
+                &eu.store("x").replace(".store.", &format!(".{kind}."))
+            ));
+            assert!(!matches(
+                &us.all(kind),
+                &eu.store("x").replace(".store.", &format!(".{kind}."))
+            ));
+            assert!(!matches(
+                &Names::of(None).all(kind),
+                &eu.floor("x").replace(".floor.", &format!(".{kind}."))
+            ));
+        }
     }
 
     #[test]

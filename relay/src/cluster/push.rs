@@ -35,7 +35,7 @@ impl Cluster {
         })?;
         let publish = async {
             self.js
-                .publish(push_subject(user), Bytes::from(payload))
+                .publish(self.names.push(user), Bytes::from(payload))
                 .await
                 .map_err(nats("sharing a push entry"))?
                 .await
@@ -92,7 +92,7 @@ impl Cluster {
             .push
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
-                filter_subject: "ptt.push.>".into(),
+                filter_subject: self.names.all("push"),
                 deliver_policy: DeliverPolicy::LastPerSubject,
                 ..Default::default()
             })
@@ -146,7 +146,7 @@ impl crate::push::PushCluster for Cluster {
             .message_id(format!("{}-{key}", clip.to_hex()));
         let publish = async {
             self.js
-                .send_publish(format!("ptt.pushed.{}", clip.to_hex()), msg)
+                .send_publish(self.names.pushed(&clip), msg)
                 .await
                 .map_err(nats("claiming a push"))?
                 .await

@@ -32,7 +32,7 @@ impl Cluster {
                 flag.store(true, Ordering::SeqCst);
             }
             while let Some(msg) = sub.next().await {
-                me.handle(&shared, &msg.payload, msg.reply.as_ref());
+                me.handle(&shared, &msg.subject, &msg.payload, msg.reply.as_ref());
             }
         });
         subs.insert(
@@ -160,6 +160,30 @@ impl Cluster {
         r
     }
 
+    /// A relayed clip's `End`: stored and finished beside.
+    fn end(self: &Arc<Self>, shared: &Arc<Shared>, clip: ClipId, end: codec::ClipEnd) {
+        if !self.remote.contains_key(&clip) {
+            return;
+        }
+        // Claimed before it leaves `remote`, so no adoption of its
+        // announcement stores it a second time meanwhile.
+        let mine = self.adopting.insert(clip, ()).is_none();
+        // Taken now, so a late Data for it finds nothing.
+        let Some((_, r)) = self.remote.remove(&clip) else {
+            if mine {
+                self.adopting.remove(&clip);
+            }
+            return;
+        };
+        let (me, shared2) = (self.clone(), shared.clone());
+        shared.tracker.spawn(async move {
+            me.ended(&shared2, r, end).await;
+            if mine {
+                me.adopting.remove(&clip);
+            }
+        });
+    }
+
     /// Handles one message from another relay, in order and without
     /// waiting: what waits on the store or JetStream (End, Ack, Kept,
     /// HistoryKept) runs beside, so the next clip on this subject is not
@@ -167,6 +191,7 @@ impl Cluster {
     pub(super) fn handle(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        subject: &str,
         payload: &Bytes,
         reply: Option<&async_nats::Subject>,
     ) {
@@ -189,28 +214,7 @@ impl Cluster {
                 packets,
                 records,
             } => self.data(shared, clip, offset, packets, &records),
-            Relayed::End { clip, end } => {
-                if !self.remote.contains_key(&clip) {
-                    return;
-                }
-                // Claimed before it leaves `remote`, so no adoption of its
-                // announcement stores it a second time meanwhile.
-                let mine = self.adopting.insert(clip, ()).is_none();
-                // Taken now, so a late Data for it finds nothing.
-                let Some((_, r)) = self.remote.remove(&clip) else {
-                    if mine {
-                        self.adopting.remove(&clip);
-                    }
-                    return;
-                };
-                let (me, shared2) = (self.clone(), shared.clone());
-                shared.tracker.spawn(async move {
-                    me.ended(&shared2, r, end).await;
-                    if mine {
-                        me.adopting.remove(&clip);
-                    }
-                });
-            }
+            Relayed::End { clip, end } => self.end(shared, clip, end),
             Relayed::Cut { clip, code } => {
                 if !self.cut(shared, &clip, code) && code == ErrorCode::Preempted {
                     // A talker here lost the floor to a priority talker on
@@ -247,7 +251,10 @@ impl Cluster {
                 None,
             ),
             Relayed::HistoryKept { clip, seq } => {
-                self.announced(shared, clip, Announced::History { seq }, None);
+                // Announced on the channel's subject.
+                if let Some(channel) = channel_of(subject) {
+                    self.announced(shared, clip, Announced::History { seq, channel }, None);
+                }
             }
             // Asked on a user's subject: this relay has the user (it is
             // subscribed for a session of it), so it answers.
@@ -279,6 +286,42 @@ impl Cluster {
         self.fetch_announced(shared, clip, at, caught_up);
     }
 
+    /// Reads announced clip `clip` from `stream`: at `seq` when the
+    /// announcement came from this region (the sequence is its origin
+    /// region's), else found by id on `subject`. `None` when it is gone
+    /// (delivered and deleted, or expired) or unreadable.
+    async fn read_announced(
+        &self,
+        stream: &stream::Stream,
+        seq: u64,
+        subject: String,
+        clip: ClipId,
+    ) -> Option<(u64, StoredClip)> {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && let Some(c) = StoredClip::from_record(&m.payload)
+            && c.meta.id == clip
+        {
+            return Some((seq, c));
+        }
+        if self.others.is_empty() {
+            debug!(
+                seq,
+                "cluster: announced clip not read (delivered, or expired)"
+            );
+            return None;
+        }
+        match self.read(stream, Some(subject)).await {
+            Ok(all) => all
+                .into_iter()
+                .find(|(_, _, c)| c.meta.id == clip)
+                .map(|(seq, _, c)| (seq, c)),
+            Err(e) => {
+                debug!(error = %e, "cluster: announced clip not read");
+                None
+            }
+        }
+    }
+
     /// Fetches an announced clip from its stream and queues it here (the
     /// direct recipient, or the channel's members), beside.
     pub(super) fn fetch_announced(
@@ -290,28 +333,22 @@ impl Cluster {
     ) {
         let (me, shared) = (self.clone(), shared.clone());
         shared.clone().tracker.spawn(async move {
-            let (stream, seq) = match &at {
+            let (stream, seq, subject) = match &at {
                 Announced::Direct { seq, recipient, .. } => {
                     // Not connected here (any more): its next relay reads
                     // the stream when it connects.
                     if shared.router.session(recipient).is_none() || known(&shared, &clip).await {
                         return;
                     }
-                    (&me.stream, *seq)
+                    (&me.stream, *seq, me.names.store(recipient))
                 }
-                Announced::History { seq } => (&me.history, *seq),
+                Announced::History { seq, channel } => {
+                    (&me.history, *seq, me.names.history(channel))
+                }
             };
-            let m = match stream.get_raw_message(seq).await {
-                Ok(m) => m,
-                // Delivered and deleted already, or gone with its age.
-                Err(e) => return debug!(seq, error = %e, "cluster: announced clip not read"),
+            let Some((seq, stored)) = me.read_announced(stream, seq, subject, clip).await else {
+                return;
             };
-            let Some(stored) = StoredClip::from_record(&m.payload) else {
-                return warn!(seq, "cluster: unreadable stored clip skipped");
-            };
-            if stored.meta.id != clip {
-                return warn!(seq, "cluster: announced clip is another clip; skipped");
-            }
             let stored = Arc::new(stored);
             let taken = match (&at, &stored.meta.target) {
                 (
@@ -535,7 +572,7 @@ impl Cluster {
             self.cut(shared, &c, ErrorCode::CutOff);
         }
         self.acks_to.retain(|_, (_, at)| at.elapsed() < ttl);
-        self.kept.retain(|_, (_, at)| at.elapsed() < ttl);
+        self.kept.retain(|_, k| k.at.elapsed() < ttl);
     }
 
     /// A session starts here: subscribes to its user's and channels'

@@ -104,7 +104,7 @@ pub(super) async fn upload(
     if let Some(c) = &channel {
         shared.router.release_floor(c, upload_no);
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
-            cl.release_floor(rev);
+            cl.release_floor(c, rev);
         }
     }
     // The answer is ready (stored, or refused): what the sender waits for
@@ -210,7 +210,7 @@ pub(super) async fn take_floors(
     }
     if let Err(r) = take_floor(shared, session, c, upload_no, stop) {
         if let (Some(cl), Some(rev)) = (&shared.cluster, cluster_floor) {
-            cl.release_floor(rev);
+            cl.release_floor(c, rev);
         }
         return Err(r);
     }

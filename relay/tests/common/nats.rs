@@ -214,6 +214,8 @@ impl Drop for Cuttable {
 pub struct NatsCluster {
     nodes: Vec<Option<Child>>,
     pub urls: Vec<String>,
+    /// Each node's config file and environment, to start it again.
+    envs: Vec<(std::path::PathBuf, Vec<(String, String)>)>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -229,43 +231,105 @@ impl NatsCluster {
         let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")
             .join(conf);
-        let ports: Vec<u16> = (0..9)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|l| l.local_addr().unwrap().port())
-            .collect();
-        let (mut nodes, mut urls, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+        let ports = free_ports(9);
+        let (mut nodes, mut urls, mut dirs, mut envs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let mut cmd = Command::new("nats-server");
-            cmd.arg("--config")
-                .arg(&conf)
-                .env("NATS_NAME", format!("nats-{}", i + 1))
-                .env("NATS_HOST", "127.0.0.1")
-                .env("NATS_CLIENT_PORT", ports[i].to_string())
-                .env("NATS_CLUSTER_PORT", ports[3 + i].to_string())
-                .env("NATS_HTTP", format!("127.0.0.1:{}", ports[6 + i]))
-                .env("NATS_STORE", dir.path());
+            let mut env: Vec<(String, String)> = vec![
+                ("NATS_NAME".into(), format!("nats-{}", i + 1)),
+                ("NATS_HOST".into(), "127.0.0.1".into()),
+                ("NATS_CLIENT_PORT".into(), ports[i].to_string()),
+                ("NATS_CLUSTER_PORT".into(), ports[3 + i].to_string()),
+                ("NATS_HTTP".into(), format!("127.0.0.1:{}", ports[6 + i])),
+                ("NATS_STORE".into(), dir.path().display().to_string()),
+            ];
             for j in 0..3 {
-                cmd.env(
+                env.push((
                     format!("NATS_ROUTE_{}", j + 1),
                     format!("nats-route://127.0.0.1:{}", ports[3 + j]),
-                );
+                ));
             }
-            cmd.envs(extra(i));
-            let child = cmd
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("nats-server must be installed");
-            nodes.push(Some(child));
+            env.extend(extra(i));
+            nodes.push(Some(spawn_node(&conf, &env)));
             urls.push(format!("nats://127.0.0.1:{}", ports[i]));
             dirs.push(dir);
+            envs.push((conf.clone(), env));
         }
-        // Ready: every node answers /healthz (JetStream included).
+        wait_healthy(&ports[6..9]);
+        NatsCluster {
+            nodes,
+            urls,
+            envs,
+            _dirs: dirs,
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts every node that was killed again, on its ports and store,
+    /// and waits until all are healthy.
+    pub fn restart_killed(&mut self) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if node.is_none() {
+                let (conf, env) = &self.envs[i];
+                *node = Some(spawn_node(conf, env));
+            }
+        }
+        let http: Vec<u16> = self
+            .envs
+            .iter()
+            .filter_map(|(_, env)| {
+                let v = &env.iter().find(|(k, _)| k == "NATS_HTTP")?.1;
+                v.rsplit(':').next()?.parse().ok()
+            })
+            .collect();
+        wait_healthy(&http);
+    }
+}
+
+/// `n` free loopback TCP ports, none handed out before in this test
+/// process (a port freed by one caller and taken by a server a moment
+/// later must not be given to the next caller too).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            out.push(port);
+        }
+        held.push(l);
+    }
+    out
+}
+
+fn spawn_node(conf: &std::path::Path, env: &[(String, String)]) -> Child {
+    Command::new("nats-server")
+        .arg("--config")
+        .arg(conf)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed")
+}
+
+/// Waits until every node whose monitoring port is in `http` answers
+/// `/healthz` (JetStream included).
+fn wait_healthy(http: &[u16]) {
+    {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for port in &ports[6..9] {
+        for port in http {
             loop {
                 assert!(Instant::now() < deadline, "the NATS cluster did not form");
                 let ok = std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
@@ -281,18 +345,6 @@ impl NatsCluster {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-        }
-        NatsCluster {
-            nodes,
-            urls,
-            _dirs: dirs,
-        }
-    }
-
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
