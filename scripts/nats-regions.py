@@ -225,6 +225,9 @@ async def relay(binary, work, name, port, nats_url, replicas, share_from=None):
     args = [binary, "serve", "--data-dir", d, "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{port + 1}", "--web", "off", "--cluster", nats_url,
             "--region", "a", "--regions", "a,b", "--replicas-in-other-regions", str(replicas),
+            # Every clip written to JetStream (and copied), even those
+            # their recipient acks at once: the cost measured.
+            "--cluster-keep-wait", "0s",
             "--max-clips-per-minute", "0", "--max-clip-bytes-per-minute", "0",
             "--max-handshakes-per-second", "0"]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(d + ".log", "w"),

@@ -245,6 +245,14 @@ settings! {
     /// Cluster: JetStream replicas of stored clips (3 on a 3-node NATS
     /// cluster: a clip survives the loss of one NATS node).
     cluster_replicas: usize = 1, "PTT_CLUSTER_REPLICAS";
+    /// Cluster: how long an accepted direct clip waits, before it is
+    /// written to JetStream, for the ack of its recipient when that
+    /// recipient is hearing it live on this relay: a clip its recipient
+    /// has needs no copy in the cluster (nor its deletion). `Accepted`
+    /// then comes with the recipient's ack (about one round trip to it),
+    /// or at most this much later with the cluster's copy. 0: written at
+    /// once.
+    cluster_keep_wait: Duration = Duration::from_millis(250), "PTT_CLUSTER_KEEP_WAIT", parse_duration;
     /// Cluster: this relay's region, the JetStream domain of the NATS
     /// cluster it connects to (each region is its own NATS cluster and
     /// JetStream domain, joined to the others by leaf nodes:

@@ -161,6 +161,8 @@ catalogue! {
         "Clips this relay accepted while its cluster's JetStream could not take them (NATS unreachable), kept on its own disk and not yet written to the cluster; they are written and announced when the link is back (since this process started).";
     CLUSTER_BACKFILLED = "ptt_cluster_backfilled_total", Counter, Count, ["kind"],
         "Clips written to the cluster's JetStream after the link came back (or at start) that it did not have, by kind: direct (stored clips) or channel (channel history); each is announced to the relays of its recipients.";
+    CLUSTER_KEPT = "ptt_cluster_kept_total", Counter, Count, ["outcome"],
+        "Accepted direct clips and what the cluster kept of them: written (to JetStream, before Accepted), delivered (the recipient, hearing it live on this relay, acked it within cluster_keep_wait: no copy needed).";
     CLUSTER_CAUGHT_UP = "ptt_cluster_caught_up_total", Counter, Count, ["kind"],
         "Clips for users connected here that the relay took from the cluster's JetStream after its link came back, not having them (their announcements were missed while cut off), by kind: direct or channel.";
     CLUSTER_LINK_LOST = "ptt_cluster_link_lost_total", Counter, Count, [],
@@ -186,6 +188,7 @@ const KNOWN_LABELS: &[(&str, &str, &[&str])] = &[
     (DELIVERIES, "path", &["live", "stored"]),
     (CLUSTER_CLIPS, "direction", &["out", "in"]),
     (CLUSTER_BACKFILLED, "kind", &["direct", "channel"]),
+    (CLUSTER_KEPT, "outcome", &["written", "delivered"]),
     (CLUSTER_CAUGHT_UP, "kind", &["direct", "channel"]),
 ];
 

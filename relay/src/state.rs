@@ -111,9 +111,11 @@ pub(crate) trait ClusterLink: Send + Sync {
     /// Gives back `channel`'s floor taken at this sequence.
     fn release_floor(&self, channel: &str, seq: u64);
     /// Keeps an accepted direct clip for `recipient` in the cluster
-    /// (`elsewhere`: not online here, so its relay is told).
+    /// (`elsewhere`: not online here, so its relay is told), unless the
+    /// recipient, hearing it live here, acks it first.
     fn keep<'a>(
         &'a self,
+        shared: &'a Shared,
         clip: &'a StoredClip,
         recipient: &'a Arc<str>,
         elsewhere: bool,

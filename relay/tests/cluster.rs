@@ -482,3 +482,60 @@ async fn channel_history_outlives_the_relay_it_was_said_on() {
     let (_alice, mut alice_ev) = d.two.member("alice", &[("ops", Talk)]).await;
     assert_no_clip(&mut alice_ev, Duration::from_millis(500)).await;
 }
+
+/// Sequences JetStream's stream of stored clips has handed out: how many
+/// clips were ever written to it.
+async fn clips_written(nats: &Nats) -> u64 {
+    let c = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(c);
+    let mut s = js.get_stream("PTT_CLIPS").await.unwrap();
+    s.info().await.unwrap().state.last_sequence
+}
+
+/// A one-to-one clip whose recipient hears it live on the same relay and
+/// acks it is never written to JetStream (`cluster_keep_wait`); with a
+/// wait of 0 it is, as is one for a recipient on no relay, and the sender
+/// hears `Accepted` either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_its_live_recipient_acks_first_costs_jetstream_nothing() {
+    let nats = Nats::start();
+    let (one, _two, _dir) = pair(&nats).await;
+    let (bob, mut bob_ev) = one.connect("bob").await;
+    let (alice, _) = one.connect("alice").await;
+    for n in [5, 7] {
+        let c = clip("bob", n);
+        // Bob acks as his app has the clip, while Alice waits for her
+        // `Accepted`.
+        let sending = {
+            let (alice, c) = (alice.clone(), c.clone());
+            tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+        };
+        let got = next_complete(&mut bob_ev).await;
+        assert_eq!(got.id(), c.id);
+        bob.ack(got.id()).await.unwrap();
+        assert!(!sending.await.unwrap().unwrap().duplicate);
+    }
+    assert_eq!(clips_written(&nats).await, 0, "heard and acked: no copy");
+    // Carol is on no relay: her clip is written before `Accepted`.
+    alice
+        .send_clip(&clip("carol", 3), Pacing::Upload)
+        .await
+        .unwrap();
+    assert_eq!(clips_written(&nats).await, 1);
+
+    // With no wait, every clip is written (and deleted at the ack).
+    let url = nats.url.clone();
+    let eager = start(|c| {
+        c.cluster = url;
+        c.cluster_keep_wait = Duration::ZERO;
+    })
+    .await;
+    let (dave, mut dave_ev) = eager.connect("dave").await;
+    let (erin, _) = eager.connect("erin").await;
+    let c = clip("dave", 5);
+    let sending = tokio::spawn(async move { erin.send_clip(&c, Pacing::Live).await });
+    let got = next_complete(&mut dave_ev).await;
+    dave.ack(got.id()).await.unwrap();
+    sending.await.unwrap().unwrap();
+    assert_eq!(clips_written(&nats).await, 2);
+}

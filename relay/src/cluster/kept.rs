@@ -78,15 +78,49 @@ impl Cluster {
     /// is not connected here) the relay it is connected to is told, so it
     /// queues the clip even if it missed the live run. Cut off, the clip
     /// is held: written when the link is back.
+    ///
+    /// A recipient hearing the clip live here is given `cluster_keep_wait`
+    /// to ack it first: a clip its recipient has needs no copy (nor its
+    /// deletion), which spares JetStream two requests per clip.
     pub async fn keep(
         &self,
+        shared: &Shared,
         clip: &StoredClip,
         recipient: &Arc<str>,
         elsewhere: bool,
     ) -> Result<(), ClusterError> {
+        let id = clip.meta.id;
+        if !elsewhere && self.delivered_within(shared, id, recipient).await {
+            metrics::count(metrics::CLUSTER_KEPT, "outcome", "delivered");
+            return Ok(());
+        }
         let r = self.keep_direct(clip, recipient, elsewhere).await;
-        self.note_held(clip.meta.id, r.is_err().then_some(true));
+        metrics::count(metrics::CLUSTER_KEPT, "outcome", "written");
+        if r.is_ok() && !shared.store.holds(recipient, &id) {
+            // Acked while it was being written: its copies go now.
+            self.acked(&id, recipient);
+        }
+        self.note_held(id, r.is_err().then_some(true));
         r.map(|_| ())
+    }
+
+    /// Whether `recipient` acks clip `id` within `cluster_keep_wait`
+    /// (or has already). Never with a wait of 0: every clip is written.
+    async fn delivered_within(&self, shared: &Shared, id: ClipId, recipient: &str) -> bool {
+        let has = || !shared.store.holds(recipient, &id);
+        if self.keep_wait.is_zero() || has() {
+            return !self.keep_wait.is_zero();
+        }
+        let woken = self.awaiting.entry(id).or_default().clone();
+        let acked = woken.notified();
+        tokio::pin!(acked);
+        // Registered before looking again: an ack between the two wakes it.
+        acked.as_mut().enable();
+        if !has() {
+            let _ = tokio::time::timeout(self.keep_wait, acked).await;
+        }
+        self.awaiting.remove(&id);
+        has()
     }
 
     /// [`Cluster::keep`] without the bookkeeping of held clips; returns
@@ -321,6 +355,9 @@ impl Cluster {
     /// came from another relay as a direct clip, that relay drops its
     /// stored copy too. Never waits (see [`Cluster::chore`]).
     pub fn acked(&self, clip: &ClipId, recipient: &Arc<str>) {
+        if let Some(w) = self.awaiting.get(clip) {
+            w.notify_waiters();
+        }
         // A direct clip held here only, delivered here: the cluster needs
         // it no more.
         if let Ok(mut h) = self.held.lock()

@@ -86,6 +86,8 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             adopting: DashMap::new(),
+            awaiting: DashMap::new(),
+            keep_wait: cfg.cluster_keep_wait,
             ping_interval: cfg.cluster_ping_interval,
         }))
     }

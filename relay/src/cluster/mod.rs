@@ -383,6 +383,11 @@ pub struct Cluster {
     adopting: DashMap<ClipId, ()>,
     /// A lost link is noticed within three of these (NATS pings).
     ping_interval: Duration,
+    /// Uploads waiting for their live recipient's ack before writing the
+    /// clip to JetStream ([`Cluster::keep`]), woken by [`Cluster::acked`].
+    awaiting: DashMap<ClipId, Arc<tokio::sync::Notify>>,
+    /// `cluster_keep_wait`.
+    keep_wait: Duration,
 }
 
 pub fn user_subject(user: &str) -> String {
@@ -564,11 +569,12 @@ impl ClusterLink for Arc<Cluster> {
 
     fn keep<'a>(
         &'a self,
+        shared: &'a Shared,
         clip: &'a StoredClip,
         recipient: &'a Arc<str>,
         elsewhere: bool,
     ) -> BoxFuture<'a, Result<(), ClusterError>> {
-        Box::pin(Cluster::keep(self, clip, recipient, elsewhere))
+        Box::pin(Cluster::keep(self, shared, clip, recipient, elsewhere))
     }
 
     fn keep_history<'a>(

@@ -241,8 +241,9 @@ pub(super) fn fan_out(
 /// as accepted. The relay holds the clip whole: a store that keeps early
 /// acks lets the live recipients have the end now, with the last audio,
 /// rather than after the disk commit that `Accepted` waits for, and only
-/// once it keeps their acks (so none is lost). Not in a cluster, whose
-/// copies for other relays are kept first. The live clip's first outcome
+/// once it keeps their acks (so none is lost). In a cluster too: a live
+/// recipient's ack may then come before the cluster's copy is written,
+/// and spares it ([`crate::state::ClusterLink::keep`]). The live clip's first outcome
 /// holds: a later `complete` or `cut` is a no-op.
 pub(super) async fn store_clip(
     shared: &Shared,
@@ -251,9 +252,10 @@ pub(super) async fn store_clip(
     recipients: &[Arc<str>],
     channel: Option<&str>,
 ) -> Result<bool, Refusal> {
-    let appended = if shared.cluster.is_none() {
-        // Live recipients get the end as soon as the store keeps their
-        // acks (it reports the clip committing), not after the commit.
+    // Live recipients get the end as soon as the store keeps their acks
+    // (it reports the clip committing), not after the commit. A channel
+    // clip in a cluster ends once the cluster's history has it.
+    let appended = if shared.cluster.is_none() || channel.is_none() {
         let (committing, reported) = CommitReport::new();
         let append = shared
             .store
@@ -283,12 +285,17 @@ pub(super) async fn store_clip(
     if let (Some(c), Ok(false)) = (&shared.cluster, &stored) {
         match channel {
             None => {
+                // Stored: the live recipient has it whole now (a store
+                // that did not report its commit did not end it early),
+                // so its ack may come before the cluster's copy, and
+                // spare it.
+                live.complete(clip.clone());
                 for r in recipients {
                     let elsewhere = !shared.router.is_online(r);
                     // Cut off: held here, written when the link is back
                     // (counted in ptt_cluster_held_clips; the loss of the
                     // link is logged once).
-                    if let Err(e) = c.keep(&clip, r, elsewhere).await {
+                    if let Err(e) = c.keep(shared, &clip, r, elsewhere).await {
                         debug!(error = %e, "cluster: clip held on this relay until the link is back");
                     }
                 }

@@ -33,11 +33,7 @@ pub fn spawn_nats(port: u16, dir: &std::path::Path) -> Child {
 
 impl Nats {
     pub fn start() -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_ports(1)[0];
         let dir = tempfile::tempdir().unwrap();
         Nats {
             child: spawn_nats(port, dir.path()),
