@@ -165,6 +165,17 @@ async fn until_heard_across(nats: &async_nats::Client, user: &str) {
     .await;
 }
 
+/// A relay (in this process) of `region`, on `nats`, regions `a,b`.
+async fn relay_in(dir: &std::path::Path, nats: &NatsCluster, region: &str) -> TestRelay {
+    let urls = nats.urls.join(",");
+    start_in(dir, |c| {
+        c.cluster = urls;
+        c.region = region.into();
+        c.regions = "a,b".into();
+    })
+    .await
+}
+
 /// A relay in each region, sharing keys: `a` the binary (to be killed
 /// -9, and started again on its address), `b` in this process.
 struct Relays {
@@ -198,13 +209,7 @@ impl Relays {
         let flags: Vec<&str> = flags_a[2..].iter().map(String::as_str).collect();
         let (child, addr_a) = start_binary_at(dir_a.path(), &listen, &flags).await;
         let dir_b = sharing_keys(dir_a.path());
-        let urls_b = b.urls.join(",");
-        let relay_b = start_in(dir_b.path(), |c| {
-            c.cluster = urls_b;
-            c.region = "b".into();
-            c.regions = "a,b".into();
-        })
-        .await;
+        let relay_b = relay_in(dir_b.path(), b, "b").await;
         Relays {
             a: child,
             addr_a,
@@ -499,4 +504,63 @@ async fn a_dead_regions_apps_move_to_the_other_and_come_back_home() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(*heard.clips.lock().unwrap(), want);
     sdk.stop().await;
+}
+
+/// Region `b` is down while region `a` accepts a direct clip and a channel
+/// clip: `a` holds them (counted) and copies them into `b` once `b` is
+/// back, so when `a` then dies, `b` delivers both (the direct clip from
+/// its store, the channel clip from its history), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back() {
+    use codec::token::Right::{Listen, Talk};
+    use ptt_client::Pacing;
+
+    let (mut a, mut b) = two_regions();
+    let dir_a = tempfile::tempdir().unwrap();
+    let relay_a = relay_in(dir_a.path(), &a, "a").await;
+    let cluster_a = relay_a.relay.cluster().unwrap().clone();
+    // b's streams exist (made by a's relay at its link), then b goes down.
+    let on_b = async_nats::connect(&b.urls[0]).await.unwrap();
+    let js_b = jetstream::new(on_b);
+    eventually("b's streams", || js_b.get_stream("PTT_HISTORY")).await;
+    for i in 0..3 {
+        b.kill(i);
+    }
+    let (alice, _) = relay_a.member("alice", &[("ops", Talk)]).await;
+    let direct = clip("carol", 4);
+    let spoken = channel_clip(6);
+    for c in [&direct, &spoken] {
+        assert!(!alice.send_clip(c, Pacing::Upload).await.unwrap().duplicate);
+    }
+    assert_eq!(cluster_a.held(), 2, "accepted, held: b cannot take a copy");
+
+    // b is back: a copies what it holds.
+    b.restart_killed();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cluster_a.held() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Region a dies; Carol connects in b.
+    drop(alice);
+    for i in 0..3 {
+        a.kill(i);
+    }
+    let dir_b = sharing_keys(dir_a.path());
+    let relay_b = relay_in(dir_b.path(), &b, "b").await;
+    let (carol, mut carol_ev) = relay_b.member("carol", &[("ops", Listen)]).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let c = next_complete(&mut carol_ev).await;
+        carol.ack(c.id()).await.unwrap();
+        assert!(!got.contains(&c.id()), "a clip came twice");
+        got.push(c.id());
+    }
+    got.sort();
+    let mut want = vec![direct.id, spoken.id];
+    want.sort();
+    assert_eq!(got, want);
+    assert_no_clip(&mut carol_ev, Duration::from_millis(700)).await;
+    drop(relay_a);
 }
