@@ -395,6 +395,11 @@ impl Settings {
     }
 }
 
+/// The items of a comma-separated setting, trimmed, empty ones left out.
+fn comma_list(s: &str) -> impl Iterator<Item = &str> + Clone {
+    s.split(',').map(str::trim).filter(|r| !r.is_empty())
+}
+
 impl Config {
     /// A config for tests: loopback, ephemeral ports, the given data dir.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
@@ -415,9 +420,8 @@ impl Config {
 
     /// `web_relays` as a list (each without a trailing `/`).
     pub fn web_relay_list(&self) -> Vec<String> {
-        self.web_relays
-            .split(',')
-            .map(|r| r.trim().trim_end_matches('/').to_owned())
+        comma_list(&self.web_relays)
+            .map(|r| r.trim_end_matches('/').to_owned())
             .filter(|r| !r.is_empty())
             .collect()
     }
@@ -434,8 +438,8 @@ impl Config {
         } else if !self.region.is_empty() && self.cluster.is_empty() {
             "region needs cluster (a region is a NATS cluster of its own)"
         } else if !self.region.is_empty()
-            && !self.regions.is_empty()
-            && !self.regions.split(',').any(|r| r.trim() == self.region)
+            && comma_list(&self.regions).next().is_some()
+            && !comma_list(&self.regions).any(|r| r == self.region)
         {
             "regions must include region"
         } else if self.copies_in_other_regions() >= regions.len().max(1) {
@@ -452,12 +456,7 @@ impl Config {
         if self.region.is_empty() {
             return Vec::new();
         }
-        let mut list: Vec<String> = self
-            .regions
-            .split(',')
-            .map(|r| r.trim().to_owned())
-            .filter(|r| !r.is_empty())
-            .collect();
+        let mut list: Vec<String> = comma_list(&self.regions).map(str::to_owned).collect();
         if !list.contains(&self.region) {
             list.push(self.region.clone());
         }

@@ -10,13 +10,7 @@ use codec::ErrorCode;
 use codec::token::Right::{Listen, Priority, Talk};
 use codec::wire::Target;
 use common::*;
-use ptt_client::{ClientError, Event, OutgoingClip, Pacing};
-
-fn channel_clip(ch: &str, packets: u32) -> OutgoingClip {
-    let mut c = clip("x", packets);
-    c.target = Target::Channel(ch.into());
-    c
-}
+use ptt_client::{Event, OutgoingClip, Pacing};
 
 /// Four channel clips from `talker` to "ops", one after the other.
 async fn say_four(talker: &ptt_client::Client) -> Vec<OutgoingClip> {
@@ -27,13 +21,6 @@ async fn say_four(talker: &ptt_client::Client) -> Vec<OutgoingClip> {
         said.push(c);
     }
     said
-}
-
-fn rejected(r: Result<ptt_client::SendOutcome, ClientError>) -> (ErrorCode, String) {
-    match r {
-        Err(ClientError::Rejected { code, reason, .. }) => (code, reason),
-        other => panic!("expected a rejection, got {other:?}"),
-    }
 }
 
 /// Takes `n` complete clips, acking each, and returns their ids in the

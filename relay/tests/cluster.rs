@@ -230,7 +230,7 @@ async fn a_clip_accepted_by_a_relay_that_dies_is_delivered_by_another_once() {
 async fn floor_control_holds_across_relays() {
     use codec::ErrorCode;
     use codec::token::Right::Priority;
-    use ptt_client::{ClientError, Event};
+    use ptt_client::Event;
     let nats = Nats::start();
     let (one, two, _dir) = pair(&nats).await;
     let (alice, _) = one.member("alice", &[("ops", Talk)]).await;
@@ -241,44 +241,32 @@ async fn floor_control_holds_across_relays() {
         cluster(&two).is_subscribed(&channel_subject("ops"))
     })
     .await;
-    let channel_clip = |n| {
-        let mut c = clip("x", n);
-        c.target = Target::Channel("ops".into());
-        c
-    };
     // Alice (relay one) talks; Bob (relay two) presses and is told who
     // holds the floor.
-    let long = channel_clip(50);
+    let long = channel_clip("ops", 50);
     let talking = {
         let (alice, c) = (alice.clone(), long.clone());
         tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    match bob.send_clip(&channel_clip(3), Pacing::Upload).await {
-        Err(ClientError::Rejected { code, reason, .. }) => {
-            assert_eq!(code, ErrorCode::FloorBusy);
-            assert!(reason.contains("alice"), "{reason}");
-        }
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (code, reason) = rejected(bob.send_clip(&channel_clip("ops", 3), Pacing::Upload).await);
+    assert_eq!(code, ErrorCode::FloorBusy);
+    assert!(reason.contains("alice"), "{reason}");
     talking.await.unwrap().unwrap();
     // Released at the end of her clip: Bob talks now.
-    bob.send_clip(&channel_clip(3), Pacing::Upload)
+    bob.send_clip(&channel_clip("ops", 3), Pacing::Upload)
         .await
         .unwrap();
     // The chief (priority, relay two) pre-empts Alice (relay one).
-    let long = channel_clip(100);
+    let long = channel_clip("ops", 100);
     let talking = {
         let (alice, c) = (alice.clone(), long.clone());
         tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let urgent = channel_clip(5);
+    let urgent = channel_clip("ops", 5);
     chief.send_clip(&urgent, Pacing::Upload).await.unwrap();
-    match talking.await.unwrap() {
-        Err(ClientError::Rejected { code, .. }) => assert_eq!(code, ErrorCode::Preempted),
-        other => panic!("expected pre-emption, got {other:?}"),
-    }
+    assert_eq!(rejected(talking.await.unwrap()).0, ErrorCode::Preempted);
     let cut = next_matching(&mut carol_ev, |e| match e {
         Event::Cut { id, code } if id == long.id => Some(code),
         _ => None,

@@ -13,7 +13,6 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use codec::wire::Target;
 use common::nats::{NatsCluster, free_ports, sharing_keys};
 use common::*;
 use futures_util::StreamExt;
@@ -181,39 +180,39 @@ async fn relay_in(dir: &std::path::Path, nats: &NatsCluster, region: &str) -> Te
 struct Relays {
     a: tokio::process::Child,
     addr_a: std::net::SocketAddr,
-    flags_a: Vec<String>,
+    listen_a: String,
+    urls_a: String,
     dir_a: tempfile::TempDir,
     b: TestRelay,
     _dir_b: tempfile::TempDir,
 }
 
+/// Region `a`'s relay (the binary) on `listen`, data dir `dir`.
+async fn spawn_a(
+    dir: &std::path::Path,
+    listen: &str,
+    urls: &str,
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let flags = ["--cluster", urls, "--region", "a", "--regions", "a,b"];
+    start_binary_at(dir, listen, &flags).await
+}
+
 impl Relays {
     async fn start(a: &NatsCluster, b: &NatsCluster) -> Relays {
         let dir_a = tempfile::tempdir().unwrap();
-        let listen = {
+        let listen_a = {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             s.local_addr().unwrap().to_string()
         };
-        let flags_a: Vec<String> = [
-            "--listen",
-            &listen,
-            "--cluster",
-            &a.urls.join(","),
-            "--region",
-            "a",
-            "--regions",
-            "a,b",
-        ]
-        .map(String::from)
-        .to_vec();
-        let flags: Vec<&str> = flags_a[2..].iter().map(String::as_str).collect();
-        let (child, addr_a) = start_binary_at(dir_a.path(), &listen, &flags).await;
+        let urls_a = a.urls.join(",");
+        let (child, addr_a) = spawn_a(dir_a.path(), &listen_a, &urls_a).await;
         let dir_b = sharing_keys(dir_a.path());
         let relay_b = relay_in(dir_b.path(), b, "b").await;
         Relays {
             a: child,
             addr_a,
-            flags_a,
+            listen_a,
+            urls_a,
             dir_a,
             b: relay_b,
             _dir_b: dir_b,
@@ -222,17 +221,10 @@ impl Relays {
 
     /// Region `a`'s relay again, on its address and data dir.
     async fn start_a_again(&self) -> tokio::process::Child {
-        let flags: Vec<&str> = self.flags_a[2..].iter().map(String::as_str).collect();
-        start_binary_at(self.dir_a.path(), &self.flags_a[1], &flags)
+        spawn_a(self.dir_a.path(), &self.listen_a, &self.urls_a)
             .await
             .0
     }
-}
-
-fn channel_clip(n: u32) -> ptt_client::OutgoingClip {
-    let mut c = clip("x", n);
-    c.target = Target::Channel("ops".into());
-    c
 }
 
 /// Relays in two regions serve as one service: live talk and stored
@@ -243,7 +235,7 @@ fn channel_clip(n: u32) -> ptt_client::OutgoingClip {
 async fn relays_in_two_regions_serve_as_one_and_outlive_a_regions_death() {
     use codec::ErrorCode;
     use codec::token::Right::{Listen, Talk};
-    use ptt_client::{ClientError, Pacing};
+    use ptt_client::Pacing;
 
     let (mut a, b) = two_regions();
     let Relays {
@@ -288,19 +280,19 @@ async fn relays_in_two_regions_serve_as_one_and_outlive_a_regions_death() {
     let (bob_ops, _) = relay_b.member("bob", &[("ops", Talk)]).await;
     drop(bob);
     until_heard_across(&nats_a, "erin").await;
-    let long = channel_clip(50);
+    let long = channel_clip("ops", 50);
     let talking = {
         let (alice, c) = (alice.clone(), long.clone());
         tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
-    match bob_ops.send_clip(&channel_clip(3), Pacing::Upload).await {
-        Err(ClientError::Rejected { code, reason, .. }) => {
-            assert_eq!(code, ErrorCode::FloorBusy);
-            assert!(reason.contains("alice"), "{reason}");
-        }
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (code, reason) = rejected(
+        bob_ops
+            .send_clip(&channel_clip("ops", 3), Pacing::Upload)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::FloorBusy);
+    assert!(reason.contains("alice"), "{reason}");
     talking.await.unwrap().unwrap();
     for ev in [&mut dave_ev, &mut erin_ev] {
         let got = next_complete(ev).await;
@@ -309,7 +301,7 @@ async fn relays_in_two_regions_serve_as_one_and_outlive_a_regions_death() {
     // Released at the end of her clip, in the channel's home region:
     // Bob talks now.
     bob_ops
-        .send_clip(&channel_clip(3), Pacing::Upload)
+        .send_clip(&channel_clip("ops", 3), Pacing::Upload)
         .await
         .unwrap();
 
@@ -528,7 +520,7 @@ async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back(
     }
     let (alice, _) = relay_a.member("alice", &[("ops", Talk)]).await;
     let direct = clip("carol", 4);
-    let spoken = channel_clip(6);
+    let spoken = channel_clip("ops", 6);
     for c in [&direct, &spoken] {
         assert!(!alice.send_clip(c, Pacing::Upload).await.unwrap().duplicate);
     }

@@ -27,13 +27,14 @@ impl Cluster {
         channel: &str,
         me: FloorRecord,
     ) -> Result<ClusterFloor, ClusterError> {
-        let (js, names) = self.floor_home(channel);
+        let home = self.floor_region(channel);
+        let (js, names) = self.jetstream_of(home);
         let subject = names.floor(channel);
         for _ in 0..8 {
             if let Some(seq) = self.put_floor(js, &subject, &me, 0).await? {
                 return Ok(ClusterFloor::Granted { seq });
             }
-            let cur = match self.last_floor(js, &subject).await {
+            let cur = match self.last_floor(home, &subject).await {
                 Ok(m) => m,
                 // Released (or expired) meanwhile: try again.
                 Err(_) => continue,
@@ -97,23 +98,26 @@ impl Cluster {
         });
     }
 
-    /// The holder's message of a floor (`subject`) in the JetStream `js`
-    /// (the channel's home region's): `Err` when the floor is free.
+    /// The holder's message of a floor (`subject`) in the channel's home
+    /// region (`None`: this one, whose stream is open already): `Err` when
+    /// the floor is free.
     async fn last_floor(
         &self,
-        js: &jetstream::Context,
+        home: Option<&Region>,
         subject: &str,
     ) -> Result<async_nats::jetstream::message::StreamMessage, ClusterError> {
-        if std::ptr::eq(js, &self.js) {
-            return self
-                .floors
-                .get_last_raw_message_by_subject(subject)
-                .await
-                .map_err(nats("reading a floor"));
-        }
-        js.get_stream(FLOORS)
-            .await
-            .map_err(nats("opening a region's floors"))?
+        let opened;
+        let floors = match home {
+            None => &self.floors,
+            Some(r) => {
+                opened =
+                    r.js.get_stream(FLOORS)
+                        .await
+                        .map_err(nats("opening a region's floors"))?;
+                &opened
+            }
+        };
+        floors
             .get_last_raw_message_by_subject(subject)
             .await
             .map_err(nats("reading a floor"))

@@ -63,7 +63,7 @@ impl Cluster {
             }
             Chore::Delete { region, seq } => self.delete_kept(region, seq).await,
             Chore::ReleaseFloor { channel, seq } => {
-                let (js, _) = self.floor_home(&channel);
+                let (js, _) = self.jetstream_of(self.floor_region(&channel));
                 if let Err(e) = delete_message(js, FLOORS, seq).await {
                     debug!(seq, error = %e, "cluster: floor not released (it expires)");
                 }
@@ -73,11 +73,11 @@ impl Cluster {
 
     /// Keeps an accepted direct clip in JetStream for `recipient`, so any
     /// relay can deliver it (and it outlives this one, and with regions
-    /// this region). Returns once JetStream has it (its publish acks: this
-    /// region's and `replicas_in_other_regions` others'). With `elsewhere` (the recipient
-    /// is not connected here) the relay it is connected to is told, so it
-    /// queues the clip even if it missed the live run. Cut off, the clip
-    /// is held: written when the link is back.
+    /// this region). Returns once JetStream has it (its publish acks:
+    /// this region's and `replicas_in_other_regions` others'). With
+    /// `elsewhere` (the recipient is not connected here) the relay it is
+    /// connected to is told, so it queues the clip even if it missed the
+    /// live run. Cut off, the clip is held: written when the link is back.
     ///
     /// A recipient hearing the clip live here is given `cluster_keep_wait`
     /// to ack it first: a clip its recipient has needs no copy (nor its
@@ -96,20 +96,24 @@ impl Cluster {
         }
         let r = self.keep_direct(clip, recipient, elsewhere).await;
         metrics::count(metrics::CLUSTER_KEPT, "outcome", "written");
-        if r.is_ok() && !shared.store.holds(recipient, &id) {
-            // Acked while it was being written: its copies go now.
+        self.note_held(id, r.is_err().then_some(true));
+        // Looked at after the note: acked while it was being written, its
+        // copies go now and it is held no more.
+        if !shared.store.holds(recipient, &id) {
             self.acked(&id, recipient);
         }
-        self.note_held(id, r.is_err().then_some(true));
         r.map(|_| ())
     }
 
     /// Whether `recipient` acks clip `id` within `cluster_keep_wait`
     /// (or has already). Never with a wait of 0: every clip is written.
     async fn delivered_within(&self, shared: &Shared, id: ClipId, recipient: &str) -> bool {
+        if self.keep_wait.is_zero() {
+            return false;
+        }
         let has = || !shared.store.holds(recipient, &id);
-        if self.keep_wait.is_zero() || has() {
-            return !self.keep_wait.is_zero();
+        if has() {
+            return true;
         }
         let woken = self.awaiting.entry(id).or_default().clone();
         let acked = woken.notified();

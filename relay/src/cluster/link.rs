@@ -279,20 +279,37 @@ impl Cluster {
                 continue;
             }
             let elsewhere = !shared.router.is_online(&recipient);
-            match self.keep_direct(&clip, &recipient, elsewhere).await {
-                Ok(had) => {
-                    if !had {
-                        n += 1;
-                        metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "direct");
-                    }
-                    self.note_held(clip.meta.id, None);
-                }
-                // Another region still missing: held, tried again later.
-                Err(ClusterError::TooFewRegions { .. }) => {}
-                Err(e) => return Err(e),
+            let r = self.keep_direct(&clip, &recipient, elsewhere).await;
+            // Another region still missing (`None`): held, tried again later.
+            if self.backfilled(r, clip.meta.id, "direct")? == Some(true) {
+                n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Settles one backfill write of clip `id` (`kind`: `direct` or
+    /// `channel`, as counted in `ptt_cluster_backfilled_total`):
+    /// `Some(new)` once the cluster has it wherever it should (`new`: it
+    /// lacked it, and it is counted), so it is held no more; `None` while
+    /// another region still lacks it (it stays held).
+    fn backfilled(
+        &self,
+        written: Result<bool, ClusterError>,
+        id: ClipId,
+        kind: &'static str,
+    ) -> Result<Option<bool>, ClusterError> {
+        match written {
+            Ok(had) => {
+                if !had {
+                    metrics::count(metrics::CLUSTER_BACKFILLED, "kind", kind);
+                }
+                self.note_held(id, None);
+                Ok(Some(!had))
+            }
+            Err(ClusterError::TooFewRegions { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Compares this relay's channel histories with the cluster's and
@@ -366,16 +383,11 @@ impl Cluster {
                 self.note_held(clip.meta.id, None);
                 continue;
             }
-            match self.put_history(channel, &clip).await {
-                Ok(had) => {
-                    if !had {
-                        n += 1;
-                        metrics::count(metrics::CLUSTER_BACKFILLED, "kind", "channel");
-                    }
-                    self.note_held(clip.meta.id, None);
-                }
-                Err(ClusterError::TooFewRegions { .. }) => short = true,
-                Err(e) => return Err(e),
+            let r = self.put_history(channel, &clip).await;
+            match self.backfilled(r, clip.meta.id, "channel")? {
+                Some(true) => n += 1,
+                Some(false) => {}
+                None => short = true,
             }
         }
         if short && let Ok(mut d) = self.dirty.lock() {

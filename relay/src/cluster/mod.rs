@@ -353,7 +353,7 @@ pub struct Cluster {
     /// The other regions (none with one region).
     others: Vec<Region>,
     /// Every region, in the configured order: a channel's floor is in
-    /// the one its name picks ([`Cluster::floor_region`]).
+    /// the one its name picks ([`regions::home_of`]).
     regions: Vec<String>,
     /// Other regions an accepted clip must reach before `Accepted`.
     copies: usize,
@@ -713,24 +713,30 @@ mod tests {
         );
         assert_eq!(us.target(&eu.store("bob")), None);
         assert_eq!(Names::of(None).target(&eu.history("ops")), None);
+        // NATS's `>`: the filter's tokens before it, then at least one.
         let matches = |filter: &str, s: &str| {
             let f: Vec<&str> = filter.split('.').collect();
             let s: Vec<&str> = s.split('.').collect();
             f.last() == Some(&">") && s.len() >= f.len() && f[..f.len() - 1] == s[..f.len() - 1]
         };
-        for kind in ["store", "hist", "floor", "push", "pushed"] {
-            assert!(matches(
-                &eu.all(kind),
-                &eu.store("x").replace(".store.", &format!(".{kind}."))
-            ));
-            assert!(!matches(
-                &us.all(kind),
-                &eu.store("x").replace(".store.", &format!(".{kind}."))
-            ));
-            assert!(!matches(
-                &Names::of(None).all(kind),
-                &eu.floor("x").replace(".floor.", &format!(".{kind}."))
-            ));
+        let one = Names::of(None);
+        let built = |n: &Names| {
+            [
+                ("store", n.store("x")),
+                ("hist", n.history("x")),
+                ("floor", n.floor("x")),
+                ("push", n.push("x")),
+                ("pushed", n.pushed(&ClipId([7; 16]))),
+            ]
+        };
+        for (kind, subject) in built(&eu) {
+            assert!(matches(&eu.all(kind), &subject), "{subject}");
+            assert!(!matches(&us.all(kind), &subject), "{subject}");
+            assert!(!matches(&one.all(kind), &subject), "{subject}");
+        }
+        for (kind, subject) in built(&one) {
+            assert!(matches(&one.all(kind), &subject), "{subject}");
+            assert!(!matches(&eu.all(kind), &subject), "{subject}");
         }
     }
 

@@ -297,11 +297,14 @@ impl Cluster {
         subject: String,
         clip: ClipId,
     ) -> Option<(u64, StoredClip)> {
-        if let Ok(m) = stream.get_raw_message(seq).await
-            && let Some(c) = StoredClip::from_record(&m.payload)
-            && c.meta.id == clip
-        {
-            return Some((seq, c));
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            match StoredClip::from_record(&m.payload) {
+                Some(c) if c.meta.id == clip => return Some((seq, c)),
+                // Another clip at that sequence: the announcement came from
+                // another region.
+                Some(_) => {}
+                None => warn!(seq, "cluster: unreadable stored clip skipped"),
+            }
         }
         if self.others.is_empty() {
             debug!(

@@ -241,9 +241,10 @@ pub(super) fn fan_out(
 /// as accepted. The relay holds the clip whole: a store that keeps early
 /// acks lets the live recipients have the end now, with the last audio,
 /// rather than after the disk commit that `Accepted` waits for, and only
-/// once it keeps their acks (so none is lost). In a cluster too: a live
-/// recipient's ack may then come before the cluster's copy is written,
-/// and spares it ([`crate::state::ClusterLink::keep`]). The live clip's first outcome
+/// once it keeps their acks (so none is lost). In a cluster too, for a
+/// direct clip: a live recipient's ack may then come before the
+/// cluster's copy is written, and spares it
+/// ([`crate::state::ClusterLink::keep`]). The live clip's first outcome
 /// holds: a later `complete` or `cut` is a no-op.
 pub(super) async fn store_clip(
     shared: &Shared,
@@ -254,18 +255,19 @@ pub(super) async fn store_clip(
 ) -> Result<bool, Refusal> {
     // Live recipients get the end as soon as the store keeps their acks
     // (it reports the clip committing), not after the commit. A channel
-    // clip in a cluster ends once the cluster's history has it.
-    let appended = if shared.cluster.is_none() || channel.is_none() {
+    // clip in a cluster ends once the cluster's history has it too.
+    let end_early = shared.cluster.is_none() || channel.is_none();
+    let appended = if end_early {
         let (committing, reported) = CommitReport::new();
         let append = shared
             .store
             .append_reporting(clip.clone(), recipients, committing);
-        let end_early = async {
+        let end_when_reported = async {
             if reported.await.is_ok() {
                 live.complete(clip.clone());
             }
         };
-        tokio::join!(append, end_early).0
+        tokio::join!(append, end_when_reported).0
     } else {
         shared.store.append(clip.clone(), recipients).await
     };
@@ -279,17 +281,19 @@ pub(super) async fn store_clip(
         )),
         Err(e) => Err(Refusal::new(ErrorCode::Internal, e.to_string())),
     };
+    // A direct clip's live recipient has it whole once it is stored, if
+    // the store did not say so earlier: its ack may come before the
+    // cluster's copy. Channel clips end in `stored_new`, after their
+    // history.
+    if channel.is_none() && matches!(stored, Ok(false)) {
+        live.complete(clip.clone());
+    }
     // A direct clip is also kept in the cluster before it counts as
     // accepted: any relay can deliver it, and it outlives this one. A
     // channel clip goes into the cluster's channel history.
     if let (Some(c), Ok(false)) = (&shared.cluster, &stored) {
         match channel {
             None => {
-                // Stored: the live recipient has it whole now (a store
-                // that did not report its commit did not end it early),
-                // so its ack may come before the cluster's copy, and
-                // spare it.
-                live.complete(clip.clone());
                 for r in recipients {
                     let elsewhere = !shared.router.is_online(r);
                     // Cut off: held here, written when the link is back

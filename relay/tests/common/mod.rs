@@ -139,6 +139,21 @@ pub fn clip(to: &str, n: u32) -> OutgoingClip {
     }
 }
 
+/// A clip of `n` packets for talk channel `ch`.
+pub fn channel_clip(ch: &str, n: u32) -> OutgoingClip {
+    let mut c = clip("x", n);
+    c.target = Target::Channel(ch.into());
+    c
+}
+
+/// The code and reason of a refused upload (panics if it was not).
+pub fn rejected(r: Result<ptt_client::SendOutcome, ClientError>) -> (codec::ErrorCode, String) {
+    match r {
+        Err(ClientError::Rejected { code, reason, .. }) => (code, reason),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
 /// Waits for the next event matching `f`, up to 10 s.
 pub async fn next_matching<T>(
     events: &mut mpsc::Receiver<Event>,

@@ -212,6 +212,8 @@ pub struct NatsCluster {
     pub urls: Vec<String>,
     /// Each node's config file and environment, to start it again.
     envs: Vec<(std::path::PathBuf, Vec<(String, String)>)>,
+    /// Each node's monitoring port (`/healthz`).
+    http: Vec<u16>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -252,11 +254,13 @@ impl NatsCluster {
             dirs.push(dir);
             envs.push((conf.clone(), env));
         }
-        wait_healthy(&ports[6..9]);
+        let http = ports[6..9].to_vec();
+        wait_healthy(&http);
         NatsCluster {
             nodes,
             urls,
             envs,
+            http,
             _dirs: dirs,
         }
     }
@@ -277,15 +281,7 @@ impl NatsCluster {
                 *node = Some(spawn_node(conf, env));
             }
         }
-        let http: Vec<u16> = self
-            .envs
-            .iter()
-            .filter_map(|(_, env)| {
-                let v = &env.iter().find(|(k, _)| k == "NATS_HTTP")?.1;
-                v.rsplit(':').next()?.parse().ok()
-            })
-            .collect();
-        wait_healthy(&http);
+        wait_healthy(&self.http);
     }
 }
 
@@ -323,24 +319,22 @@ fn spawn_node(conf: &std::path::Path, env: &[(String, String)]) -> Child {
 /// Waits until every node whose monitoring port is in `http` answers
 /// `/healthz` (JetStream included).
 fn wait_healthy(http: &[u16]) {
-    {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for port in http {
-            loop {
-                assert!(Instant::now() < deadline, "the NATS cluster did not form");
-                let ok = std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
-                    use std::io::{Read, Write};
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
-                    let mut r = String::new();
-                    let _ = s.read_to_string(&mut r);
-                    r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
-                });
-                if ok {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for port in http {
+        loop {
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            let ok = std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
+            });
+            if ok {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
