@@ -29,6 +29,15 @@ what follows waiting behind it): first-frame latency inside region a and
 the time to `Accepted`.
 
     scripts/nats-regions.py --delay-ms 20 --lossy-delay-ms 75 --loss 0.05 --rounds 3 relays
+
+With `--floors` it measures what a channel's floor costs across regions:
+one talker and 19 listeners in one channel (client-sim's first channel,
+`load-ch-00000`), on two relays of region a whose `regions` lists differ
+in order only, so the channel's home (where its floor is taken, by
+compare-and-set) is region a for one and region b for the other. The
+first-frame latency of the listeners includes the take.
+
+    scripts/nats-regions.py --delay-ms 20 --rounds 3 --floors relays
 """
 import argparse
 import asyncio
@@ -215,7 +224,16 @@ async def scenario(kind, n=3):
         srv.close()
     print("\n".join(out), flush=True)
 
-async def relay(binary, work, name, port, nats_url, replicas, share_from=None):
+def home_index(channel, n):
+    """The index in `regions` of a channel's home (the relay's FNV-1a rule,
+    relay/src/cluster/regions.rs `home_of`)."""
+    h = 0xcbf29ce484222325
+    for b in channel.encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h % n
+
+
+async def relay(binary, work, name, port, nats_url, replicas, share_from=None, regions="a,b"):
     """Starts a relay of region a on loopback; returns (process, data dir)."""
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
@@ -224,7 +242,7 @@ async def relay(binary, work, name, port, nats_url, replicas, share_from=None):
             shutil.copy(os.path.join(share_from, f), d)
     args = [binary, "serve", "--data-dir", d, "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{port + 1}", "--web", "off", "--cluster", nats_url,
-            "--region", "a", "--regions", "a,b", "--replicas-in-other-regions", str(replicas),
+            "--region", "a", "--regions", regions, "--replicas-in-other-regions", str(replicas),
             # Every clip written to JetStream (and copied), even those
             # their recipient acks at once: the cost measured.
             "--cluster-keep-wait", "0s",
@@ -265,7 +283,24 @@ async def relays(args, n=3):
     await asyncio.sleep(2)
     clean = DELAY
     runs = [("copy1", BASE + 500, one, clean, 0.0), ("copy0", BASE + 510, zero, clean, 0.0)]
-    if args.lossy_delay_ms is not None:
+    extra = []
+    if args.floors:
+        # load-ch-00000's home: region a with one order, b with the other.
+        here = "a,b" if home_index("load-ch-00000", 2) == 0 else "b,a"
+        there = ",".join(reversed(here.split(",")))
+        home_a, _ = await relay(args.relay_bin, work, "floor-a", BASE + 520, nats_a, 1,
+                                share_from=d1, regions=here)
+        home_b, _ = await relay(args.relay_bin, work, "floor-b", BASE + 530, nats_a, 1,
+                                share_from=d1, regions=there)
+        await asyncio.sleep(2)
+        runs = [("floor home a", BASE + 520, home_a, clean, 0.0),
+                ("floor home b", BASE + 530, home_b, clean, 0.0)]
+        extra = ["--channel-size", "20", "--talkers-per-channel", "1",
+                 "--clip-min", "500ms", "--clip-max", "500ms", "--talk-interval", "1500ms"]
+        users = 20
+        print(f"== one channel (1 talker, 19 listeners) on a relay in region a, its floor's home "
+              f"in a or in b, {DELAY*2000:.0f} ms round trip to region b", flush=True)
+    elif args.lossy_delay_ms is not None:
         lossy = args.lossy_delay_ms / 1000
         runs = [("clean link", BASE + 500, one, clean, 0.0),
                 ("lossy link", BASE + 500, one, lossy, args.loss)]
@@ -273,6 +308,8 @@ async def relays(args, n=3):
               f"against {lossy*2000:.0f} ms and {args.loss:.0%} of segments held as if lost", flush=True)
     else:
         print(f"== relays in region a, {DELAY*2000:.0f} ms round trip to region b", flush=True)
+    if not args.floors:
+        users = args.users
     for rnd in range(args.rounds):
         order = runs if rnd % 2 == 0 else runs[::-1]
         for name, port, proc, delay, loss in order:
@@ -287,8 +324,8 @@ async def relays(args, n=3):
                 "--ca", os.path.join(d1, "cert.pem"),
                 "--secret", os.path.join(d1, "token.secret"),
                 "--relay-pid", str(proc.pid),
-                "--users", str(args.users), "--duration", args.duration,
-                "--talk-interval", "2s", "--clip-min", "1s", "--clip-max", "1s",
+                "--users", str(users), "--duration", args.duration,
+                *(extra or ["--talk-interval", "2s", "--clip-min", "1s", "--clip-max", "1s"]),
                 "--report-json", out,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await load.wait()
@@ -298,7 +335,8 @@ async def relays(args, n=3):
                 print(f"round {rnd+1} {name}: no report", flush=True)
                 continue
             a, f = r["ack_ms"], r["first_frame_ms"]
-            print(f"round {rnd+1} {name}: first frame p50 {f['p50']:.2f} ms p99 {f['p99']:.2f} ms; "
+            print(f"round {rnd+1} {name}: first frame p50 {f['p50']:.2f} ms p90 {f['p90']:.2f} ms "
+                  f"p99 {f['p99']:.2f} ms; "
                   f"Accepted after the clip's end p50 {a['p50']:.1f} ms p99 {a['p99']:.1f} ms; "
                   f"{r['clips_per_s']:.1f} clips/s; lost {r['lost']} dup {r['duplicated']}", flush=True)
     if os.environ.get("PAUSE"):
@@ -316,6 +354,8 @@ async def main():
                     help="relays: compare the clean link (--delay-ms) with this one-way delay and --loss")
     ap.add_argument("--loss", type=float, default=0.05, help="relays: share of segments held as if lost")
     ap.add_argument("--users", type=int, default=100, help="relays: users of each load run")
+    ap.add_argument("--floors", action="store_true",
+                    help="relays: a channel's floor at home against in the other region")
     ap.add_argument("--duration", default="10s", help="relays: length of each load run")
     ap.add_argument("--relay-bin", default="target/release/ptt-relay")
     ap.add_argument("--load-bin", default="target/release/client-sim")

@@ -531,9 +531,24 @@ impl Client {
         server_name: &str,
         token: &str,
     ) -> Result<Connecting, ClientError> {
-        let connecting = endpoint
-            .connect(addr, server_name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Client::begin_with(endpoint, None, addr, server_name, token).await
+    }
+
+    /// [`Client::begin`] with `config` instead of the endpoint's default
+    /// (`None`: the default): its own TLS session store, so tickets are
+    /// kept per relay even where relays share a name.
+    pub async fn begin_with(
+        endpoint: &Endpoint,
+        config: Option<quinn::ClientConfig>,
+        addr: SocketAddr,
+        server_name: &str,
+        token: &str,
+    ) -> Result<Connecting, ClientError> {
+        let connecting = match config {
+            Some(c) => endpoint.connect_with(c, addr, server_name),
+            None => endpoint.connect(addr, server_name),
+        }
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
         let handshake_failed = |e: quinn::ConnectionError| match quic::close_reason(&e) {
             Some((code, reason)) => ClientError::Closed { code, reason },
             None => ClientError::Connect(e.to_string()),

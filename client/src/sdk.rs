@@ -6,6 +6,7 @@
 //! only after the app says it is kept. `docs/sdk.md` describes it for app teams; the
 //! uniffi bindings (`ffi.rs`) wrap this module.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -306,6 +307,9 @@ struct Inner {
     /// The connection of a sleep request has closed.
     slept: Notify,
     endpoint: Mutex<Option<Endpoint>>,
+    /// The client config of each relay of the list (by its `HOST:PORT`),
+    /// with that relay's resumption tickets.
+    tls: Mutex<HashMap<String, quinn::ClientConfig>>,
     client: Mutex<Option<Arc<Client>>>,
     /// The press being held.
     talk: Mutex<Option<Press>>,
@@ -363,6 +367,7 @@ impl Sdk {
             woken: Notify::new(),
             slept: Notify::new(),
             endpoint: Mutex::new(None),
+            tls: Mutex::new(HashMap::new()),
             client: Mutex::new(None),
             talk: Mutex::new(None),
         });
@@ -726,6 +731,22 @@ async fn connect(inner: &Inner, relay: &str, limit: Duration) -> Result<Connecte
             }
         }
     };
+    // Each relay of the list has its own client config, so its resumption
+    // tickets are its own: a move to a relay this app was connected to
+    // before resumes in 0-RTT, even where the relays share a name (rustls
+    // keeps tickets by name).
+    let config = {
+        let mut tls = lock(&inner.tls);
+        match tls.get(relay) {
+            Some(c) => c.clone(),
+            None => {
+                let c = crate::net::client_config_with(&inner.cfg.ca_pem, &inner.cfg.transport)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                tls.insert(relay.to_owned(), c.clone());
+                c
+            }
+        }
+    };
     let token = lock(&inner.token).clone();
     let seen = lock(&inner.inbox).seen();
     let opts = ClientOptions {
@@ -736,7 +757,7 @@ async fn connect(inner: &Inner, relay: &str, limit: Duration) -> Result<Connecte
         ..ClientOptions::default()
     };
     let attempt = async {
-        let connecting = Client::begin(&ep, addr, &name, &token).await?;
+        let connecting = Client::begin_with(&ep, Some(config), addr, &name, &token).await?;
         // A press held while offline starts its upload now, right behind
         // `Auth`: with 0-RTT its first audio rides with the handshake.
         let held = lock(&inner.talk).as_mut().and_then(|p| {

@@ -12,13 +12,10 @@ use std::time::{Duration, Instant};
 use codec::ErrorCode;
 use codec::token::Right::{Listen, Talk};
 use codec::wire::{PushProvider, PushRegister, Target};
-use common::push::{Reply, Rules, Seen, Standin};
+use common::push::{KEY_ID, Reply, Rules, Seen, Standin, TEAM, TOPIC, apns_key, apns_settings};
 use common::*;
 use ptt_client::Pacing;
 
-const TEAM: &str = "TEAM123456";
-const KEY_ID: &str = "KEY1234567";
-const TOPIC: &str = "com.example.ptt.voip-ptt";
 const PROJECT: &str = "ptt-test";
 const EMAIL: &str = "relay@ptt-test.iam.gserviceaccount.com";
 
@@ -37,17 +34,7 @@ async fn pushing(provider: PushProvider) -> Pushing {
 async fn pushing_with(provider: PushProvider, tweak: impl FnOnce(&mut relay::Config)) -> Pushing {
     let keys = tempfile::tempdir().unwrap();
     let (rules, files) = match provider {
-        PushProvider::Apns => {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let p8 = keys.path().join(format!("AuthKey_{KEY_ID}.p8"));
-            std::fs::write(&p8, key.serialize_pem()).unwrap();
-            let rules = Rules::Apns {
-                public_key_pem: key.public_key_pem(),
-                key_id: KEY_ID.into(),
-                team_id: TEAM.into(),
-            };
-            (rules, p8)
-        }
+        PushProvider::Apns => apns_key(keys.path()),
         PushProvider::Fcm => {
             let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
             let rules = Rules::Fcm {
@@ -59,7 +46,7 @@ async fn pushing_with(provider: PushProvider, tweak: impl FnOnce(&mut relay::Con
         }
     };
     let standin = Standin::start(rules).await;
-    let (url, ca) = (standin.url.clone(), standin.ca.clone());
+    let url = standin.url.clone();
     let sa = keys.path().join("service-account.json");
     if provider == PushProvider::Fcm {
         let json = serde_json::json!({
@@ -73,15 +60,10 @@ async fn pushing_with(provider: PushProvider, tweak: impl FnOnce(&mut relay::Con
         std::fs::write(&sa, json.to_string()).unwrap();
     }
     let t = start(|c| {
-        c.push_ca = ca;
         match provider {
-            PushProvider::Apns => {
-                c.apns_key = files;
-                c.apns_key_id = KEY_ID.into();
-                c.apns_team_id = TEAM.into();
-                c.apns_url = url;
-            }
+            PushProvider::Apns => apns_settings(c, &standin, &files),
             PushProvider::Fcm => {
+                c.push_ca = standin.ca.clone();
                 c.fcm_credentials = sa;
                 c.fcm_url = url;
             }

@@ -164,13 +164,20 @@ async fn until_heard_across(nats: &async_nats::Client, user: &str) {
     .await;
 }
 
-/// A relay (in this process) of `region`, on `nats`, regions `a,b`.
-async fn relay_in(dir: &std::path::Path, nats: &NatsCluster, region: &str) -> TestRelay {
+/// A relay (in this process) of `region`, on `nats`, regions `a,b`, with
+/// `tweak`'s settings.
+async fn relay_in(
+    dir: &std::path::Path,
+    nats: &NatsCluster,
+    region: &str,
+    tweak: impl FnOnce(&mut relay::Config),
+) -> TestRelay {
     let urls = nats.urls.join(",");
     start_in(dir, |c| {
         c.cluster = urls;
         c.region = region.into();
         c.regions = "a,b".into();
+        tweak(c);
     })
     .await
 }
@@ -207,7 +214,7 @@ impl Relays {
         let urls_a = a.urls.join(",");
         let (child, addr_a) = spawn_a(dir_a.path(), &listen_a, &urls_a).await;
         let dir_b = sharing_keys(dir_a.path());
-        let relay_b = relay_in(dir_b.path(), b, "b").await;
+        let relay_b = relay_in(dir_b.path(), b, "b", |_| {}).await;
         Relays {
             a: child,
             addr_a,
@@ -397,6 +404,8 @@ async fn within(what: &str, secs: u64, f: impl Fn() -> bool) {
 /// Region `a` dies (its relay and every NATS node killed -9) under a
 /// connected app: the SDK moves to region `b`'s relay, hears every clip
 /// once, and live talk goes on there; when `a` is back the SDK goes home.
+/// When `a` dies again, the app holds a ticket of `b`'s relay from its
+/// stay there and moves to it in 0-RTT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_regions_apps_move_to_the_other_and_come_back_home() {
     use ptt_client::Pacing;
@@ -483,7 +492,7 @@ async fn a_dead_regions_apps_move_to_the_other_and_come_back_home() {
 
     // Region a comes back: Bob's app goes home.
     a.restart_killed();
-    let _relay_a = relays.start_a_again().await;
+    let mut relay_a = relays.start_a_again().await;
     within("bob back home", 30, || !on_b("bob")).await;
     within("bob connected at home again", 30, || {
         heard.connected.load(Ordering::SeqCst) >= 3
@@ -495,21 +504,42 @@ async fn a_dead_regions_apps_move_to_the_other_and_come_back_home() {
     want.push(after.id);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(*heard.clips.lock().unwrap(), want);
+
+    // Region a dies again: back to b, in 0-RTT.
+    let early = metric(relay_b, "ptt_zero_rtt_auths_total").await;
+    relay_a.kill().await.unwrap();
+    for i in 0..3 {
+        a.kill(i);
+    }
+    within("bob moved to b again", 30, || on_b("bob")).await;
+    assert_eq!(
+        metric(relay_b, "ptt_zero_rtt_auths_total").await,
+        early + 1.0,
+        "the second move was a full handshake"
+    );
     sdk.stop().await;
 }
 
 /// Region `b` is down while region `a` accepts a direct clip and a channel
-/// clip: `a` holds them (counted) and copies them into `b` once `b` is
-/// back, so when `a` then dies, `b` delivers both (the direct clip from
-/// its store, the channel clip from its history), once.
+/// clip, and while Dave registers his phone for pushes there: `a` holds
+/// the clips (counted) and copies them and Dave's registration into `b`
+/// once `b` is back, so when `a` then dies, `b` delivers both clips (the
+/// direct one from its store, the channel one from its history), once, and
+/// wakes Dave's sleeping phone for a clip sent to him there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back() {
     use codec::token::Right::{Listen, Talk};
+    use codec::wire::{PushProvider, PushRegister};
+    use common::push::{Standin, TOPIC, apns_key, apns_settings};
     use ptt_client::Pacing;
 
     let (mut a, mut b) = two_regions();
+    // Both regions' relays push through one APNs stand-in.
+    let keys = tempfile::tempdir().unwrap();
+    let (rules, p8) = apns_key(keys.path());
+    let apns = Standin::start(rules).await;
     let dir_a = tempfile::tempdir().unwrap();
-    let relay_a = relay_in(dir_a.path(), &a, "a").await;
+    let relay_a = relay_in(dir_a.path(), &a, "a", |c| apns_settings(c, &apns, &p8)).await;
     let cluster_a = relay_a.relay.cluster().unwrap().clone();
     // b's streams exist (made by a's relay at its link), then b goes down.
     let on_b = async_nats::connect(&b.urls[0]).await.unwrap();
@@ -525,6 +555,18 @@ async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back(
         assert!(!alice.send_clip(c, Pacing::Upload).await.unwrap().duplicate);
     }
     assert_eq!(cluster_a.held(), 2, "accepted, held: b cannot take a copy");
+    let (dave, _) = relay_a.connect("dave").await;
+    let r = dave
+        .register_push(PushRegister {
+            provider: PushProvider::Apns,
+            device_id: "phone".into(),
+            token: "tok-dave".into(),
+            topic: TOPIC.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.code, codec::ErrorCode::NoError, "{}", r.reason);
+    dave.close();
 
     // b is back: a copies what it holds.
     b.restart_killed();
@@ -540,7 +582,7 @@ async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back(
         a.kill(i);
     }
     let dir_b = sharing_keys(dir_a.path());
-    let relay_b = relay_in(dir_b.path(), &b, "b").await;
+    let relay_b = relay_in(dir_b.path(), &b, "b", |c| apns_settings(c, &apns, &p8)).await;
     let (carol, mut carol_ev) = relay_b.member("carol", &[("ops", Listen)]).await;
     let mut got = Vec::new();
     while got.len() < 2 {
@@ -554,5 +596,27 @@ async fn clips_accepted_while_the_other_region_is_down_reach_it_when_it_is_back(
     want.sort();
     assert_eq!(got, want);
     assert_no_clip(&mut carol_ev, Duration::from_millis(700)).await;
+
+    // Dave's phone sleeps; his registration reached b: a clip for him
+    // there wakes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !http_get(relay_b.relay.admin_addr(), "/metrics")
+        .await
+        .1
+        .contains("ptt_push_users 1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never had dave's registration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (erin, _) = relay_b.connect("erin").await;
+    let wake = clip("dave", 4);
+    erin.send_clip(&wake, Pacing::Upload).await.unwrap();
+    let seen = apns.until(1, 10).await;
+    assert!(seen[0].broken.is_empty(), "{:?}", seen[0].broken);
+    assert_eq!(seen[0].token, "tok-dave");
+    assert_eq!(seen[0].body["ptt"]["clip_id"], wake.id.to_hex());
     drop(relay_a);
 }

@@ -12,15 +12,6 @@ use std::time::Duration;
 use common::*;
 use tokio::net::UdpSocket;
 
-/// The value of series `name` in the relay's /metrics (0 when absent).
-async fn metric(t: &TestRelay, name: &str) -> f64 {
-    let (status, body) = http_get(t.relay.admin_addr(), "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Connects `user` once and leaves, after the relay's resumption ticket
 /// (sent after the handshake) has reached the endpoint.
 async fn connect_once(t: &TestRelay, user: &str) {

@@ -138,7 +138,7 @@ impl Cluster {
         elsewhere: bool,
     ) -> Result<bool, ClusterError> {
         // Cut off, this fails at once: this relay's own store has the clip.
-        let copies = self.publish_copies(Kind::Store(recipient), clip).await?;
+        let mut copies = self.publish_copies(Kind::Store(recipient), clip).await?;
         self.kept.insert(
             (recipient.clone(), clip.meta.id),
             Kept {
@@ -148,6 +148,9 @@ impl Cluster {
                 at: Instant::now(),
             },
         );
+        let late = std::mem::take(&mut copies.rest);
+        self.finish_late(late, Some((recipient.clone(), clip.meta.id)))
+            .await;
         if elsewhere {
             let kept = Relayed::Kept {
                 clip: clip.meta.id,
@@ -196,7 +199,9 @@ impl Cluster {
         channel: &str,
         clip: &StoredClip,
     ) -> Result<bool, ClusterError> {
-        let copies = self.publish_copies(Kind::History(channel), clip).await?;
+        let mut copies = self.publish_copies(Kind::History(channel), clip).await?;
+        self.finish_late(std::mem::take(&mut copies.rest), None)
+            .await;
         let kept = Relayed::HistoryKept {
             clip: clip.meta.id,
             seq: copies.seq,

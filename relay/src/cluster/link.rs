@@ -62,6 +62,7 @@ impl Cluster {
         let [stream, floors, push, _pushed, history]: [stream::Stream; 5] =
             opened.try_into().map_err(|_| ClusterError::NotConnected)?;
         let (chores, chores_rx) = mpsc::channel(cfg.cluster_backlog_clips.max(1));
+        let (late, late_rx) = mpsc::channel(cfg.cluster_backlog_clips.max(1));
         Ok(Arc::new(Cluster {
             client,
             js,
@@ -70,6 +71,7 @@ impl Cluster {
             floors,
             push,
             push_unshared: Mutex::new(HashMap::new()),
+            push_elsewhere: Mutex::new(HashSet::new()),
             history,
             names,
             others,
@@ -83,6 +85,8 @@ impl Cluster {
             link,
             chores,
             chores_rx: Mutex::new(Some(chores_rx)),
+            late,
+            late_rx: Mutex::new(Some(late_rx)),
             held: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             adopting: DashMap::new(),
@@ -168,6 +172,12 @@ impl Cluster {
             shared
                 .tracker
                 .spawn(me.run_chores(rx, shared.shutdown.clone()));
+        }
+        if let Some(rx) = self.late_rx.lock().ok().and_then(|mut r| r.take()) {
+            let me = self.clone();
+            shared
+                .tracker
+                .spawn(me.run_late(rx, shared.shutdown.clone()));
         }
         let me = self.clone();
         let shared = shared.clone();

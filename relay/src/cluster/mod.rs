@@ -347,6 +347,9 @@ pub struct Cluster {
     /// Push entries that could not be shared (cut off): shared at the
     /// next link.
     push_unshared: Mutex<HashMap<String, crate::push::book::Record>>,
+    /// Users whose push entry this region has and another region may
+    /// lack (it did not answer): copied when it does.
+    push_elsewhere: Mutex<HashSet<String>>,
     history: stream::Stream,
     /// This region's stream subjects.
     names: Names,
@@ -372,6 +375,10 @@ pub struct Cluster {
     /// Chores waiting for the link, at most `cluster_backlog_clips`.
     chores: mpsc::Sender<Chore>,
     chores_rx: Mutex<Option<mpsc::Receiver<Chore>>>,
+    /// Copies in other regions still being written after `Accepted`, at
+    /// most `cluster_backlog_clips` ([`Cluster::run_late`]).
+    late: mpsc::Sender<regions::Late>,
+    late_rx: Mutex<Option<mpsc::Receiver<regions::Late>>>,
     /// Clips accepted here that the cluster does not have yet (its
     /// JetStream could not take them), and whether each is direct: written
     /// when the link is back (a direct one also goes once acked here).

@@ -24,27 +24,74 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes `user`'s entry to this region's [`PUSH`] and, at once, to
+    /// every other region's (a sleeping phone is then woken by whichever
+    /// region serves its user when its own is gone). This region's write
+    /// decides; a region that did not take it is noted, and copied to
+    /// when it answers again ([`Cluster::copy_push`]).
     pub(super) async fn put_push(
         &self,
         user: &str,
         entry: &crate::push::book::Record,
     ) -> Result<(), ClusterError> {
-        let payload = serde_json::to_vec(entry).map_err(|e| ClusterError::Nats {
+        let payload = Bytes::from(serde_json::to_vec(entry).map_err(|e| ClusterError::Nats {
             what: "encoding a push entry".into(),
             source: Box::new(e),
-        })?;
-        let publish = async {
-            self.js
-                .publish(self.names.push(user), Bytes::from(payload))
-                .await
-                .map_err(nats("sharing a push entry"))?
-                .await
-                .map_err(nats("JetStream's ack of a push entry"))
-        };
-        self.while_linked(publish)
+        })?);
+        let here = publish_push(&self.js, self.names.push(user), payload.clone());
+        let there = futures_util::future::join_all(
+            self.others
+                .iter()
+                .map(|r| publish_push(&r.js, r.names.push(user), payload.clone())),
+        );
+        let (here, there) = self
+            .while_linked(futures_util::future::join(here, there))
             .await
-            .unwrap_or(Err(ClusterError::NotConnected))
-            .map(|_| ())
+            .ok_or(ClusterError::NotConnected)?;
+        here?;
+        if there.iter().any(Result::is_err)
+            && let Ok(mut u) = self.push_elsewhere.lock()
+        {
+            u.insert(user.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Whether some push entries wait for another region.
+    pub(super) fn push_behind(&self) -> bool {
+        self.push_elsewhere.lock().is_ok_and(|u| !u.is_empty())
+    }
+
+    /// Copies the push entries other regions missed to every other
+    /// region, each as this region's [`PUSH`] holds it now (the newest,
+    /// whatever was written meanwhile); what fails is kept for the next
+    /// try.
+    pub(super) async fn copy_push(&self) -> Result<usize, ClusterError> {
+        let users: Vec<String> = self
+            .push_elsewhere
+            .lock()
+            .map(|mut u| u.drain().collect())
+            .unwrap_or_default();
+        for (i, user) in users.iter().enumerate() {
+            let copied = async {
+                let last = self
+                    .push
+                    .get_last_raw_message_by_subject(&self.names.push(user))
+                    .await
+                    .map_err(nats("reading a push entry"))?;
+                for r in &self.others {
+                    publish_push(&r.js, r.names.push(user), last.payload.clone()).await?;
+                }
+                Ok::<_, ClusterError>(())
+            };
+            if let Err(e) = copied.await {
+                if let Ok(mut u) = self.push_elsewhere.lock() {
+                    u.extend(users[i..].iter().cloned());
+                }
+                return Err(e);
+            }
+        }
+        Ok(users.len())
     }
 
     /// Keeps `pusher`'s book in step with every relay's registrations: the
@@ -112,6 +159,20 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// One push entry into a region's [`PUSH`], acked.
+async fn publish_push(
+    js: &jetstream::Context,
+    subject: String,
+    payload: Bytes,
+) -> Result<(), ClusterError> {
+    js.publish(subject, payload)
+        .await
+        .map_err(nats("sharing a push entry"))?
+        .await
+        .map_err(nats("JetStream's ack of a push entry"))
+        .map(|_| ())
 }
 
 #[async_trait::async_trait]

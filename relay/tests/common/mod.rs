@@ -452,3 +452,12 @@ impl Tap {
         self.recording.lock().unwrap().take().unwrap_or_default()
     }
 }
+
+/// The value of series `name` in the relay's /metrics (0 when absent).
+pub async fn metric(t: &TestRelay, name: &str) -> f64 {
+    let (status, body) = http_get(t.relay.admin_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -84,6 +84,34 @@ pub struct Standin {
     _dir: tempfile::TempDir,
 }
 
+pub const TEAM: &str = "TEAM123456";
+pub const KEY_ID: &str = "KEY1234567";
+pub const TOPIC: &str = "com.example.ptt.voip-ptt";
+
+/// A new APNs provider key, written to `dir` as Apple hands it out
+/// (`AuthKey_<key id>.p8`), and the rules a stand-in checks its tokens by.
+pub fn apns_key(dir: &std::path::Path) -> (Rules, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let p8 = dir.join(format!("AuthKey_{KEY_ID}.p8"));
+    std::fs::write(&p8, key.serialize_pem()).unwrap();
+    let rules = Rules::Apns {
+        public_key_pem: key.public_key_pem(),
+        key_id: KEY_ID.into(),
+        team_id: TEAM.into(),
+    };
+    (rules, p8)
+}
+
+/// The settings that make a relay push to APNs through `standin`, signing
+/// with the key at `p8` (from [`apns_key`]).
+pub fn apns_settings(c: &mut relay::Config, standin: &Standin, p8: &std::path::Path) {
+    c.push_ca = standin.ca.clone();
+    c.apns_key = p8.to_owned();
+    c.apns_key_id = KEY_ID.into();
+    c.apns_team_id = TEAM.into();
+    c.apns_url = standin.url.clone();
+}
+
 /// What the stand-in checks requests against.
 #[derive(Clone)]
 pub enum Rules {
