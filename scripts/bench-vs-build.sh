@@ -15,6 +15,10 @@
 # CLUSTER=this clusters only this build (pass this very binary as the
 # other one): a clustered relay against a single one, side by side, with
 # nats-server's CPU per clip.
+# PAIRS=1 adds, each round, the upload workload in fixed pairs (100
+# talkers, each to its own listener: `--pairs true`), whose report counts
+# datagrams per clip on each leg and direction; every upload run prints
+# its datagrams per clip relayed.
 #
 # Needs `cargo build --release -p relay -p client-sim` first, and taskset.
 set -euo pipefail
@@ -48,8 +52,13 @@ cat >"$work/show.py" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r['relay']['cpu_us_per_packet'] if r.get('relay') else float('nan')
+legs = [r.get('datagrams_per_clip_' + k) for k in
+        ('sender_to_relay', 'relay_to_sender', 'relay_to_recipient', 'recipient_to_relay')]
+dg = f"  datagrams/clip {r['datagrams_per_clip']:5.2f}" if r.get('datagrams_per_clip') else ""
+if None not in legs:
+    dg += " (s>r {:.2f} r>s {:.2f} r>rcp {:.2f} rcp>r {:.2f})".format(*legs)
 print(f"{sys.argv[3]:7} {sys.argv[2]:6} clips/s {r['clips_per_s']:9.1f}  relay us/packet "
-      f"{cpu:6.2f}  lost {r['lost']} dup {r['duplicated']} corrupt {r['corrupted']}")
+      f"{cpu:6.2f}  lost {r['lost']} dup {r['duplicated']} corrupt {r['corrupted']}{dg}")
 PY
 run() { # name port pid label load-args...
   local name=$1 port=$2 pid=$3 label=$4
@@ -85,6 +94,10 @@ for round in $(seq "$rounds"); do
     if [ $b = this ]; then port=4441 pid=$pid_this; else port=4442 pid=$pid_other; fi
     run $b $port "$pid" upload --users 200 --duration 8s --clip-min 1s --clip-max 1s \
       --mode upload --talk-interval 1ms
+    if [ -n "${PAIRS:-}" ]; then
+      run $b $port "$pid" pairs --users 200 --duration 8s --clip-min 1s --clip-max 1s \
+        --mode upload --talk-interval 1ms --pairs true
+    fi
     [ -n "${ONLY_UPLOAD:-}" ] && continue
     run $b $port "$pid" live --users 1000 --duration 15s --talk-interval 2s \
       --clip-min 1s --clip-max 3s

@@ -65,12 +65,55 @@ async fn two_hundred_users_for_twenty_seconds_lose_nothing() {
         "access_ms",
         "wire_bytes_per_voice_s",
         "opus_bytes_per_voice_s",
+        "datagrams_per_clip",
         "workload",
     ] {
         assert!(json.get(key).is_some(), "report lacks {key}");
     }
     assert!(json["first_frame_ms"].get("p99").is_some());
     assert!(r.html().unwrap().contains("<svg"));
+    // Every user both sends and receives: no leg of its own to count.
+    assert!(json["datagrams_per_clip_relay_to_recipient"].is_null());
+}
+
+/// Users in fixed pairs (one talks, one listens): each connection carries
+/// one leg, so the datagrams of every leg and direction are counted, and
+/// they add up to the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_count_datagrams_per_clip_on_each_leg() {
+    let (relay, _d) = relay().await;
+    let r = run(
+        &relay,
+        Workload {
+            users: 20,
+            pairs: true,
+            mode: Mode::Upload,
+            duration: Duration::from_secs(4),
+            talk_interval: Duration::from_millis(500),
+            clip_min: Duration::from_secs(1),
+            clip_max: Duration::from_secs(1),
+            ..Workload::default()
+        },
+    )
+    .await;
+    assert_clean(&r);
+    let legs = [
+        r.datagrams_per_clip_sender_to_relay,
+        r.datagrams_per_clip_relay_to_sender,
+        r.datagrams_per_clip_relay_to_recipient,
+        r.datagrams_per_clip_recipient_to_relay,
+    ]
+    .map(|l| l.expect("one leg per connection"));
+    // A 1 s clip is ~50 Opus packets: at least a few datagrams carry it
+    // each way, and each leg's ACKs come back.
+    assert!(legs.iter().all(|l| *l > 0.0), "{legs:?}");
+    assert!(legs[0] >= 2.0 && legs[2] >= 2.0, "{legs:?}");
+    let sum: f64 = legs.iter().sum();
+    assert!(
+        (sum - r.datagrams_per_clip).abs() < 1e-6 * sum.max(1.0),
+        "{sum} vs {}",
+        r.datagrams_per_clip
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

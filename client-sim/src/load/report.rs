@@ -104,6 +104,21 @@ pub struct Report {
     pub datagrams_to_relay: u64,
     /// UDP datagrams the users' connections received from the relay.
     pub datagrams_from_relay: u64,
+    /// Every UDP datagram on both legs, both directions (handshakes,
+    /// ACK-only ones and keep-alives included), per clip relayed (a clip
+    /// delivered whole to one recipient: `counts.deliveries_ok`).
+    pub datagrams_per_clip: f64,
+    /// Of `datagrams_per_clip`, those from senders to the relay (clip data,
+    /// and their ACKs of what the relay sent them). Counted only when
+    /// every connection carries one leg (`pairs`, or channels with one
+    /// talker each); `null` otherwise.
+    pub datagrams_per_clip_sender_to_relay: Option<f64>,
+    /// From the relay to senders (their ACKs, `Accepted`, credit).
+    pub datagrams_per_clip_relay_to_sender: Option<f64>,
+    /// From the relay to recipients (deliveries).
+    pub datagrams_per_clip_relay_to_recipient: Option<f64>,
+    /// From recipients to the relay (their ACKs, `Ack`s, credit).
+    pub datagrams_per_clip_recipient_to_relay: Option<f64>,
     pub relay: Option<RelayReport>,
     pub talking_s: f64,
     pub elapsed_s: f64,
@@ -138,6 +153,10 @@ pub struct Inputs {
     pub connect_bytes: u64,
     pub datagrams: u64,
     pub datagrams_from_relay: u64,
+    /// Datagrams per leg and direction (sender → relay, relay → sender,
+    /// relay → recipient, recipient → relay), when each connection had
+    /// one leg.
+    pub leg_datagrams: Option<[u64; 4]>,
     pub ack_frames: u64,
     pub connects: u64,
     pub zero_rtt_connects: u64,
@@ -180,7 +199,20 @@ impl Report {
             rss_max_mib: u.rss_max_bytes as f64 / (1024.0 * 1024.0),
             rss_end_mib: u.rss_end_bytes as f64 / (1024.0 * 1024.0),
         });
+        let per_clip = |d: u64| {
+            if i.counts.deliveries_ok > 0 {
+                d as f64 / i.counts.deliveries_ok as f64
+            } else {
+                0.0
+            }
+        };
+        let leg = |k: usize| i.leg_datagrams.map(|l| per_clip(l[k]));
         Report {
+            datagrams_per_clip: per_clip(i.datagrams),
+            datagrams_per_clip_sender_to_relay: leg(0),
+            datagrams_per_clip_relay_to_sender: leg(1),
+            datagrams_per_clip_relay_to_recipient: leg(2),
+            datagrams_per_clip_recipient_to_relay: leg(3),
             counts: i.counts,
             clips_started: i.clips_started,
             clips_accepted: i.clips_accepted,
@@ -353,6 +385,23 @@ impl Report {
             self.datagrams_per_voice_s,
             self.ack_frames_per_voice_s
         );
+        let _ = write!(
+            s,
+            "datagrams per clip relayed: {:.2}",
+            self.datagrams_per_clip
+        );
+        if let (Some(a), Some(b), Some(c), Some(d)) = (
+            self.datagrams_per_clip_sender_to_relay,
+            self.datagrams_per_clip_relay_to_sender,
+            self.datagrams_per_clip_relay_to_recipient,
+            self.datagrams_per_clip_recipient_to_relay,
+        ) {
+            let _ = write!(
+                s,
+                " (sender → relay {a:.2}, relay → sender {b:.2}, relay → recipient {c:.2}, recipient → relay {d:.2})"
+            );
+        }
+        let _ = writeln!(s);
         if let Some(r) = &self.relay {
             let _ = writeln!(
                 s,

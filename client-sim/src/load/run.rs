@@ -97,6 +97,11 @@ struct Counters {
     connect_bytes: AtomicU64,
     datagrams: AtomicU64,
     datagrams_from_relay: AtomicU64,
+    /// Datagrams of connections with one role, by [`Leg`]: sender → relay,
+    /// relay → sender, relay → recipient, recipient → relay.
+    leg_datagrams: [AtomicU64; 4],
+    /// Connections that both sent and received clips (no per-leg count).
+    mixed_connections: AtomicU64,
     ack_frames: AtomicU64,
     connects: AtomicU64,
     zero_rtt_connects: AtomicU64,
@@ -365,6 +370,11 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         connect_bytes: c.connect_bytes.load(Ordering::Relaxed),
         datagrams: c.datagrams.load(Ordering::Relaxed),
         datagrams_from_relay: c.datagrams_from_relay.load(Ordering::Relaxed),
+        leg_datagrams: (c.mixed_connections.load(Ordering::Relaxed) == 0).then(|| {
+            c.leg_datagrams
+                .each_ref()
+                .map(|d| d.load(Ordering::Relaxed))
+        }),
         ack_frames: c.ack_frames.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
         zero_rtt_connects: c.zero_rtt_connects.load(Ordering::Relaxed),
@@ -454,7 +464,7 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
         let storm_hit = why == 1;
         if why == 2 {
             u.client.send_replace(None);
-            add_wire(&s, &client);
+            add_wire(&s, &u, &client);
             client.shutdown().await;
             if tokio::time::timeout(Duration::from_secs(2), &mut ev)
                 .await
@@ -465,7 +475,7 @@ async fn connection(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>) {
             return;
         }
         u.client.send_replace(None);
-        add_wire(&s, &client);
+        add_wire(&s, &u, &client);
         if storm_hit {
             // Everyone drops at once, without a goodbye.
             client.close();
@@ -586,13 +596,51 @@ async fn press_from_sleep(
 }
 
 fn is_talker(w: &Workload, index: u32) -> bool {
+    if w.pairs {
+        return index.is_multiple_of(2);
+    }
     w.channel_size == 0
         || w.talkers_per_channel == 0
         || (index as usize % w.channel_size) < w.talkers_per_channel
 }
 
-fn add_wire(s: &Shared, c: &Client) {
+/// The one leg a user's connection carries: it only sends clips (sender
+/// ↔ relay) or only receives them (relay ↔ recipient); `None` when it
+/// does both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    Sender,
+    Recipient,
+}
+
+fn leg(w: &Workload, index: u32) -> Option<Leg> {
+    let one_talker = w.channel_size >= 2 && w.talkers_per_channel == 1;
+    if !(w.pairs || one_talker) {
+        return None;
+    }
+    Some(if is_talker(w, index) {
+        Leg::Sender
+    } else {
+        Leg::Recipient
+    })
+}
+
+fn add_wire(s: &Shared, u: &User, c: &Client) {
     let st = c.connection().stats();
+    match leg(&s.w, u.index) {
+        // [sender → relay, relay → sender, relay → recipient, recipient → relay]
+        Some(Leg::Sender) => {
+            s.c.leg_datagrams[0].fetch_add(st.udp_tx.datagrams, Ordering::Relaxed);
+            s.c.leg_datagrams[1].fetch_add(st.udp_rx.datagrams, Ordering::Relaxed);
+        }
+        Some(Leg::Recipient) => {
+            s.c.leg_datagrams[2].fetch_add(st.udp_rx.datagrams, Ordering::Relaxed);
+            s.c.leg_datagrams[3].fetch_add(st.udp_tx.datagrams, Ordering::Relaxed);
+        }
+        None => {
+            s.c.mixed_connections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     s.c.wire_bytes
         .fetch_add(st.udp_tx.bytes + st.udp_rx.bytes, Ordering::Relaxed);
     s.c.datagrams
@@ -775,7 +823,9 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
                     (Target::Channel(channel_name(w.first_user + ch)), members)
                 } else {
                     let n = s.relays;
-                    let r = if w.cross_relay && n > 1 && users > n {
+                    let r = if w.pairs {
+                        u.index as usize + 1
+                    } else if w.cross_relay && n > 1 && users > n {
                         // Someone on another relay: pick among the users
                         // whose relay differs (user i is on relay i % n).
                         let me = u.index as usize % n;
@@ -841,7 +891,7 @@ async fn talker(s: Arc<Shared>, t: Arc<LoadTarget>, u: Arc<User>, users: usize) 
             };
             if asleep && let Some(c) = &client {
                 // Back to sleep.
-                add_wire(&s, c);
+                add_wire(&s, &u, c);
                 c.shutdown().await;
             }
             match sent {

@@ -137,6 +137,11 @@ workload! {
     /// to users connected to another relay than the sender's, so every
     /// clip crosses the cluster.
     cross_relay: bool = false;
+    /// One-to-one clips in fixed pairs: user 2k talks to user 2k+1 only,
+    /// and 2k+1 only listens, so each connection carries one leg (sender
+    /// ↔ relay or relay ↔ recipient): the report then counts datagrams
+    /// per clip on each leg (`datagrams_per_clip_sender_to_relay`, ...).
+    pairs: bool = false;
     /// Random seed (0: a random one).
     seed: u64 = 0;
 }
@@ -188,6 +193,11 @@ impl Workload {
             "channel_size: 0 (one-to-one) or at least 2"
         );
         anyhow::ensure!(
+            !self.pairs
+                || (self.channel_size == 0 && self.users.is_multiple_of(2) && !self.cross_relay),
+            "pairs: one-to-one (channel_size 0), an even number of users, no cross_relay"
+        );
+        anyhow::ensure!(
             self.press_from == PressFrom::Connected
                 || (self.channel_size >= 2 && self.talkers_per_channel == 1),
             "press_from = asleep needs channel_size >= 2 and talkers_per_channel = 1 \
@@ -232,6 +242,33 @@ mod tests {
         assert_eq!(w.endpoints, 4);
         assert!(toml::from_str::<Workload>("userz = 3").is_err());
         w.validate().unwrap();
+    }
+
+    /// Pairs are one-to-one, whole, on one relay's users.
+    #[test]
+    fn pairs_are_checked() {
+        let pairs = Workload {
+            users: 10,
+            pairs: true,
+            ..Workload::default()
+        };
+        pairs.validate().unwrap();
+        for bad in [
+            Workload {
+                users: 9,
+                ..pairs.clone()
+            },
+            Workload {
+                channel_size: 5,
+                ..pairs.clone()
+            },
+            Workload {
+                cross_relay: true,
+                ..pairs.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     /// The ACK frequency a user asks for stays in the relay's own range.
