@@ -108,6 +108,11 @@ async fn pairs_count_datagrams_per_clip_on_each_leg() {
     // each way, and each leg's ACKs come back.
     assert!(legs.iter().all(|l| *l > 0.0), "{legs:?}");
     assert!(legs[0] >= 2.0 && legs[2] >= 2.0, "{legs:?}");
+    // What they carry: the clip's data goes as STREAM frames both ways.
+    let frames = r.frames_per_clip.as_ref().expect("frames per leg");
+    for leg in ["sender_to_relay", "relay_to_recipient"] {
+        assert!(frames[leg]["stream"] >= 1.0, "{frames:?}");
+    }
     let sum: f64 = legs.iter().sum();
     assert!(
         (sum - r.datagrams_per_clip).abs() < 1e-6 * sum.max(1.0),

@@ -1,6 +1,7 @@
 //! What a load run reports: the JSON report (`--report-json`), the summary
 //! table, the HTML page with plots (`--report-html`), and the progress bar.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -8,6 +9,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::run::RelayUsage;
+
+/// The legs and directions of per-leg counts, in their order.
+const LEGS: [&str; 4] = [
+    "sender_to_relay",
+    "relay_to_sender",
+    "relay_to_recipient",
+    "recipient_to_relay",
+];
 use super::stats::{Latency, Percentiles};
 use super::verify::Counts;
 use super::workload::Workload;
@@ -119,6 +128,11 @@ pub struct Report {
     pub datagrams_per_clip_relay_to_recipient: Option<f64>,
     /// From recipients to the relay (their ACKs, `Ack`s, credit).
     pub datagrams_per_clip_recipient_to_relay: Option<f64>,
+    /// What those datagrams carry: QUIC frames per clip relayed on each
+    /// leg and direction, by kind (`ack`, `stream`, `max_streams`,
+    /// `max_data` with `max_stream_data`, `other`); counted as the
+    /// per-leg datagrams are.
+    pub frames_per_clip: Option<BTreeMap<&'static str, BTreeMap<&'static str, f64>>>,
     pub relay: Option<RelayReport>,
     pub talking_s: f64,
     pub elapsed_s: f64,
@@ -157,6 +171,8 @@ pub struct Inputs {
     /// relay → recipient, recipient → relay), when each connection had
     /// one leg.
     pub leg_datagrams: Option<[u64; 4]>,
+    /// QUIC frames on the same legs, by `run::FRAME_KINDS`.
+    pub leg_frames: Option<[[u64; super::run::FRAME_KINDS.len()]; 4]>,
     pub ack_frames: u64,
     pub connects: u64,
     pub zero_rtt_connects: u64,
@@ -207,7 +223,21 @@ impl Report {
             }
         };
         let leg = |k: usize| i.leg_datagrams.map(|l| per_clip(l[k]));
+        let frames_per_clip = i.leg_frames.map(|legs| {
+            LEGS.iter()
+                .zip(legs)
+                .map(|(name, counts)| {
+                    let kinds = super::run::FRAME_KINDS
+                        .iter()
+                        .zip(counts)
+                        .map(|(k, n)| (*k, per_clip(n)))
+                        .collect();
+                    (*name, kinds)
+                })
+                .collect()
+        });
         Report {
+            frames_per_clip,
             datagrams_per_clip: per_clip(i.datagrams),
             datagrams_per_clip_sender_to_relay: leg(0),
             datagrams_per_clip_relay_to_sender: leg(1),
@@ -402,6 +432,13 @@ impl Report {
             );
         }
         let _ = writeln!(s);
+        for (leg, kinds) in self.frames_per_clip.iter().flatten() {
+            let _ = write!(s, "  frames per clip, {leg}:");
+            for (k, n) in kinds {
+                let _ = write!(s, " {k} {n:.2}");
+            }
+            let _ = writeln!(s);
+        }
         if let Some(r) = &self.relay {
             let _ = writeln!(
                 s,

@@ -100,6 +100,8 @@ struct Counters {
     /// Datagrams of connections with one role, by [`Leg`]: sender → relay,
     /// relay → sender, relay → recipient, recipient → relay.
     leg_datagrams: [AtomicU64; 4],
+    /// QUIC frames on the same legs and directions, by [`FRAME_KINDS`].
+    leg_frames: [[AtomicU64; FRAME_KINDS.len()]; 4],
     /// Connections that both sent and received clips (no per-leg count).
     mixed_connections: AtomicU64,
     ack_frames: AtomicU64,
@@ -375,6 +377,11 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
                 .each_ref()
                 .map(|d| d.load(Ordering::Relaxed))
         }),
+        leg_frames: (c.mixed_connections.load(Ordering::Relaxed) == 0).then(|| {
+            c.leg_frames
+                .each_ref()
+                .map(|l| l.each_ref().map(|f| f.load(Ordering::Relaxed)))
+        }),
         ack_frames: c.ack_frames.load(Ordering::Relaxed),
         connects: c.connects.load(Ordering::Relaxed),
         zero_rtt_connects: c.zero_rtt_connects.load(Ordering::Relaxed),
@@ -625,17 +632,57 @@ fn leg(w: &Workload, index: u32) -> Option<Leg> {
     })
 }
 
+/// The kinds of QUIC frames counted per leg (the report's
+/// `frames_per_clip`): what the datagrams carry.
+pub const FRAME_KINDS: [&str; 5] = ["ack", "stream", "max_streams", "max_data", "other"];
+
+/// `f`'s frames by [`FRAME_KINDS`] (PADDING not counted).
+fn frame_kinds(f: &quinn::FrameStats) -> [u64; FRAME_KINDS.len()] {
+    let other = f.ack_frequency
+        + f.crypto
+        + f.connection_close
+        + f.data_blocked
+        + f.datagram
+        + u64::from(f.handshake_done)
+        + f.immediate_ack
+        + f.new_connection_id
+        + f.new_token
+        + f.path_challenge
+        + f.path_response
+        + f.ping
+        + f.reset_stream
+        + f.retire_connection_id
+        + f.stream_data_blocked
+        + f.streams_blocked_bidi
+        + f.streams_blocked_uni
+        + f.stop_sending;
+    [
+        f.acks,
+        f.stream,
+        f.max_streams_bidi + f.max_streams_uni,
+        f.max_data + f.max_stream_data,
+        other,
+    ]
+}
+
 fn add_wire(s: &Shared, u: &User, c: &Client) {
     let st = c.connection().stats();
+    // By leg and direction: [sender → relay, relay → sender, relay →
+    // recipient, recipient → relay].
+    let add = |at: usize, datagrams: u64, frames: &quinn::FrameStats| {
+        s.c.leg_datagrams[at].fetch_add(datagrams, Ordering::Relaxed);
+        for (n, k) in s.c.leg_frames[at].iter().zip(frame_kinds(frames)) {
+            n.fetch_add(k, Ordering::Relaxed);
+        }
+    };
     match leg(&s.w, u.index) {
-        // [sender → relay, relay → sender, relay → recipient, recipient → relay]
         Some(Leg::Sender) => {
-            s.c.leg_datagrams[0].fetch_add(st.udp_tx.datagrams, Ordering::Relaxed);
-            s.c.leg_datagrams[1].fetch_add(st.udp_rx.datagrams, Ordering::Relaxed);
+            add(0, st.udp_tx.datagrams, &st.frame_tx);
+            add(1, st.udp_rx.datagrams, &st.frame_rx);
         }
         Some(Leg::Recipient) => {
-            s.c.leg_datagrams[2].fetch_add(st.udp_rx.datagrams, Ordering::Relaxed);
-            s.c.leg_datagrams[3].fetch_add(st.udp_tx.datagrams, Ordering::Relaxed);
+            add(2, st.udp_rx.datagrams, &st.frame_rx);
+            add(3, st.udp_tx.datagrams, &st.frame_tx);
         }
         None => {
             s.c.mixed_connections.fetch_add(1, Ordering::Relaxed);
