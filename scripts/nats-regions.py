@@ -283,7 +283,7 @@ async def relays(args, n=3):
     await asyncio.sleep(2)
     clean = DELAY
     runs = [("copy1", BASE + 500, one, clean, 0.0), ("copy0", BASE + 510, zero, clean, 0.0)]
-    extra = []
+    extra, users = [], args.users
     if args.floors:
         # load-ch-00000's home: region a with one order, b with the other.
         here = "a,b" if home_index("load-ch-00000", 2) == 0 else "b,a"
@@ -308,8 +308,6 @@ async def relays(args, n=3):
               f"against {lossy*2000:.0f} ms and {args.loss:.0%} of segments held as if lost", flush=True)
     else:
         print(f"== relays in region a, {DELAY*2000:.0f} ms round trip to region b", flush=True)
-    if not args.floors:
-        users = args.users
     for rnd in range(args.rounds):
         order = runs if rnd % 2 == 0 else runs[::-1]
         for name, port, proc, delay, loss in order:

@@ -8,15 +8,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::run::RelayUsage;
-
-/// The legs and directions of per-leg counts, in their order.
-const LEGS: [&str; 4] = [
-    "sender_to_relay",
-    "relay_to_sender",
-    "relay_to_recipient",
-    "recipient_to_relay",
-];
+use super::run::{FRAME_KINDS, LEGS, RelayUsage};
 use super::stats::{Latency, Percentiles};
 use super::verify::Counts;
 use super::workload::Workload;
@@ -170,9 +162,9 @@ pub struct Inputs {
     /// Datagrams per leg and direction (sender → relay, relay → sender,
     /// relay → recipient, recipient → relay), when each connection had
     /// one leg.
-    pub leg_datagrams: Option<[u64; 4]>,
+    pub leg_datagrams: Option<[u64; LEGS.len()]>,
     /// QUIC frames on the same legs, by `run::FRAME_KINDS`.
-    pub leg_frames: Option<[[u64; super::run::FRAME_KINDS.len()]; 4]>,
+    pub leg_frames: Option<[[u64; FRAME_KINDS.len()]; LEGS.len()]>,
     pub ack_frames: u64,
     pub connects: u64,
     pub zero_rtt_connects: u64,
@@ -227,7 +219,7 @@ impl Report {
             LEGS.iter()
                 .zip(legs)
                 .map(|(name, counts)| {
-                    let kinds = super::run::FRAME_KINDS
+                    let kinds = FRAME_KINDS
                         .iter()
                         .zip(counts)
                         .map(|(k, n)| (*k, per_clip(n)))

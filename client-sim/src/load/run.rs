@@ -97,11 +97,11 @@ struct Counters {
     connect_bytes: AtomicU64,
     datagrams: AtomicU64,
     datagrams_from_relay: AtomicU64,
-    /// Datagrams of connections with one role, by [`Leg`]: sender → relay,
-    /// relay → sender, relay → recipient, recipient → relay.
-    leg_datagrams: [AtomicU64; 4],
+    /// Datagrams of connections with one role, by leg and direction
+    /// ([`LEGS`]).
+    leg_datagrams: [AtomicU64; LEGS.len()],
     /// QUIC frames on the same legs and directions, by [`FRAME_KINDS`].
-    leg_frames: [[AtomicU64; FRAME_KINDS.len()]; 4],
+    leg_frames: [[AtomicU64; FRAME_KINDS.len()]; LEGS.len()],
     /// Connections that both sent and received clips (no per-leg count).
     mixed_connections: AtomicU64,
     ack_frames: AtomicU64,
@@ -353,6 +353,8 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
             .map_err(|_| anyhow::anyhow!("poisoned"))?,
     );
     let c = &shared.c;
+    // Per-leg counts only when no connection both sent and received.
+    let one_leg_each = c.mixed_connections.load(Ordering::Relaxed) == 0;
     Ok(Report::build(super::report::Inputs {
         workload: w,
         counts,
@@ -372,12 +374,12 @@ pub async fn run(target: LoadTarget, w: Workload, source: Source) -> anyhow::Res
         connect_bytes: c.connect_bytes.load(Ordering::Relaxed),
         datagrams: c.datagrams.load(Ordering::Relaxed),
         datagrams_from_relay: c.datagrams_from_relay.load(Ordering::Relaxed),
-        leg_datagrams: (c.mixed_connections.load(Ordering::Relaxed) == 0).then(|| {
+        leg_datagrams: one_leg_each.then(|| {
             c.leg_datagrams
                 .each_ref()
                 .map(|d| d.load(Ordering::Relaxed))
         }),
-        leg_frames: (c.mixed_connections.load(Ordering::Relaxed) == 0).then(|| {
+        leg_frames: one_leg_each.then(|| {
             c.leg_frames
                 .each_ref()
                 .map(|l| l.each_ref().map(|f| f.load(Ordering::Relaxed)))
@@ -632,6 +634,16 @@ fn leg(w: &Workload, index: u32) -> Option<Leg> {
     })
 }
 
+/// The legs and directions of the per-leg counts (the report's
+/// `datagrams_per_clip_*` and `frames_per_clip`), in the order of
+/// [`Counters::leg_datagrams`].
+pub const LEGS: [&str; 4] = [
+    "sender_to_relay",
+    "relay_to_sender",
+    "relay_to_recipient",
+    "recipient_to_relay",
+];
+
 /// The kinds of QUIC frames counted per leg (the report's
 /// `frames_per_clip`): what the datagrams carry.
 pub const FRAME_KINDS: [&str; 5] = ["ack", "stream", "max_streams", "max_data", "other"];
@@ -667,8 +679,7 @@ fn frame_kinds(f: &quinn::FrameStats) -> [u64; FRAME_KINDS.len()] {
 
 fn add_wire(s: &Shared, u: &User, c: &Client) {
     let st = c.connection().stats();
-    // By leg and direction: [sender → relay, relay → sender, relay →
-    // recipient, recipient → relay].
+    // By leg and direction, at its index in [`LEGS`].
     let add = |at: usize, datagrams: u64, frames: &quinn::FrameStats| {
         s.c.leg_datagrams[at].fetch_add(datagrams, Ordering::Relaxed);
         for (n, k) in s.c.leg_frames[at].iter().zip(frame_kinds(frames)) {

@@ -138,30 +138,35 @@ impl Cluster {
         elsewhere: bool,
     ) -> Result<bool, ClusterError> {
         // Cut off, this fails at once: this relay's own store has the clip.
-        let mut copies = self.publish_copies(Kind::Store(recipient), clip).await?;
+        let Copies {
+            seq,
+            duplicate,
+            elsewhere: copied,
+            rest,
+        } = self.publish_copies(Kind::Store(recipient), clip).await?;
+        let reached = copied.len();
         self.kept.insert(
             (recipient.clone(), clip.meta.id),
             Kept {
-                seq: copies.seq,
-                elsewhere: copies.elsewhere.clone(),
+                seq,
+                elsewhere: copied,
                 ours: true,
                 at: Instant::now(),
             },
         );
-        let late = std::mem::take(&mut copies.rest);
-        self.finish_late(late, Some((recipient.clone(), clip.meta.id)))
+        self.finish_late(rest, Some((recipient.clone(), clip.meta.id)))
             .await;
         if elsewhere {
             let kept = Relayed::Kept {
                 clip: clip.meta.id,
-                seq: copies.seq,
+                seq,
                 origin: self.id,
                 recipient: recipient.to_string(),
             };
             let _ = self.publish(&user_subject(recipient), kept).await;
         }
-        self.enough(&copies)?;
-        Ok(copies.duplicate)
+        self.enough(reached)?;
+        Ok(duplicate)
     }
 
     /// Whether JetStream has the direct clip `id` for `recipient` in as
@@ -169,7 +174,7 @@ impl Cluster {
     pub(super) fn kept_enough(&self, recipient: &Arc<str>, id: ClipId) -> bool {
         self.kept
             .get(&(recipient.clone(), id))
-            .is_some_and(|k| !k.ours || k.elsewhere.len() >= self.copies)
+            .is_some_and(|k| !k.ours || self.enough(k.elsewhere.len()).is_ok())
     }
 
     /// Keeps an accepted channel clip in the cluster's channel history, so
@@ -199,16 +204,20 @@ impl Cluster {
         channel: &str,
         clip: &StoredClip,
     ) -> Result<bool, ClusterError> {
-        let mut copies = self.publish_copies(Kind::History(channel), clip).await?;
-        self.finish_late(std::mem::take(&mut copies.rest), None)
-            .await;
+        let Copies {
+            seq,
+            duplicate,
+            elsewhere,
+            rest,
+        } = self.publish_copies(Kind::History(channel), clip).await?;
+        self.finish_late(rest, None).await;
         let kept = Relayed::HistoryKept {
             clip: clip.meta.id,
-            seq: copies.seq,
+            seq,
         };
         let _ = self.publish(&channel_subject(channel), kept).await;
-        self.enough(&copies)?;
-        Ok(copies.duplicate)
+        self.enough(elsewhere.len())?;
+        Ok(duplicate)
     }
 
     /// Whether `id` is held here (not everywhere it should be).

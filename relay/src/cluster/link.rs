@@ -47,7 +47,7 @@ impl Cluster {
             .map(|r| {
                 let names = Names::of(Some(r));
                 Region {
-                    name: r.clone(),
+                    name: Arc::from(r.as_str()),
                     configs: stream_configs(cfg, &names),
                     names,
                     js: jetstream::with_domain(client.clone(), r),

@@ -60,7 +60,7 @@ mod push;
 mod regions;
 mod remote;
 
-use regions::Kind;
+use regions::{Copies, Kind};
 
 use crate::live::{LiveClip, Next};
 use crate::metrics;
@@ -269,7 +269,7 @@ impl Names {
 
 /// Another region's JetStream, reached through its domain.
 pub(crate) struct Region {
-    name: String,
+    name: Arc<str>,
     names: Names,
     /// Its streams, created by whichever relay reaches it first.
     configs: Vec<stream::Config>,

@@ -67,7 +67,7 @@ pub(super) struct Copies {
     pub seq: u64,
     pub duplicate: bool,
     pub elsewhere: Vec<(usize, u64)>,
-    pub rest: FuturesUnordered<Copy>,
+    pub rest: Option<FuturesUnordered<Copy>>,
 }
 
 /// The region of `regions` (the same list on every relay) that holds
@@ -142,12 +142,27 @@ impl Cluster {
         } else {
             &self.others[..]
         };
+        if others.is_empty() {
+            // One region (or no copy asked): this region's write alone,
+            // with nothing to set up for copies (the clustered relay's
+            // common case, per clip).
+            let here = self
+                .while_linked(here)
+                .await
+                .ok_or(ClusterError::NotConnected)??;
+            return Ok(Copies {
+                seq: here.sequence,
+                duplicate: here.duplicate,
+                elsewhere: Vec::new(),
+                rest: None,
+            });
+        }
         let there: FuturesUnordered<Copy> = others
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let p = publish(&r.js, kind.subject(&r.names));
-                let name = r.name.clone();
+                let name = r.name.clone(); // an `Arc<str>`: no copy per clip
                 Box::pin(async move {
                     match p.await {
                         Ok(a) => Some((i, a.sequence)),
@@ -171,7 +186,7 @@ impl Cluster {
             seq: here.sequence,
             duplicate: here.duplicate,
             elsewhere,
-            rest,
+            rest: (!rest.is_empty()).then_some(rest),
         })
     }
 
@@ -181,12 +196,12 @@ impl Cluster {
     /// of, noted in `kept` already.
     pub(super) async fn finish_late(
         &self,
-        rest: FuturesUnordered<Copy>,
+        rest: Option<FuturesUnordered<Copy>>,
         direct: Option<(Arc<str>, ClipId)>,
     ) {
-        if rest.is_empty() {
+        let Some(rest) = rest else {
             return;
-        }
+        };
         let late = Late {
             copies: rest,
             direct,
@@ -241,15 +256,15 @@ impl Cluster {
         }
     }
 
-    /// Whether `copies` reached as many other regions as
+    /// Whether copies in `reached` other regions are as many as
     /// `replicas_in_other_regions` asks.
-    pub(super) fn enough(&self, copies: &Copies) -> Result<(), ClusterError> {
-        if copies.elsewhere.len() >= self.copies {
+    pub(super) fn enough(&self, reached: usize) -> Result<(), ClusterError> {
+        if reached >= self.copies {
             return Ok(());
         }
         Err(ClusterError::TooFewRegions {
             wanted: self.copies,
-            reached: copies.elsewhere.len(),
+            reached,
         })
     }
 
@@ -257,7 +272,7 @@ impl Cluster {
     /// another region (`None`: this one, also with one region).
     pub(super) fn floor_region(&self, channel: &str) -> Option<&Region> {
         let home = home_of(&self.regions, channel)?;
-        self.others.iter().find(|r| r.name == home)
+        self.others.iter().find(|r| &*r.name == home)
     }
 
     /// The JetStream context and subjects of `home` (`None`: this
