@@ -52,13 +52,18 @@ cat >"$work/show.py" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r['relay']['cpu_us_per_packet'] if r.get('relay') else float('nan')
+# The relay's CPU per clip accepted (core-µs), and listeners' first frame.
+per_clip = (r['relay']['cpu_percent'] * 1e4 / r['clips_per_s']
+            if r.get('relay') and r['clips_per_s'] else float('nan'))
+ff = r['first_frame_ms']
 legs = [r.get('datagrams_per_clip_' + k) for k in
         ('sender_to_relay', 'relay_to_sender', 'relay_to_recipient', 'recipient_to_relay')]
 dg = f"  datagrams/clip {r['datagrams_per_clip']:5.2f}" if r.get('datagrams_per_clip') else ""
 if None not in legs:
     dg += " (s>r {:.2f} r>s {:.2f} r>rcp {:.2f} rcp>r {:.2f})".format(*legs)
 print(f"{sys.argv[3]:7} {sys.argv[2]:6} clips/s {r['clips_per_s']:9.1f}  relay us/packet "
-      f"{cpu:6.2f}  lost {r['lost']} dup {r['duplicated']} corrupt {r['corrupted']}{dg}")
+      f"{cpu:6.2f} us/clip {per_clip:6.1f}  first frame p50/p99 {ff['p50']:.2f}/{ff['p99']:.2f} ms"
+      f"  lost {r['lost']} dup {r['duplicated']} corrupt {r['corrupted']}{dg}")
 PY
 run() { # name port pid label load-args...
   local name=$1 port=$2 pid=$3 label=$4

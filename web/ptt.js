@@ -32,7 +32,7 @@ export const codeWords = (c) => (CODES[c] ?? CODES[0x08])[1];
 const RETRYABLE = new Set([0x05, 0x06, 0x08, 0x14, 0x17, 0x19]);
 
 const T = { Auth: 0x01, Welcome: 0x02, Ack: 0x03, GoAway: 0x04, UsageQuery: 0x05,
-  Usage: 0x06, Expired: 0x07, ClipHeader: 0x10, Accepted: 0x11, Rejected: 0x12, Delivery: 0x20 };
+  Usage: 0x06, Expired: 0x07, AckPolicy: 0x0b, ClipHeader: 0x10, Accepted: 0x11, Rejected: 0x12, Delivery: 0x20 };
 const MAX_MESSAGE = 64 * 1024;
 const enc = new TextEncoder();
 const dec = new TextDecoder("utf-8", { fatal: true });
@@ -103,6 +103,13 @@ function message(type, body) {
 
 export const encodeAuth = (token) => message(T.Auth, enc.encode(token));
 export const encodeAck = (id) => message(T.Ack, id);
+// One Ack of several clips (to a relay that sent AckPolicy): the ids one
+// after another.
+export function encodeAcks(ids) {
+  const w = new Writer();
+  for (const id of ids) w.bytes(id);
+  return message(T.Ack, w.done());
+}
 export function encodeClipHeader(id, target, format) {
   const w = new Writer().bytes(id).u8(target.channel ? 1 : 0).str(target.name);
   w.u8(0).u8(format.channels).u16(format.preSkip).u32(format.inputRate).u16(format.gain & 0xffff);
@@ -121,6 +128,7 @@ export function decodeMessage(type, body) {
         uploadIdleMs: b.varint() };
       break;
     case T.GoAway: m = { type: "GoAway", code: b.varint(), retryAfterMs: b.varint(), reason: b.str() }; break;
+    case T.AckPolicy: m = { type: "AckPolicy", maxIds: b.varint(), holdMs: b.varint() }; break;
     case T.Expired:
       m = { type: "Expired", id: b.id(), sender: b.str(), target: b.target(), createdMs: b.varint(), also: b.varint() };
       break;
@@ -367,6 +375,8 @@ export class PttSession extends EventTarget {
       return this.afterClose(closeInfo);
     }
     this.ctl = writer; this.welcome = welcome;
+    clearTimeout(this.acks?.timer);
+    this.acks = { policy: null, held: [], timer: null };
     this.relays.connected(Date.now(), Math.random());
     this.seen = this.seen ?? new SeenIds(welcome.user);
     this.emit("welcome", welcome);
@@ -386,6 +396,8 @@ export class PttSession extends EventTarget {
         const id = idHex(m.id);
         if (!this.seen.has(id)) this.emit("expired", m);
         this.ack(m.id);
+      } else if (m.type === "AckPolicy") {
+        this.acks.policy = m;
       }
     }
     await wt.closed.catch(() => {});
@@ -417,6 +429,7 @@ export class PttSession extends EventTarget {
         clearInterval(home.timer);
         // The control stream finished: the relay handles the acks sent
         // and closes; the page closes after at most 2 s anyway.
+        this.flushAcks();
         await writer.close().catch(() => {});
         await Promise.race([wt.closed.catch(() => {}), sleep(2000)]);
         try { wt.close({ closeCode: 0, reason: "home" }); } catch { /* closed */ }
@@ -442,8 +455,30 @@ export class PttSession extends EventTarget {
     return { why: "closed", hintMs: 0 };
   }
 
+  // Acks go one by one, or, where the relay announced AckPolicy, held up
+  // to its holdMs to go together (up to maxIds in one Ack): one datagram
+  // for several clips and the transport's ACK. Held acks of a connection
+  // that ends are dropped (those clips come again, and are dropped by id).
   ack(id) {
-    if (this.ctl) this.ctl.write(encodeAck(id)).catch(() => {});
+    if (!this.ctl) return;
+    const a = this.acks;
+    const p = a.policy;
+    if (!p || p.maxIds < 2 || p.holdMs === 0) {
+      this.ctl.write(encodeAck(id)).catch(() => {});
+      return;
+    }
+    a.held.push(id);
+    if (a.held.length >= p.maxIds) this.flushAcks();
+    else if (a.held.length === 1) a.timer = setTimeout(() => this.flushAcks(), p.holdMs);
+  }
+
+  flushAcks() {
+    const a = this.acks;
+    clearTimeout(a.timer);
+    const ids = a.held;
+    a.held = [];
+    if (!this.ctl || ids.length === 0) return;
+    this.ctl.write(ids.length === 1 ? encodeAck(ids[0]) : encodeAcks(ids)).catch(() => {});
   }
 
   // Delivery streams come in the order the relay opened them (stream id

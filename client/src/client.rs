@@ -19,6 +19,8 @@ use codec::wire::{
 };
 use codec::{ClipEnd, ErrorCode, Framer};
 use quic::{MessageReader, StreamError, Turn, Turns};
+
+use crate::acks::{AckBatch, Push};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -366,6 +368,10 @@ pub struct Client {
     seen: SeenIds,
     packet_events: bool,
     in_order: bool,
+    /// Acks held to go together (the relay's `AckPolicy`).
+    acks: Mutex<AckBatch>,
+    /// A batch of acks started: the holding task sends it when due.
+    acks_due: tokio::sync::Notify,
     /// Callers waiting for a `Usage` answer, in the order they asked.
     usage_waiters: Waiters<Usage>,
     /// Callers waiting for a `PushResult`, in the order they asked.
@@ -493,6 +499,8 @@ impl Connecting {
             seen: opts.seen.unwrap_or_else(|| SeenIds::new(4096)),
             packet_events: opts.packet_events,
             in_order: opts.in_order,
+            acks: Mutex::new(AckBatch::default()),
+            acks_due: tokio::sync::Notify::new(),
             usage_waiters: Mutex::new(VecDeque::new()),
             push_waiters: Mutex::new(VecDeque::new()),
         });
@@ -600,18 +608,47 @@ impl Client {
         self.conn.close(0u32.into(), b"bye");
     }
 
-    /// Leaves cleanly: finishes the control stream, so the relay handles
-    /// every ack sent before it and then closes the connection.
+    /// Leaves cleanly: sends the acks held, finishes the control stream,
+    /// so the relay handles every ack before it and then closes the
+    /// connection.
     pub async fn shutdown(&self) {
+        let _ = self.flush_acks().await;
         let _ = self.control.lock().await.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
         self.close();
     }
 
     /// Tells the relay the clip is safely received; it releases its copy.
+    /// Where the relay announced `AckPolicy`, the ack may be held (up to
+    /// its `hold_ms`) to go with others: [`Client::shutdown`] sends what
+    /// is held, [`Client::close`] drops it (those clips come again).
     pub async fn ack(&self, id: ClipId) -> Result<(), ClientError> {
+        let push = match self.acks.lock() {
+            Ok(mut b) => b.push(id),
+            Err(_) => Push::Send(Message::Ack(id)),
+        };
+        match push {
+            Push::Send(m) => self.send_acks(&m).await,
+            Push::First { .. } => {
+                self.acks_due.notify_one();
+                Ok(())
+            }
+            Push::Held => Ok(()),
+        }
+    }
+
+    /// Sends the acks held now.
+    pub async fn flush_acks(&self) -> Result<(), ClientError> {
+        let held = self.acks.lock().ok().and_then(|mut b| b.take());
+        match held {
+            Some(m) => self.send_acks(&m).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send_acks(&self, m: &Message) -> Result<(), ClientError> {
         let mut ctl = self.control.lock().await;
-        quic::write_message(&mut ctl, &Message::Ack(id))
+        quic::write_message(&mut ctl, m)
             .await
             .map_err(|e| ClientError::Lost(e.to_string()))
     }
@@ -888,6 +925,10 @@ async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::
             }
             Message::Usage(u) => answered(&client.usage_waiters, u),
             Message::PushResult(r) => answered(&client.push_waiters, r),
+            // The relay takes acks together: one task sends them when due.
+            Message::AckPolicy(p) if client.acks.lock().is_ok_and(|mut b| b.set_policy(p)) => {
+                tokio::spawn(hold_acks(client.clone()));
+            }
             _ => {}
         }
     }
@@ -897,6 +938,26 @@ async fn read_control(client: Arc<Client>, mut rd: MessageReader, events: mpsc::
     }
     if let Ok(mut w) = client.push_waiters.lock() {
         w.clear();
+    }
+}
+
+/// Sends each batch of held acks when its hold is over (one task per
+/// connection whose relay announced `AckPolicy`), until the connection
+/// ends.
+async fn hold_acks(client: Arc<Client>) {
+    loop {
+        tokio::select! {
+            () = client.acks_due.notified() => {}
+            _ = client.conn.closed() => return,
+        }
+        let hold = client.acks.lock().map(|b| b.hold()).unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            _ = client.conn.closed() => return,
+        }
+        if client.flush_acks().await.is_err() {
+            return;
+        }
     }
 }
 

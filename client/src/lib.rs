@@ -4,6 +4,7 @@
 //! it is kept. `client-sim` (send, listen, load) and the relay's tests are
 //! built on it; byte formats come from `codec`, which is sans-IO.
 
+pub mod acks;
 pub mod client;
 pub mod failover;
 #[cfg(feature = "ffi")]

@@ -228,19 +228,8 @@ console.log(JSON.stringify(out));
         ptt_js.display(),
         serde_json::to_string(steps).unwrap()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("steps.mjs");
-    std::fs::write(&file, script).unwrap();
-    let out = std::process::Command::new("node")
-        .arg(&file)
-        .output()
-        .expect("node (the README's test command installs it with npm)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs: Vec<serde_json::Value> =
+        serde_json::from_slice(&common::run_node(&script)).unwrap();
     assert_eq!(theirs.len(), ours.len());
     let close = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
         (Some(x), Some(y)) => (x - y).abs() < 0.01,

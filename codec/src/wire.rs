@@ -33,6 +33,7 @@ pub mod kind {
     pub const PUSH_REGISTER: u64 = 0x08;
     pub const PUSH_UNREGISTER: u64 = 0x09;
     pub const PUSH_RESULT: u64 = 0x0a;
+    pub const ACK_POLICY: u64 = 0x0b;
     pub const CLIP_HEADER: u64 = 0x10;
     pub const ACCEPTED: u64 = 0x11;
     pub const REJECTED: u64 = 0x12;
@@ -432,12 +433,28 @@ fn read_id_and_sender(r: &mut Reader<'_>) -> Result<(ClipId, String), WireError>
     Ok((clip_id, sender.to_owned()))
 }
 
+/// How a relay takes acks (`AckPolicy`, sent right after `Welcome`): a
+/// client may then put up to `max_ids` clip ids in one `Ack` and hold an
+/// ack up to `hold_ms` to gather others with it. A relay that sends none
+/// takes one id per `Ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckPolicy {
+    pub max_ids: u64,
+    pub hold_ms: u64,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Auth(Auth),
     Welcome(Welcome),
+    /// An `Ack` of one clip.
     Ack(ClipId),
+    /// An `Ack` of several clips (type 0x03 too, its body one id after
+    /// another): only to a relay that sent [`AckPolicy`], at most its
+    /// `max_ids`. Decoded from a body of two ids or more.
+    Acks(Vec<ClipId>),
+    AckPolicy(AckPolicy),
     GoAway(GoAway),
     UsageQuery(UsageQuery),
     Usage(Usage),
@@ -459,7 +476,8 @@ impl Message {
         match self {
             Message::Auth(_) => kind::AUTH,
             Message::Welcome(_) => kind::WELCOME,
-            Message::Ack(_) => kind::ACK,
+            Message::Ack(_) | Message::Acks(_) => kind::ACK,
+            Message::AckPolicy(_) => kind::ACK_POLICY,
             Message::GoAway(_) => kind::GO_AWAY,
             Message::UsageQuery(_) => kind::USAGE_QUERY,
             Message::Usage(_) => kind::USAGE,
@@ -495,6 +513,15 @@ impl Message {
                 }
             }
             Message::Ack(id) => body.put_slice(&id.0),
+            Message::Acks(ids) => {
+                for id in ids {
+                    body.put_slice(&id.0);
+                }
+            }
+            Message::AckPolicy(p) => {
+                varint::put(&mut body, p.max_ids);
+                varint::put(&mut body, p.hold_ms);
+            }
             Message::GoAway(m) => {
                 varint::put(&mut body, m.code.to_u64());
                 varint::put(&mut body, m.retry_after_ms);
@@ -601,6 +628,7 @@ impl Message {
             kind::PUSH_REGISTER => "PushRegister",
             kind::PUSH_UNREGISTER => "PushUnregister",
             kind::PUSH_RESULT => "PushResult",
+            kind::ACK_POLICY => "AckPolicy",
             kind::CLIP_HEADER => "ClipHeader",
             kind::ACCEPTED => "Accepted",
             kind::REJECTED => "Rejected",
@@ -633,7 +661,25 @@ impl Message {
                     limits,
                 })
             }
-            kind::ACK => Message::Ack(ClipId(r.array()?)),
+            kind::ACK if body.len() == 16 => Message::Ack(ClipId(r.array()?)),
+            kind::ACK => {
+                // One id after another: at least one, and nothing else.
+                if body.is_empty() || !body.len().is_multiple_of(16) {
+                    return Err(WireError::Invalid {
+                        field: "clip ids",
+                        why: "an Ack body is one or more 16-byte ids",
+                    });
+                }
+                let mut ids = Vec::with_capacity(body.len() / 16);
+                while r.remaining() > 0 {
+                    ids.push(ClipId(r.array()?));
+                }
+                Message::Acks(ids)
+            }
+            kind::ACK_POLICY => Message::AckPolicy(AckPolicy {
+                max_ids: r.varint()?,
+                hold_ms: r.varint()?,
+            }),
             kind::GO_AWAY => Message::GoAway(GoAway {
                 code: ErrorCode::from_u64(r.varint()?),
                 retry_after_ms: r.varint()?,
@@ -751,6 +797,33 @@ mod tests {
         let mut expect = vec![0x03, 0x10];
         expect.extend([0x11; 16]);
         assert_eq!(&b[..], &expect[..]);
+    }
+
+    /// The byte examples in docs/protocol.md ("AckPolicy", an `Ack` of
+    /// two clips), and what an `Ack` body may not be.
+    #[test]
+    fn ack_policy_and_several_acks_match_spec() {
+        let p = Message::AckPolicy(AckPolicy {
+            max_ids: 32,
+            hold_ms: 20,
+        });
+        assert_eq!(&p.to_bytes()[..], &[0x0b, 0x02, 0x20, 0x14]);
+        let b = Message::Acks(vec![ClipId([0x11; 16]), ClipId([0x22; 16])]).to_bytes();
+        let mut expect = vec![0x03, 0x20];
+        expect.extend([0x11; 16]);
+        expect.extend([0x22; 16]);
+        assert_eq!(&b[..], &expect[..]);
+        assert_eq!(
+            Message::decode(&b, 1024).unwrap(),
+            Some((
+                Message::Acks(vec![ClipId([0x11; 16]), ClipId([0x22; 16])]),
+                b.len()
+            ))
+        );
+        // One id: the plain `Ack`, whichever way it was built.
+        let one = Message::Acks(vec![ClipId([0x11; 16])]).to_bytes();
+        assert_eq!(one, Message::Ack(ClipId([0x11; 16])).to_bytes());
+        assert!(Message::decode(&[0x03, 0x00], 1024).is_err());
     }
 
     /// The byte examples in docs/protocol.md ("PushRegister", "PushResult").
@@ -898,16 +971,19 @@ mod tests {
             Message::decode(&big, 50),
             Err(WireError::MessageTooLong { .. })
         ));
-        // Trailing byte inside an Ack body.
+        // An Ack body not made of whole ids: a trailing byte, too short.
         let mut b = vec![0x03, 0x11];
         b.extend([0; 17]);
-        assert_eq!(
-            Message::decode(&b, 1024),
-            Err(WireError::TrailingBytes("Ack"))
-        );
-        // Ack body too short.
-        let b = [0x03, 0x02, 1, 2];
-        assert_eq!(Message::decode(&b, 1024), Err(WireError::Truncated("Ack")));
+        let b2 = [0x03, 0x02, 1, 2];
+        for b in [&b[..], &b2[..]] {
+            assert!(matches!(
+                Message::decode(b, 1024),
+                Err(WireError::Invalid {
+                    field: "clip ids",
+                    ..
+                })
+            ));
+        }
         // Bad target kind.
         let mut m = Message::ClipHeader(ClipHeader {
             clip_id: id(1),
@@ -991,6 +1067,9 @@ mod tests {
                     }
                 )),
             id.clone().prop_map(Message::Ack),
+            proptest::collection::vec(id.clone(), 2..40).prop_map(Message::Acks),
+            (v.clone(), v.clone())
+                .prop_map(|(max_ids, hold_ms)| Message::AckPolicy(AckPolicy { max_ids, hold_ms })),
             (arb_code(), v.clone(), "[ -~]{0,100}").prop_map(|(code, retry_after_ms, reason)| {
                 Message::GoAway(GoAway {
                     code,

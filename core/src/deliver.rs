@@ -13,7 +13,19 @@ pub struct Deliveries {
     /// count in the window).
     open: HashMap<ClipId, bool>,
     stored_open: usize,
+    /// The last [`ACKED_HERE`] live clips acked on this connection.
+    acked: std::collections::VecDeque<ClipId>,
 }
+
+/// How many of a connection's latest acks of live deliveries
+/// [`Deliveries`] remembers. A member who joins a channel while a clip is
+/// being spoken hears it live; its catch-up copy, queued once the clip is
+/// stored, may come after the member already acked it: that copy must be
+/// released, not sent again on the same connection. The window is the
+/// store's commit (milliseconds); 32 acks (512 bytes, kept only by a
+/// session that acked live clips) is far more than a connection gives in
+/// it.
+pub const ACKED_HERE: usize = 32;
 
 impl Deliveries {
     /// Starts delivering `id` unless it is open already. A stored clip
@@ -32,6 +44,25 @@ impl Deliveries {
             self.stored_open += 1;
         }
         true
+    }
+
+    /// `id` is acknowledged on this connection: finished and, if it was
+    /// delivered live, remembered (a copy of it queued later is released,
+    /// [`Deliveries::acked_here`]).
+    pub fn acked(&mut self, id: &ClipId) -> bool {
+        if self.open.get(id) == Some(&false) {
+            if self.acked.len() == ACKED_HERE {
+                self.acked.pop_front();
+            }
+            self.acked.push_back(*id);
+        }
+        self.finish(id)
+    }
+
+    /// Whether `id` was acked on this connection lately: a stored copy of
+    /// it is released, not delivered again.
+    pub fn acked_here(&self, id: &ClipId) -> bool {
+        self.acked.contains(id)
     }
 
     /// `id` is acknowledged, or its delivery was abandoned. True when that
@@ -91,6 +122,28 @@ mod tests {
 
     fn id(n: u8) -> ClipId {
         ClipId([n; 16])
+    }
+
+    /// A member heard X live and acked it; X's catch-up copy came after:
+    /// the pump sees X acked here. Only the latest [`ACKED_HERE`] acks
+    /// are kept.
+    #[test]
+    fn a_clip_acked_on_this_connection_is_known_as_such() {
+        let mut d = Deliveries::default();
+        assert!(d.begin(X, false, || true));
+        assert!(!d.acked(&X), "a live delivery frees no window");
+        assert!(d.acked_here(&X));
+        assert!(!d.acked_here(&id(1)));
+        // A stored delivery's ack is not remembered: its copy is gone.
+        assert!(d.begin(id(2), true, || true));
+        d.acked(&id(2));
+        assert!(!d.acked_here(&id(2)));
+        for n in 0..ACKED_HERE {
+            let other = ClipId([n as u8 | 0x80; 16]);
+            assert!(d.begin(other, false, || true));
+            d.acked(&other);
+        }
+        assert!(!d.acked_here(&X), "forgotten after {ACKED_HERE} more");
     }
 
     /// The pump read stored clip X (its live delivery is open), then X's

@@ -357,9 +357,17 @@ settings! {
     /// Ack-eliciting packets a client may receive before it must send an
     /// ACK (QUIC ACK frequency extension; 1 is plain QUIC). Fewer ACKs
     /// spend fewer bytes per second of voice on the wire.
-    ack_threshold: u32 = 4, "PTT_ACK_THRESHOLD";
+    ack_threshold: u32 = 10, "PTT_ACK_THRESHOLD";
     /// Longest a client may delay an ACK (with `ack_threshold`).
     ack_delay: Duration = Duration::from_millis(25), "PTT_ACK_DELAY", parse_duration;
+    /// Most clip ids a client may put in one `Ack` (announced in
+    /// `AckPolicy` after `Welcome`); 1: one per `Ack`, no `AckPolicy`.
+    ack_batch: u32 = 32, "PTT_ACK_BATCH";
+    /// Longest a client may hold an `Ack` to gather others with it
+    /// (announced in `AckPolicy`). Below `ack_delay`, so the `Ack` leaves
+    /// before the client's delayed QUIC ACK would and carries it: one
+    /// datagram for both.
+    ack_hold: Duration = Duration::from_millis(20), "PTT_ACK_HOLD", parse_duration;
     /// Export Prometheus metrics at the admin listener's `/metrics`
     /// (`docs/metrics.md`). Off: no recorder, `/metrics` answers 404.
     metrics: bool = true, "PTT_METRICS";
@@ -398,6 +406,15 @@ impl Settings {
 /// The items of a comma-separated setting, trimmed, empty ones left out.
 fn comma_list(s: &str) -> impl Iterator<Item = &str> + Clone {
     s.split(',').map(str::trim).filter(|r| !r.is_empty())
+}
+
+/// `Ok` when `ok`, else the setting error `why`.
+fn ensure(ok: bool, why: &str) -> Result<(), crate::error::StartError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::error::StartError::Config(why.to_owned()))
+    }
 }
 
 impl Config {
@@ -475,13 +492,6 @@ impl Config {
 
     /// Checks every setting's range; the first one out of it is the error.
     pub fn validate(&self) -> Result<(), crate::error::StartError> {
-        let ensure = |ok: bool, why: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(crate::error::StartError::Config(why.to_owned()))
-            }
-        };
         ensure(
             self.web_relay_list()
                 .iter()
@@ -518,15 +528,7 @@ impl Config {
             self.max_unauthenticated_connections >= 1,
             "max_unauthenticated_connections must be at least 1",
         )?;
-        ensure(
-            (1..=1000).contains(&self.ack_threshold),
-            "ack_threshold must be 1..=1000",
-        )?;
-        ensure(
-            self.ack_delay >= Duration::from_millis(1)
-                && self.ack_delay <= Duration::from_millis(200),
-            "ack_delay must be 1ms..=200ms",
-        )?;
+        self.validate_acks()?;
         ensure(
             self.expired_notices_per_user >= 1,
             "expired_notices_per_user must be at least 1",
@@ -570,6 +572,28 @@ impl Config {
         Ok(())
     }
 
+    /// The transport's ACK frequency and ptt/1's `AckPolicy`, together:
+    /// the hold must end before the delayed ACK it rides with.
+    fn validate_acks(&self) -> Result<(), crate::error::StartError> {
+        ensure(
+            (1..=1000).contains(&self.ack_threshold),
+            "ack_threshold must be 1..=1000",
+        )?;
+        ensure(
+            self.ack_delay >= Duration::from_millis(1)
+                && self.ack_delay <= Duration::from_millis(200),
+            "ack_delay must be 1ms..=200ms",
+        )?;
+        ensure(
+            (1..=4096).contains(&self.ack_batch),
+            "ack_batch must be 1..=4096 (4,096 ids fill a 64 KiB message)",
+        )?;
+        ensure(
+            self.ack_hold < self.ack_delay,
+            "ack_hold must be shorter than ack_delay",
+        )
+    }
+
     pub fn limits(&self) -> codec::wire::Limits {
         codec::wire::Limits {
             max_clip_ms: self.max_clip_duration.as_millis() as u64,
@@ -578,6 +602,15 @@ impl Config {
             max_clip_streams: u64::from(self.max_clip_streams),
             upload_idle_ms: self.upload_idle_timeout.as_millis() as u64,
         }
+    }
+
+    /// How this relay takes acks, announced after `Welcome`; `None` when
+    /// `ack_batch` is 1 (one id per `Ack`, as a relay without it).
+    pub fn ack_policy(&self) -> Option<codec::wire::AckPolicy> {
+        (self.ack_batch > 1).then(|| codec::wire::AckPolicy {
+            max_ids: u64::from(self.ack_batch),
+            hold_ms: self.ack_hold.as_millis() as u64,
+        })
     }
 
     pub fn frame_limits(&self) -> codec::FrameLimits {

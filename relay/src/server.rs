@@ -118,6 +118,7 @@ pub fn transport(cfg: &Config) -> Result<quinn::TransportConfig, StartError> {
     let early = u32::from(cfg.early_upload_bytes > 0);
     t.max_concurrent_bidi_streams((1 + early).into());
     t.receive_window(auth_window(cfg));
+    t.stream_receive_window(crate::credit::STREAM_WINDOW.into());
     // None for ptt/1 (a native client's are stopped at once), but a
     // browser's HTTP/3 needs three (control, QPACK encoder and decoder)
     // from the first flight on: Chromium closes a connection whose

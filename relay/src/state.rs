@@ -481,7 +481,22 @@ impl Session {
             .is_ok_and(|mut d| d.begin(id, true, held))
     }
 
-    /// `id` is acknowledged, or its delivery was abandoned.
+    /// `id` is acknowledged on this connection (remembered: a copy of it
+    /// queued later is released, not sent again).
+    pub(crate) fn acked(&self, id: &ClipId) {
+        if let Ok(mut d) = self.deliveries.lock()
+            && d.acked(id)
+        {
+            self.window.notify_one();
+        }
+    }
+
+    /// Whether `id` was acked on this connection lately.
+    pub(crate) fn acked_here(&self, id: &ClipId) -> bool {
+        self.deliveries.lock().is_ok_and(|d| d.acked_here(id))
+    }
+
+    /// `id`'s delivery was abandoned (or its `Expired` notice read).
     pub(crate) fn finish(&self, id: &ClipId) {
         if let Ok(mut d) = self.deliveries.lock()
             && d.finish(id)
@@ -490,11 +505,21 @@ impl Session {
         }
     }
 
-    /// Sends a message on the control stream (`Welcome`, `Usage`).
+    /// Sends a message on the control stream (`Usage`, `PushResult`).
     pub async fn send_control(&self, msg: &Message) -> Result<(), ControlError> {
+        self.send_controls(std::slice::from_ref(msg)).await
+    }
+
+    /// Sends messages on the control stream in one write (`Welcome` and
+    /// `AckPolicy`: one packet).
+    pub async fn send_controls(&self, msgs: &[Message]) -> Result<(), ControlError> {
+        let mut buf = bytes::BytesMut::new();
+        for m in msgs {
+            m.encode(&mut buf);
+        }
         let mut control = self.control.lock().await;
         match control.as_mut() {
-            Some(send) => Ok(quic::write_message(send, msg).await?),
+            Some(send) => Ok(send.write_all(&buf).await?),
             None => Err(ControlError::GivenUp),
         }
     }

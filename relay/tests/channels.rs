@@ -282,3 +282,51 @@ async fn history_and_cursors_survive_a_restart() {
     let (_dave, mut dave_ev) = t.member("dave", &[("ops", Listen)]).await;
     assert_no_clip(&mut dave_ev, Duration::from_millis(500)).await;
 }
+
+/// Members who connect while a channel clip is spoken hear it live, once.
+/// They were not among its recipients at the press, so a copy is queued
+/// for them when it is stored; heard live and acked before that (its end
+/// reaches them as its commit starts), that copy is released, never sent
+/// again on the same connection. (A load run of 1 talker → 999 members
+/// found ~500 such second deliveries of a first clip.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_who_join_while_a_clip_is_spoken_hear_it_once() {
+    // Acks at once, not held: the race at its widest.
+    let t = start(|c| c.ack_batch = 1).await;
+    let (alice, _) = t.member("alice", &[("ops", Talk)]).await;
+    let c = channel_clip("ops", 25);
+    let talking = {
+        let (alice, c) = (alice.clone(), c.clone());
+        tokio::spawn(async move { alice.send_clip(&c, Pacing::Live).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut heard = Vec::new();
+    for i in 0..8 {
+        let (m, mut ev) = t.member(&format!("m{i}"), &[("ops", Listen)]).await;
+        heard.push(tokio::spawn(async move {
+            let (mut whole, mut again) = (0, 0);
+            let quiet = tokio::time::sleep(Duration::from_secs(3));
+            tokio::pin!(quiet);
+            loop {
+                tokio::select! {
+                    e = ev.recv() => match e {
+                        Some(Event::Complete(clip)) => {
+                            whole += 1;
+                            m.ack(clip.id()).await.unwrap();
+                        }
+                        Some(Event::Redelivered { .. }) => again += 1,
+                        Some(_) => {}
+                        None => break,
+                    },
+                    () = &mut quiet => break,
+                }
+            }
+            (whole, again)
+        }));
+    }
+    talking.await.unwrap().unwrap();
+    for h in heard {
+        assert_eq!(h.await.unwrap(), (1, 0), "heard once, and not again");
+    }
+    assert_eq!(t.settle_pending(0).await, 0, "every copy released");
+}

@@ -175,7 +175,115 @@ async fn ctl_conn(
         Some(Message::Welcome(_)) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
+    // §2: `AckPolicy` right behind it, unless the relay takes one id per
+    // `Ack`.
+    if let Some(policy) = t.relay.shared().config.ack_policy() {
+        match rd.next().await.unwrap() {
+            Some(Message::AckPolicy(p)) => assert_eq!(p, policy),
+            other => panic!("expected AckPolicy, got {other:?}"),
+        }
+    }
     (conn, (send, rd))
+}
+
+/// §2 `AckPolicy`, §5 "Ack": right after `Welcome` the relay says how it
+/// takes acks; one `Ack` of several ids, written as bytes from the spec,
+/// releases every one of those clips; an `Ack` of more ids than
+/// `max_ids` is a protocol violation; a relay set to one id per `Ack`
+/// announces nothing (and a client of the previous version, which knows
+/// no `AckPolicy`, skips it as an unknown type: the reference client's
+/// own tests run against both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_clips_are_acked_in_one_ack_as_the_relay_announced() {
+    let t = start(|c| c.ack_batch = 3).await;
+    let (alice, _a) = t.connect("alice").await;
+    let clips: Vec<_> = (0..3).map(|i| clip("bob", 3 + i)).collect();
+    for c in &clips {
+        alice.send_clip(c, Pacing::Upload).await.unwrap();
+    }
+    assert_eq!(t.pending(), 3);
+    let (conn, (mut ctl, _rd)) = ctl_conn(&t, "bob").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let recv = conn.accept_uni().await.unwrap();
+        let mut rd = quic::MessageReader::new(recv, 65_536);
+        match rd.next().await.unwrap() {
+            Some(Message::Delivery(d)) => ids.push(d.clip_id),
+            other => panic!("expected Delivery, got {other:?}"),
+        }
+    }
+    let mut ack = vec![0x03, 0x30];
+    for id in &ids {
+        ack.extend(id.0);
+    }
+    ctl.write_all(&ack).await.unwrap();
+    ctl.finish().unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::NoError));
+    assert_eq!(t.settle_pending(0).await, 0, "one Ack released all three");
+
+    // Four ids where three are allowed.
+    let (conn, (mut ctl, _rd)) = ctl_conn(&t, "bob").await;
+    let mut ack = vec![0x03, 0x40];
+    ack.extend([7u8; 64]);
+    ctl.write_all(&ack).await.unwrap();
+    assert_eq!(close_code(&conn).await, Some(ErrorCode::ProtocolViolation));
+
+    // One id per `Ack`: no `AckPolicy` after `Welcome`.
+    let t = start(|c| c.ack_batch = 1).await;
+    let (_conn, (_ctl, mut rd)) = ctl_conn(&t, "bob").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rd.next())
+            .await
+            .is_err(),
+        "nothing after Welcome"
+    );
+}
+
+/// §1, §5: more upload streams may be open than `max_clip_streams` (the
+/// QUIC credit of a connection that uploads is larger, so MAX_STREAMS
+/// goes out less often), but the relay reads no more than
+/// `max_clip_streams` at once: the others wait for a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_than_max_clip_streams_uploads_are_read_at_once() {
+    let t = start(|c| c.max_clip_streams = 1).await;
+    let (alice, _a) = t.connect("alice").await;
+    let (_bob, _b) = t.connect("bob").await;
+    alice
+        .send_clip(&clip("bob", 2), Pacing::Upload)
+        .await
+        .unwrap();
+    // One upload held open, then a whole second one.
+    let (a, b) = (ClipId([0xa1; 16]), ClipId([0xb2; 16]));
+    let (mut send_a, recv_a) = alice.connection().open_bi().await.unwrap();
+    let mut bytes = header(a, "bob");
+    codec::framing::put_packet(&mut bytes, &packet(0, 40));
+    send_a.write_all(&bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut send_b, recv_b) = alice.connection().open_bi().await.unwrap();
+    let mut bytes = header(b, "bob");
+    body(&mut bytes, 2);
+    send_b.write_all(&bytes).await.unwrap();
+    send_b.finish().unwrap();
+    let answer_b = tokio::spawn(answer(recv_b));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !answer_b.is_finished(),
+        "the second upload waits for a place"
+    );
+    let mut end = BytesMut::new();
+    codec::ClipEnd {
+        packet_count: 1,
+        final_granule: 960,
+    }
+    .encode(&mut end);
+    send_a.write_all(&end).await.unwrap();
+    send_a.finish().unwrap();
+    for (id, m) in [(a, answer(recv_a).await), (b, answer_b.await.unwrap())] {
+        match m {
+            Message::Accepted(x) => assert_eq!(x.clip_id, id),
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    }
 }
 
 /// §2: the end record's marker is the varint 0 in any encoding.

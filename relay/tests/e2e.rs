@@ -672,18 +672,28 @@ async fn uploads_per_connection_are_capped_by_stream_credit() {
     let (alice, _) = t.connect("alice").await;
     let pk: Vec<bytes::Bytes> = (0..3).map(|i| packet(i, 40)).collect();
     let (mut first, _r1) = raw_upload(&alice, ClipId([1; 16]), "bob", &pk).await;
-    let (_second, _r2) = raw_upload(&alice, ClipId([2; 16]), "bob", &pk).await;
-    // A third upload cannot even open while two are running...
+    let (mut second, _r2) = raw_upload(&alice, ClipId([2; 16]), "bob", &pk).await;
+    // A connection that uploads may open `STREAM_CREDIT_FACTOR` times the
+    // streams (the relay reads two at once; the others wait), no more...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let credit = 3 * relay::testing::STREAM_CREDIT_FACTOR;
+    let mut waiting = Vec::new();
+    for _ in 0..credit - 3 {
+        let s = tokio::time::timeout(Duration::from_secs(2), alice.connection().open_bi());
+        waiting.push(s.await.expect("a stream within the credit").unwrap());
+    }
     let third = alice.connection().open_bi();
     tokio::pin!(third);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut third)
             .await
             .is_err(),
-        "a third clip stream opened"
+        "a clip stream opened beyond the credit"
     );
-    // ...and opens once one of them ends.
+    // ...and one opens once uploads end (quinn gives new credit once an
+    // eighth of it, here two streams, is free again).
     first.reset(0u32.into()).unwrap();
+    second.reset(0u32.into()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), third)
         .await
         .expect("no stream credit after an upload ended")

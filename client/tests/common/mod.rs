@@ -14,6 +14,24 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Runs `script` (an ES module, which may import from web/) with node;
+/// what it printed.
+pub fn run_node(script: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("script.mjs");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("node")
+        .arg(&file)
+        .output()
+        .expect("node (the README's test command installs it with npm)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Runs each tool with its arguments; all must succeed.
 pub fn run_tools(steps: &[(&str, Vec<&str>)]) {
     for (tool, args) in steps {

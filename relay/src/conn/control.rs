@@ -9,24 +9,20 @@ pub(super) async fn control_loop(
     session: &Arc<Session>,
     mut ctl: MessageReader,
 ) -> Result<(), Refusal> {
+    let max_ids = shared.config.ack_policy().map_or(1, |p| p.max_ids as usize);
     loop {
         match ctl.next().await {
-            Ok(Some(Message::Ack(id))) => {
-                if shared.expired.ack(&session.user, &id) {
-                    // An `Expired` notice read: its clip has no copy left
-                    // (a delivery of it still open frees its place).
-                    session.finish(&id);
-                    continue;
+            Ok(Some(Message::Ack(id))) => ack(shared, session, &id).await,
+            Ok(Some(Message::Acks(ids))) => {
+                if ids.len() > max_ids {
+                    return Err(Refusal::new(
+                        ErrorCode::ProtocolViolation,
+                        format!("an Ack of {} clips; AckPolicy allows {max_ids}", ids.len()),
+                    ));
                 }
-                match shared.store.ack(&session.user, &id).await {
-                    Ok(_) => metrics::hot().delivered.increment(1),
-                    Err(e) => warn!(error = %e, "store ack failed"),
+                for id in &ids {
+                    ack(shared, session, id).await;
                 }
-                if let Some(c) = &shared.cluster {
-                    // Never waits on NATS (held while cut off).
-                    c.acked(&id, &session.user);
-                }
-                session.finish(&id);
             }
             Ok(Some(Message::UsageQuery(q))) => {
                 // This user's figures only, current to this answer.
@@ -69,6 +65,37 @@ pub(super) async fn control_loop(
             Err(e) => return Err(refused(e)),
         }
     }
+}
+
+/// The user holds clip `id` whole (or was told it expired): its copy goes.
+async fn ack(shared: &Shared, session: &Session, id: &ClipId) {
+    if shared.expired.ack(&session.user, id) {
+        // An `Expired` notice read: its clip has no copy left (a delivery
+        // of it still open frees its place).
+        session.finish(id);
+        return;
+    }
+    if release(shared, session, id).await {
+        metrics::hot().delivered.increment(1);
+    }
+    session.acked(id);
+}
+
+/// Releases the user's copy of `id`, here and in the cluster; false if
+/// the store failed.
+pub(super) async fn release(shared: &Shared, session: &Session, id: &ClipId) -> bool {
+    let kept = match shared.store.ack(&session.user, id).await {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "store ack failed");
+            false
+        }
+    };
+    if let Some(c) = &shared.cluster {
+        // Never waits on NATS (held while cut off).
+        c.acked(id, &session.user);
+    }
+    kept
 }
 
 /// Gives a member who connects what its channels said while it was away

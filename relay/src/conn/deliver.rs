@@ -56,6 +56,13 @@ pub(super) async fn pump(
                     }
                     cursor = c;
                     let id = clip.meta.id;
+                    if session.acked_here(&id) {
+                        // Heard live and acked on this connection before
+                        // this copy was queued (a member who joined while
+                        // it was spoken): released, not sent again.
+                        super::control::release(shared, session, &id).await;
+                        continue;
+                    }
                     if session.begin_stored(id, || shared.store.holds(&session.user, &id))
                         && start_stored(shared, session, clip, &mut order)
                             .await

@@ -27,12 +27,13 @@ pub(super) async fn web_session(
 }
 
 /// A session registered, its live queue, the control stream's reader, and
-/// the `Welcome` to send once it has joined its channels.
+/// the `Welcome` (and `AckPolicy`) to send once it has joined its
+/// channels.
 pub(super) type Authenticated = (
     Arc<Session>,
     mpsc::Receiver<Arc<LiveClip>>,
     MessageReader,
-    Message,
+    Vec<Message>,
 );
 
 /// A connection's TLS handshake, for a connection served before it is
@@ -161,11 +162,12 @@ pub(super) async fn authenticate(
     };
     crate::credit::open_credit(cfg, conn, link.extra_bidi());
     let id = shared.next_session_id();
-    let welcome = Message::Welcome(Welcome {
+    let mut welcome = vec![Message::Welcome(Welcome {
         user: claims.sub.clone(),
         session_id: id,
         limits: cfg.limits(),
-    });
+    })];
+    welcome.extend(cfg.ack_policy().map(Message::AckPolicy));
     // Read before the handshake completed: it came in 0-RTT.
     if !handshake.check(conn) && handshake.is_pending() {
         metrics::count1(metrics::ZERO_RTT_AUTHS);

@@ -141,7 +141,7 @@ async fn connect(
 /// subjects it now wants, returned), clips being spoken to it join it live,
 /// then `Welcome`, the channels' recent history, its pushes' bookkeeping
 /// and its expiry notices.
-async fn start(shared: &Arc<Shared>, session: &Arc<Session>, welcome: &Message) -> Vec<String> {
+async fn start(shared: &Arc<Shared>, session: &Arc<Session>, welcome: &[Message]) -> Vec<String> {
     shared.router.join(session, session.channels.keys());
     // Clips being spoken to this user now (a phone woken by their push):
     // joined live from their first packet.
@@ -157,8 +157,9 @@ async fn start(shared: &Arc<Shared>, session: &Arc<Session>, welcome: &Message) 
         None => Vec::new(),
     };
     // `Welcome` only now: from the moment a client has it, it is online
-    // (live clips to it and its channels reach it).
-    if let Err(e) = session.send_control(welcome).await {
+    // (live clips to it and its channels reach it). `AckPolicy` rides
+    // with it.
+    if let Err(e) = session.send_controls(welcome).await {
         debug!(error = %e, "Welcome not sent");
     }
     replay_history(shared, session).await;

@@ -11,7 +11,14 @@ pub(super) async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>)
     // The transport parameters allow a browser's HTTP/3 streams; a native
     // client opening a unidirectional stream is told no at once.
     let native = matches!(session.link, Link::Quic);
+    let slots = crate::credit::upload_slots(&shared.config);
+    let mut first = true;
     loop {
+        // At most `max_clip_streams` read at once; further ones wait in
+        // QUIC's buffers, bounded by the connection's window.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (send, mut recv) = tokio::select! {
             r = session.conn.accept_bi() => match r {
                 Ok(s) => s,
@@ -27,9 +34,14 @@ pub(super) async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>)
                 continue;
             }
         };
+        if std::mem::take(&mut first) {
+            let extra = session.link.extra_bidi();
+            crate::credit::upload_credit(&shared.config, &session.conn, extra);
+        }
         let shared = shared.clone();
         let session = session.clone();
         shared.clone().tracker.spawn(async move {
+            let _slot = slot;
             let idle = shared.config.upload_idle_timeout;
             if !matches!(
                 timeout(idle, session.link.enter(&mut recv)).await,
