@@ -126,8 +126,9 @@ async fn clear_errors_and_exit_codes() {
         "1",
     ]))
     .await;
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("token_invalid"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("token_invalid"), "{err}");
     // Nothing arrives before the timeout.
     let out = run(env.cmd("bob").args([
         "listen",
