@@ -47,19 +47,14 @@ impl AckBatch {
 
     /// `id` is to be acked.
     pub fn push(&mut self, id: ClipId) -> Push {
-        let hold = self.hold();
-        let Some(p) = self.policy.filter(|_| !hold.is_zero()) else {
-            // One id per `Ack`, at once; any held ones go with it (a
-            // policy cannot be taken back, but stay safe).
-            self.held.push(id);
-            return Push::Send(self.take().unwrap_or(Message::Ack(id)));
-        };
         self.held.push(id);
-        if self.held.len() as u64 >= p.max_ids {
-            return match self.take() {
-                Some(m) => Push::Send(m),
-                None => Push::Held,
-            };
+        let hold = self.hold();
+        // No hold (one id per `Ack`, at once), or the message is full.
+        let full = self
+            .policy
+            .is_none_or(|p| self.held.len() as u64 >= p.max_ids);
+        if hold.is_zero() || full {
+            return Push::Send(self.message());
         }
         if self.held.len() == 1 {
             Push::First { hold }
@@ -70,10 +65,15 @@ impl AckBatch {
 
     /// The held acks as one message (`None` when none are held).
     pub fn take(&mut self) -> Option<Message> {
-        match self.held.len() {
-            0 => None,
-            1 => Some(Message::Ack(self.held.remove(0))),
-            _ => Some(Message::Acks(std::mem::take(&mut self.held))),
+        (!self.held.is_empty()).then(|| self.message())
+    }
+
+    /// The held acks (at least one) as one message.
+    fn message(&mut self) -> Message {
+        if self.held.len() == 1 {
+            Message::Ack(self.held.remove(0))
+        } else {
+            Message::Acks(std::mem::take(&mut self.held))
         }
     }
 }

@@ -689,6 +689,18 @@ mod tests {
                 expired_notices_per_user: 0,
                 ..ok.clone()
             },
+            Config {
+                ack_batch: 0,
+                ..ok.clone()
+            },
+            Config {
+                ack_batch: 4097,
+                ..ok.clone()
+            },
+            Config {
+                ack_hold: ok.ack_delay,
+                ..ok.clone()
+            },
         ];
         for c in bad {
             assert!(c.validate().is_err(), "{c:?}");

@@ -484,11 +484,7 @@ impl Session {
     /// `id` is acknowledged on this connection (remembered: a copy of it
     /// queued later is released, not sent again).
     pub(crate) fn acked(&self, id: &ClipId) {
-        if let Ok(mut d) = self.deliveries.lock()
-            && d.acked(id)
-        {
-            self.window.notify_one();
-        }
+        self.settle(|d| d.acked(id));
     }
 
     /// Whether `id` was acked on this connection lately.
@@ -498,8 +494,14 @@ impl Session {
 
     /// `id`'s delivery was abandoned (or its `Expired` notice read).
     pub(crate) fn finish(&self, id: &ClipId) {
+        self.settle(|d| d.finish(id));
+    }
+
+    /// Ends a delivery with `end`; wakes the pump when that freed room in
+    /// the stored-delivery window.
+    fn settle(&self, end: impl FnOnce(&mut relay_core::deliver::Deliveries) -> bool) {
         if let Ok(mut d) = self.deliveries.lock()
-            && d.finish(id)
+            && end(&mut d)
         {
             self.window.notify_one();
         }
