@@ -495,12 +495,30 @@ impl Message {
 
     /// Appends the framed message to `buf`.
     pub fn encode(&self, buf: &mut BytesMut) {
-        let mut body = BytesMut::with_capacity(64);
+        // The body is written in place, after room for the type and length
+        // (two varints, at most 8 bytes each); they then go right before
+        // it and the body moves down to meet them: one buffer, where a
+        // body of its own cost an allocation and a copy per message.
+        const ROOM: usize = 16;
+        let start = buf.len();
+        buf.put_bytes(0, ROOM);
+        self.put_body(buf);
+        let body_len = buf.len() - start - ROOM;
+        let head = varint::len(self.kind()) + varint::len(body_len as u64);
+        let mut at = &mut buf[start..start + head];
+        varint::put(&mut at, self.kind());
+        varint::put(&mut at, body_len as u64);
+        buf.copy_within(start + ROOM.., start + head);
+        buf.truncate(start + head + body_len);
+    }
+
+    /// The message's body, appended to `body`.
+    fn put_body(&self, body: &mut BytesMut) {
         match self {
             Message::Auth(m) => body.put_slice(m.token.as_bytes()),
             Message::Welcome(m) => {
-                varint::put_str(&mut body, &m.user);
-                varint::put(&mut body, m.session_id);
+                varint::put_str(body, &m.user);
+                varint::put(body, m.session_id);
                 let l = &m.limits;
                 for v in [
                     l.max_clip_ms,
@@ -509,7 +527,7 @@ impl Message {
                     l.max_clip_streams,
                     l.upload_idle_ms,
                 ] {
-                    varint::put(&mut body, v);
+                    varint::put(body, v);
                 }
             }
             Message::Ack(id) => body.put_slice(&id.0),
@@ -519,47 +537,47 @@ impl Message {
                 }
             }
             Message::AckPolicy(p) => {
-                varint::put(&mut body, p.max_ids);
-                varint::put(&mut body, p.hold_ms);
+                varint::put(body, p.max_ids);
+                varint::put(body, p.hold_ms);
             }
             Message::GoAway(m) => {
-                varint::put(&mut body, m.code.to_u64());
-                varint::put(&mut body, m.retry_after_ms);
-                varint::put_str(&mut body, &m.reason);
+                varint::put(body, m.code.to_u64());
+                varint::put(body, m.retry_after_ms);
+                varint::put_str(body, &m.reason);
             }
-            Message::UsageQuery(m) => varint::put(&mut body, m.days),
+            Message::UsageQuery(m) => varint::put(body, m.days),
             Message::Usage(m) => {
-                varint::put(&mut body, m.today);
-                varint::put(&mut body, m.days.len() as u64);
+                varint::put(body, m.today);
+                varint::put(body, m.days.len() as u64);
                 for d in &m.days {
-                    varint::put(&mut body, d.day);
-                    varint::put(&mut body, d.bytes_up);
-                    varint::put(&mut body, d.bytes_down);
+                    varint::put(body, d.day);
+                    varint::put(body, d.bytes_up);
+                    varint::put(body, d.bytes_down);
                 }
             }
             Message::Expired(m) => {
-                put_id_and_sender(&mut body, &m.clip_id, &m.sender);
-                m.target.put(&mut body);
-                varint::put(&mut body, m.created_ms);
-                varint::put(&mut body, m.also);
+                put_id_and_sender(body, &m.clip_id, &m.sender);
+                m.target.put(body);
+                varint::put(body, m.created_ms);
+                varint::put(body, m.also);
             }
             Message::PushRegister(m) => {
-                varint::put(&mut body, m.provider.to_u64());
-                varint::put_str(&mut body, &m.device_id);
-                varint::put_str(&mut body, &m.token);
-                varint::put_str(&mut body, &m.topic);
+                varint::put(body, m.provider.to_u64());
+                varint::put_str(body, &m.device_id);
+                varint::put_str(body, &m.token);
+                varint::put_str(body, &m.topic);
             }
-            Message::PushUnregister(device_id) => varint::put_str(&mut body, device_id),
+            Message::PushUnregister(device_id) => varint::put_str(body, device_id),
             Message::PushResult(m) => {
-                varint::put_str(&mut body, &m.device_id);
-                varint::put(&mut body, m.code.to_u64());
-                varint::put(&mut body, m.devices);
-                varint::put_str(&mut body, &m.reason);
+                varint::put_str(body, &m.device_id);
+                varint::put(body, m.code.to_u64());
+                varint::put(body, m.devices);
+                varint::put_str(body, &m.reason);
             }
             Message::ClipHeader(m) => {
                 body.put_slice(&m.clip_id.0);
-                m.target.put(&mut body);
-                m.format.put(&mut body);
+                m.target.put(body);
+                m.format.put(body);
             }
             Message::Accepted(m) => {
                 body.put_slice(&m.clip_id.0);
@@ -567,26 +585,23 @@ impl Message {
             }
             Message::Rejected(m) => {
                 body.put_slice(&m.clip_id.0);
-                varint::put(&mut body, m.code.to_u64());
-                varint::put(&mut body, m.retry_after_ms);
-                varint::put_str(&mut body, &m.reason);
+                varint::put(body, m.code.to_u64());
+                varint::put(body, m.retry_after_ms);
+                varint::put_str(body, &m.reason);
             }
             Message::Delivery(m) => {
-                put_id_and_sender(&mut body, &m.clip_id, &m.sender);
-                m.target.put(&mut body);
-                m.format.put(&mut body);
-                varint::put(&mut body, m.created_ms);
+                put_id_and_sender(body, &m.clip_id, &m.sender);
+                m.target.put(body);
+                m.format.put(body);
+                varint::put(body, m.created_ms);
                 body.put_u8(u8::from(m.live));
             }
             Message::Unknown(_) => {}
         }
-        varint::put(buf, self.kind());
-        varint::put(buf, body.len() as u64);
-        buf.put_slice(&body);
     }
 
     pub fn to_bytes(&self) -> bytes::Bytes {
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(64);
         self.encode(&mut buf);
         buf.freeze()
     }
@@ -780,6 +795,33 @@ mod tests {
 
     fn id(b: u8) -> ClipId {
         ClipId([b; 16])
+    }
+
+    #[test]
+    fn messages_encode_after_what_the_buffer_holds_with_every_length_size() {
+        // Bodies of 1-, 2- and 4-byte length varints, one after another in
+        // one buffer, each as it encodes alone.
+        let msgs: Vec<Message> = [2, 60, 1_100]
+            .into_iter()
+            .map(|n| Message::Acks((0..n).map(|i| id(i as u8)).collect()))
+            .collect();
+        let mut buf = BytesMut::from(&b"before"[..]);
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        assert_eq!(&buf[..6], b"before");
+        let mut at = 6;
+        for m in &msgs {
+            let alone = m.to_bytes();
+            assert_eq!(&buf[at..at + alone.len()], &alone[..]);
+            let (back, used) = Message::decode(&buf[at..], 1 << 20).unwrap().unwrap();
+            assert_eq!((&back, used), (m, alone.len()));
+            at += used;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(msgs[0].to_bytes()[1], 32, "one-byte length");
+        assert_eq!(msgs[1].to_bytes()[1] >> 6, 1, "two-byte length");
+        assert_eq!(msgs[2].to_bytes()[1] >> 6, 2, "four-byte length");
     }
 
     #[test]

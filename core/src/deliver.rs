@@ -2,7 +2,7 @@
 //! none goes out twice), the window of stored deliveries not yet
 //! acknowledged, and the pump's order: live clips first.
 
-use std::collections::HashMap;
+use crate::hash::HashMap;
 
 use codec::wire::ClipId;
 

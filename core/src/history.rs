@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::hash::DashMap;
 use codec::wire::ClipId;
-use dashmap::DashMap;
 
 /// What the history needs of a clip.
 pub trait Aged {
@@ -93,7 +93,7 @@ impl Seen {
     /// For a history of `depth` entries.
     pub fn new(depth: usize) -> Self {
         Self {
-            by: DashMap::new(),
+            by: DashMap::default(),
             keep: depth.max(1) * 2,
             dirty: AtomicBool::new(false),
         }

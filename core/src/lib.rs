@@ -5,12 +5,13 @@
 //! and cluster code (crate `relay`) tell it what happened, with `now`, and
 //! carry out what it answers.
 //!
-//! This crate depends on `codec` and `dashmap` only: no tokio, no quinn,
+//! This crate depends on `codec`, `dashmap` and `foldhash` only: no tokio, no quinn,
 //! no clock of its own (a unit test in `relay/src/house.rs` reads the lock
 //! file to keep it so).
 
 pub mod admission;
 pub mod deliver;
+pub mod hash;
 pub mod history;
 pub mod limits;
 pub mod refusal;

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::hash::DashMap;
 use codec::wire::Target;
-use dashmap::DashMap;
 
 /// What the router needs of a session (its handle, `M`, is a `Member`
 /// that is `Clone`, such as an `Arc` of one).
@@ -107,9 +107,9 @@ pub struct Router<M, T> {
 impl<M: Member + Clone, T: Clone> Default for Router<M, T> {
     fn default() -> Self {
         Self {
-            sessions: DashMap::new(),
-            members: DashMap::new(),
-            floors: DashMap::new(),
+            sessions: DashMap::default(),
+            members: DashMap::default(),
+            floors: DashMap::default(),
         }
     }
 }

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::hash::DashMap;
 use codec::ErrorCode;
 use codec::wire::ClipId;
-use dashmap::DashMap;
 
 use crate::refusal::Refusal;
 
@@ -39,7 +39,7 @@ pub enum Begin<T> {
 impl<T: Clone> Default for Uploads<T> {
     fn default() -> Self {
         Self {
-            running: DashMap::new(),
+            running: DashMap::default(),
         }
     }
 }

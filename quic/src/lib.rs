@@ -48,9 +48,18 @@ pub struct MessageReader {
 
 impl MessageReader {
     pub fn new(recv: RecvStream, max_body: usize) -> Self {
+        Self::with_capacity(recv, max_body, 0)
+    }
+
+    /// A reader whose buffer starts with room for `capacity` bytes: a
+    /// stream that is read whole (a clip's upload) then fills one
+    /// allocation instead of growing one per chunk. Messages taken from it
+    /// (`split_to`) share that allocation; a new one is made only once it
+    /// is used up.
+    pub fn with_capacity(recv: RecvStream, max_body: usize, capacity: usize) -> Self {
         Self {
             recv,
-            buf: BytesMut::new(),
+            buf: BytesMut::with_capacity(capacity),
             max_body,
         }
     }

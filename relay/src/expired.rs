@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use dashmap::DashMap;
+use relay_core::hash::DashMap;
 
 use codec::wire::{ClipId, Expired, Target};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,7 @@ pub struct ExpiredBook {
 impl ExpiredBook {
     pub fn new(per_user: usize) -> Self {
         Self {
-            users: DashMap::new(),
+            users: DashMap::default(),
             per_user: per_user.max(1),
             dirty: AtomicBool::new(false),
         }

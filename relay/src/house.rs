@@ -301,7 +301,7 @@ fn the_core_reaches_no_tokio_and_no_quinn() {
         }
     }
     assert!(
-        seen.contains("codec") && seen.contains("dashmap"),
+        seen.contains("codec") && seen.contains("dashmap") && seen.contains("foldhash"),
         "{seen:?}"
     );
     for io in ["tokio", "quinn", "quinn-proto", "mio", "socket2"] {

@@ -1,7 +1,7 @@
 //! The relay process: QUIC endpoint, admin listener, background sweeps and
 //! shutdown. Tests start the same [`Relay`] the binary starts.
 
-use std::collections::HashMap;
+use relay_core::hash::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -736,7 +736,7 @@ async fn note_expiring(shared: &Shared, ttl: u64, now: u64) -> bool {
         .as_millis() as u64;
     shared.expired.prune(now.saturating_sub(keep));
     let doomed = shared.store.expiring(ttl);
-    let mut told: HashMap<Arc<str>, Vec<codec::wire::Expired>> = HashMap::new();
+    let mut told: HashMap<Arc<str>, Vec<codec::wire::Expired>> = HashMap::default();
     for (user, clip) in &doomed {
         if let Some(n) = shared.expired.add(user, &clip.meta) {
             told.entry(user.clone()).or_default().push(n);

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use codec::ErrorCode;
 use codec::token::{Claims, PublicKeys, Right, TokenError, TokenKey, Verifier};
-use codec::wire::{ClipId, Message};
-use dashmap::DashMap;
+use codec::wire::{ClipId, Message, Target};
 use quinn::{Connection, SendStream};
+use relay_core::hash::DashMap;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -153,29 +153,21 @@ pub(crate) enum ClusterFloor {
 /// first packet, instead of waiting for it to be stored.
 #[derive(Default)]
 pub struct Speaking {
-    by_target: DashMap<String, Vec<Arc<LiveClip>>>,
-}
-
-fn speaking_key(target: &codec::wire::Target) -> String {
-    match target {
-        codec::wire::Target::User(u) => format!("u:{u}"),
-        codec::wire::Target::Channel(c) => format!("c:{c}"),
-    }
+    by_target: DashMap<Target, Vec<Arc<LiveClip>>>,
 }
 
 impl Speaking {
     /// `clip` started.
     pub fn begin(&self, clip: &Arc<LiveClip>) {
         self.by_target
-            .entry(speaking_key(&clip.meta.target))
+            .entry(clip.meta.target.clone())
             .or_default()
             .push(clip.clone());
     }
 
     /// `clip` ended (stored or cut).
     pub fn end(&self, clip: &LiveClip) {
-        let key = speaking_key(&clip.meta.target);
-        self.by_target.remove_if_mut(&key, |_, v| {
+        self.by_target.remove_if_mut(&clip.meta.target, |_, v| {
             v.retain(|c| c.meta.id != clip.meta.id);
             v.is_empty()
         });
@@ -187,7 +179,8 @@ impl Speaking {
         user: &str,
         channels: impl Iterator<Item = &'a String>,
     ) -> Vec<Arc<LiveClip>> {
-        let keys = std::iter::once(format!("u:{user}")).chain(channels.map(|c| format!("c:{c}")));
+        let keys = std::iter::once(Target::User(user.to_owned()))
+            .chain(channels.map(|c| Target::Channel(c.clone())));
         let mut out = Vec::new();
         for k in keys {
             if let Some(v) = self.by_target.get(&k) {
@@ -254,14 +247,14 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             faults: crate::faults::Faults::default(),
-            budgets: DashMap::new(),
+            budgets: DashMap::default(),
             handshakes: std::sync::Mutex::new(relay_core::limits::Bucket::new(
                 f64::from(config.max_handshakes_per_second.max(1)),
                 Duration::from_secs(1),
                 std::time::Instant::now(),
             )),
             inflight: AtomicU64::new(0),
-            history: DashMap::new(),
+            history: DashMap::default(),
             speaking: Speaking::default(),
             history_seen: relay_core::history::Seen::new(config.channel_history_depth),
             cursors: (config.store == StoreKind::Disk)

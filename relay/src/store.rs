@@ -7,7 +7,8 @@
 //! from a cursor, ack (release a recipient's copy), expire, and remember clip
 //! ids for sender retries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use relay_core::hash::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use codec::ClipEnd;
 use codec::wire::{AudioFormat, ClipId, Delivery, Message, Target};
-use dashmap::DashMap;
+use relay_core::hash::DashMap;
 use thiserror::Error;
 
 /// What every copy of a clip shares.
@@ -355,8 +356,8 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
         Self {
-            mailboxes: DashMap::new(),
-            ids: DashMap::new(),
+            mailboxes: DashMap::default(),
+            ids: DashMap::default(),
             id_log: Mutex::new(VecDeque::new()),
             seq: AtomicU64::new(0),
             pending: AtomicU64::new(0),

@@ -4,7 +4,7 @@
 
 pub use crate::admin::UserUsage;
 pub use crate::cluster::{Cluster, channel_subject, user_subject};
-pub use crate::credit::STREAM_CREDIT_FACTOR;
+pub use crate::credit::{STREAM_CREDIT_FACTOR, STREAM_WINDOW};
 pub use crate::disk_store::{DiskStore, LogOptions};
 pub use crate::live::{LiveClip, Next};
 pub use crate::metrics::{CATALOGUE, handle as metrics_handle};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use codec::wire::DayUsage;
-use dashmap::DashMap;
+use relay_core::hash::DashMap;
 use serde::{Deserialize, Serialize};
 
 pub use codec::wire::{date, day_of};
@@ -52,7 +52,7 @@ impl UsageBook {
         Self {
             keep_days: keep_days.max(1),
             max_users,
-            users: DashMap::new(),
+            users: DashMap::default(),
             dirty: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         }

@@ -701,6 +701,51 @@ async fn uploads_per_connection_are_capped_by_stream_credit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_waiting_in_upload_streams_are_capped_by_the_connection_window() {
+    // Two uploads being read (and stalled, well within the idle and lag
+    // limits), the rest of the stream credit open and written to as fast
+    // as QUIC lets: the relay does not read them, so what it holds of
+    // them is what the connection's window lets in, `(max_clip_streams +
+    // 1) × STREAM_WINDOW` in all, however many streams carry it.
+    let t = start(|c| {
+        c.max_clip_streams = 2;
+        c.upload_idle_timeout = Duration::from_secs(60);
+        c.max_upload_lag = Duration::from_secs(60);
+    })
+    .await;
+    let (_bob, _bob_ev) = t.connect("bob").await;
+    let (alice, _) = t.connect("alice").await;
+    let pk: Vec<bytes::Bytes> = (0..3).map(|i| packet(i, 40)).collect();
+    let _first = raw_upload(&alice, ClipId([1; 16]), "bob", &pk).await;
+    let _second = raw_upload(&alice, ClipId([2; 16]), "bob", &pk).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stream_window = relay::testing::STREAM_WINDOW as usize;
+    let window = 3 * stream_window;
+    let chunk = vec![0u8; 64 * 1024];
+    let (mut written, mut blocked) = (0, 0);
+    let mut streams = Vec::new();
+    for _ in 0..3 * relay::testing::STREAM_CREDIT_FACTOR - 3 {
+        let open = tokio::time::timeout(Duration::from_secs(2), alice.connection().open_bi());
+        let (mut s, r) = open.await.expect("a stream within the credit").unwrap();
+        let mut mine = 0;
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(300), s.write(&chunk)).await
+        {
+            mine += n;
+        }
+        assert!(mine <= stream_window, "{mine} bytes on one stream");
+        written += mine;
+        blocked += usize::from(mine == 0);
+        streams.push((s, r));
+    }
+    assert!(
+        written > stream_window && written <= window,
+        "{written} bytes waiting in all, the window is {window}"
+    );
+    assert!(blocked > 0, "every stream took data: {written} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clip_bytes_per_minute_are_limited() {
     let t = start(|c| {
         c.max_clips_per_minute = 0;

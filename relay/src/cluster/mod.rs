@@ -36,7 +36,8 @@
 //! have missed for its own users; live runs that were open resume.
 //! `docs/cluster.md` has the design and what each failure delays or loses.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use relay_core::hash::{HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -46,9 +47,9 @@ use bytes::Bytes;
 use codec::cluster::{Relayed, Run, Take, subject_token};
 use codec::wire::{ClipId, Target};
 use codec::{ErrorCode, Framer, Message};
-use dashmap::DashMap;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use relay_core::hash::DashMap;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

@@ -13,8 +13,9 @@ use codec::{ClipEnd, ErrorCode, Framer};
 use futures_util::FutureExt;
 use quic::{MessageReader, StreamError};
 use quinn::{Connection, RecvStream, SendStream};
+use std::pin::Pin;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, Sleep, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 mod control;
@@ -184,10 +185,25 @@ fn handshake_failed<T>(error: &dyn std::fmt::Display) -> Option<T> {
     None
 }
 
+/// How long an upload's task waits for the sender to have its answer.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn reply(send: &mut SendStream, msg: Message) {
+    let timer = std::pin::pin!(tokio::time::sleep(ANSWER_WAIT));
+    reply_within(send, msg, timer).await;
+}
+
+/// Sends an upload's answer and waits until the sender has it (so a
+/// shutdown that drains uploads does not close the connection under it),
+/// at most [`ANSWER_WAIT`], on the upload's own `timer` (moved, not a
+/// second timer).
+async fn reply_within(send: &mut SendStream, msg: Message, mut timer: Pin<&mut Sleep>) {
     if quic::write_message(send, &msg).await.is_ok() && send.finish().is_ok() {
-        // Until the sender has the answer (so a shutdown that drains
-        // uploads does not close the connection under it), bounded.
-        let _ = timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+        timer.as_mut().reset(Instant::now() + ANSWER_WAIT);
+        tokio::select! {
+            biased;
+            _ = send.stopped() => {}
+            () = timer => {}
+        }
     }
 }

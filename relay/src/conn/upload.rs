@@ -55,6 +55,12 @@ pub(super) async fn accept_uploads(shared: &Arc<Shared>, session: &Arc<Session>)
     }
 }
 
+/// An upload's read buffer: about two seconds of voice at 16 kbit/s and
+/// the header, filled chunk by chunk; the packets taken from it for the
+/// live clip share it (docs/benchmarks.md, "The relay's own CPU per clip,
+/// part 2").
+const UPLOAD_BUFFER: usize = 4096;
+
 /// One clip upload: header, packets relayed live as they arrive, stored,
 /// then "accepted".
 pub(super) async fn upload(
@@ -63,7 +69,7 @@ pub(super) async fn upload(
     mut send: SendStream,
     recv: RecvStream,
 ) {
-    let mut rd = MessageReader::new(recv, shared.config.max_message_bytes);
+    let mut rd = MessageReader::with_capacity(recv, shared.config.max_message_bytes, UPLOAD_BUFFER);
     let Some((header, recipients)) = opening(shared, session, &mut send, &mut rd).await else {
         return;
     };
@@ -95,7 +101,10 @@ pub(super) async fn upload(
     let live = LiveClip::new(meta.clone());
     fan_out(shared, &live, &recipients, channel.as_deref());
     shared.speaking.begin(&live);
-    let result = receive(shared, session, &mut rd, &live, &stop).await;
+    // One timer for the upload's waits (each read, then its answer),
+    // moved forward as it goes rather than one registered per wait.
+    let mut timer = std::pin::pin!(tokio::time::sleep(shared.config.upload_idle_timeout));
+    let result = receive(shared, session, &mut rd, &live, &stop, timer.as_mut()).await;
     // Ok(duplicate?) once stored; the live clip completes only if new.
     let ended = std::time::Instant::now();
     let outcome = match result {
@@ -122,7 +131,7 @@ pub(super) async fn upload(
     // The answer is ready (stored, or refused): what the sender waits for
     // beyond its own upload, without the round trip of the reply itself.
     metrics::hot().sender_ack.record(ended.elapsed());
-    answer(&mut send, id, outcome, channel.is_some()).await;
+    answer(&mut send, id, outcome, channel.is_some(), timer).await;
 }
 
 /// A clip's opening: its header read and admitted (a new clip charged to
@@ -174,10 +183,11 @@ async fn receive(
     rd: &mut MessageReader,
     live: &LiveClip,
     stop: &Stop,
+    timer: Pin<&mut Sleep>,
 ) -> Result<(Bytes, ClipEnd), Refusal> {
     let mut held = 0u64;
     let result = tokio::select! {
-        r = receive_packets(shared, rd, live, &mut held) => r,
+        r = receive_packets(shared, rd, live, &mut held, timer) => r,
         r = stop.stopped() => Err(r),
     };
     shared
@@ -337,6 +347,7 @@ pub(super) async fn answer(
     id: ClipId,
     outcome: Result<bool, Refusal>,
     channel: bool,
+    timer: Pin<&mut Sleep>,
 ) {
     match outcome {
         Ok(duplicate) => {
@@ -346,19 +357,16 @@ pub(super) async fn answer(
                 (false, false) => hot.accepted_user.increment(1),
                 (false, true) => hot.accepted_channel.increment(1),
             }
-            reply(
-                send,
-                Message::Accepted(Accepted {
-                    clip_id: id,
-                    duplicate,
-                }),
-            )
-            .await;
+            let msg = Message::Accepted(Accepted {
+                clip_id: id,
+                duplicate,
+            });
+            reply_within(send, msg, timer).await;
         }
         Err(r) => {
             debug!(clip = %id, code = r.code.name(), reason = %r.reason, "clip refused");
             metrics::count(metrics::CLIPS_REJECTED, "reason", r.code.name());
-            reply(send, rejected(id, r)).await;
+            reply_within(send, rejected(id, r), timer).await;
         }
     }
 }
@@ -526,6 +534,7 @@ pub(super) async fn receive_packets(
     rd: &mut MessageReader,
     live: &LiveClip,
     held: &mut u64,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<ClipEnd, Refusal> {
     let cfg = &shared.config;
     let mut framer = Framer::for_clip(cfg.frame_limits(), live.meta.format.pre_skip);
@@ -574,10 +583,17 @@ pub(super) async fn receive_packets(
         }
         let idle = Instant::now() + cfg.upload_idle_timeout;
         let behind = behind(&framer);
-        match timeout_at(idle.min(behind), rd.fill()).await {
+        // Both deadlines only move on: the reset is an atomic store.
+        timer.as_mut().reset(idle.min(behind));
+        let filled = tokio::select! {
+            biased;
+            r = rd.fill() => Ok(r),
+            () = timer.as_mut() => Err(()),
+        };
+        match filled {
             // Behind real time: refused at the top of the loop.
-            Err(_) if Instant::now() >= behind => {}
-            Err(_) => {
+            Err(()) if Instant::now() >= behind => {}
+            Err(()) => {
                 return Err(Refusal::new(
                     ErrorCode::UploadIdleTimeout,
                     format!("no data for {:?}", cfg.upload_idle_timeout),

@@ -24,7 +24,7 @@ impl Copies {
         } else {
             Copies {
                 list: v,
-                map: HashMap::new(),
+                map: HashMap::default(),
             }
         }
     }

@@ -41,13 +41,14 @@
 //! an older one it is damage (counted and logged; the rest of that segment
 //! is skipped).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use relay_core::hash::{HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use codec::wire::ClipId;
-use dashmap::DashMap;
+use relay_core::hash::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -273,7 +274,7 @@ impl DiskStore {
         Ok((
             Self {
                 mem,
-                committing: DashMap::new(),
+                committing: DashMap::default(),
                 ops: tx,
                 history,
             },
@@ -408,7 +409,7 @@ impl DiskStore {
                 };
                 (Some(self.mem.insert(clip, &owed, false)), acked)
             } else {
-                (None, HashSet::new())
+                (None, HashSet::default())
             }
         };
         drop(in_flight);

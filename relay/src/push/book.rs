@@ -3,7 +3,8 @@
 //! fold ([`PushBook::apply`]), the same at run time and when the log is
 //! read back at start.
 
-use std::collections::{BTreeSet, HashMap};
+use relay_core::hash::HashMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use codec::wire::PushProvider;
@@ -82,8 +83,8 @@ pub struct PushBook {
 impl PushBook {
     pub fn new(max_devices: usize) -> PushBook {
         PushBook {
-            users: HashMap::new(),
-            members: HashMap::new(),
+            users: HashMap::default(),
+            members: HashMap::default(),
             max_devices: max_devices.max(1),
         }
     }

@@ -2,7 +2,7 @@
 //! busy channel may wake one device, and what to do with each answer of a
 //! provider. Time comes in as an argument.
 
-use std::collections::HashMap;
+use relay_core::hash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,8 +49,8 @@ impl Planner {
         Planner {
             min_interval_ms: min_interval.as_millis() as u64,
             remember_ms: remember.as_millis() as u64,
-            pushed: HashMap::new(),
-            channel_pushed: HashMap::new(),
+            pushed: HashMap::default(),
+            channel_pushed: HashMap::default(),
             last_sweep_ms: 0,
         }
     }
