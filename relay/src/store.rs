@@ -7,7 +7,6 @@
 //! from a cursor, ack (release a recipient's copy), expire, and remember clip
 //! ids for sender retries.
 
-use relay_core::hash::HashMap;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -17,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use codec::ClipEnd;
 use codec::wire::{AudioFormat, ClipId, Delivery, Message, Target};
-use relay_core::hash::DashMap;
+use relay_core::hash::{DashMap, HashMap};
 use thiserror::Error;
 
 /// What every copy of a clip shares.

@@ -36,7 +36,6 @@
 //! have missed for its own users; live runs that were open resume.
 //! `docs/cluster.md` has the design and what each failure delays or loses.
 
-use relay_core::hash::{HashMap, HashSet};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,7 +48,7 @@ use codec::wire::{ClipId, Target};
 use codec::{ErrorCode, Framer, Message};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use relay_core::hash::DashMap;
+use relay_core::hash::{DashMap, HashMap, HashSet};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

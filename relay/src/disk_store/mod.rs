@@ -41,14 +41,13 @@
 //! an older one it is damage (counted and logged; the rest of that segment
 //! is skipped).
 
-use relay_core::hash::{HashMap, HashSet};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use codec::wire::ClipId;
-use relay_core::hash::DashMap;
+use relay_core::hash::{DashMap, HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
