@@ -478,7 +478,8 @@ export class PttSession extends EventTarget {
     const ids = a.held;
     a.held = [];
     if (!this.ctl || ids.length === 0) return;
-    this.ctl.write(ids.length === 1 ? encodeAck(ids[0]) : encodeAcks(ids)).catch(() => {});
+    // One id gives the same bytes as `encodeAck`.
+    this.ctl.write(encodeAcks(ids)).catch(() => {});
   }
 
   // Delivery streams come in the order the relay opened them (stream id

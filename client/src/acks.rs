@@ -22,9 +22,9 @@ pub struct AckBatch {
 pub enum Push {
     /// Send this message now.
     Send(Message),
-    /// Held: the first of a new batch, to be sent after `hold` (wake the
-    /// sender).
-    First { hold: Duration },
+    /// Held: the first of a new batch, to be sent after [`AckBatch::hold`]
+    /// (wake the sender).
+    First,
     /// Held with others already waiting.
     Held,
 }
@@ -48,16 +48,15 @@ impl AckBatch {
     /// `id` is to be acked.
     pub fn push(&mut self, id: ClipId) -> Push {
         self.held.push(id);
-        let hold = self.hold();
         // No hold (one id per `Ack`, at once), or the message is full.
         let full = self
             .policy
             .is_none_or(|p| self.held.len() as u64 >= p.max_ids);
-        if hold.is_zero() || full {
+        if self.hold().is_zero() || full {
             return Push::Send(self.message());
         }
         if self.held.len() == 1 {
-            Push::First { hold }
+            Push::First
         } else {
             Push::Held
         }
@@ -106,12 +105,8 @@ mod tests {
             max_ids: 3,
             hold_ms: 20,
         }));
-        assert_eq!(
-            b.push(id(1)),
-            Push::First {
-                hold: Duration::from_millis(20)
-            }
-        );
+        assert_eq!(b.push(id(1)), Push::First);
+        assert_eq!(b.hold(), Duration::from_millis(20));
         assert_eq!(b.push(id(2)), Push::Held);
         // The third fills the message: it goes now, and a new batch starts.
         assert_eq!(
@@ -119,7 +114,7 @@ mod tests {
             Push::Send(Message::Acks(vec![id(1), id(2), id(3)]))
         );
         assert_eq!(b.take(), None);
-        assert!(matches!(b.push(id(4)), Push::First { .. }));
+        assert_eq!(b.push(id(4)), Push::First);
         // The hold over: what is held goes, one id as a plain `Ack`.
         assert_eq!(b.take(), Some(Message::Ack(id(4))));
         assert_eq!(b.take(), None);

@@ -629,7 +629,7 @@ impl Client {
         };
         match push {
             Push::Send(m) => self.send_acks(&m).await,
-            Push::First { .. } => {
+            Push::First => {
                 self.acks_due.notify_one();
                 Ok(())
             }

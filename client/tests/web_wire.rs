@@ -28,6 +28,7 @@ const t = readVarint(p, 0), l = readVarint(p, t[1]);
 const m = decodeMessage(t[0], p.subarray(t[1] + l[1]));
 console.log(JSON.stringify({{
   one: hex(encodeAck(id(0x11))),
+  oneHeld: hex(encodeAcks([id(0x11)])),
   two: hex(encodeAcks([id(0x11), id(0x22)])),
   policy: m,
 }}));
@@ -39,6 +40,8 @@ console.log(JSON.stringify({{
     let one = Message::Ack(ClipId([0x11; 16])).to_bytes();
     let two = Message::Acks(vec![ClipId([0x11; 16]), ClipId([0x22; 16])]).to_bytes();
     assert_eq!(out["one"], hex(&one));
+    // A batch of one, as `flushAcks` sends it, is a plain `Ack`.
+    assert_eq!(out["oneHeld"], hex(&one));
     assert_eq!(out["two"], hex(&two));
     assert_eq!(
         out["policy"],
