@@ -588,6 +588,13 @@ impl Config {
             (1..=4096).contains(&self.ack_batch),
             "ack_batch must be 1..=4096 (4,096 ids fill a 64 KiB message)",
         )?;
+        // A client that fills an `Ack` as announced must not be refused
+        // for its size.
+        let ids_bytes = self.ack_batch as usize * std::mem::size_of::<codec::wire::ClipId>();
+        ensure(
+            ids_bytes <= self.max_message_bytes,
+            "ack_batch clip ids (16 bytes each) must fit in max_message_bytes",
+        )?;
         ensure(
             self.ack_hold < self.ack_delay,
             "ack_hold must be shorter than ack_delay",
@@ -695,6 +702,11 @@ mod tests {
             },
             Config {
                 ack_batch: 4097,
+                ..ok.clone()
+            },
+            Config {
+                ack_batch: 65,
+                max_message_bytes: 1024,
                 ..ok.clone()
             },
             Config {
