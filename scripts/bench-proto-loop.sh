@@ -15,8 +15,13 @@
 #   scripts/bench-proto-loop.sh ROUNDS SESSIONS [SESSIONS...]
 #   e.g. scripts/bench-proto-loop.sh 3 20000 100000
 #
-# Needs `cargo build --release -p relay -p client-sim -p benches --example
-# proto_loop` first, taskset and curl.
+# The prototype runs with each crypto session in CRYPTOS (default
+# "rustls lean": quinn's, and the relay's `quic::lean_tls`); RELAYS lists
+# the relay binaries measured (default this build's), e.g. an earlier
+# build's beside this one.
+#
+# Needs `cargo build --release -p relay -p client-sim` and `cargo build
+# --release -p benches --example proto_loop` first, taskset and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -49,7 +54,7 @@ rate() { # label server-command...
     --report-json "$work/b.json" >/dev/null 2>&1 || true
   kill "$sp" 2>/dev/null || true
   wait "$sp" 2>/dev/null || true
-  python3 -c "import json; print(f\"rate   {'$label':6} clips/s {json.load(open('$work/b.json'))['clips_per_s']:9.1f}\")"
+  python3 -c "import json; print(f\"rate   {'$label':8} clips/s {json.load(open('$work/b.json'))['clips_per_s']:9.1f}\")"
 }
 
 # Waits until COUNT-COMMAND prints at least N (at most 200 s), then 20 s,
@@ -67,7 +72,7 @@ idle() { # label n pid s0 count-command...
   sleep 20
   s=$("$@")
   awk -v s0="$s0" -v n="${s:-0}" -v label="$label" '/VmRSS/{
-    printf "idle   %-6s sessions %6d  RSS %7.1f MiB  per idle connection %5.1f KiB\n",
+    printf "idle   %-8s sessions %6d  RSS %7.1f MiB  per idle connection %5.1f KiB\n",
       label, n, $2 / 1024, ($2 - s0) / (n > 0 ? n : 1) }' "/proc/$pid/status"
 }
 proto_sessions() { awk '/^connections/{s=$4} END{printf "%d", s}' "$work/proto.log"; }
@@ -78,33 +83,42 @@ hold() { # port n
   lp=$!
 }
 
+read -r -a relays <<<"${RELAYS:-$relay}"
+read -r -a cryptos <<<"${CRYPTOS:-rustls lean}"
 for round in $(seq "$rounds"); do
   echo "round $round"
   rate quinn "$load" sink --listen 127.0.0.1:4478 --cert "$work/d/cert.pem" --key "$work/d/key.pem"
-  rate proto "$proto" --mode sink --listen 127.0.0.1:4478 --cert "$work/d/cert.pem" \
-    --key "$work/d/key.pem"
+  for c in "${cryptos[@]}"; do
+    rate "p-$c" "$proto" --mode sink --crypto "$c" --listen 127.0.0.1:4478 \
+      --cert "$work/d/cert.pem" --key "$work/d/key.pem"
+  done
   for n in "${sizes[@]}"; do
+   for r in "${relays[@]}"; do
     rm -rf "$work/relay"
     cp -r "$work/d" "$work/relay"
-    taskset -c 0 "$relay" serve --data-dir "$work/relay" --listen 127.0.0.1:4476 \
+    label=relay
+    [ ${#relays[@]} -gt 1 ] && label=$(basename "$r")
+    taskset -c 0 "$r" serve --data-dir "$work/relay" --listen 127.0.0.1:4476 \
       --admin 127.0.0.1:9496 --web off --max-handshakes-per-second 0 \
       --max-connections 250000 >/dev/null 2>&1 &
     rp=$!
     wait_ready "$work/relay" 127.0.0.1:9496
     s0=$(awk '/VmRSS/{print $2}' /proc/$rp/status)
     hold 4476 "$n"
-    idle relay "$n" "$rp" "$s0" sessions_open 127.0.0.1:9496
+    idle "$label" "$n" "$rp" "$s0" sessions_open 127.0.0.1:9496
     kill "$lp" "$rp" 2>/dev/null || true
     wait "$lp" "$rp" 2>/dev/null || true
-
-    taskset -c 0 "$proto" --mode ptt --listen 127.0.0.1:4479 --cert "$work/d/cert.pem" \
+   done
+   for c in "${cryptos[@]}"; do
+    taskset -c 0 "$proto" --mode ptt --crypto "$c" --listen 127.0.0.1:4479 --cert "$work/d/cert.pem" \
       --key "$work/d/key.pem" --secret "$work/d/token.secret" >"$work/proto.log" 2>&1 &
     pp=$!
     sleep 1
     s0=$(awk '/VmRSS/{print $2}' /proc/$pp/status)
     hold 4479 "$n"
-    idle proto "$n" "$pp" "$s0" proto_sessions
+    idle "p-$c" "$n" "$pp" "$s0" proto_sessions
     kill "$lp" "$pp" 2>/dev/null || true
     wait "$lp" "$pp" 2>/dev/null || true
+   done
   done
 done

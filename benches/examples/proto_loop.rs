@@ -17,6 +17,9 @@
 //!   enough for `client-sim load` to hold idle sessions, whose RSS per
 //!   connection is measured against the relay's (docs/benchmarks.md).
 //!
+//! - `--crypto lean`: the relay's crypto session (`quic::lean_tls`),
+//!   against quinn's (`rustls`, the default).
+//!
 //! ```text
 //! cargo run --release -p benches --example proto_loop -- --mode sink \
 //!     --listen 127.0.0.1:4460 --cert cert.pem --key key.pem
@@ -56,6 +59,12 @@ struct Args {
     /// The relay's token secret (`--mode ptt`).
     #[arg(long)]
     secret: Option<PathBuf>,
+    /// `rustls`: quinn's crypto session (rustls's state and both key
+    /// phases held for the connection's life); `lean`: the relay's
+    /// (`quic::lean_tls`: rustls's state dropped after the handshake, the
+    /// next key phase derived when used).
+    #[arg(long, default_value = "rustls")]
+    crypto: String,
 }
 
 /// A connection and what the loop knows of it.
@@ -84,8 +93,23 @@ struct Loop {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let crypto = quic::server_crypto(&args.cert, &args.key, 0)?;
-    let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = match args.crypto.as_str() {
+        "rustls" => {
+            ServerConfig::with_crypto(Arc::new(quic::server_crypto(&args.cert, &args.key, 0)?))
+        }
+        "lean" => {
+            let key = quinn::rustls::sign::SingleCertAndKey::from(quic::certified_key(
+                &args.cert, &args.key,
+            )?);
+            let alpn = vec![codec::wire::ALPN.to_vec()];
+            ServerConfig::with_crypto(Arc::new(quic::lean_server_crypto_with(
+                Arc::new(key),
+                alpn,
+                0,
+            )?))
+        }
+        other => anyhow::bail!("--crypto is rustls or lean, not {other}"),
+    };
     let mut t = TransportConfig::default();
     // As the quinn sink (sink) or as the relay after `Auth` (ptt).
     let ptt = args.mode == "ptt";
@@ -129,7 +153,10 @@ fn main() -> anyhow::Result<()> {
         clips: 0,
         sessions: 0,
     };
-    println!("listening on {} ({})", args.listen, args.mode);
+    println!(
+        "listening on {} ({}, {})",
+        args.listen, args.mode, args.crypto
+    );
     l.run()
 }
 

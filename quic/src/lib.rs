@@ -2,6 +2,7 @@
 //! read whole messages from a stream, write them, and carry protocol error
 //! codes in QUIC's close, reset and stop frames.
 
+pub mod lean_tls;
 mod turns;
 
 pub use turns::{Turn, Turns};
@@ -199,6 +200,28 @@ pub fn server_crypto_with(
     alpn: Vec<Vec<u8>>,
     zero_rtt_tickets: usize,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    let tls = server_tls_with(certs, alpn, zero_rtt_tickets)?;
+    quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))
+}
+
+/// As [`server_crypto_with`], with sessions that drop their TLS state
+/// after the handshake and derive the next key phase's keys when used
+/// ([`lean_tls`]): for servers holding many connections.
+pub fn lean_server_crypto_with(
+    certs: std::sync::Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: Vec<Vec<u8>>,
+    zero_rtt_tickets: usize,
+) -> Result<lean_tls::LeanServerConfig, TlsError> {
+    let tls = server_tls_with(certs, alpn, zero_rtt_tickets)?;
+    lean_tls::LeanServerConfig::new(std::sync::Arc::new(tls))
+}
+
+/// The rustls side of [`server_crypto_with`].
+fn server_tls_with(
+    certs: std::sync::Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: Vec<Vec<u8>>,
+    zero_rtt_tickets: usize,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -219,7 +242,7 @@ pub fn server_crypto_with(
         // replay-safe.
         tls.session_storage = rustls::server::ServerSessionMemoryCache::new(zero_rtt_tickets);
     }
-    quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))
+    Ok(tls)
 }
 
 /// The TLS configuration could not be built.
