@@ -8,7 +8,8 @@
 #   scripts/bench-vs-build.sh ROUNDS OTHER_PTT_RELAY_BINARY
 #
 # SINK=1 adds, each round, the same upload workload against a bare quinn
-# sink (`client-sim sink` on core 0): the reference for the clip rate.
+# sink (`client-sim sink` on core 0): the reference for the clip rate, and
+# its CPU per clip for the relay's (`us/clip`: CPU over the run / clips).
 # CHANNEL=1 adds a channel run (one talker, 999 members) to each round.
 # CLUSTER=1 runs each relay clustered, on a `nats-server -js` of its own
 # (also on core 0): the clustered relay's clip rate, build against build.
@@ -78,13 +79,26 @@ sink() { # the upload workload against a bare quinn sink on core 0
   rm -f "$work/b.json"
   taskset -c 0 "$load" sink --listen 127.0.0.1:4443 --cert "$work/this/cert.pem" \
     --key "$work/this/key.pem" >/dev/null 2>&1 &
-  local sp=$!
+  local sp=$! c0 c1 t0 t1
   sleep 1
+  # The sink's CPU (user + system ticks) over the run, as the relay's is
+  # measured: its CPU per clip is the reference beside the relay's.
+  c0=$(awk '{print $14 + $15}' "/proc/$sp/stat")
+  t0=$(date +%s.%N)
   taskset -c 1 "$load" baseline --sink 127.0.0.1:4443 --cert "$work/this/cert.pem" "$@" \
     --report-json "$work/b.json" >/dev/null 2>&1 || true
+  c1=$(awk '{print $14 + $15}' "/proc/$sp/stat")
+  t1=$(date +%s.%N)
   kill "$sp" 2>/dev/null || true
   wait "$sp" 2>/dev/null || true
-  python3 -c "import json; print(f\"upload  sink   clips/s {json.load(open('$work/b.json'))['clips_per_s']:9.1f}\")"
+  python3 - "$work/b.json" "$c0" "$c1" "$t0" "$t1" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1]))
+c0, c1, t0, t1, tck = (float(x) for x in sys.argv[2:7])
+cpu_s = (c1 - c0) / tck
+print(f"upload  sink   clips/s {b['clips_per_s']:9.1f}  sink cpu {100 * cpu_s / (t1 - t0):5.1f}%  "
+      f"us/clip {cpu_s * 1e6 / max(b['clips'], 1):6.1f}")
+PY
 }
 for round in $(seq "$rounds"); do
   echo "round $round"

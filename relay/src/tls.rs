@@ -222,7 +222,7 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// `h3` (WebTransport) too when `web` is given: browsers then get the
 /// certificate `web` picks (see [`Certs`]). Each connection's TLS state is
 /// dropped after its handshake, and its next key phase derived when used
-/// ([`quic::lean_tls`]): ~4 KiB less per session.
+/// ([`quic::lean_tls`]): ~5 KiB less per session.
 pub fn server_crypto(
     files: &DataFiles,
     web: Option<WebCerts>,
