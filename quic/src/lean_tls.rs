@@ -10,6 +10,10 @@
 //! - the keys of the next key phase, which quinn asks for as soon as the
 //!   1-RTT keys exist, are derived when first used (at a key update), not
 //!   held ready: until then the next phase is its two traffic secrets.
+//!   Each phase is derived once, and the secrets of the phase after it
+//!   come out of that derivation (quinn reads the following phase's
+//!   limits at each update, so from the first update on it is derived
+//!   then).
 //!
 //! What is given up after the handshake: `export_keying_material` (an
 //! error), the peer's certificates (`peer_identity` is `None`; these
@@ -96,7 +100,6 @@ impl crypto::ServerConfig for LeanServerConfig {
         Box::new(LeanSession {
             config: self,
             version,
-            failed: tls.is_none(),
             tls,
             got_handshake_data: false,
             handshake_data: None,
@@ -110,15 +113,22 @@ impl crypto::ServerConfig for LeanServerConfig {
 struct LeanSession {
     config: Arc<LeanServerConfig>,
     version: u32,
-    /// rustls, while the handshake runs.
+    /// rustls, while the handshake runs; `None` with no `handshake_data`
+    /// when it could not start (every handshake message is refused).
     tls: Option<Box<Connection>>,
-    /// rustls could not start: every handshake message is refused.
-    failed: bool,
     got_handshake_data: bool,
     /// The ALPN and server name, kept when `tls` goes.
     handshake_data: Option<Box<Negotiated>>,
-    /// The secrets of the key phase after the last one handed to quinn.
-    next: Option<Secrets>,
+    /// Where the next key phase quinn asks for comes from.
+    next: Option<Next>,
+}
+
+/// The source of the next key phase handed to quinn.
+enum Next {
+    /// The 1-RTT handshake's: no phase handed out yet.
+    Secrets(Secrets),
+    /// The last phase handed out: the next follows from it.
+    After(Arc<NextPhase>),
 }
 
 /// What the handshake settled that is asked of a session later.
@@ -216,7 +226,7 @@ impl crypto::Session for LeanSession {
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
         let Some(tls) = self.tls.as_mut() else {
-            if self.failed {
+            if self.handshake_data.is_none() {
                 return Err(TransportError {
                     code: TransportErrorCode::crypto(INTERNAL_ERROR),
                     frame: None,
@@ -271,7 +281,7 @@ impl crypto::Session for LeanSession {
         let keys = match tls.write_hs(buf) {
             Some(KeyChange::Handshake { keys }) => Some(boxed(keys)),
             Some(KeyChange::OneRtt { keys, next }) => {
-                self.next = Some(next);
+                self.next = Some(Next::Secrets(next));
                 Some(boxed(keys))
             }
             None => None,
@@ -286,14 +296,18 @@ impl crypto::Session for LeanSession {
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn crypto::PacketKey>>> {
-        let secrets = self.next.as_mut()?;
+        let secrets = match self.next.take()? {
+            Next::Secrets(s) => s,
+            // rustls moves secrets on only by deriving a phase's keys: the
+            // phase before this one was derived (it is in use) and kept
+            // what followed.
+            Next::After(before) => before.derived().1.clone(),
+        };
         let phase = Arc::new(NextPhase {
-            secrets: secrets.clone(),
-            keys: OnceLock::new(),
+            secrets,
+            derived: OnceLock::new(),
         });
-        // rustls moves its secrets on by deriving the phase's keys: these
-        // are dropped at once, the phase handed out derives its own.
-        drop(secrets.next_packet_keys());
+        self.next = Some(Next::After(phase.clone()));
         Some(KeyPair {
             local: Box::new(PhaseKey {
                 phase: phase.clone(),
@@ -329,17 +343,26 @@ impl crypto::Session for LeanSession {
     }
 }
 
-/// A key phase handed to quinn before its use: its secrets, and its keys
-/// once first asked for.
+/// A key phase handed to quinn before its use: its secrets, then, once
+/// first asked for, its keys and the secrets of the phase after it.
 struct NextPhase {
     secrets: Secrets,
-    keys: OnceLock<PacketKeySet>,
+    derived: OnceLock<(PacketKeySet, Secrets)>,
 }
 
+/// Key phases derived, for the tests to see that key updates happened.
+#[cfg(test)]
+static DERIVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl NextPhase {
-    fn keys(&self) -> &PacketKeySet {
-        self.keys
-            .get_or_init(|| self.secrets.clone().next_packet_keys())
+    fn derived(&self) -> &(PacketKeySet, Secrets) {
+        self.derived.get_or_init(|| {
+            #[cfg(test)]
+            DERIVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut s = self.secrets.clone();
+            let keys = s.next_packet_keys();
+            (keys, s)
+        })
     }
 }
 
@@ -353,7 +376,7 @@ impl PhaseKey {
     // quinn's `crypto::PacketKey` is implemented for the box.
     #[allow(clippy::borrowed_box)]
     fn key(&self) -> &Box<dyn rustls::quic::PacketKey> {
-        let k = self.phase.keys();
+        let (k, _) = self.phase.derived();
         if self.local { &k.local } else { &k.remote }
     }
 }
@@ -496,10 +519,13 @@ mod tests {
             .unwrap();
         assert_eq!(data.protocol.as_deref(), Some(codec::wire::ALPN));
         assert_eq!(data.server_name.as_deref(), Some("localhost"));
+        let before = super::DERIVED.load(std::sync::atomic::Ordering::Relaxed);
         for round in 0..8u8 {
             // Every key phase derived when it is first used, by either
             // side's update; 100 KB a round, so each phase carries many
-            // packets.
+            // packets. quinn ignores an update until the keys before the
+            // last one are dropped (three PTOs after it is acknowledged):
+            // a pause between rounds lets each one happen.
             if round % 2 == 0 {
                 conn.force_key_update();
             } else {
@@ -507,7 +533,12 @@ mod tests {
             }
             let data = vec![round; 100_000];
             assert_eq!(round_trip(&conn, &data).await, data, "round {round}");
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         }
+        // Each update made the server derive a phase (tests running at
+        // once in this process may add theirs).
+        let derived = super::DERIVED.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(derived >= 8, "{derived} key phases derived in 8 updates");
         // The server's TLS state is gone after the handshake.
         let mut out = [0u8; 32];
         assert!(
